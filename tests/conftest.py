@@ -1,0 +1,63 @@
+"""Shared fixtures: where the reference vectors and upstream tools are."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from aptlayer.composefs.upstream import find_tool
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("APT_LAYER_SHARED", REPO.parent / "shared"))
+VECTORS = SHARED / "vectors"
+UPSTREAM_TESTS = SHARED / "upstream-tests"
+
+
+def vector_names() -> list[str]:
+    """Every vector folder in the shared set (read from disk, never hard-coded)."""
+    if not VECTORS.is_dir():
+        return []
+    return sorted(p.name for p in VECTORS.iterdir() if (p / "image.cfs").is_file())
+
+
+def vector_flags(name: str) -> list[str]:
+    return json.loads((VECTORS / name / "manifest.json").read_text())["flags"]
+
+
+@pytest.fixture
+def vectors() -> Path:
+    if not VECTORS.is_dir():
+        pytest.skip(f"reference vectors not found at {VECTORS}")
+    return VECTORS
+
+
+@pytest.fixture
+def upstream_tests() -> Path:
+    if not UPSTREAM_TESTS.is_dir():
+        pytest.skip(f"upstream test assets not found at {UPSTREAM_TESTS}")
+    return UPSTREAM_TESTS
+
+
+def _tool_fixture(name: str):
+    @pytest.fixture
+    def fixture() -> str:
+        path = find_tool(name)
+        if path is None:
+            pytest.skip(f"upstream {name} not installed (set APT_LAYER_COMPOSEFS_BIN)")
+        return path
+
+    return fixture
+
+
+mkcomposefs = _tool_fixture("mkcomposefs")
+composefs_info = _tool_fixture("composefs-info")
+mount_composefs = _tool_fixture("mount.composefs")
+
+
+@pytest.fixture
+def as_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
