@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian/Ubuntu machine (as root) for apt-layer development:
+# system packages, a virtualenv in .venv with apt-layer and its test extras,
+# and the upstream composefs 1.0.8 tools in .upstream/ as the test oracle.
+# Idempotent: a second run only checks.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+export DEBIAN_FRONTEND=noninteractive
+
+need=()
+command -v fsck.erofs >/dev/null || need+=(erofs-utils)
+command -v setfattr >/dev/null || need+=(attr)
+command -v losetup >/dev/null || need+=(util-linux)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
+if ((${#need[@]})); then
+  apt-get update -qq
+  apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if [[ ! -x $repo/.venv/bin/python ]]; then
+  python3 -m venv "$repo/.venv"
+fi
+"$repo/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+
+# The oracle: optional. If it cannot be built, tests that compare with it skip.
+if ! "$repo/tools/build-upstream-composefs.sh" "$repo/.upstream/composefs-1.0.8" >/dev/null; then
+  echo "setup: could not build upstream composefs; comparison tests will skip" >&2
+fi
