@@ -1,0 +1,111 @@
+"""Configuration: ``/etc/apt-layer/config.toml``, overridable by ``--config``.
+
+Precedence, strongest first: command-line options, environment
+(``APT_LAYER_ROOT``), the configuration file, built-in defaults. A bad value
+is an error that names the key; unknown keys are errors too, so a typo never
+silently does nothing.
+
+Example file::
+
+    root = "/var/lib/apt-layer"
+    backend = "auto"            # auto | python | upstream
+
+    [deploy]
+    mount = "/run/apt-layer/current"   # where `recover --boot` mounts the deployment
+
+    [gc]
+    grace_seconds = 0           # spare unreferenced objects younger than this
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidInput, NotFound
+
+DEFAULT_CONFIG = Path("/etc/apt-layer/config.toml")
+DEFAULT_ROOT = Path("/var/lib/apt-layer")
+BACKENDS = ("auto", "python", "upstream")
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path = DEFAULT_ROOT
+    backend: str = "auto"
+    deploy_mount: Path | None = None
+    gc_grace_seconds: int = 0
+    source: Path | None = None
+
+
+def _bad(path: Path, key: str, why: str) -> InvalidInput:
+    return InvalidInput(f"{path}: {key}: {why}")
+
+
+def _string(path: Path, key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _bad(path, key, "must be a non-empty string")
+    return value
+
+
+def _parse(path: Path, data: dict) -> dict:
+    out: dict = {}
+    known = {"root", "backend", "deploy", "gc"}
+    for key in data:
+        if key not in known:
+            raise _bad(path, key, "unknown key")
+    if "root" in data:
+        out["root"] = Path(_string(path, "root", data["root"]))
+        if not out["root"].is_absolute():
+            raise _bad(path, "root", "must be an absolute path")
+    if "backend" in data:
+        backend = _string(path, "backend", data["backend"])
+        if backend not in BACKENDS:
+            raise _bad(path, "backend", f"must be one of {', '.join(BACKENDS)}")
+        out["backend"] = backend
+    deploy = data.get("deploy", {})
+    if not isinstance(deploy, dict) or set(deploy) - {"mount"}:
+        raise _bad(path, "deploy", "a table with the single key 'mount'")
+    if "mount" in deploy:
+        mount = Path(_string(path, "deploy.mount", deploy["mount"]))
+        if not mount.is_absolute():
+            raise _bad(path, "deploy.mount", "must be an absolute path")
+        out["deploy_mount"] = mount
+    gc = data.get("gc", {})
+    if not isinstance(gc, dict) or set(gc) - {"grace_seconds"}:
+        raise _bad(path, "gc", "a table with the single key 'grace_seconds'")
+    if "grace_seconds" in gc:
+        grace = gc["grace_seconds"]
+        if not isinstance(grace, int) or isinstance(grace, bool) or grace < 0:
+            raise _bad(path, "gc.grace_seconds", "must be a whole number >= 0")
+        out["gc_grace_seconds"] = grace
+    return out
+
+
+def load(path: Path | None = None, root: Path | None = None) -> Config:
+    """The effective configuration. ``path`` given explicitly must exist."""
+    values: dict = {}
+    cfg_path = path or DEFAULT_CONFIG
+    try:
+        raw = cfg_path.read_bytes()
+    except FileNotFoundError:
+        if path is not None:
+            raise NotFound(f"{path}: configuration file not found") from None
+        raw = None
+    except OSError as e:
+        raise InvalidInput(f"{cfg_path}: {e.strerror}") from None
+    if raw is not None:
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"{cfg_path}: not valid TOML: {e}") from None
+        values = _parse(cfg_path, data)
+        values["source"] = cfg_path
+    env_root = os.environ.get("APT_LAYER_ROOT")
+    if env_root:
+        values["root"] = Path(env_root)
+    if root is not None:
+        values["root"] = root
+    return Config(**values)
