@@ -1,0 +1,132 @@
+"""The file system mutations of the digest store, in one place.
+
+Every change the store makes to disk goes through these functions, so a
+crash-safety test can record the exact sequence (the ALICE method: replay
+each prefix with unsynced operations dropped or reordered, then check that
+recovery copes).  Set ``recorder`` to a callable to receive ``(op, args)``
+after each operation that succeeded (a failed one changed nothing); it is
+None in normal runs, where each function costs one test on top of the
+system call.
+
+Operations on an fd are recorded with the fd's path (read from
+``/proc/self/fd`` only while recording), since fd numbers mean nothing in a
+replay.  Ops: create, write, clone, chmod, enable_verity, fsync, rename,
+mkdir, unlink, symlink, utime.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from typing import Any
+
+from aptlayer.composefs import fsverity
+
+Path = str | bytes
+
+#: called as ``recorder(op, args)`` after each successful operation when set
+recorder: Callable[[str, tuple[Any, ...]], None] | None = None
+
+FICLONE = 0x40049409
+
+
+def fd_path(fd: int) -> str:
+    """The path an fd refers to, for messages and recordings."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd:{fd}"
+
+
+def create(path: Path, mode: int = 0o600) -> int:
+    """Create a new file that must not exist yet; returns a write-only fd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+    if recorder is not None:
+        recorder("create", (path, mode))
+    return fd
+
+
+def write(fd: int, data: bytes | memoryview, offset: int) -> int:
+    """``pwrite``: the fd's own offset is neither used nor moved."""
+    n = os.pwrite(fd, data, offset)
+    if recorder is not None:
+        recorder("write", (fd_path(fd), offset, n))
+    return n
+
+
+def clone(src_fd: int, dst_fd: int) -> None:
+    """Reflink the whole of ``src_fd`` into ``dst_fd`` (FICLONE); OSError if unsupported."""
+    fcntl.ioctl(dst_fd, FICLONE, src_fd)
+    if recorder is not None:
+        recorder("clone", (fd_path(src_fd), fd_path(dst_fd)))
+
+
+def copy_range(src_fd: int, dst_fd: int, count: int, offset: int) -> int:
+    """``copy_file_range`` from ``offset`` in src to the same offset in dst."""
+    n = os.copy_file_range(src_fd, dst_fd, count, offset, offset)
+    if recorder is not None:
+        recorder("write", (fd_path(dst_fd), offset, n))
+    return n
+
+
+def fchmod(fd: int, mode: int) -> None:
+    os.fchmod(fd, mode)
+    if recorder is not None:
+        recorder("chmod", (fd_path(fd), mode))
+
+
+def enable_verity(fd: int) -> bool:
+    """``fsverity.enable`` (it makes the file immutable, so it counts as a change)."""
+    result = fsverity.enable(fd)
+    if recorder is not None:
+        recorder("enable_verity", (fd_path(fd),))
+    return result
+
+
+def fsync(fd: int) -> None:
+    os.fsync(fd)
+    if recorder is not None:
+        recorder("fsync", (fd_path(fd),))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a directory durable (new names, renames, removals)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if recorder is not None:
+        recorder("fsync", (path,))
+
+
+def rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+    if recorder is not None:
+        recorder("rename", (src, dst))
+
+
+def mkdir(path: Path, mode: int = 0o755) -> None:
+    os.mkdir(path, mode)
+    if recorder is not None:
+        recorder("mkdir", (path, mode))
+
+
+def unlink(path: Path) -> None:
+    os.unlink(path)
+    if recorder is not None:
+        recorder("unlink", (path,))
+
+
+def symlink(target: Path, path: Path) -> None:
+    os.symlink(target, path)
+    if recorder is not None:
+        recorder("symlink", (target, path))
+
+
+def touch(path: Path) -> None:
+    """Set a file's mtime to now without following a symlink."""
+    os.utime(path, follow_symlinks=False)
+    if recorder is not None:
+        recorder("utime", (path,))
