@@ -1,0 +1,341 @@
+"""Build a :class:`Node` tree from a directory, as ``mkcomposefs DIR`` reads it.
+
+What is taken from the source (composefs-format.md §14, §18):
+
+* every entry is ``lstat``-ed, symlinks are never followed, the root's
+  metadata comes from the source directory itself;
+* mode, uid, gid, rdev and size from ``lstat``; mtimes with full ns
+  precision (floor division, so -1.5 s is ``(-2, 500000000)``), or 0.0 for
+  all with ``use_epoch``;
+* nlink is 1 for every non-directory: hard links are *not* detected, each
+  path becomes its own inode (the writer recomputes directory nlinks);
+* xattrs via ``listxattr``/``getxattr`` without following symlinks, all of
+  them, none (``skip_xattrs``) or only ``user.*`` (``user_xattrs``);
+* regular files: size 0 stores nothing, 1..64 bytes are inlined, larger ones
+  are external: digest = fs-verity of the content, payload = ``xx/yyyy...``,
+  and with a digest store they are copied into it.
+
+The walk holds one directory fd per level and opens everything relative to
+it with ``O_NOFOLLOW``, so a symlink swapped in for a directory during the
+scan cannot lead outside the source.  Hashing and copying can run in a
+thread pool (``threads``); the tree never depends on it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from aptlayer.composefs import fsverity
+from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
+from aptlayer.composefs.tree import Node
+
+#: largest regular file whose content is inlined in the image
+INLINE_MAX = 64
+NAME_MAX = 255
+_REPRESENTABLE = frozenset(
+    {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}
+)
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: external files in flight per worker thread (each holds an open fd)
+_INFLIGHT_PER_THREAD = 8
+
+
+class ScanError(Exception):
+    """A source entry that cannot be read or represented.
+
+    ``path`` is the entry's path relative to the source (``/`` = the source
+    itself), ``reason`` says why; the underlying ``OSError`` or
+    ``ValueError``, if any, is the ``__cause__``.
+    """
+
+    def __init__(self, path: bytes, reason: str) -> None:
+        super().__init__(f"{os.fsdecode(path)}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+@dataclass
+class ScanStats:
+    #: nodes in the tree, the root included
+    entries: int = 0
+    #: regular files and their total size
+    files: int = 0
+    bytes: int = 0
+    #: regular files over INLINE_MAX bytes (backed by an object)
+    external: int = 0
+    #: distinct objects this scan wrote into the store, and the other external files
+    objects_created: int = 0
+    objects_deduped: int = 0
+
+
+class ScanResult(NamedTuple):
+    root: Node
+    stats: ScanStats
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    use_epoch: bool = False
+    skip_xattrs: bool = False
+    user_xattrs: bool = False
+    skip_devices: bool = False
+
+
+def scan(
+    source: str | bytes | os.PathLike,
+    *,
+    store: ObjectStore | None = None,
+    use_epoch: bool = False,
+    skip_xattrs: bool = False,
+    user_xattrs: bool = False,
+    skip_devices: bool = False,
+    threads: int = 1,
+    progress: Callable[[ScanStats], None] | None = None,
+) -> ScanResult:
+    """Read the directory ``source`` into a tree, like ``mkcomposefs`` does.
+
+    With ``store``, every external file is imported into it (mkcomposefs
+    ``--digest-store``).  ``progress``, if given, is called from the calling
+    thread with the running stats after each regular file.  Raises
+    ``ScanError`` for an entry that cannot be read or represented (the
+    source itself must be a directory, not a symlink to one) and
+    ``ValueError`` for ``skip_xattrs`` together with ``user_xattrs``.
+    """
+    if skip_xattrs and user_xattrs:
+        raise ValueError("skip_xattrs and user_xattrs conflict")
+    if threads < 1:
+        raise ValueError(f"invalid thread count {threads}")
+    opts = ScanOptions(use_epoch, skip_xattrs, user_xattrs, skip_devices)
+    walker = _Walker(opts, store, threads, progress)
+    return ScanResult(walker.run(os.fsencode(source)), walker.stats)
+
+
+class _Walker:
+    def __init__(
+        self,
+        opts: ScanOptions,
+        store: ObjectStore | None,
+        threads: int,
+        progress: Callable[[ScanStats], None] | None,
+    ) -> None:
+        self.opts = opts
+        self.store = store
+        self.threads = threads
+        self.progress = progress
+        self.stats = ScanStats()
+        self.created: set[bytes] = set()
+
+    def run(self, source: bytes) -> Node:
+        try:
+            root_fd = os.open(source, _OPEN_DIR)
+        except OSError as e:
+            reason = "Not a directory" if e.errno in (errno.ENOTDIR, errno.ELOOP) else e.strerror
+            raise ScanError(b"/", f"cannot open source {os.fsdecode(source)}: {reason}") from e
+        pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        inflight: deque[Future[bytes | None]] = deque()
+        stack: list[tuple[int, bytes, list[tuple[bytes, Node, os.stat_result]]]] = []
+        try:
+            st = os.fstat(root_fd)
+            root = self._node(b"/", st, self._xattrs(b"/", root_fd))
+            root.nlink = st.st_nlink
+            stack.append((root_fd, b"/", self._list(root_fd, b"/", root, pool, inflight)))
+            while stack:
+                fd, path, pending = stack[-1]
+                if not pending:
+                    os.close(fd)
+                    stack.pop()
+                    continue
+                name, node, st = pending.pop()
+                child = path.rstrip(b"/") + b"/" + name
+                cfd = self._open(fd, name, child, st, _OPEN_DIR)
+                stack.append((cfd, child, self._list(cfd, child, node, pool, inflight)))
+            while inflight:
+                self._harvest(inflight.popleft())
+        finally:
+            for fd, _, _ in stack:
+                os.close(fd)
+            if pool is not None:
+                for fut in inflight:
+                    fut.cancel()
+                pool.shutdown(wait=True)
+        self.stats.objects_created = len(self.created)
+        self.stats.objects_deduped = self.stats.external - self.stats.objects_created
+        return root
+
+    def _list(
+        self,
+        dfd: int,
+        path: bytes,
+        node: Node,
+        pool: ThreadPoolExecutor | None,
+        inflight: deque[Future[bytes | None]],
+    ) -> list[tuple[bytes, Node, os.stat_result]]:
+        """Fill ``node.children``; returns the subdirectories still to list."""
+        try:
+            with os.scandir(dfd) as it:
+                entries = sorted((os.fsencode(e.name), e) for e in it)
+        except OSError as e:
+            raise ScanError(path, f"cannot read directory: {e.strerror}") from e
+        subdirs = []
+        base = path.rstrip(b"/") + b"/"
+        for name, entry in entries:
+            child = base + name
+            if len(name) > NAME_MAX:
+                raise ScanError(child, f"name longer than {NAME_MAX} bytes")
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as e:
+                raise ScanError(child, f"cannot stat: {e.strerror}") from e
+            kind = stat.S_IFMT(st.st_mode)
+            if kind not in _REPRESENTABLE:
+                raise ScanError(child, f"file type {kind:#o} cannot be represented")
+            if self.opts.skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
+                continue
+            xattrs = self._xattrs(child, f"/proc/self/fd/{dfd}/".encode() + name)
+            cnode = self._node(child, st, xattrs)
+            node.children[name] = cnode
+            if kind == stat.S_IFDIR:
+                cnode.nlink = st.st_nlink
+                subdirs.append((name, cnode, st))
+            elif kind == stat.S_IFLNK:
+                try:
+                    cnode.payload = os.readlink(name, dir_fd=dfd)
+                except OSError as e:
+                    raise ScanError(child, f"cannot read symlink: {e.strerror}") from e
+                cnode.size = len(cnode.payload)
+            elif kind == stat.S_IFREG:
+                self._file(dfd, name, child, st, cnode, pool, inflight)
+        subdirs.reverse()
+        return subdirs
+
+    def _node(self, path: bytes, st: os.stat_result, xattrs: dict[bytes, bytes]) -> Node:
+        if st.st_rdev > 0xFFFFFFFF:
+            raise ScanError(path, f"device number {st.st_rdev:#x} does not fit in 32 bits")
+        sec, nsec = (0, 0) if self.opts.use_epoch else divmod(st.st_mtime_ns, 1_000_000_000)
+        self.stats.entries += 1
+        return Node(
+            mode=st.st_mode,
+            uid=st.st_uid,
+            gid=st.st_gid,
+            nlink=1,
+            rdev=st.st_rdev,
+            size=st.st_size,
+            mtime_sec=sec,
+            mtime_nsec=nsec,
+            xattrs=xattrs,
+        )
+
+    def _xattrs(self, path: bytes, target: bytes | int) -> dict[bytes, bytes]:
+        """The entry's xattrs (``target``: an fd, or a path whose last part is not followed)."""
+        if self.opts.skip_xattrs:
+            return {}
+        follow = isinstance(target, int)
+        try:
+            names = os.listxattr(target, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                return {}
+            raise ScanError(path, f"cannot list xattrs: {e.strerror}") from e
+        out = {}
+        for name in sorted(os.fsencode(n) for n in names):
+            if self.opts.user_xattrs and not name.startswith(b"user."):
+                continue
+            try:
+                out[name] = os.getxattr(target, name, follow_symlinks=follow)
+            except OSError as e:
+                if e.errno == errno.ENODATA:  # removed since it was listed
+                    continue
+                raise ScanError(path, f"cannot read xattr {os.fsdecode(name)}: {e.strerror}") from e
+        return out
+
+    def _open(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, flags: int) -> int:
+        """Open an entry relative to its directory; it must still be the file ``st`` describes."""
+        try:
+            fd = os.open(name, flags, dir_fd=dfd)
+        except OSError as e:
+            raise ScanError(path, f"cannot open: {e.strerror}") from e
+        now = os.fstat(fd)
+        same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+        if same and not stat.S_ISDIR(st.st_mode):
+            same = (now.st_mode, now.st_size) == (st.st_mode, st.st_size)
+        if not same:
+            os.close(fd)
+            raise ScanError(path, "changed during the scan")
+        return fd
+
+    def _file(
+        self,
+        dfd: int,
+        name: bytes,
+        path: bytes,
+        st: os.stat_result,
+        node: Node,
+        pool: ThreadPoolExecutor | None,
+        inflight: deque[Future[bytes | None]],
+    ) -> None:
+        self.stats.files += 1
+        self.stats.bytes += st.st_size
+        if st.st_size == 0:
+            self._progress()
+            return
+        fd = self._open(dfd, name, path, st, _OPEN_FILE)
+        if st.st_size <= INLINE_MAX:
+            try:
+                data = os.pread(fd, INLINE_MAX + 1, 0)
+            except OSError as e:
+                raise ScanError(path, f"cannot read: {e.strerror}") from e
+            finally:
+                os.close(fd)
+            if len(data) != st.st_size:
+                raise ScanError(path, "changed during the scan")
+            node.content = data
+            self._progress()
+            return
+        self.stats.external += 1
+        if pool is None:
+            self._harvest_result(self._external(fd, path, node))
+            return
+        if len(inflight) >= self.threads * _INFLIGHT_PER_THREAD:
+            self._harvest(inflight.popleft())
+        inflight.append(pool.submit(self._external, fd, path, node))
+
+    def _external(self, fd: int, path: bytes, node: Node) -> bytes | None:
+        """Digest (and store) one external file; closes ``fd``.  Runs in a worker.
+
+        Returns the digest if this call created the object, else None.
+        """
+        try:
+            if self.store is None:
+                digest = fsverity.digest_fd(fd, node.size)
+                created = None
+            else:
+                res = self.store.import_file(fd)
+                digest = res.digest
+                created = digest if res.created else None
+        except (OSError, ValueError, ObjectStoreError) as e:
+            raise ScanError(path, f"cannot {'store' if self.store else 'hash'}: {e}") from e
+        finally:
+            os.close(fd)
+        node.digest = digest
+        node.payload = fsverity.object_path(digest).encode()
+        return created
+
+    def _harvest(self, fut: Future[bytes | None]) -> None:
+        self._harvest_result(fut.result())
+
+    def _harvest_result(self, created: bytes | None) -> None:
+        if created is not None:
+            self.created.add(created)
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.progress is not None:
+            self.progress(self.stats)
