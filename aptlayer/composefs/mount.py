@@ -1,0 +1,820 @@
+"""Mounting composefs images natively, through the kernel's mount API.
+
+A composefs mount is two file systems stacked (composefs-tools.md §2):
+
+1. the image, mounted read-only as **erofs**.  Kernels with
+   ``CONFIG_EROFS_FS_BACKED_BY_FILE`` (6.12+) mount the file itself; older
+   ones answer ENOTBLK and get a read-only loop device instead;
+2. an **overlayfs** with the erofs mount as its only lower layer and every
+   basedir (object store) as a data-only lower layer, ``metacopy=on`` and
+   ``redirect_dir=on``, so that each external file's metadata comes from the
+   image and its data from ``BASEDIR/xx/yyyy...``.
+
+Only the overlay stays visible.  ``mount.composefs`` puts the erofs mount on
+a temporary directory, gives the overlay that path and then detaches it.
+Since Linux 6.13 overlayfs also takes its layers as file descriptors, so here
+the detached erofs mount (the fd from ``fsmount``) is handed over directly:
+no temporary directory, nothing to clean up after a crash.  Measured on 6.18:
+the fd is accepted and mountinfo then shows ``lowerdir+=/``.
+
+Older kernels are served by fallbacks, each tried only when the kernel
+refuses the step before it (see ``_Plan``): a loop device, a temporary
+directory for the erofs mount, and finally the legacy ``mount(2)`` option
+string ``lowerdir=TMP::BASE1::BASE2`` (or ``TMP:BASE1:...`` before data-only
+layers existed, Linux < 6.5, where the 256 root whiteouts of the image hide
+the stores' ``xx/`` directories).
+
+``mount_info()`` and ``is_mounted()`` read ``/proc/self/mountinfo``, the truth
+that recovery reconciles its mount records against (CRASH-SAFETY.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import errno
+import fcntl
+import gzip
+import os
+import platform
+import re
+import stat
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Literal, TypeAlias
+
+from aptlayer.composefs.format import COMPOSEFS_FLAGS_HAS_ACL, COMPOSEFS_HEADER, COMPOSEFS_MAGIC
+from aptlayer.composefs.fsverity import FS_IOC_MEASURE_VERITY
+
+StrPath: TypeAlias = str | os.PathLike[str]
+Verity = Literal["off", "try", "require"]
+
+#: ``source`` shown in mountinfo for every composefs overlay
+SOURCE = "composefs"
+#: prefix of temporary erofs mount points (only used by the fallbacks)
+TEMP_PREFIX = ".composefs."
+
+
+class MountError(OSError):
+    """A composefs mount or unmount failed.
+
+    ``errno`` is the underlying error; ``str()`` is a sentence naming the
+    cause and, where there is one, what to do about it.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# --- system calls -------------------------------------------------------------
+
+#: Most architectures share the generic numbers of the new mount API
+#: (open_tree 428 ... mount_setattr 442); alpha is offset by 110.
+_GENERIC_ARCHES = frozenset(
+    {"x86_64", "aarch64", "arm64", "i386", "i686", "armv7l", "armv8l", "riscv64",
+     "ppc64le", "ppc64", "s390x", "loongarch64"}
+)
+_ARCH_OFFSET = {"alpha": 110}
+_NR = {"open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
+       "mount_setattr": 442}
+
+FSOPEN_CLOEXEC = 0x1
+FSMOUNT_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
+FSCONFIG_CMD_CREATE = 6
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_IDMAP = 0x100000
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+MS_RDONLY = 0x1
+MNT_DETACH = 0x2
+
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 0x1
+LO_FLAGS_AUTOCLEAR = 0x4
+LO_FLAGS_DIRECT_IO = 0x10
+#: struct loop_config: fd, block_size, struct loop_info64 (232 bytes), 64 reserved
+_LOOP_CONFIG = struct.Struct("<II40xII4xI64s64s32s16x64x")
+_LOOP_BLOCK_SIZE = 4096
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _check(ret: int) -> int:
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return ret
+
+
+def _carg(a: int | bytes | ctypes.Array[ctypes.c_char] | None) -> object:
+    """A syscall argument; ints widened to long, as the variadic syscall() reads them."""
+    if isinstance(a, int):
+        return ctypes.c_long(a)
+    if isinstance(a, ctypes.Array):
+        return a
+    return ctypes.c_char_p(a)
+
+
+def _syscall(name: str, *args: int | bytes | ctypes.Array[ctypes.c_char] | None) -> int:
+    """Call a mount-API syscall by name; OSError(ENOSYS) where its number is unknown."""
+    machine = platform.machine()
+    if machine not in _GENERIC_ARCHES and machine not in _ARCH_OFFSET:
+        raise OSError(errno.ENOSYS, f"mount API syscall numbers unknown on {machine}")
+    nr = _NR[name] + _ARCH_OFFSET.get(machine, 0)
+    return _check(_libc.syscall(ctypes.c_long(nr), *(_carg(a) for a in args)))
+
+
+def _fsopen(fstype: str) -> int:
+    return _syscall("fsopen", fstype.encode(), FSOPEN_CLOEXEC)
+
+
+def _fsmount(ctx: int, attrs: int) -> int:
+    return _syscall("fsmount", ctx, FSMOUNT_CLOEXEC, attrs)
+
+
+def _move_mount(mnt: int, target: str) -> None:
+    _syscall("move_mount", mnt, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH)
+
+
+def _set_idmap(mnt: int, userns: int) -> None:
+    """Make a detached mount idmapped with the mapping of a user namespace."""
+    attr = ctypes.create_string_buffer(struct.pack("<QQQQ", MOUNT_ATTR_IDMAP, 0, 0, userns), 32)
+    _syscall("mount_setattr", mnt, b"", AT_EMPTY_PATH, attr, 32)
+
+
+def _legacy_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    _check(_libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(),
+                       ctypes.c_ulong(flags), os.fsencode(data)))
+
+
+def _umount(target: str, flags: int = 0) -> None:
+    _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)))
+
+
+class _FsContext:
+    """An ``fsopen`` file system context: set parameters, create, mount detached."""
+
+    def __init__(self, fstype: str) -> None:
+        self.fstype = fstype
+        self.fd = _fsopen(fstype)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def _config(self, cmd: int, key: str | None, value: bytes | None, aux: int) -> None:
+        _syscall("fsconfig", self.fd, cmd, key.encode() if key else None, value, aux)
+
+    def flag(self, key: str) -> None:
+        self._config(FSCONFIG_SET_FLAG, key, None, 0)
+
+    def string(self, key: str, value: str) -> None:
+        self._config(FSCONFIG_SET_STRING, key, os.fsencode(value), 0)
+
+    def fd_param(self, key: str, fd: int) -> None:
+        self._config(FSCONFIG_SET_FD, key, None, fd)
+
+    def create(self) -> None:
+        self._config(FSCONFIG_CMD_CREATE, None, None, 0)
+
+    def mount(self, attrs: int) -> int:
+        return _fsmount(self.fd, attrs)
+
+    def log(self) -> str:
+        """The kernel's messages for this context (``e overlay: ...`` lines), if any."""
+        lines = []
+        while True:
+            try:
+                lines.append(os.read(self.fd, 4096).decode(errors="replace").strip())
+            except OSError:
+                return "; ".join(line for line in lines if line)
+
+
+# --- /proc/self/mountinfo ---------------------------------------------------------
+
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
+def _unescape(field: bytes) -> str:
+    """Undo the kernel's ``\\NNN`` octal escapes (space, tab, newline, backslash...)."""
+    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
+
+
+@dataclass(frozen=True)
+class MountInfo:
+    """One line of ``/proc/PID/mountinfo`` (see proc(5)), unescaped."""
+
+    mount_id: int
+    parent_id: int
+    major: int
+    minor: int
+    root: str
+    mount_point: str
+    options: tuple[str, ...]
+    optional: tuple[str, ...]
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, line: bytes) -> MountInfo:
+        fields = line.rstrip(b"\n").split(b" ")
+        sep = fields.index(b"-", 6)
+        major, minor = fields[2].split(b":")
+        return cls(
+            mount_id=int(fields[0]),
+            parent_id=int(fields[1]),
+            major=int(major),
+            minor=int(minor),
+            root=_unescape(fields[3]),
+            mount_point=_unescape(fields[4]),
+            options=tuple(_unescape(o) for o in fields[5].split(b",")),
+            optional=tuple(_unescape(o) for o in fields[6:sep]),
+            fstype=_unescape(fields[sep + 1]),
+            source=_unescape(fields[sep + 2]),
+            super_options=tuple(_unescape(o) for o in fields[sep + 3].split(b",") if o),
+        )
+
+    @property
+    def is_composefs(self) -> bool:
+        return self.fstype == "overlay" and self.source == SOURCE
+
+
+def mount_info(pid: int | str = "self") -> list[MountInfo]:
+    """The mounts visible to a process, in mountinfo order (parents first)."""
+    with open(f"/proc/{pid}/mountinfo", "rb") as f:
+        return [MountInfo.parse(line) for line in f if line.strip()]
+
+
+def _mounts_at(path: str) -> list[MountInfo]:
+    real = os.path.realpath(path)
+    return [m for m in mount_info() if m.mount_point == real]
+
+
+def is_mounted(path: StrPath) -> bool:
+    """Whether ``path`` (symlinks resolved) is a mount point."""
+    return bool(_mounts_at(os.fspath(path)))
+
+
+# --- the request ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Request:
+    """Checked, absolute arguments of one mount."""
+
+    image: str
+    target: str
+    basedirs: tuple[str, ...]
+    digest: str | None
+    verity: Verity
+    upperdir: str | None
+    workdir: str | None
+    idmap: str | None
+    readonly: bool
+
+    @property
+    def writable(self) -> bool:
+        return self.upperdir is not None
+
+
+def _existing_dir(path: StrPath, role: str) -> str:
+    p = os.path.abspath(os.fspath(path))
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise MountError(errno.ENOENT, f"{role} {p} does not exist") from None
+    except OSError as e:
+        raise MountError(e.errno, f"{role} {p}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(errno.ENOTDIR, f"{role} {p} is not a directory")
+    return p
+
+
+def _request(
+    image: StrPath,
+    target: StrPath,
+    basedirs: Sequence[StrPath],
+    digest: str | None,
+    verity: Verity,
+    upperdir: StrPath | None,
+    workdir: StrPath | None,
+    idmap: StrPath | None,
+    readonly: bool,
+    overmount: bool,
+) -> _Request:
+    if verity not in ("off", "try", "require"):
+        raise MountError(errno.EINVAL, f"verity must be 'off', 'try' or 'require', not {verity!r}")
+    if not basedirs:
+        raise MountError(errno.EINVAL, "no basedir given: a composefs mount needs at least one object directory")
+    if (upperdir is None) != (workdir is None):
+        raise MountError(errno.EINVAL, "upperdir and workdir must be given together")
+    if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}|[0-9a-fA-F]{128}", digest):
+        raise MountError(errno.EINVAL, f"digest {digest!r} is not a hex fs-verity digest (64 or 128 hex digits)")
+    target_dir = _existing_dir(target, "mount point")
+    if not overmount and is_mounted(target_dir):
+        raise MountError(errno.EBUSY, f"{target_dir} is already a mount point; unmount it first or pass overmount=True")
+    return _Request(
+        image=os.path.abspath(os.fspath(image)),
+        target=os.path.realpath(target_dir),
+        basedirs=tuple(_existing_dir(b, "basedir") for b in basedirs),
+        digest=digest.lower() if digest else None,
+        verity=verity,
+        upperdir=_existing_dir(upperdir, "upperdir") if upperdir is not None else None,
+        workdir=_existing_dir(workdir, "workdir") if workdir is not None else None,
+        idmap=os.fspath(idmap) if idmap is not None else None,
+        readonly=readonly,
+    )
+
+
+# --- checks on the image ----------------------------------------------------------
+
+
+def _open_image(path: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise MountError(errno.ENOENT, f"image {path} does not exist") from None
+    except OSError as e:
+        raise MountError(e.errno, f"cannot open image {path}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MountError(errno.EINVAL, f"image {path} is not a regular file")
+    return fd
+
+
+def _image_has_acl(fd: int, path: str) -> bool:
+    """Check the composefs header; True if some inode carries a POSIX ACL.
+
+    Without ACLs the erofs mount gets ``noacl``, which spares the kernel an
+    ACL lookup on every permission check.
+    """
+    header = os.pread(fd, COMPOSEFS_HEADER.size, 0)
+    if len(header) < COMPOSEFS_HEADER.size:
+        raise MountError(errno.EINVAL, f"{path} is not a composefs image: only {len(header)} bytes long")
+    magic, _version, flags, _cfs_version = COMPOSEFS_HEADER.unpack(header)
+    if magic != COMPOSEFS_MAGIC:
+        raise MountError(errno.EINVAL, f"{path} is not a composefs image (bad magic {magic:#010x})")
+    return bool(flags & COMPOSEFS_FLAGS_HAS_ACL)
+
+
+def _kernel_lacks_fsverity() -> bool:
+    """Whether this kernel was built without ``CONFIG_FS_VERITY``, as far as can be told.
+
+    ``/proc/config.gz`` says so when present; otherwise ext4 lists a
+    ``verity`` feature in sysfs exactly when the kernel has fs-verity.
+    """
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return "CONFIG_FS_VERITY=y\n" not in f.read()
+    except OSError:
+        return os.path.isdir("/sys/fs/ext4/features") and not os.path.exists("/sys/fs/ext4/features/verity")
+
+
+def _verity_unsupported_reason(path: str) -> str:
+    if _kernel_lacks_fsverity():
+        return "this kernel was built without fs-verity (CONFIG_FS_VERITY is not set)"
+    return f"the file system holding {path} does not support fs-verity"
+
+
+def _measure(fd: int) -> tuple[int, str]:
+    """(errno, hex digest) of FS_IOC_MEASURE_VERITY: errno 0 when it has a digest."""
+    arg = bytearray(struct.pack("<HH", 0, 64) + bytes(64))
+    try:
+        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, arg, True)
+    except OSError as e:
+        return e.errno or errno.EIO, ""
+    _alg, size = struct.unpack_from("<HH", arg)
+    return 0, arg[4 : 4 + size].hex()
+
+
+def _check_digest(fd: int, path: str, expected: str) -> None:
+    """``digest=``: the image's own fs-verity digest must be the one given."""
+    err, got = _measure(fd)
+    if err in (errno.ENOTTY, errno.EOPNOTSUPP):
+        raise MountError(errno.EOPNOTSUPP,
+                         f"cannot check digest= of {path}: {_verity_unsupported_reason(path)}")
+    if err == errno.ENODATA:
+        raise MountError(errno.ENODATA,
+                         f"cannot check digest= of {path}: the image has no fs-verity enabled "
+                         f"(enable it with 'fsverity enable {path}')")
+    if err:
+        raise MountError(err, f"cannot measure the fs-verity digest of {path}: {os.strerror(err)}")
+    if got != expected:
+        raise MountError(errno.EILSEQ, f"image {path} has fs-verity digest {got}, expected {expected}")
+
+
+def _verity_supported(directory: str) -> bool:
+    """Whether the file system of ``directory`` answers fs-verity queries at all."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _measure(fd)[0] not in (errno.ENOTTY, errno.EOPNOTSUPP)
+    finally:
+        os.close(fd)
+
+
+def _use_verity(req: _Request) -> bool:
+    """Decide ``verity=require`` for the overlay.
+
+    With verity required, overlayfs refuses (EIO) to read any object that
+    lacks fs-verity, so a mount over stores that cannot have it would be
+    useless: ``require`` fails up front and ``try`` goes on without.
+    """
+    if req.verity == "off":
+        return False
+    unsupported = [b for b in req.basedirs if not _verity_supported(b)]
+    if not unsupported:
+        return True
+    if req.verity == "try":
+        return False
+    raise MountError(errno.EOPNOTSUPP,
+                     f"verity=require: basedir {unsupported[0]} cannot have fs-verity: "
+                     f"{_verity_unsupported_reason(unsupported[0])}; every external file would "
+                     "fail to read with EIO (mount with verity 'try' or 'off')")
+
+
+# --- how to mount: the plan and its fallbacks ----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One way of mounting; ``mount()`` starts with the default and falls back.
+
+    ``backing``: erofs on the image file itself, or on a loop device.
+    ``lower``: hand the detached erofs mount to overlayfs as an fd, or mount
+    it on a temporary directory and give that path.
+    ``api``: ``fsopen``/``fsconfig``, or the legacy ``mount(2)`` option
+    string (which needs ``lower="tmpdir"``); ``data_only`` chooses its
+    ``IMG::BASE`` form over ``IMG:BASE``.
+    """
+
+    backing: Literal["file", "loop"] = "file"
+    lower: Literal["fd", "tmpdir"] = "fd"
+    api: Literal["new", "legacy"] = "new"
+    data_only: bool = True
+
+
+class _Fallback(Exception):
+    """The kernel refused a step of the current plan; try ``plan`` instead."""
+
+    def __init__(self, plan: _Plan) -> None:
+        super().__init__(plan)
+        self.plan = plan
+
+
+def _context(fstype: str, plan: _Plan) -> _FsContext:
+    try:
+        return _FsContext(fstype)
+    except OSError as e:
+        if e.errno == errno.ENOSYS:
+            raise _Fallback(dataclasses.replace(plan, lower="tmpdir", api="legacy")) from None
+        if e.errno == errno.EPERM:
+            raise MountError(errno.EPERM, "mounting composefs needs root (CAP_SYS_ADMIN in the initial "
+                             "user namespace)") from None
+        if e.errno == errno.ENODEV:
+            raise MountError(errno.ENODEV, _no_fs_message(fstype)) from None
+        raise MountError(e.errno, f"fsopen({fstype}): {e.strerror}") from None
+
+
+def _no_fs_message(fstype: str) -> str:
+    config = {"erofs": "CONFIG_EROFS_FS", "overlay": "CONFIG_OVERLAY_FS"}[fstype]
+    return (f"the kernel has no {fstype} file system (not in /proc/filesystems and not loadable): "
+            f"load its module ('modprobe {fstype}') or use a kernel with {config}")
+
+
+def _attach_loop(image_fd: int, stack: ExitStack) -> str:
+    """Attach the image to a free loop device: read-only, direct I/O, 4 KiB blocks.
+
+    The device clears itself (autoclear) once the erofs mount and our fd,
+    closed by ``stack``, let go of it.  Another process may grab the same
+    free device first: then ask again.
+    """
+    with open("/dev/loop-control", "rb", buffering=0) as ctl:
+        for _ in range(16):
+            n = fcntl.ioctl(ctl.fileno(), LOOP_CTL_GET_FREE)
+            path = f"/dev/loop{n}"
+            loop_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            config = _LOOP_CONFIG.pack(image_fd, _LOOP_BLOCK_SIZE, 0, 0,
+                                       LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO,
+                                       b"", b"", b"")
+            try:
+                fcntl.ioctl(loop_fd, LOOP_CONFIGURE, config)
+            except OSError as e:
+                os.close(loop_fd)
+                if e.errno == errno.EBUSY:
+                    continue
+                raise MountError(e.errno, f"cannot set up a loop device for the image: {e.strerror}") from None
+            stack.callback(os.close, loop_fd)
+            return path
+    raise MountError(errno.EBUSY, "no free loop device for the image")
+
+
+def _erofs_source(image_fd: int, plan: _Plan, stack: ExitStack) -> str:
+    if plan.backing == "loop":
+        return _attach_loop(image_fd, stack)
+    return f"/proc/self/fd/{image_fd}"
+
+
+def _erofs_failed(req: _Request, plan: _Plan, e: OSError, log: str = "") -> Exception:
+    """The error for a failed erofs mount, or the fallback to a loop device."""
+    if e.errno == errno.ENOTBLK and plan.backing == "file":
+        return _Fallback(dataclasses.replace(plan, backing="loop"))
+    detail = f" ({log})" if log else ""
+    if e.errno == errno.EINVAL:
+        return MountError(errno.EINVAL, f"{req.image} is not a valid composefs image: the kernel's erofs "
+                          f"driver rejected it{detail}")
+    if e.errno == errno.EPERM:
+        return MountError(errno.EPERM, "mounting composefs needs root (CAP_SYS_ADMIN)")
+    if e.errno == errno.ENODEV:
+        return MountError(errno.ENODEV, _no_fs_message("erofs"))
+    return MountError(e.errno, f"mounting {req.image} as erofs failed: {e.strerror}{detail}")
+
+
+def _open_userns(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise MountError(e.errno, f"idmap: cannot open user namespace {path}: {e.strerror}") from None
+
+
+def _idmap(mnt: int, req: _Request, stack: ExitStack) -> None:
+    """Apply ``idmap=`` to the detached erofs mount, as mount.composefs does.
+
+    The overlay inherits the mapping for everything the image describes;
+    object data carries no ownership, and an upper layer stays unmapped.
+    """
+    if req.idmap is None:
+        return
+    userns = _open_userns(req.idmap)
+    stack.callback(os.close, userns)
+    try:
+        _set_idmap(mnt, userns)
+    except OSError as e:
+        hint = " (is it a user namespace with a uid and gid map?)" if e.errno in (errno.EINVAL, errno.EPERM) else ""
+        raise MountError(e.errno, f"idmap={req.idmap}: {e.strerror}{hint}") from None
+
+
+def _erofs_new(req: _Request, image_fd: int, has_acl: bool, plan: _Plan, stack: ExitStack) -> int:
+    """Mount the image as erofs, detached; returns the mount fd."""
+    ctx = _context("erofs", plan)
+    stack.callback(ctx.close)
+    try:
+        ctx.string("source", _erofs_source(image_fd, plan, stack))
+        ctx.flag("ro")
+        if not has_acl:
+            ctx.flag("noacl")
+        ctx.create()
+        mnt = ctx.mount(MOUNT_ATTR_RDONLY)
+    except OSError as e:
+        if isinstance(e, MountError):
+            raise
+        raise _erofs_failed(req, plan, e, ctx.log()) from None
+    stack.callback(os.close, mnt)
+    _idmap(mnt, req, stack)
+    return mnt
+
+
+def _temp_mountpoint(stack: ExitStack) -> str:
+    """A private directory for the erofs mount, removed (and unmounted) by ``stack``."""
+    path = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}.", dir="/tmp")
+    stack.callback(os.rmdir, path)
+    return path
+
+
+def _detach_on_exit(path: str, stack: ExitStack) -> None:
+    stack.callback(_umount, path, MNT_DETACH)
+
+
+def _erofs_legacy(req: _Request, image_fd: int, has_acl: bool, plan: _Plan, stack: ExitStack) -> str:
+    """Mount the image as erofs with ``mount(2)`` on a temporary directory."""
+    if req.idmap is not None:
+        raise MountError(errno.EOPNOTSUPP, "idmap= needs the kernel's new mount API (fsopen, mount_setattr), "
+                         "which is not available here")
+    tmp = _temp_mountpoint(stack)
+    source = _erofs_source(image_fd, plan, stack)
+    try:
+        _legacy_mount(source, tmp, "erofs", MS_RDONLY, "" if has_acl else "noacl")
+    except OSError as e:
+        raise _erofs_failed(req, plan, e) from None
+    _detach_on_exit(tmp, stack)
+    return tmp
+
+
+def _legacy_escape(path: str) -> str:
+    """Escape a layer path for overlayfs's option string (``\\`` before ``\\ : ,``)."""
+    return re.sub(r"([\\:,])", r"\\\1", path)
+
+
+def _legacy_options(req: _Request, lower: str, plan: _Plan, verity: bool) -> str:
+    sep = "::" if plan.data_only else ":"
+    layers = sep.join(_legacy_escape(p) for p in (lower, *req.basedirs))
+    opts = [f"lowerdir={layers}", "metacopy=on", "redirect_dir=on"]
+    if verity:
+        opts.append("verity=require")
+    if req.writable:
+        opts += [f"upperdir={_legacy_escape(req.upperdir or '')}", f"workdir={_legacy_escape(req.workdir or '')}"]
+    return ",".join(opts)
+
+
+def _overlay_legacy(req: _Request, lower: str, plan: _Plan, verity: bool) -> None:
+    flags = MS_RDONLY if req.readonly else 0
+    try:
+        _legacy_mount(SOURCE, req.target, "overlay", flags, _legacy_options(req, lower, plan, verity))
+    except OSError as e:
+        if e.errno == errno.EINVAL and plan.data_only:
+            raise _Fallback(dataclasses.replace(plan, data_only=False)) from None
+        if e.errno == errno.EINVAL:
+            raise MountError(errno.EINVAL, "overlayfs refused the composefs layers: this kernel's overlayfs "
+                             "lacks data-only lower layers (Linux 6.5+) or metacopy/redirect_dir") from None
+        raise _overlay_failed(req, e) from None
+
+
+def _overlay_failed(req: _Request, e: OSError, log: str = "") -> MountError:
+    detail = f" ({log})" if log else ""
+    if e.errno == errno.ENODEV:
+        return MountError(errno.ENODEV, _no_fs_message("overlay"))
+    if e.errno == errno.EPERM:
+        return MountError(errno.EPERM, "mounting composefs needs root (CAP_SYS_ADMIN)")
+    return MountError(e.errno, f"mounting the composefs overlay on {req.target} failed: {e.strerror}{detail}")
+
+
+def _overlay_param(ctx: _FsContext, key: str, value: str, req: _Request) -> None:
+    try:
+        ctx.string(key, value)
+    except OSError as e:
+        log = ctx.log()
+        if key == "datadir+" and e.errno == errno.EINVAL:
+            raise MountError(errno.EINVAL, "this kernel's overlayfs has no data-only lower layers "
+                             f"('datadir+' rejected; needs Linux 6.5+){f' ({log})' if log else ''}") from None
+        if key == "verity" and e.errno == errno.EINVAL:
+            raise MountError(errno.EINVAL, "this kernel's overlayfs has no 'verity' option (Linux 6.6+)") from None
+        if e.errno == errno.ENOENT:
+            raise MountError(errno.ENOENT, f"overlay {key.rstrip('+')} {value} does not exist") from None
+        raise MountError(e.errno or errno.EIO, f"overlay option {key}={value}: {e.strerror}"
+                         f"{f' ({log})' if log else ''}") from None
+
+
+def _overlay_lower(ctx: _FsContext, req: _Request, erofs: int, plan: _Plan, stack: ExitStack) -> None:
+    """Give overlayfs its lower layer: the erofs mount fd, or a temp directory path."""
+    if plan.lower == "fd":
+        try:
+            ctx.fd_param("lowerdir+", erofs)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise _Fallback(dataclasses.replace(plan, lower="tmpdir")) from None
+            raise _overlay_failed(req, e, ctx.log()) from None
+        return
+    tmp = _temp_mountpoint(stack)
+    _move_mount(erofs, tmp)
+    _detach_on_exit(tmp, stack)
+    try:
+        ctx.string("lowerdir+", tmp)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise _Fallback(dataclasses.replace(plan, api="legacy")) from None
+        raise _overlay_failed(req, e, ctx.log()) from None
+
+
+def _overlay_new(req: _Request, erofs: int, plan: _Plan, verity: bool, stack: ExitStack) -> None:
+    ctx = _context("overlay", plan)
+    stack.callback(ctx.close)
+    try:
+        # Before 6.5 overlayfs took fsconfig keys blindly and parsed them only
+        # at create time: accepting a bogus key marks such a kernel.
+        ctx.string("composefs-probe", "x")
+    except OSError:
+        ctx.log()  # drop the kernel's "Unknown parameter" note
+    else:
+        raise _Fallback(dataclasses.replace(plan, lower="tmpdir", api="legacy"))
+    _overlay_param(ctx, "source", SOURCE, req)
+    _overlay_param(ctx, "metacopy", "on", req)
+    _overlay_param(ctx, "redirect_dir", "on", req)
+    if verity:
+        _overlay_param(ctx, "verity", "require", req)
+    _overlay_lower(ctx, req, erofs, plan, stack)
+    for basedir in req.basedirs:
+        _overlay_param(ctx, "datadir+", basedir, req)
+    if req.writable:
+        _overlay_param(ctx, "upperdir", req.upperdir or "", req)
+        _overlay_param(ctx, "workdir", req.workdir or "", req)
+    try:
+        ctx.create()
+        mnt = ctx.mount(MOUNT_ATTR_RDONLY if req.readonly else 0)
+    except OSError as e:
+        raise _overlay_failed(req, e, ctx.log()) from None
+    stack.callback(os.close, mnt)
+    try:
+        _move_mount(mnt, req.target)
+    except OSError as e:
+        raise _overlay_failed(req, e) from None
+
+
+def _mount_with(req: _Request, plan: _Plan) -> None:
+    """One attempt: every fd, temp mount and temp dir is gone when it returns or raises."""
+    with ExitStack() as stack:
+        image_fd = _open_image(req.image)
+        stack.callback(os.close, image_fd)
+        has_acl = _image_has_acl(image_fd, req.image)
+        if req.digest is not None:
+            _check_digest(image_fd, req.image, req.digest)
+        verity = _use_verity(req)
+        if plan.api == "legacy":
+            lower = _erofs_legacy(req, image_fd, has_acl, plan, stack)
+            _overlay_legacy(req, lower, plan, verity)
+        else:
+            erofs = _erofs_new(req, image_fd, has_acl, plan, stack)
+            _overlay_new(req, erofs, plan, verity, stack)
+
+
+def _mount(req: _Request, plan: _Plan) -> _Plan:
+    """Mount following ``plan`` and its fallbacks; returns the plan that worked."""
+    while True:
+        try:
+            _mount_with(req, plan)
+            return plan
+        except _Fallback as f:
+            plan = f.plan
+
+
+def mount(
+    image: StrPath,
+    target: StrPath,
+    basedirs: Sequence[StrPath],
+    *,
+    digest: str | None = None,
+    verity: Verity = "off",
+    upperdir: StrPath | None = None,
+    workdir: StrPath | None = None,
+    idmap: StrPath | None = None,
+    readonly: bool = False,
+    overmount: bool = False,
+) -> None:
+    """Mount the composefs ``image`` on ``target``, with objects from ``basedirs``.
+
+    The options are those of ``mount.composefs``: ``basedirs`` are searched
+    in order for each object; ``digest`` is the hex fs-verity digest the
+    image file must have; ``verity="require"`` makes overlayfs check every
+    object against the digest recorded in the image, ``"try"`` does so only
+    where the stores support fs-verity; ``upperdir``/``workdir`` make the
+    mount writable; ``idmap`` is a user namespace file (``/proc/PID/ns/user``)
+    whose mapping shifts the owners; ``readonly`` sets the mount read-only.
+    A ``target`` that is already a mount point is refused unless
+    ``overmount``.
+
+    Raises ``MountError``; a failed mount leaves no mount and no temporary
+    directory behind.
+
+    Example:
+        mount("/var/lib/apt-layer/images/abc.cfs", "/mnt/root", ["/var/lib/apt-layer/objects"])
+    """
+    req = _request(image, target, basedirs, digest, verity, upperdir, workdir, idmap, readonly, overmount)
+    _mount(req, _Plan())
+
+
+def unmount(target: StrPath, *, lazy: bool = False) -> None:
+    """Unmount the composefs mounted on ``target`` (the topmost mount there).
+
+    The erofs layer and any loop device go with it.  Refuses, with
+    ``MountError``, a target that is not mounted or whose topmost mount is not
+    a composefs overlay.  ``lazy`` detaches it even while busy (MNT_DETACH).
+    """
+    path = os.path.realpath(os.fspath(target))
+    mounts = _mounts_at(path)
+    if not mounts:
+        raise MountError(errno.EINVAL, f"{path} is not mounted")
+    top = _topmost(mounts)
+    if not top.is_composefs:
+        raise MountError(errno.EINVAL, f"{path} is not a composefs mount (it is {top.fstype} from {top.source})")
+    try:
+        _umount(path, MNT_DETACH if lazy else 0)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise MountError(errno.EBUSY, f"{path} is busy: a process has files open or its working directory "
+                             "there (or pass lazy=True)") from None
+        if e.errno == errno.EPERM:
+            raise MountError(errno.EPERM, "unmounting composefs needs root (CAP_SYS_ADMIN)") from None
+        raise MountError(e.errno, f"unmounting {path} failed: {e.strerror}") from None
+
+
+def _topmost(mounts: list[MountInfo]) -> MountInfo:
+    """The mount on top of a stack of mounts at one path: the one no other sits on."""
+    parents = {m.parent_id for m in mounts}
+    return next((m for m in mounts if m.mount_id not in parents), mounts[-1])
+
+
+@contextmanager
+def mounted(image: StrPath, target: StrPath, basedirs: Sequence[StrPath], **options: object) -> Iterator[str]:
+    """``mount`` for the duration of a ``with`` block; yields the mount point."""
+    mount(image, target, basedirs, **options)  # type: ignore[arg-type]
+    try:
+        yield os.path.realpath(os.fspath(target))
+    finally:
+        unmount(target)
