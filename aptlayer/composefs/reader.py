@@ -1,0 +1,493 @@
+"""Reading composefs images back into :class:`~aptlayer.composefs.tree.Node` trees.
+
+The reader follows the rules of upstream ``composefs-info`` 1.0.8 so that a
+tree printed by ``dumpfile.format_dump`` or ``listing`` matches the C tool byte
+for byte:
+
+* compact inodes take their mtime from the superblock's build time;
+* character devices with device number 0 are the writer's whiteout stubs and
+  are left out; escaped whiteouts (regular files) are turned back into them;
+* the first depth-first occurrence of an inode, in dirent order, is the
+  original and every later one becomes a hard-link node;
+* the overlayfs xattrs the writer adds are stripped or unescaped, and xattrs
+  keep the stored order: inline entries first, then shared references.
+
+Images are hostile input. Every offset and size is checked against the file;
+directories may not be reached twice (a loop or a directory hard link), the
+depth is bounded, and the bytes the reader may consume are budgeted by the
+size of the file: in a well-formed image the inodes, their xattrs and data and
+the shared xattr entries never overlap, so an image that makes the reader
+consume more bytes than it has reuses regions and is rejected. Memory stays
+proportional to the file size and the walk is iterative. Every defect raises
+:class:`ImageFormatError`.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+
+from . import format as fmt
+from .tree import Node
+
+
+class ImageFormatError(ValueError):
+    """The bytes are not a composefs image this reader can trust."""
+
+
+#: deepest directory nesting accepted; a path of this many one-byte names
+#: already fills PATH_MAX (4096 bytes)
+MAX_DEPTH = 2048
+#: the smallest image the C reader accepts
+MIN_IMAGE_SIZE = fmt.BLOCK_SIZE
+#: longest symlink target (PATH_MAX - 1)
+MAX_SYMLINK_TARGET = 4095
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_FORMAT_TYPES = frozenset(fmt.FT_FROM_MODE)
+_DOT_NAMES = (b".", b"..")
+_OVERLAY_PREFIXES = (fmt.OVERLAY_PREFIX, fmt.USER_OVERLAY_PREFIX)
+#: overlay markers the C reader drops wherever they appear
+_DROPPED_XATTRS = frozenset(
+    (fmt.XATTR_ESCAPED_WHITEOUTS, fmt.XATTR_USER_WHITEOUT, fmt.XATTR_USER_WHITEOUTS)
+)
+_UNESCAPE_KEEP = len(b"trusted.")
+_UNESCAPE_DROP = len(fmt.OVERLAY_PREFIX)
+
+
+@dataclass(slots=True)
+class _Inode:
+    """The fields of one on-disk inode the reader needs."""
+
+    nid: int
+    offset: int
+    isize: int
+    layout: int
+    xattr_size: int
+    mode: int
+    nlink: int
+    size: int
+    u: int
+    uid: int
+    gid: int
+    mtime_sec: int
+    mtime_nsec: int
+
+    @property
+    def ftype(self) -> int:
+        return stat.S_IFMT(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.ftype == stat.S_IFDIR
+
+    @property
+    def is_stub(self) -> bool:
+        """A character device 0/0: a whiteout stub the writer added."""
+        return self.ftype == stat.S_IFCHR and self.u == 0
+
+    @property
+    def tail_offset(self) -> int:
+        return self.offset + self.isize + self.xattr_size
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+class _Image:
+    """Bounds-checked access to the inodes, dirents and xattrs of an image."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.size = len(data)
+        #: bytes the reader may still consume (see the module docstring)
+        self.budget = self.size
+        self._shared: dict[int, tuple[bytes, bytes]] = {}
+        self._parse_superblock()
+
+    def _parse_superblock(self) -> None:
+        if self.size < MIN_IMAGE_SIZE:
+            raise ImageFormatError(f"image too small ({self.size} bytes)")
+        magic, version, _flags, _cfs_version = fmt.COMPOSEFS_HEADER.unpack_from(self.data, 0)
+        if magic != fmt.COMPOSEFS_MAGIC:
+            raise ImageFormatError(f"bad composefs magic {magic:#010x}")
+        if version != fmt.COMPOSEFS_HEADER_VERSION:
+            raise ImageFormatError(f"unsupported composefs header version {version}")
+        sb = fmt.SUPERBLOCK.unpack_from(self.data, fmt.EROFS_SUPER_OFFSET)
+        if sb[0] != fmt.EROFS_MAGIC:
+            raise ImageFormatError(f"bad EROFS magic {sb[0]:#010x}")
+        self.root_nid: int = sb[5]
+        self.build_time = _signed64(sb[7])
+        self.build_time_nsec: int = sb[8]
+        self.meta_start = sb[10] * fmt.BLOCK_SIZE
+        self.xattr_start = sb[11] * fmt.BLOCK_SIZE
+        if self.meta_start >= self.size or self.xattr_start >= self.size:
+            raise ImageFormatError("metadata or shared xattr area outside the image")
+
+    def spend(self, nbytes: int) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise ImageFormatError("image reuses its own regions (more data read than it holds)")
+
+    def _check_range(self, start: int, length: int, what: str) -> None:
+        if start < 0 or length < 0 or start + length > self.size:
+            raise ImageFormatError(f"{what} at {start}+{length} is outside the image")
+
+    # --- inodes ---------------------------------------------------------------
+
+    def inode(self, nid: int) -> _Inode:
+        """Parse the inode ``nid``; its header and xattr body are in bounds."""
+        offset = self.meta_start + (nid << fmt.INODE_SLOT_BITS)
+        self._check_range(offset, fmt.INODE_COMPACT_SIZE, f"inode {nid}")
+        i_format = _U16.unpack_from(self.data, offset)[0]
+        if i_format & fmt.INODE_FORMAT_EXTENDED:
+            self._check_range(offset, fmt.INODE_EXTENDED_SIZE, f"inode {nid}")
+            (_, icount, mode, size, u, _ino, uid, gid, sec, nsec, nlink) = (
+                fmt.INODE_EXTENDED.unpack_from(self.data, offset)
+            )
+            isize = fmt.INODE_EXTENDED_SIZE
+        else:
+            (_, icount, mode, nlink, size, u, _ino, uid, gid) = fmt.INODE_COMPACT.unpack_from(
+                self.data, offset
+            )
+            sec, nsec = self.build_time, self.build_time_nsec
+            isize = fmt.INODE_COMPACT_SIZE
+        xattr_size = 0 if icount == 0 else fmt.XATTR_BODY_HEADER_SIZE + 4 * (icount - 1)
+        self._check_range(offset, isize + xattr_size, f"xattrs of inode {nid}")
+        ino = _Inode(
+            nid, offset, isize, (i_format & fmt.INODE_LAYOUT_MASK) >> 1, xattr_size,
+            mode, nlink, size, u, uid, gid, sec, nsec,
+        )
+        if ino.ftype not in _FORMAT_TYPES:
+            raise ImageFormatError(f"inode {nid} has unknown file type (mode {mode:o})")
+        return ino
+
+    # --- file data ------------------------------------------------------------
+
+    def flat_data(self, ino: _Inode) -> tuple[int, int, int]:
+        """Where the data of a flat inode lives: (block_start, block_length, tail_length).
+
+        The data is ``block_length`` bytes at ``block_start`` followed by
+        ``tail_length`` bytes right after the inode's xattrs. Both pieces are
+        in bounds and have been charged to the budget.
+        """
+        size = ino.size
+        if ino.layout == fmt.LAYOUT_FLAT_PLAIN:
+            block_len, tail_len = size, 0
+        elif ino.layout == fmt.LAYOUT_FLAT_INLINE:
+            tail_len = size % fmt.BLOCK_SIZE
+            if tail_len == 0 and size:
+                raise ImageFormatError(f"inode {ino.nid}: inline layout without a tail")
+            block_len = size - tail_len
+        else:
+            raise ImageFormatError(f"inode {ino.nid}: unsupported data layout {ino.layout}")
+        block_start = ino.u * fmt.BLOCK_SIZE
+        if block_len:
+            self._check_range(block_start, block_len, f"data of inode {ino.nid}")
+        self._check_range(ino.tail_offset, tail_len, f"inline data of inode {ino.nid}")
+        self.spend(block_len + tail_len)
+        return block_start, block_len, tail_len
+
+    def content(self, ino: _Inode) -> bytes:
+        block_start, block_len, tail_len = self.flat_data(ino)
+        data = self.data
+        tail = data[ino.tail_offset : ino.tail_offset + tail_len]
+        if not block_len:
+            return tail
+        return data[block_start : block_start + block_len] + tail
+
+    # --- directories ----------------------------------------------------------
+
+    def dir_entries(self, ino: _Inode) -> list[tuple[bytes, int]]:
+        """The (name, nid) entries of a directory without ``.`` and ``..``, in stored order.
+
+        Names must be valid path components in strictly increasing byte order,
+        which also rules out duplicates.
+        """
+        block_start, block_len, tail_len = self.flat_data(ino)
+        entries: list[tuple[bytes, int]] = []
+        for pos in range(block_start, block_start + block_len, fmt.BLOCK_SIZE):
+            end = min(pos + fmt.BLOCK_SIZE, block_start + block_len)
+            self._read_dirents(ino, self.data[pos:end], entries)
+        if tail_len:
+            tail = ino.tail_offset
+            self._read_dirents(ino, self.data[tail : tail + tail_len], entries)
+        return entries
+
+    def _read_dirents(self, ino: _Inode, chunk: bytes, entries: list[tuple[bytes, int]]) -> None:
+        """Parse one dirent chunk (a block or the tail) and append its entries."""
+        length = len(chunk)
+        if length < fmt.DIRENT_SIZE:
+            raise ImageFormatError(f"directory inode {ino.nid}: truncated dirent block")
+        names_start = _U16.unpack_from(chunk, 8)[0]
+        if names_start % fmt.DIRENT_SIZE or not fmt.DIRENT_SIZE <= names_start <= length:
+            raise ImageFormatError(f"directory inode {ino.nid}: bad first name offset")
+        dirents = list(fmt.DIRENT.iter_unpack(chunk[:names_start]))
+        prev = entries[-1][0] if entries else b""
+        for i, (nid, nameoff, _ftype) in enumerate(dirents):
+            if i + 1 < len(dirents):
+                name_end = dirents[i + 1][1]
+            else:
+                nul = chunk.find(b"\0", nameoff)
+                name_end = length if nul < 0 else nul
+            if not names_start <= nameoff < name_end <= length:
+                raise ImageFormatError(f"directory inode {ino.nid}: bad name offset {nameoff}")
+            name = chunk[nameoff:name_end]
+            if name in _DOT_NAMES:
+                continue
+            if len(name) > fmt.MAX_NAME_LEN or b"/" in name or b"\0" in name:
+                raise ImageFormatError(f"directory inode {ino.nid}: invalid name {name!r}")
+            if name <= prev:
+                raise ImageFormatError(f"directory inode {ino.nid}: entries not sorted at {name!r}")
+            prev = name
+            entries.append((name, nid))
+
+    # --- xattrs -----------------------------------------------------------------
+
+    def xattrs(self, ino: _Inode) -> Iterator[tuple[bytes, bytes]]:
+        """The raw (full name, value) pairs of an inode: inline entries, then shared ones."""
+        if not ino.xattr_size:
+            return
+        self.spend(ino.xattr_size)
+        data = self.data
+        body = ino.offset + ino.isize
+        end = body + ino.xattr_size
+        shared_count = data[body + 4]
+        refs = body + fmt.XATTR_BODY_HEADER_SIZE
+        pos = refs + 4 * shared_count
+        if pos > end:
+            raise ImageFormatError(f"inode {ino.nid}: shared xattr count overflows the body")
+        # Like the C reader, stop once no more than an entry header is left.
+        while pos + fmt.XATTR_ENTRY_SIZE < end:
+            name, value, pos = self._xattr_entry(pos, end, ino.nid)
+            yield name, value
+        for i in range(shared_count):
+            yield self._shared_xattr(_U32.unpack_from(data, refs + 4 * i)[0], ino.nid)
+
+    def _xattr_entry(self, pos: int, end: int, nid: int) -> tuple[bytes, bytes, int]:
+        """Decode the entry at ``pos`` (which must end by ``end``); return it and the next position."""
+        name_len, index, value_size = fmt.XATTR_ENTRY.unpack_from(self.data, pos)
+        start = pos + fmt.XATTR_ENTRY_SIZE
+        value_start = start + name_len
+        value_end = value_start + value_size
+        if value_end > end:
+            raise ImageFormatError(f"inode {nid}: xattr entry at {pos} overruns its area")
+        prefix = fmt.XATTR_PREFIXES.get(index)
+        if prefix is None:
+            raise ImageFormatError(f"inode {nid}: unknown xattr name index {index}")
+        name = prefix + self.data[start:value_start]
+        if not name or b"\0" in name:
+            raise ImageFormatError(f"inode {nid}: invalid xattr name {name!r}")
+        next_pos = value_end + (-value_end % fmt.XATTR_ALIGN)
+        return name, self.data[value_start:value_end], next_pos
+
+    def _shared_xattr(self, ref: int, nid: int) -> tuple[bytes, bytes]:
+        offset = self.xattr_start + 4 * ref
+        cached = self._shared.get(offset)
+        if cached is None:
+            self._check_range(offset, fmt.XATTR_ENTRY_SIZE, f"shared xattr of inode {nid}")
+            name, value, next_pos = self._xattr_entry(offset, self.size, nid)
+            self.spend(next_pos - offset)
+            cached = self._shared[offset] = (name, value)
+        return cached
+
+    # --- the walk -----------------------------------------------------------------
+
+    def walk(self, filters: Collection[bytes] | None) -> Iterator[tuple[int, bytes, int, _Inode | None]]:
+        """Depth-first pre-order over the tree, children in dirent order.
+
+        Yields ``(depth, name, nid, inode)``: first the root at depth 0 with
+        an empty name, then every entry below it, with ``inode`` None when
+        ``nid`` was met before (a hard link). Stubs are skipped; ``filters``
+        keeps only those root-level names.
+        """
+        root = self.inode(self.root_nid)
+        if not root.is_dir:
+            raise ImageFormatError("the root inode is not a directory")
+        self.spend(root.isize)
+        yield 0, b"", root.nid, root
+        seen: set[int] = {root.nid}
+        dirs: set[int] = {root.nid}
+        stack: list[Iterator[tuple[bytes, int]]] = [iter(self._children(root, filters))]
+        while stack:
+            depth = len(stack)
+            for name, nid in stack[-1]:
+                if nid in seen:
+                    if nid in dirs:
+                        raise ImageFormatError(f"directory inode {nid} is reached twice (loop)")
+                    yield depth, name, nid, None
+                    continue
+                ino = self.inode(nid)
+                if ino.is_stub:
+                    continue
+                self.spend(ino.isize)
+                seen.add(nid)
+                yield depth, name, nid, ino
+                if ino.is_dir:
+                    if depth >= MAX_DEPTH:
+                        raise ImageFormatError(f"directories nested deeper than {MAX_DEPTH}")
+                    dirs.add(nid)
+                    stack.append(iter(self._children(ino, None)))
+                    break
+            else:
+                stack.pop()
+
+    def _children(self, ino: _Inode, filters: Collection[bytes] | None) -> list[tuple[bytes, int]]:
+        entries = self.dir_entries(ino)
+        if filters is not None:
+            entries = [entry for entry in entries if entry[0] in filters]
+        return entries
+
+
+# --- from inodes to nodes ---------------------------------------------------------
+
+
+def _apply_xattr(node: Node, name: bytes, value: bytes) -> None:
+    """Apply one stored xattr to ``node`` the way composefs-info does.
+
+    The overlayfs xattrs the writer adds become node fields or are dropped;
+    escaped ``trusted.overlay.overlay.*`` names are unescaped. The file type is
+    checked at each step because an escaped whiteout turns the regular file
+    into a character device part way through the list.
+    """
+    if not name.startswith(_OVERLAY_PREFIXES):
+        node.xattrs[name] = value
+        return
+    is_reg = stat.S_ISREG(node.mode)
+    if name == fmt.XATTR_REDIRECT:
+        if is_reg:
+            # The C reader over-reads one byte here; the payload is value[1:].
+            payload = value[1:] if len(value) > 1 and value[:1] == b"/" else value
+            node.payload = payload.partition(b"\0")[0]
+    elif name == fmt.XATTR_METACOPY:
+        if is_reg and len(value) == fmt.METACOPY_SIZE:
+            node.digest = value[4:]
+    elif name == fmt.XATTR_ESCAPED_WHITEOUT and is_reg:
+        node.mode = stat.S_IFCHR | stat.S_IMODE(node.mode)
+        node.rdev = 0
+        node.size = 0
+        if node.content is not None:
+            node.content = b""
+    elif name in _DROPPED_XATTRS:
+        pass
+    elif name.startswith(fmt.OVERLAY_ESCAPED_PREFIX):
+        node.xattrs[name[:_UNESCAPE_KEEP] + name[_UNESCAPE_DROP:]] = value
+    elif not name.startswith(fmt.OVERLAY_PREFIX):
+        node.xattrs[name] = value
+
+
+def _make_node(image: _Image, ino: _Inode) -> Node:
+    ftype = ino.ftype
+    node = Node(
+        mode=ino.mode, uid=ino.uid, gid=ino.gid, nlink=ino.nlink, size=ino.size,
+        mtime_sec=ino.mtime_sec, mtime_nsec=ino.mtime_nsec,
+    )
+    if ftype == stat.S_IFCHR or ftype == stat.S_IFBLK:
+        node.rdev = ino.u
+    elif ftype == stat.S_IFLNK:
+        if ino.size > MAX_SYMLINK_TARGET:
+            raise ImageFormatError(f"inode {ino.nid}: symlink target longer than {MAX_SYMLINK_TARGET}")
+        target = image.content(ino)
+        if b"\0" in target:
+            raise ImageFormatError(f"inode {ino.nid}: NUL in symlink target")
+        node.payload = target
+    elif ftype == stat.S_IFREG and ino.size and ino.layout != fmt.LAYOUT_CHUNK_BASED:
+        node.content = image.content(ino)
+    for name, value in image.xattrs(ino):
+        _apply_xattr(node, name, value)
+    return node
+
+
+def _load(data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> bytes:
+    if isinstance(data, (str, os.PathLike)):
+        with open(data, "rb") as f:
+            return f.read()
+    return bytes(data)
+
+
+def _guarded(func: Callable[..., object]) -> Callable[..., object]:
+    """Turn any slip past the explicit checks into an ImageFormatError, never a crash."""
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return func(*args, **kwargs)
+        except ImageFormatError:
+            raise
+        except (struct.error, IndexError, ValueError, OverflowError) as exc:
+            raise ImageFormatError(f"malformed image: {exc}") from None
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+def read_image(
+    data: bytes | bytearray | memoryview | str | os.PathLike[str],
+    *,
+    filters: Collection[bytes] | None = None,
+) -> Node:
+    """Read an image (bytes, or a path to one) into a tree; return its root.
+
+    ``filters`` keeps only the named root-level entries and, like
+    ``composefs-info --filter``, applies while reading: a hard link whose
+    first occurrence is filtered out becomes the original.
+
+    Raises:
+        ImageFormatError: the image is malformed, truncated or hostile.
+        OSError: ``data`` is a path that cannot be read.
+    """
+    return _read_tree(_load(data), None if filters is None else frozenset(filters))
+
+
+@_guarded
+def _read_tree(data: bytes, filters: frozenset[bytes] | None) -> Node:
+    image = _Image(data)
+    by_nid: dict[int, Node] = {}
+    parents: list[Node] = []
+    for depth, name, nid, ino in image.walk(filters):
+        del parents[depth:]
+        if ino is None:
+            node = Node.hardlink(by_nid[nid])
+        else:
+            node = by_nid[nid] = _make_node(image, ino)
+        if parents:
+            parents[-1].children[name] = node
+        if ino is not None and ino.is_dir:
+            parents.append(node)
+    return parents[0]
+
+
+def image_objects(
+    data: bytes | bytearray | memoryview | str | os.PathLike[str],
+    *,
+    filters: Collection[bytes] | None = None,
+) -> list[bytes]:
+    """The backing-object payloads (``xx/yyyy...``) an image references, sorted and unique.
+
+    Equal to what ``composefs-info objects`` prints, without building the tree:
+    only regular files' xattrs are decoded.
+
+    Raises:
+        ImageFormatError: the image is malformed, truncated or hostile.
+    """
+    return _collect_objects(_load(data), None if filters is None else frozenset(filters))
+
+
+@_guarded
+def _collect_objects(data: bytes, filters: frozenset[bytes] | None) -> list[bytes]:
+    image = _Image(data)
+    objects: set[bytes] = set()
+    for _depth, _name, _nid, ino in image.walk(filters):
+        if ino is None or ino.ftype != stat.S_IFREG or not ino.xattr_size:
+            continue
+        node = Node(mode=ino.mode)
+        for name, value in image.xattrs(ino):
+            _apply_xattr(node, name, value)
+        if node.payload is not None and stat.S_ISREG(node.mode):
+            objects.add(node.payload)
+    return sorted(objects)
