@@ -100,7 +100,8 @@ def _boot_tag() -> str:
         return "00000000"
 
 
-_BOOT = _boot_tag()
+#: identifies this boot in temp file names
+BOOT_TAG = _boot_tag()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -213,7 +214,7 @@ class ObjectStore:
             m = _TEMP_RE.fullmatch(ent.name)
             if m:
                 boot, pid = m.group(1), int(m.group(2))
-                stale = boot != _BOOT or not _pid_alive(pid)
+                stale = boot != BOOT_TAG or not _pid_alive(pid)
                 yield TempFile(ent.path, boot, pid, stale)
 
     # -- writing ---------------------------------------------------------
@@ -257,7 +258,7 @@ class ObjectStore:
         if hit is not None:
             return hit
         self._ensure_dir(self.path, os.path.dirname(self.path))
-        tmp = os.path.join(self.path, f"{TEMP_PREFIX}{_BOOT}-{os.getpid()}-{secrets.token_hex(6)}")
+        tmp = os.path.join(self.path, f"{TEMP_PREFIX}{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(6)}")
         renamed = False
         try:
             out = fsops.create(tmp)
