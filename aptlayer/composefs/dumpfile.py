@@ -1,0 +1,428 @@
+"""The composefs-dump(5) text format: parse it into a tree, print a tree as it.
+
+One line per entry::
+
+    PATH SIZE MODE NLINK UID GID RDEV SEC.NSEC PAYLOAD CONTENT DIGEST [KEY=VALUE]...
+
+:func:`parse_dump` accepts what ``mkcomposefs --from-file`` accepts and
+rejects malformed input with a :class:`DumpError` naming the line.
+:func:`format_dump` prints a tree byte for byte like ``composefs-info dump``.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import stat
+from collections.abc import Iterable
+from typing import BinaryIO
+
+from .format import DIGEST_SIZE, MAX_NAME_LEN
+from .tree import Node
+
+#: the longest inline content a dump may carry
+MAX_INLINE_CONTENT = 5000
+#: a symlink target must be shorter than this
+MAX_SYMLINK_LEN = 4096
+MAX_XATTR_NAME_LEN = 255
+MAX_XATTR_VALUE_LEN = 65535
+#: the per-inode xattr budget: 12 + sum of (7 + len(name) + len(value))
+MAX_XATTR_BUDGET = 32767
+XATTR_BUDGET_BASE = 12
+XATTR_BUDGET_PER_ENTRY = 7
+
+_FILE_TYPES = frozenset(
+    (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
+)
+#: the first 8 fields are required; PAYLOAD, CONTENT and DIGEST default to ``-``
+_REQUIRED_FIELDS = 8
+_FIXED_FIELDS = 11
+
+
+class DumpError(ValueError):
+    """A composefs dump that cannot be parsed; ``lineno`` is 1-based (0: whole file)."""
+
+    def __init__(self, lineno: int, message: str) -> None:
+        super().__init__(f"line {lineno}: {message}" if lineno else message)
+        self.lineno = lineno
+        self.reason = message
+
+
+# --- escaping ---------------------------------------------------------------------
+
+_NAMED_ESCAPES = {ord("\\"): b"\\\\", ord("\n"): b"\\n", ord("\r"): b"\\r", ord("\t"): b"\\t"}
+
+
+def _escape_table(*, xattr: bool, raw_space: bool) -> tuple[list[bytes], bytes]:
+    """Per-byte replacements, and the bytes that need none."""
+    table = []
+    for b in range(256):
+        if b in _NAMED_ESCAPES:
+            table.append(_NAMED_ESCAPES[b])
+        elif (0x21 <= b <= 0x7E and not (xattr and b == ord("="))) or (raw_space and b == 0x20):
+            table.append(bytes((b,)))
+        else:
+            table.append(b"\\x%02x" % b)
+    safe = bytes(b for b in range(256) if len(table[b]) == 1)
+    return table, safe
+
+
+_ESCAPE_TABLES = {
+    (xattr, raw_space): _escape_table(xattr=xattr, raw_space=raw_space)
+    for xattr in (False, True)
+    for raw_space in (False, True)
+}
+
+
+def escape(data: bytes, *, xattr: bool = False, dash: bool = False, raw_space: bool = False) -> bytes:
+    """Escape bytes for a dump field.
+
+    ``xattr`` also escapes ``=`` (xattr keys and values); ``dash`` writes a
+    value that is exactly ``-`` as ``\\x2d`` so it cannot mean "absent"
+    (PAYLOAD and CONTENT); ``raw_space`` leaves spaces alone (``ls`` output).
+    """
+    if dash and data == b"-":
+        return b"\\x2d"
+    table, safe = _ESCAPE_TABLES[(xattr, raw_space)]
+    if not data.translate(None, safe):
+        return data
+    return b"".join([table[b] for b in data])
+
+
+_ESCAPE_RE = re.compile(rb"\\(x(?P<hex>[0-9A-Fa-f]{2})|(?P<other>.?))", re.DOTALL)
+_SIMPLE_UNESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
+
+
+def unescape(data: bytes) -> bytes:
+    """Undo :func:`escape`; an unknown or truncated escape raises ValueError."""
+    if b"\\" not in data:
+        return data
+
+    def replace(m: re.Match[bytes]) -> bytes:
+        if m.group("hex") is not None:
+            return bytes((int(m.group("hex"), 16),))
+        other = m.group("other")
+        if other in _SIMPLE_UNESCAPES:
+            return _SIMPLE_UNESCAPES[other]
+        if other == b"x":
+            raise ValueError("bad hex escape")
+        if not other:
+            raise ValueError("escape at end of field")
+        raise ValueError(f"unsupported escape \\{other.decode('latin-1')}")
+
+    return _ESCAPE_RE.sub(replace, data)
+
+
+# --- parsing ---------------------------------------------------------------------
+
+
+def _int(field: bytes, what: str, limit: int) -> int:
+    if not field.isdigit():
+        raise ValueError(f"invalid {what} {field!r}")
+    value = int(field)
+    if value > limit:
+        raise ValueError(f"{what} {value} out of range")
+    return value
+
+
+def _mtime(field: bytes) -> tuple[int, int]:
+    sec, dot, nsec = field.partition(b".")
+    digits = sec[1:] if sec.startswith(b"-") else sec
+    if not dot or not digits.isdigit() or not nsec.isdigit():
+        raise ValueError(f"invalid mtime {field!r}, expected SEC.NSEC")
+    value = int(sec)
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"mtime {value} out of range")
+    return value, _int(nsec, "mtime nsec", 0xFFFFFFFF)
+
+
+def _mode(field: bytes) -> tuple[int, bool]:
+    hardlink = field.startswith(b"@")
+    digits = field[1:] if hardlink else field
+    if not digits or digits.strip(b"01234567"):
+        raise ValueError(f"invalid mode {field!r}")
+    mode = int(digits, 8)
+    if mode > 0xFFFFFFFF:
+        raise ValueError(f"mode {field!r} out of range")
+    if stat.S_IFMT(mode) not in _FILE_TYPES:
+        raise ValueError(f"invalid file type in mode {field!r}")
+    return mode, hardlink
+
+
+def _optional(field: bytes) -> bytes | None:
+    return None if field == b"-" else unescape(field)
+
+
+def _digest(field: bytes) -> bytes | None:
+    if field == b"-":
+        return None
+    if len(field) != 2 * DIGEST_SIZE or field.strip(b"0123456789abcdefABCDEF"):
+        raise ValueError(f"invalid digest {field!r}, expected {2 * DIGEST_SIZE} hex digits")
+    return bytes.fromhex(field.decode("ascii"))
+
+
+def _split_path(field: bytes) -> list[bytes]:
+    """Path components; repeated slashes collapse, like the C parser."""
+    path = unescape(field)
+    if not path:
+        raise ValueError("empty path")
+    if not path.startswith(b"/"):
+        raise ValueError(f"path {path!r} is not absolute")
+    if b"\0" in path:
+        raise ValueError(f"path {path!r} contains a NUL byte")
+    parts = re.sub(rb"/+", b"/", path)[1:].split(b"/")
+    if parts == [b""]:
+        return []
+    for name in parts:
+        if not name:
+            raise ValueError(f"empty name in path {path!r}")
+        if name in (b".", b".."):
+            raise ValueError(f"invalid name {name.decode('latin-1')!r} in path {path!r}")
+        if len(name) > MAX_NAME_LEN:
+            raise ValueError(f"name longer than {MAX_NAME_LEN} bytes in path {path!r}")
+    return parts
+
+
+class _XattrBudget:
+    """Applies ``KEY=VALUE`` fields to a node, enforcing the per-inode limits."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.used = 0
+
+    def add(self, field: bytes) -> None:
+        key, eq, value = field.partition(b"=")
+        if not eq:
+            raise ValueError(f"missing = in xattr {field!r}")
+        name, value = unescape(key), unescape(value)
+        if not name or len(name) > MAX_XATTR_NAME_LEN:
+            raise ValueError(f"xattr name must be 1..{MAX_XATTR_NAME_LEN} bytes, got {len(name)}")
+        if b"\0" in name:
+            raise ValueError(f"xattr name {name!r} contains a NUL byte")
+        if len(value) > MAX_XATTR_VALUE_LEN:
+            raise ValueError(f"xattr {name!r} value longer than {MAX_XATTR_VALUE_LEN} bytes")
+        xattrs = self.node.xattrs
+        old = xattrs.pop(name, None)
+        if old is not None:
+            self.used -= XATTR_BUDGET_PER_ENTRY + len(name) + len(old)
+        cost = XATTR_BUDGET_PER_ENTRY + len(name) + len(value) + (0 if xattrs else XATTR_BUDGET_BASE)
+        if not xattrs:
+            self.used = 0
+        if self.used + cost > MAX_XATTR_BUDGET:
+            raise ValueError(f"xattrs exceed the per-inode budget of {MAX_XATTR_BUDGET} bytes")
+        self.used += cost
+        xattrs[name] = value
+
+
+class _Parser:
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.root: Node | None = None
+        self.nodes: dict[tuple[bytes, ...], Node] = {}
+        #: (link node, target path, line number), resolved at the end
+        self.links: list[tuple[Node, bytes, int]] = []
+
+    def line(self, lineno: int, line: bytes) -> None:
+        if b"\0" in line:
+            raise ValueError("line contains a NUL byte")
+        fields = line.split(b" ")
+        if len(fields) < _REQUIRED_FIELDS:
+            if not line:
+                raise ValueError("empty line")
+            raise ValueError(f"expected at least {_REQUIRED_FIELDS} fields, got {len(fields)}")
+        fixed = fields[:_FIXED_FIELDS] + [b"-"] * (_FIXED_FIELDS - len(fields))
+        xattr_fields = fields[_FIXED_FIELDS:]
+        if xattr_fields and xattr_fields[-1] == b"":
+            xattr_fields.pop()  # one trailing space is tolerated
+        parts = tuple(_split_path(fixed[0]))
+        node = self.node(fixed, lineno)
+        budget = _XattrBudget(node)
+        for field in xattr_fields:
+            budget.add(field)
+        self.attach(parts, node)
+
+    def node(self, f: list[bytes], lineno: int) -> Node:
+        size = _int(f[1], "size", (1 << 64) - 1)
+        mode, hardlink = _mode(f[2])
+        payload, content = _optional(f[8]), _optional(f[9])
+        if hardlink:
+            if payload is None:
+                raise ValueError("hardlink without a target path")
+            link = Node.hardlink(Node())
+            self.links.append((link, payload, lineno))
+            return link
+        node = Node(
+            mode=mode,
+            size=size,
+            nlink=_int(f[3], "nlink", 0xFFFFFFFF),
+            uid=_int(f[4], "uid", 0xFFFFFFFF),
+            gid=_int(f[5], "gid", 0xFFFFFFFF),
+            rdev=_int(f[6], "rdev", 0xFFFFFFFF),
+            payload=payload,
+            content=content,
+            digest=_digest(f[10]),
+        )
+        node.mtime_sec, node.mtime_nsec = _mtime(f[7])
+        self.check(node)
+        return node
+
+    def check(self, node: Node) -> None:
+        content = node.content
+        if content is not None:
+            if len(content) != node.size:
+                raise ValueError(f"invalid content size {len(content)}, must match size {node.size}")
+            if len(content) > MAX_INLINE_CONTENT:
+                raise ValueError(f"inline content longer than {MAX_INLINE_CONTENT} bytes")
+        if node.ftype == stat.S_IFLNK:
+            target = node.payload
+            if not target:
+                raise ValueError("symlink without a target")
+            if len(target) >= MAX_SYMLINK_LEN:
+                raise ValueError(f"symlink target of {len(target)} bytes, must be < {MAX_SYMLINK_LEN}")
+            if self.strict and node.size != len(target):
+                raise ValueError(f"symlink size {node.size} does not match target length {len(target)}")
+            if self.strict and content is not None:
+                raise ValueError("symlink with inline content")
+            node.size = len(target)
+        if self.strict and node.rdev and node.ftype not in (stat.S_IFCHR, stat.S_IFBLK):
+            raise ValueError(f"rdev {node.rdev} on a node that is not a device")
+
+    def attach(self, parts: tuple[bytes, ...], node: Node) -> None:
+        if not parts:
+            if self.root is not None:
+                raise ValueError("multiple roots")
+            if not node.is_dir:
+                raise ValueError("root must be a directory")
+            self.root = node
+            self.nodes[()] = node
+            return
+        if self.root is None:
+            raise ValueError("root node not present (the first line must be /)")
+        path = b"/" + b"/".join(parts)
+        parent = self.nodes.get(parts[:-1])
+        if parent is None:
+            raise ValueError(f"parent directory missing for {path.decode('latin-1')}")
+        if not parent.is_dir:
+            raise ValueError(f"parent must be a directory for {path.decode('latin-1')}")
+        if parts[-1] in parent.children:
+            raise ValueError(f"duplicate path {path.decode('latin-1')}")
+        parent.children[parts[-1]] = node
+        self.nodes[parts] = node
+
+    def resolve_links(self) -> None:
+        """Point every hardlink at its target; forward references are allowed."""
+        for link, target, lineno in self.links:
+            try:
+                parts = tuple(_split_path(target))
+            except ValueError as e:
+                raise DumpError(lineno, f"invalid hardlink target: {e}") from None
+            node = self.nodes.get(parts)
+            if node is None:
+                raise DumpError(lineno, f"no target at {target.decode('latin-1')} for hardlink")
+            if node is link:
+                raise DumpError(lineno, "hardlink to itself")
+            link.link = node
+        for link, target, lineno in self.links:
+            final = _final_target(link)
+            if final is None:
+                raise DumpError(lineno, "hardlink cycle")
+            if final.is_dir:
+                raise DumpError(lineno, f"hardlink to a directory ({target.decode('latin-1')})")
+
+
+def _final_target(link: Node) -> Node | None:
+    """The node a hardlink chain ends at, or None if the chain loops."""
+    seen = {id(link)}
+    node = link.link
+    while node is not None and node.link is not None:
+        if id(node) in seen:
+            return None
+        seen.add(id(node))
+        node = node.link
+    return node
+
+
+def parse_dump(source: bytes | BinaryIO, *, strict: bool = False) -> Node:
+    """Parse composefs-dump(5) text into a tree and return its root.
+
+    ``strict`` mirrors ``CFS_PARSE_STRICT=1``: a missing final newline, a
+    symlink SIZE other than the target length, symlink CONTENT and a
+    non-zero RDEV on a non-device are errors.
+    """
+    data = source if isinstance(source, bytes | bytearray | memoryview) else source.read()
+    data = bytes(data)
+    if not data:
+        raise DumpError(0, "no files in dump file")
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    elif strict:
+        raise DumpError(len(lines), "missing trailing newline")
+    parser = _Parser(strict)
+    for lineno, line in enumerate(lines, 1):
+        try:
+            parser.line(lineno, line)
+        except DumpError:
+            raise
+        except ValueError as e:
+            raise DumpError(lineno, str(e)) from None
+    if parser.root is None:
+        raise DumpError(0, "root node not present")
+    parser.resolve_links()
+    return parser.root
+
+
+# --- printing --------------------------------------------------------------------
+
+
+def _field(value: bytes | None) -> bytes:
+    return b"-" if value is None else escape(value, dash=True)
+
+
+def _line(path: bytes, node: Node, first_path: bytes | None) -> bytes:
+    mode = b"%o" % node.mode
+    if first_path is not None:
+        mode = b"@" + mode
+        payload = escape(first_path, dash=True)
+    else:
+        payload = _field(node.payload)
+    parts = [
+        escape(path),
+        b"%d" % node.size,
+        mode,
+        b"%d" % node.nlink,
+        b"%d" % node.uid,
+        b"%d" % node.gid,
+        b"%d" % node.rdev,
+        b"%d.%d" % (node.mtime_sec, node.mtime_nsec),
+        payload,
+        _field(node.content),
+        b"-" if node.digest is None else node.digest.hex().encode(),
+    ]
+    parts.extend(escape(k, xattr=True) + b"=" + escape(v, xattr=True) for k, v in node.xattrs.items())
+    return b" ".join(parts) + b"\n"
+
+
+def format_dump(root: Node, out: BinaryIO, filters: Iterable[bytes] | None = None) -> None:
+    """Write the tree like ``composefs-info dump``.
+
+    Depth-first, parents first, children in byte order. The first path at
+    which a node is met prints it in full; later paths print ``@`` lines with
+    the same fields and the first path as PAYLOAD. ``filters`` keeps only
+    those names at the root level.
+    """
+    keep = None if filters is None else set(filters)
+    first_seen: dict[int, bytes] = {}
+    buf = io.BytesIO()
+    for path, entry in root.walk():
+        if keep is not None and path != b"/" and path[1:].split(b"/", 1)[0] not in keep:
+            continue
+        node = entry.resolve()
+        first = first_seen.get(id(node))
+        if first is None:
+            first_seen[id(node)] = path
+        buf.write(_line(path, node, first))
+        if buf.tell() > 1 << 20:
+            out.write(buf.getvalue())
+            buf = io.BytesIO()
+    out.write(buf.getvalue())

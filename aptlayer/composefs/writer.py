@@ -1,0 +1,750 @@
+"""Write a tree as a composefs image, byte for byte like mkcomposefs 1.0.8.
+
+The steps, in order (see docs of the composefs format for the why of each):
+
+1. validate the input tree and copy it into private ``_Inode`` records, so
+   the caller's tree is never changed;
+2. pick the format version and apply the overlay rewrite (escape
+   ``trusted.overlay.*``, metacopy/redirect for external files, whiteouts
+   become marked regular files, root ``opaque=y``, 256 whiteout stubs);
+3. number the inodes breadth-first and decide xattr sharing;
+4. size every inode (compact or extended, xattr body, inline tail, data
+   blocks), place them with the C padding rules, then emit the bytes.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import xxhash
+
+from . import format as F
+from .dumpfile import (
+    MAX_INLINE_CONTENT,
+    MAX_SYMLINK_LEN,
+    MAX_XATTR_BUDGET,
+    MAX_XATTR_NAME_LEN,
+    MAX_XATTR_VALUE_LEN,
+    XATTR_BUDGET_BASE,
+    XATTR_BUDGET_PER_ENTRY,
+    escape,
+)
+from .tree import Node
+
+_U32 = 0xFFFFFFFF
+_U64 = (1 << 64) - 1
+_HALF_BLOCK = F.BLOCK_SIZE // 2
+_STUB_MODE = stat.S_IFCHR | 0o644
+_VALID_TYPES = frozenset(F.FT_FROM_MODE)
+
+
+class ImageError(ValueError):
+    """The tree cannot be written as a composefs image."""
+
+    def __init__(self, message: str, path: bytes | None = None) -> None:
+        if path is not None:
+            message = f"{escape(path, raw_space=True).decode('ascii')}: {message}"
+        super().__init__(message)
+        self.path = path
+
+
+class InvalidTreeError(ImageError):
+    """The tree breaks a rule of the format (bad name, size, link, xattr...)."""
+
+
+class XattrBudgetError(ImageError):
+    """An overlay marker would overflow the node's xattr budget.
+
+    mkcomposefs fails with ERANGE here (its budget counter restarts at zero on
+    the copy it rewrites and wraps when a marker replaces a longer input
+    value); apt-layer rejects exactly the same inputs.
+    """
+
+
+class VersionError(ImageError):
+    """The requested format versions are not supported."""
+
+
+@dataclass(eq=False, slots=True)
+class _Inode:
+    """A private, rewritable copy of one inode, plus its layout."""
+
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    rdev: int
+    size: int
+    mtime: tuple[int, int]
+    payload: bytes | None
+    content: bytes | None
+    digest: bytes | None
+    xattrs: dict[bytes, bytes]
+    path: bytes
+    #: directories: (name, inode, is the original entry), sorted by name
+    entries: list[tuple[bytes, _Inode, bool]] | None = None
+    #: mkcomposefs' per-node xattr budget counter during the rewrite (u64)
+    budget: int = 0
+    ino: int = 0
+    nid: int = 0
+    extended: bool = False
+    #: indexes into the shared table, in sorted-name order
+    shared_refs: list[int] = field(default_factory=list)
+    #: the xattrs stored in the inode itself, in sorted-name order
+    inline_xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    xattr_size: int = 0
+    n_blocks: int = 0
+    tail: bytes = b""
+    layout: int = F.LAYOUT_FLAT_PLAIN
+    #: the value i_size gets
+    i_size: int = 0
+    blkaddr: int = 0
+    #: directories: groups of entries, one per block, the last maybe the tail
+    dir_groups: list[list[tuple[bytes, _Inode]]] = field(default_factory=list)
+
+    @property
+    def ftype(self) -> int:
+        return stat.S_IFMT(self.mode)
+
+
+# --- 1. validation and copy -----------------------------------------------------
+
+
+def _check_name(name: bytes, path: bytes) -> None:
+    if not name or len(name) > F.MAX_NAME_LEN:
+        raise InvalidTreeError(f"name must be 1..{F.MAX_NAME_LEN} bytes", path)
+    if b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise InvalidTreeError(f"invalid name {name!r}", path)
+
+
+def _check_xattrs(node: Node, path: bytes) -> None:
+    used = 0
+    for name, value in node.xattrs.items():
+        if not name or len(name) > MAX_XATTR_NAME_LEN or b"\0" in name:
+            raise InvalidTreeError(f"invalid xattr name {name!r}", path)
+        if len(value) > MAX_XATTR_VALUE_LEN:
+            raise InvalidTreeError(f"xattr {name!r} value longer than {MAX_XATTR_VALUE_LEN} bytes", path)
+        used += XATTR_BUDGET_PER_ENTRY + len(name) + len(value)
+    if used and used + XATTR_BUDGET_BASE > MAX_XATTR_BUDGET:
+        raise InvalidTreeError(f"xattrs exceed the per-inode budget of {MAX_XATTR_BUDGET} bytes", path)
+
+
+def _chunk_bits(size: int) -> int:
+    return min(max(F.BLOCK_BITS, (size - 1).bit_length()), F.CHUNK_MAX_BITS)
+
+
+def _chunk_count(size: int) -> int:
+    return -(-size // (1 << _chunk_bits(size)))
+
+
+def _check_node(node: Node, path: bytes) -> None:
+    """Everything about one (non-link) node that the format limits."""
+    ftype = node.ftype
+    if ftype not in _VALID_TYPES:
+        raise InvalidTreeError(f"invalid file type in mode {node.mode:o}", path)
+    for what, value, limit in (
+        ("mode", node.mode, _U32),
+        ("uid", node.uid, _U32),
+        ("gid", node.gid, _U32),
+        ("nlink", node.nlink, _U32),
+        ("rdev", node.rdev, _U32),
+        ("size", node.size, _U64),
+        ("mtime nsec", node.mtime_nsec, _U32),
+    ):
+        if not 0 <= value <= limit:
+            raise InvalidTreeError(f"{what} {value} out of range", path)
+    if not -(1 << 63) <= node.mtime_sec < (1 << 63):
+        raise InvalidTreeError(f"mtime {node.mtime_sec} out of range", path)
+    if ftype == stat.S_IFLNK:
+        if not node.payload or len(node.payload) >= MAX_SYMLINK_LEN:
+            raise InvalidTreeError(f"symlink target must be 1..{MAX_SYMLINK_LEN - 1} bytes", path)
+    elif ftype == stat.S_IFREG:
+        if node.content is not None:
+            if len(node.content) > MAX_INLINE_CONTENT:
+                raise InvalidTreeError(f"inline content longer than {MAX_INLINE_CONTENT} bytes", path)
+            if len(node.content) != node.size:
+                raise InvalidTreeError(f"content length {len(node.content)} != size {node.size}", path)
+        elif node.size > 0 and _chunk_count(node.size) > F.MAX_CHUNKS:
+            raise InvalidTreeError(f"file too big ({node.size} bytes, > {F.MAX_CHUNKS} chunks)", path)
+        if node.digest is not None and len(node.digest) != F.DIGEST_SIZE:
+            raise InvalidTreeError(f"digest must be {F.DIGEST_SIZE} bytes", path)
+    _check_xattrs(node, path)
+
+
+def _copy(node: Node, path: bytes) -> _Inode:
+    ftype = node.ftype
+    is_lnk = ftype == stat.S_IFLNK
+    return _Inode(
+        mode=node.mode,
+        uid=node.uid,
+        gid=node.gid,
+        nlink=node.nlink,
+        rdev=node.rdev if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0,
+        size=len(node.payload or b"") if is_lnk else node.size,
+        mtime=(node.mtime_sec, node.mtime_nsec),
+        payload=node.payload if is_lnk or ftype == stat.S_IFREG else None,
+        content=node.content if ftype == stat.S_IFREG else None,
+        digest=node.digest if ftype == stat.S_IFREG else None,
+        xattrs=dict(node.xattrs),
+        path=path,
+    )
+
+
+@dataclass
+class _Copy:
+    root: _Inode
+    #: non-link inodes, depth-first, parents first, children sorted
+    dfs: list[_Inode]
+    parent: dict[int, _Inode]
+    has_whiteout: bool
+
+
+def _copy_tree(root: Node) -> _Copy:
+    """Validate the tree and copy it; hard links are resolved to their inode."""
+    if root.link is not None or not root.is_dir:
+        raise InvalidTreeError("root must be a directory", b"/")
+    by_node: dict[int, _Inode] = {}
+    links: list[tuple[_Inode, int, bytes, Node, bytes]] = []
+    dfs: list[_Inode] = []
+    parent: dict[int, _Inode] = {}
+    has_whiteout = False
+    #: (path, node, parent copy, index of the entry in the parent)
+    stack: list[tuple[bytes, Node, _Inode | None, int]] = [(b"/", root, None, 0)]
+    while stack:
+        path, node, up, index = stack.pop()
+        if id(node) in by_node:
+            raise InvalidTreeError("the same Node object appears twice; use Node.hardlink", path)
+        _check_node(node, path)
+        inode = _copy(node, path)
+        by_node[id(node)] = inode
+        dfs.append(inode)
+        if up is not None:
+            assert up.entries is not None
+            parent[id(inode)] = up
+            up.entries[index] = (up.entries[index][0], inode, True)
+        has_whiteout = has_whiteout or node.is_whiteout
+        if node.is_dir:
+            _copy_entries(node, inode, path, stack, links)
+    _resolve_links(links, by_node)
+    return _Copy(by_node[id(root)], dfs, parent, has_whiteout)
+
+
+def _copy_entries(
+    node: Node,
+    inode: _Inode,
+    path: bytes,
+    stack: list[tuple[bytes, Node, _Inode | None, int]],
+    links: list[tuple[_Inode, int, bytes, Node, bytes]],
+) -> None:
+    """Entries of a directory (placeholders until the children are copied)."""
+    base = path if path.endswith(b"/") else path + b"/"
+    entries: list[tuple[bytes, _Inode, bool]] = []
+    inode.entries = entries
+    children = []
+    for name in sorted(node.children):
+        child = node.children[name]
+        child_path = base + name
+        _check_name(name, child_path)
+        if child.link is not None:
+            links.append((inode, len(entries), name, child, child_path))
+        else:
+            children.append((child_path, child, inode, len(entries)))
+        entries.append((name, inode, False))
+    stack.extend(reversed(children))
+
+
+def _resolve_links(links: list[tuple[_Inode, int, bytes, Node, bytes]], by_node: dict[int, _Inode]) -> None:
+    for dir_inode, index, name, link, path in links:
+        target = link
+        seen = 0
+        while target.link is not None:
+            target = target.link
+            seen += 1
+            if seen > len(by_node) + 1:
+                raise InvalidTreeError("hard-link cycle", path)
+        inode = by_node.get(id(target))
+        if inode is None:
+            raise InvalidTreeError("hard-link target is not part of the tree", path)
+        if inode.entries is not None:
+            raise InvalidTreeError("hard link to a directory", path)
+        assert dir_inode.entries is not None
+        dir_inode.entries[index] = (name, inode, False)
+
+
+# --- 2. version and overlay rewrite ---------------------------------------------
+
+
+def _select_version(min_version: int, max_version: int, has_whiteout: bool) -> int:
+    if min_version < 0 or max_version < 0:
+        raise VersionError(f"invalid format versions {min_version}..{max_version}")
+    max_version = max(max_version, min_version)
+    if max_version > F.COMPOSEFS_MAX_VERSION:
+        raise VersionError(f"format version {max_version} is not supported (max {F.COMPOSEFS_MAX_VERSION})")
+    version = min_version
+    if version < 1 <= max_version and has_whiteout:
+        version = 1
+    return version
+
+
+def _set_xattr(inode: _Inode, name: bytes, value: bytes) -> None:
+    """Set an overlay xattr, tracking the budget counter like mkcomposefs."""
+    xattrs = inode.xattrs
+    counter = inode.budget
+    old = xattrs.pop(name, None)
+    if old is not None:
+        if xattrs:
+            counter = (counter - (XATTR_BUDGET_PER_ENTRY + len(name) + len(old))) & _U64
+        else:
+            counter = 0
+    cost = XATTR_BUDGET_PER_ENTRY + len(name) + len(value) + (0 if xattrs else XATTR_BUDGET_BASE)
+    counter = (counter + cost) & _U64
+    if counter > MAX_XATTR_BUDGET:
+        if old is not None:
+            xattrs[name] = old
+        raise XattrBudgetError(
+            f"setting {name.decode('latin-1')} would overflow the xattr budget "
+            f"(it replaces a longer value of the same xattr; mkcomposefs fails with ERANGE)",
+            inode.path,
+        )
+    inode.budget = counter
+    xattrs[name] = value
+
+
+def _escape_overlay_xattrs(inode: _Inode) -> None:
+    prefix = F.OVERLAY_PREFIX
+    if not any(name.startswith(prefix) for name in inode.xattrs):
+        return
+    inode.xattrs = {
+        (F.OVERLAY_ESCAPED_PREFIX + name[len(prefix) :] if name.startswith(prefix) else name): value
+        for name, value in inode.xattrs.items()
+    }
+
+
+def _rewrite(inode: _Inode, parent: _Inode | None, version: int) -> None:
+    _escape_overlay_xattrs(inode)
+    ftype = inode.ftype
+    if ftype == stat.S_IFREG and inode.size > 0 and inode.content is None:
+        metacopy = b"" if inode.digest is None else F.METACOPY_HEADER + inode.digest
+        _set_xattr(inode, F.XATTR_METACOPY, metacopy)
+        if inode.payload:
+            _set_xattr(inode, F.XATTR_REDIRECT, b"/" + inode.payload)
+    elif ftype == stat.S_IFCHR and inode.rdev == 0:
+        inode.size = 0
+        inode.mode = (inode.mode & ~stat.S_IFMT(inode.mode)) | stat.S_IFREG
+        _set_xattr(inode, F.XATTR_ESCAPED_WHITEOUT, b"")
+        _set_xattr(inode, F.XATTR_USER_WHITEOUT, b"")
+        assert parent is not None
+        _set_xattr(parent, F.XATTR_ESCAPED_WHITEOUTS, b"")
+        _set_xattr(parent, F.XATTR_USER_WHITEOUTS, b"")
+        if version >= 1:
+            _set_xattr(parent, F.XATTR_ESCAPED_OPAQUE, b"x")
+            _set_xattr(parent, F.XATTR_USER_OPAQUE, b"x")
+
+
+def _add_stubs(root: _Inode) -> None:
+    """The 256 ``00``..``ff`` whiteout chardevs every image root carries."""
+    assert root.entries is not None
+    present = {name for name, _inode, _orig in root.entries}
+    selinux = root.xattrs.get(b"security.selinux")
+    for i in range(F.WHITEOUT_STUBS):
+        name = b"%02x" % i
+        if name in present:
+            continue
+        stub = _Inode(
+            mode=_STUB_MODE,
+            uid=root.uid,
+            gid=root.gid,
+            nlink=1,
+            rdev=0,
+            size=0,
+            mtime=root.mtime,
+            payload=None,
+            content=None,
+            digest=None,
+            xattrs={} if selinux is None else {b"security.selinux": selinux},
+            path=b"/" + name,
+        )
+        root.entries.append((name, stub, True))
+
+
+def _prepare(tree: _Copy, version: int) -> None:
+    for inode in tree.dfs:
+        _rewrite(inode, tree.parent.get(id(inode)), version)
+    _set_xattr(tree.root, F.XATTR_OPAQUE, b"y")
+    _add_stubs(tree.root)
+    for inode in tree.dfs:
+        if inode.entries is not None:
+            up = tree.parent.get(id(inode), inode)
+            inode.entries.append((b".", inode, False))
+            inode.entries.append((b"..", up, False))
+            inode.entries.sort(key=lambda e: e[0])
+
+
+# --- 3. ordering and xattr sharing ----------------------------------------------
+
+
+def _bfs(root: _Inode) -> list[_Inode]:
+    """Inodes in breadth-first order; a hard-linked inode sits at its original entry."""
+    order = [root]
+    for inode in order:
+        if inode.entries is not None:
+            order.extend(child for _name, child, original in inode.entries if original)
+    for ino, inode in enumerate(order):
+        inode.ino = ino
+        if inode.entries is not None:
+            subdirs = sum(1 for _n, child, original in inode.entries if original and child.entries is not None)
+            inode.nlink = 2 + subdirs
+    return order
+
+
+def _xattr_key(name: bytes) -> tuple[int, bytes]:
+    """(name index, stored suffix) for a full xattr name."""
+    for index, prefix in F.XATTR_WRITER_PREFIXES:
+        if name.startswith(prefix):
+            return index, name[len(prefix) :]
+    return 0, name
+
+
+def _entry_size(name: bytes, value: bytes) -> int:
+    return (F.XATTR_ENTRY_SIZE + len(_xattr_key(name)[1]) + len(value) + 3) & ~3
+
+
+def _shared_table(order: list[_Inode]) -> list[tuple[bytes, bytes]]:
+    """The xattr pairs used by more than one inode, in the C table order."""
+    counts = Counter(pair for inode in order for pair in inode.xattrs.items())
+    shared = [pair for pair, n in counts.items() if n > 1]
+    shared.sort(key=lambda p: (p[0], len(p[1]), p[1]), reverse=True)
+    return shared
+
+
+def _plan_xattrs(order: list[_Inode], shared_index: dict[tuple[bytes, bytes], int]) -> None:
+    """Which xattrs each inode references from the shared table, and its body size."""
+    for inode in order:
+        if not inode.xattrs:
+            continue
+        size = F.XATTR_BODY_HEADER_SIZE
+        for pair in sorted(inode.xattrs.items()):
+            index = shared_index.get(pair)
+            if index is not None and len(inode.shared_refs) < F.XATTR_MAX_SHARED_REFS:
+                inode.shared_refs.append(index)
+                size += F.XATTR_SHARED_REF.size
+            else:
+                inode.inline_xattrs.append(pair)
+                size += _entry_size(*pair)
+        inode.xattr_size = size
+
+
+# --- 4. sizes, placement, bytes -------------------------------------------------
+
+
+def _split_dir(inode: _Inode) -> None:
+    """Group dirents into blocks; the last group is the tail unless > half a block."""
+    assert inode.entries is not None
+    groups: list[list[tuple[bytes, _Inode]]] = [[]]
+    used = 0
+    for name, child, _original in inode.entries:
+        cost = F.DIRENT_SIZE + len(name)
+        if used + cost > F.BLOCK_SIZE:
+            groups.append([])
+            used = 0
+        groups[-1].append((name, child))
+        used += cost
+    inode.dir_groups = groups
+    if used > _HALF_BLOCK:
+        inode.n_blocks, tail_len = len(groups), 0
+    else:
+        inode.n_blocks, tail_len = len(groups) - 1, used
+    inode.i_size = inode.n_blocks * F.BLOCK_SIZE + tail_len
+    # placeholder of the right length; the real dirents need the nids
+    inode.tail = bytes(tail_len)
+
+
+def _size_inode(inode: _Inode) -> None:
+    """n_blocks, tail and i_size before placement (§8 of the format notes)."""
+    ftype = inode.ftype
+    if inode.entries is not None:
+        _split_dir(inode)
+    elif ftype == stat.S_IFREG and inode.content is not None:
+        content = inode.content
+        n_blocks, tail_len = divmod(len(content), F.BLOCK_SIZE)
+        if tail_len > _HALF_BLOCK:
+            n_blocks, tail_len = n_blocks + 1, 0
+        inode.n_blocks = n_blocks
+        inode.tail = content[len(content) - tail_len :] if tail_len else b""
+        inode.i_size = len(content)
+    elif ftype == stat.S_IFREG and inode.size > 0:
+        inode.tail = b"\xff" * (F.CHUNK_ENTRY_SIZE * _chunk_count(inode.size))
+        inode.i_size = inode.size
+    elif ftype == stat.S_IFLNK:
+        assert inode.payload is not None
+        inode.tail = inode.payload
+        inode.i_size = len(inode.payload)
+
+
+def _is_compact(inode: _Inode, min_mtime: tuple[int, int]) -> bool:
+    size = inode.i_size if inode.entries is not None else inode.size
+    return (
+        inode.mtime == min_mtime
+        and inode.nlink <= F.COMPACT_MAX_NLINK
+        and inode.uid <= F.COMPACT_MAX_ID
+        and inode.gid <= F.COMPACT_MAX_ID
+        and size <= F.COMPACT_MAX_SIZE
+    )
+
+
+def _round_up(x: int, align: int) -> int:
+    return (x + align - 1) & ~(align - 1)
+
+
+def _padding(inode: _Inode, pos: int, isize: int) -> int:
+    """Zero bytes to put before the inode so that its inline tail stays in one block.
+
+    May move the tail to a data block instead, when it cannot fit.
+    """
+    block = F.BLOCK_SIZE
+    if inode.ftype == stat.S_IFLNK and inode.entries is None:
+        total = isize + inode.xattr_size + len(inode.tail)
+        if total >= block:
+            inode.n_blocks, inode.tail = 1, b""
+        if pos // block != (pos + total - 1) // block:
+            return _round_up(pos, block) - pos
+        return 0
+    tail_len = len(inode.tail)
+    if not tail_len:
+        return 0
+    rem = block - (pos + isize + inode.xattr_size) % block
+    if rem >= tail_len:
+        return 0
+    pad = _round_up(rem, F.INODE_SLOT_SIZE)
+    if block - (pos + pad + isize + inode.xattr_size) % block >= tail_len:
+        return pad
+    inode.n_blocks += 1
+    inode.tail = b""
+    return _round_up(pos, block) - pos
+
+
+def _layout(inode: _Inode) -> int:
+    ftype = inode.ftype
+    if ftype == stat.S_IFREG and inode.content is None and inode.size > 0:
+        return F.LAYOUT_CHUNK_BASED
+    if inode.tail and (inode.entries is not None or ftype in (stat.S_IFREG, stat.S_IFLNK)):
+        return F.LAYOUT_FLAT_INLINE
+    return F.LAYOUT_FLAT_PLAIN
+
+
+def _place(order: list[_Inode]) -> int:
+    """Assign nids in BFS order with the C padding rules; returns the table end."""
+    pos = F.INODES_START
+    for inode in order:
+        isize = F.INODE_EXTENDED_SIZE if inode.extended else F.INODE_COMPACT_SIZE
+        pos = _round_up(pos, F.INODE_SLOT_SIZE)
+        pos += _padding(inode, pos, isize)
+        inode.nid = pos >> F.INODE_SLOT_BITS
+        inode.layout = _layout(inode)
+        pos += isize + inode.xattr_size + len(inode.tail)
+    return _round_up(pos, F.INODE_SLOT_SIZE)
+
+
+def _dirent_chunk(group: list[tuple[bytes, _Inode]]) -> bytes:
+    """Dirents first, then the names back to back."""
+    nameoff = F.DIRENT_SIZE * len(group)
+    parts = []
+    for name, child in group:
+        parts.append(F.DIRENT.pack(child.nid, nameoff, F.FT_FROM_MODE[child.ftype]))
+        nameoff += len(name)
+    parts.extend(name for name, _child in group)
+    return b"".join(parts)
+
+
+def _i_u(inode: _Inode) -> int:
+    ftype = inode.ftype
+    if inode.layout == F.LAYOUT_CHUNK_BASED:
+        chunk_format = _chunk_bits(inode.size) - F.BLOCK_BITS
+        return (inode.blkaddr & 0xFFFF0000) | chunk_format if inode.n_blocks else chunk_format
+    if ftype in (stat.S_IFCHR, stat.S_IFBLK):
+        return inode.rdev
+    return inode.blkaddr if inode.n_blocks else 0
+
+
+def _data_blocks(inode: _Inode) -> bytes:
+    """The inode's out-of-line data (whole blocks are padded by the caller)."""
+    if inode.entries is not None:
+        return b"".join(
+            _dirent_chunk(g).ljust(F.BLOCK_SIZE, b"\0") for g in inode.dir_groups[: inode.n_blocks]
+        )
+    if inode.layout == F.LAYOUT_CHUNK_BASED:
+        return b"\xff" * F.BLOCK_SIZE
+    if inode.content is not None:
+        return inode.content[: F.BLOCK_SIZE]
+    assert inode.payload is not None
+    return inode.payload
+
+
+class _NameFilter:
+    """The per-inode xattr bloom filter (xxHash32 of the suffix), memoised by name."""
+
+    def __init__(self) -> None:
+        self.bits: dict[bytes, int] = {}
+
+    def __call__(self, names: list[bytes]) -> int:
+        mask = 0
+        for name in names:
+            bit = self.bits.get(name)
+            if bit is None:
+                index, suffix = _xattr_key(name)
+                bit = 1 << (xxhash.xxh32_intdigest(suffix, F.XATTR_FILTER_SEED + index) & 31)
+                self.bits[name] = bit
+            mask |= bit
+        return _U32 & ~mask
+
+
+def _xattr_entry(name: bytes, value: bytes) -> bytes:
+    index, suffix = _xattr_key(name)
+    raw = F.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+    return raw + bytes(-len(raw) % F.XATTR_ALIGN)
+
+
+def _xattr_body(inode: _Inode, refs: list[int], name_filter: _NameFilter) -> bytes:
+    header = F.XATTR_BODY_HEADER.pack(name_filter(list(inode.xattrs)), len(inode.shared_refs))
+    parts = [header]
+    parts.extend(F.XATTR_SHARED_REF.pack(refs[i]) for i in inode.shared_refs)
+    parts.extend(_xattr_entry(name, value) for name, value in inode.inline_xattrs)
+    return b"".join(parts)
+
+
+def _inode_header(inode: _Inode) -> bytes:
+    icount = 0 if not inode.xattr_size else (inode.xattr_size - F.XATTR_BODY_HEADER_SIZE) // 4 + 1
+    i_format = inode.layout << 1
+    mode = inode.mode & 0xFFFF
+    if not inode.extended:
+        return F.INODE_COMPACT.pack(
+            i_format, icount, mode, inode.nlink, inode.i_size, _i_u(inode), inode.ino, inode.uid, inode.gid
+        )
+    return F.INODE_EXTENDED.pack(
+        i_format | F.INODE_FORMAT_EXTENDED,
+        icount,
+        mode,
+        inode.i_size,
+        _i_u(inode),
+        inode.ino,
+        inode.uid,
+        inode.gid,
+        inode.mtime[0],
+        inode.mtime[1],
+        inode.nlink,
+    )
+
+
+def _inline_tail(inode: _Inode) -> bytes:
+    if inode.entries is not None and inode.tail:
+        return _dirent_chunk(inode.dir_groups[-1])
+    return inode.tail
+
+
+@dataclass
+class _Layout:
+    order: list[_Inode]
+    shared: list[tuple[bytes, bytes]]
+    inodes_end: int
+    data_start: int
+    blocks: int
+    version: int
+    min_mtime: tuple[int, int]
+
+
+def _lay_out(root: Node, min_version: int, max_version: int) -> _Layout:
+    tree = _copy_tree(root)
+    version = _select_version(min_version, max_version, tree.has_whiteout)
+    _prepare(tree, version)
+    order = _bfs(tree.root)
+    min_mtime = min(inode.mtime for inode in order)
+    shared = _shared_table(order)
+    _plan_xattrs(order, {pair: i for i, pair in enumerate(shared)})
+    for inode in order:
+        _size_inode(inode)
+        inode.extended = not _is_compact(inode, min_mtime)
+    inodes_end = _place(order)
+    shared_size = sum(_entry_size(name, value) for name, value in shared)
+    data_start = _round_up(inodes_end + shared_size, F.BLOCK_SIZE)
+    cursor = data_start // F.BLOCK_SIZE
+    for inode in order:
+        if inode.n_blocks:
+            inode.blkaddr = cursor
+            cursor += inode.n_blocks
+    return _Layout(order, shared, inodes_end, data_start, cursor, version, min_mtime)
+
+
+def _superblocks(lay: _Layout, image: bytearray) -> None:
+    has_acl = any(name in inode.xattrs for inode in lay.order for name in F.ACL_XATTRS)
+    F.COMPOSEFS_HEADER.pack_into(
+        image,
+        0,
+        F.COMPOSEFS_MAGIC,
+        F.COMPOSEFS_HEADER_VERSION,
+        F.COMPOSEFS_FLAGS_HAS_ACL if has_acl else 0,
+        lay.version,
+    )
+    F.SUPERBLOCK.pack_into(
+        image,
+        F.EROFS_SUPER_OFFSET,
+        F.EROFS_MAGIC,
+        0,
+        F.COMPOSEFS_FEATURE_COMPAT,
+        F.BLOCK_BITS,
+        0,
+        lay.order[0].nid,
+        len(lay.order),
+        lay.min_mtime[0] & _U64,
+        lay.min_mtime[1],
+        lay.blocks,
+        0,
+        lay.inodes_end // F.BLOCK_SIZE,
+        bytes(16),
+        bytes(16),
+        0,
+    )
+
+
+def build_image(root: Node, *, min_version: int = 0, max_version: int = 1) -> bytes:
+    """The composefs image of a tree, as mkcomposefs would write it.
+
+    ``min_version``/``max_version`` are ``--min-version``/``--max-version``:
+    the format version starts at ``min_version`` and is raised to 1 (if
+    ``max_version`` allows it) when the tree contains an overlay whiteout.
+    The caller's tree is not modified. Raises :class:`ImageError`.
+    """
+    lay = _lay_out(root, min_version, max_version)
+    image = bytearray(lay.blocks * F.BLOCK_SIZE)
+    _superblocks(lay, image)
+    offsets = []
+    pos = lay.inodes_end
+    for name, value in lay.shared:
+        entry = _xattr_entry(name, value)
+        offsets.append(pos - lay.inodes_end)
+        image[pos : pos + len(entry)] = entry
+        pos += len(entry)
+    base = lay.inodes_end % F.BLOCK_SIZE
+    refs = [(base + off) // F.XATTR_ALIGN for off in offsets]
+    name_filter = _NameFilter()
+    for inode in lay.order:
+        parts = [_inode_header(inode)]
+        if inode.xattr_size:
+            parts.append(_xattr_body(inode, refs, name_filter))
+        parts.append(_inline_tail(inode))
+        raw = b"".join(parts)
+        start = inode.nid << F.INODE_SLOT_BITS
+        image[start : start + len(raw)] = raw
+        if inode.n_blocks:
+            data = _data_blocks(inode)
+            start = inode.blkaddr * F.BLOCK_SIZE
+            image[start : start + len(data)] = data
+    return bytes(image)
+
+
+def write_image(root: Node, out: BinaryIO, *, min_version: int = 0, max_version: int = 1) -> None:
+    """Write the image of :func:`build_image` to a binary file object."""
+    out.write(build_image(root, min_version=min_version, max_version=max_version))
