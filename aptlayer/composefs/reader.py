@@ -49,6 +49,10 @@ MAX_SYMLINK_TARGET = 4095
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _FORMAT_TYPES = frozenset(fmt.FT_FROM_MODE)
+_S_IFMT = 0o170000
+_XATTR_ENTRY_UNPACK = fmt.XATTR_ENTRY.unpack_from
+#: xattr name prefixes by name index
+_PREFIXES = tuple(fmt.XATTR_PREFIXES[i] for i in range(len(fmt.XATTR_PREFIXES)))
 _DOT_NAMES = (b".", b"..")
 _OVERLAY_PREFIXES = (fmt.OVERLAY_PREFIX, fmt.USER_OVERLAY_PREFIX)
 #: overlay markers the C reader drops wherever they appear
@@ -69,6 +73,8 @@ class _Inode:
     layout: int
     xattr_size: int
     mode: int
+    #: ``stat.S_IFMT(mode)``
+    ftype: int
     nlink: int
     size: int
     u: int
@@ -76,19 +82,6 @@ class _Inode:
     gid: int
     mtime_sec: int
     mtime_nsec: int
-
-    @property
-    def ftype(self) -> int:
-        return stat.S_IFMT(self.mode)
-
-    @property
-    def is_dir(self) -> bool:
-        return self.ftype == stat.S_IFDIR
-
-    @property
-    def is_stub(self) -> bool:
-        """A character device 0/0: a whiteout stub the writer added."""
-        return self.ftype == stat.S_IFCHR and self.u == 0
 
     @property
     def tail_offset(self) -> int:
@@ -143,29 +136,33 @@ class _Image:
     def inode(self, nid: int) -> _Inode:
         """Parse the inode ``nid``; its header and xattr body are in bounds."""
         offset = self.meta_start + (nid << fmt.INODE_SLOT_BITS)
-        self._check_range(offset, fmt.INODE_COMPACT_SIZE, f"inode {nid}")
-        i_format = _U16.unpack_from(self.data, offset)[0]
+        data = self.data
+        if offset + fmt.INODE_COMPACT_SIZE > self.size:
+            raise ImageFormatError(f"inode {nid} is outside the image")
+        i_format = data[offset]  # the format bits all sit in the low byte
         if i_format & fmt.INODE_FORMAT_EXTENDED:
-            self._check_range(offset, fmt.INODE_EXTENDED_SIZE, f"inode {nid}")
-            (_, icount, mode, size, u, _ino, uid, gid, sec, nsec, nlink) = (
-                fmt.INODE_EXTENDED.unpack_from(self.data, offset)
-            )
             isize = fmt.INODE_EXTENDED_SIZE
+            if offset + isize > self.size:
+                raise ImageFormatError(f"inode {nid} is outside the image")
+            (_, icount, mode, size, u, _ino, uid, gid, sec, nsec, nlink) = (
+                fmt.INODE_EXTENDED.unpack_from(data, offset)
+            )
         else:
+            isize = fmt.INODE_COMPACT_SIZE
             (_, icount, mode, nlink, size, u, _ino, uid, gid) = fmt.INODE_COMPACT.unpack_from(
-                self.data, offset
+                data, offset
             )
             sec, nsec = self.build_time, self.build_time_nsec
-            isize = fmt.INODE_COMPACT_SIZE
         xattr_size = 0 if icount == 0 else fmt.XATTR_BODY_HEADER_SIZE + 4 * (icount - 1)
-        self._check_range(offset, isize + xattr_size, f"xattrs of inode {nid}")
-        ino = _Inode(
-            nid, offset, isize, (i_format & fmt.INODE_LAYOUT_MASK) >> 1, xattr_size,
-            mode, nlink, size, u, uid, gid, sec, nsec,
-        )
-        if ino.ftype not in _FORMAT_TYPES:
+        if offset + isize + xattr_size > self.size:
+            raise ImageFormatError(f"xattrs of inode {nid} run past the end of the image")
+        ftype = mode & _S_IFMT
+        if ftype not in _FORMAT_TYPES:
             raise ImageFormatError(f"inode {nid} has unknown file type (mode {mode:o})")
-        return ino
+        return _Inode(
+            nid, offset, isize, (i_format & fmt.INODE_LAYOUT_MASK) >> 1, xattr_size,
+            mode, ftype, nlink, size, u, uid, gid, sec, nsec,
+        )
 
     # --- file data ------------------------------------------------------------
 
@@ -228,31 +225,35 @@ class _Image:
         if names_start % fmt.DIRENT_SIZE or not fmt.DIRENT_SIZE <= names_start <= length:
             raise ImageFormatError(f"directory inode {ino.nid}: bad first name offset")
         dirents = list(fmt.DIRENT.iter_unpack(chunk[:names_start]))
-        prev = entries[-1][0] if entries else b""
-        for i, (nid, nameoff, _ftype) in enumerate(dirents):
-            if i + 1 < len(dirents):
-                name_end = dirents[i + 1][1]
-            else:
-                nul = chunk.find(b"\0", nameoff)
-                name_end = length if nul < 0 else nul
-            if not names_start <= nameoff < name_end <= length:
-                raise ImageFormatError(f"directory inode {ino.nid}: bad name offset {nameoff}")
-            name = chunk[nameoff:name_end]
-            if name in _DOT_NAMES:
-                continue
-            if len(name) > fmt.MAX_NAME_LEN or b"/" in name or b"\0" in name:
-                raise ImageFormatError(f"directory inode {ino.nid}: invalid name {name!r}")
-            if name <= prev:
-                raise ImageFormatError(f"directory inode {ino.nid}: entries not sorted at {name!r}")
-            prev = name
-            entries.append((name, nid))
+        # Each name runs to the next one's offset; the last one to a NUL or the end.
+        offsets = [nameoff for _nid, nameoff, _ftype in dirents]
+        last = offsets[-1]
+        nul = chunk.find(b"\0", last)
+        offsets.append(length if nul < 0 else nul)
+        if offsets[-1] > length or not all(a < b for a, b in zip(offsets, offsets[1:])):
+            raise ImageFormatError(f"directory inode {ino.nid}: bad name offsets")
+        names_area = chunk[names_start : offsets[-1]]
+        if b"/" in names_area or b"\0" in names_area:
+            raise ImageFormatError(f"directory inode {ino.nid}: a name holds '/' or NUL")
+        found = [
+            (chunk[a:b], dirent[0])
+            for a, b, dirent in zip(offsets, offsets[1:], dirents)
+            if b - a > 2 or chunk[a:b] not in _DOT_NAMES
+        ]
+        if not found:
+            return
+        if max(len(name) for name, _nid in found) > fmt.MAX_NAME_LEN:
+            raise ImageFormatError(f"directory inode {ino.nid}: name longer than {fmt.MAX_NAME_LEN}")
+        if entries and found[0][0] <= entries[-1][0] or not all(
+            a[0] < b[0] for a, b in zip(found, found[1:])
+        ):
+            raise ImageFormatError(f"directory inode {ino.nid}: entries not sorted or duplicated")
+        entries.extend(found)
 
     # --- xattrs -----------------------------------------------------------------
 
-    def xattrs(self, ino: _Inode) -> Iterator[tuple[bytes, bytes]]:
+    def xattrs(self, ino: _Inode) -> list[tuple[bytes, bytes]]:
         """The raw (full name, value) pairs of an inode: inline entries, then shared ones."""
-        if not ino.xattr_size:
-            return
         self.spend(ino.xattr_size)
         data = self.data
         body = ino.offset + ino.isize
@@ -262,29 +263,29 @@ class _Image:
         pos = refs + 4 * shared_count
         if pos > end:
             raise ImageFormatError(f"inode {ino.nid}: shared xattr count overflows the body")
+        found = []
         # Like the C reader, stop once no more than an entry header is left.
         while pos + fmt.XATTR_ENTRY_SIZE < end:
             name, value, pos = self._xattr_entry(pos, end, ino.nid)
-            yield name, value
-        for i in range(shared_count):
-            yield self._shared_xattr(_U32.unpack_from(data, refs + 4 * i)[0], ino.nid)
+            found.append((name, value))
+        for (ref,) in _U32.iter_unpack(data[refs : refs + 4 * shared_count]):
+            found.append(self._shared_xattr(ref, ino.nid))
+        return found
 
     def _xattr_entry(self, pos: int, end: int, nid: int) -> tuple[bytes, bytes, int]:
         """Decode the entry at ``pos`` (which must end by ``end``); return it and the next position."""
-        name_len, index, value_size = fmt.XATTR_ENTRY.unpack_from(self.data, pos)
+        name_len, index, value_size = _XATTR_ENTRY_UNPACK(self.data, pos)
         start = pos + fmt.XATTR_ENTRY_SIZE
         value_start = start + name_len
         value_end = value_start + value_size
         if value_end > end:
             raise ImageFormatError(f"inode {nid}: xattr entry at {pos} overruns its area")
-        prefix = fmt.XATTR_PREFIXES.get(index)
-        if prefix is None:
+        if index >= len(_PREFIXES):
             raise ImageFormatError(f"inode {nid}: unknown xattr name index {index}")
-        name = prefix + self.data[start:value_start]
+        name = _PREFIXES[index] + self.data[start:value_start]
         if not name or b"\0" in name:
             raise ImageFormatError(f"inode {nid}: invalid xattr name {name!r}")
-        next_pos = value_end + (-value_end % fmt.XATTR_ALIGN)
-        return name, self.data[value_start:value_end], next_pos
+        return name, self.data[value_start:value_end], (value_end + 3) & ~3
 
     def _shared_xattr(self, ref: int, nid: int) -> tuple[bytes, bytes]:
         offset = self.xattr_start + 4 * ref
@@ -307,7 +308,7 @@ class _Image:
         keeps only those root-level names.
         """
         root = self.inode(self.root_nid)
-        if not root.is_dir:
+        if root.ftype != stat.S_IFDIR:
             raise ImageFormatError("the root inode is not a directory")
         self.spend(root.isize)
         yield 0, b"", root.nid, root
@@ -323,12 +324,12 @@ class _Image:
                     yield depth, name, nid, None
                     continue
                 ino = self.inode(nid)
-                if ino.is_stub:
-                    continue
+                if ino.ftype == stat.S_IFCHR and ino.u == 0:
+                    continue  # a whiteout stub
                 self.spend(ino.isize)
                 seen.add(nid)
                 yield depth, name, nid, ino
-                if ino.is_dir:
+                if ino.ftype == stat.S_IFDIR:
                     if depth >= MAX_DEPTH:
                         raise ImageFormatError(f"directories nested deeper than {MAX_DEPTH}")
                     dirs.add(nid)
@@ -347,17 +348,14 @@ class _Image:
 # --- from inodes to nodes ---------------------------------------------------------
 
 
-def _apply_xattr(node: Node, name: bytes, value: bytes) -> None:
-    """Apply one stored xattr to ``node`` the way composefs-info does.
+def _apply_overlay_xattr(node: Node, name: bytes, value: bytes) -> None:
+    """Apply one stored ``trusted.overlay.*``/``user.overlay.*`` xattr the way composefs-info does.
 
     The overlayfs xattrs the writer adds become node fields or are dropped;
     escaped ``trusted.overlay.overlay.*`` names are unescaped. The file type is
     checked at each step because an escaped whiteout turns the regular file
     into a character device part way through the list.
     """
-    if not name.startswith(_OVERLAY_PREFIXES):
-        node.xattrs[name] = value
-        return
     is_reg = stat.S_ISREG(node.mode)
     if name == fmt.XATTR_REDIRECT:
         if is_reg:
@@ -383,13 +381,11 @@ def _apply_xattr(node: Node, name: bytes, value: bytes) -> None:
 
 def _make_node(image: _Image, ino: _Inode) -> Node:
     ftype = ino.ftype
-    node = Node(
-        mode=ino.mode, uid=ino.uid, gid=ino.gid, nlink=ino.nlink, size=ino.size,
-        mtime_sec=ino.mtime_sec, mtime_nsec=ino.mtime_nsec,
-    )
-    if ftype == stat.S_IFCHR or ftype == stat.S_IFBLK:
-        node.rdev = ino.u
-    elif ftype == stat.S_IFLNK:
+    rdev = ino.u if ftype == stat.S_IFCHR or ftype == stat.S_IFBLK else 0
+    # Positional, in Node's field order (mode, uid, gid, nlink, rdev, size,
+    # mtime_sec, mtime_nsec): measurably faster on large images.
+    node = Node(ino.mode, ino.uid, ino.gid, ino.nlink, rdev, ino.size, ino.mtime_sec, ino.mtime_nsec)
+    if ftype == stat.S_IFLNK:
         if ino.size > MAX_SYMLINK_TARGET:
             raise ImageFormatError(f"inode {ino.nid}: symlink target longer than {MAX_SYMLINK_TARGET}")
         target = image.content(ino)
@@ -398,8 +394,13 @@ def _make_node(image: _Image, ino: _Inode) -> Node:
         node.payload = target
     elif ftype == stat.S_IFREG and ino.size and ino.layout != fmt.LAYOUT_CHUNK_BASED:
         node.content = image.content(ino)
-    for name, value in image.xattrs(ino):
-        _apply_xattr(node, name, value)
+    if ino.xattr_size:
+        xattrs = node.xattrs
+        for name, value in image.xattrs(ino):
+            if name.startswith(_OVERLAY_PREFIXES):
+                _apply_overlay_xattr(node, name, value)
+            else:
+                xattrs[name] = value
     return node
 
 
@@ -457,7 +458,7 @@ def _read_tree(data: bytes, filters: frozenset[bytes] | None) -> Node:
             node = by_nid[nid] = _make_node(image, ino)
         if parents:
             parents[-1].children[name] = node
-        if ino is not None and ino.is_dir:
+        if ino is not None and ino.ftype == stat.S_IFDIR:
             parents.append(node)
     return parents[0]
 
@@ -487,7 +488,8 @@ def _collect_objects(data: bytes, filters: frozenset[bytes] | None) -> list[byte
             continue
         node = Node(mode=ino.mode)
         for name, value in image.xattrs(ino):
-            _apply_xattr(node, name, value)
+            if name.startswith(_OVERLAY_PREFIXES):
+                _apply_overlay_xattr(node, name, value)
         if node.payload is not None and stat.S_ISREG(node.mode):
             objects.add(node.payload)
     return sorted(objects)
