@@ -71,7 +71,8 @@ class ScanStats:
     bytes: int = 0
     #: regular files over INLINE_MAX bytes (backed by an object)
     external: int = 0
-    #: distinct objects this scan wrote into the store, and the other external files
+    #: with a store, when the scan ends: distinct objects this scan wrote into it,
+    #: and the other external files (already there, or the same content again)
     objects_created: int = 0
     objects_deduped: int = 0
 
@@ -166,8 +167,9 @@ class _Walker:
                 for fut in inflight:
                     fut.cancel()
                 pool.shutdown(wait=True)
-        self.stats.objects_created = len(self.created)
-        self.stats.objects_deduped = self.stats.external - self.stats.objects_created
+        if self.store is not None:
+            self.stats.objects_created = len(self.created)
+            self.stats.objects_deduped = self.stats.external - self.stats.objects_created
         return root
 
     def _list(
