@@ -1,0 +1,44 @@
+"""The event journal: append-only events with a hash chain, manifests, the
+projection of the store's live state, verification and read-only audit.
+
+It knows nothing of composefs: images are names and digests, manifests are
+lists of (object id, size). ``docs/journal.md`` documents the public schema.
+"""
+
+from .audit import AuditResult, query as audit_query, readonly
+from .errors import (
+    AuditRefused,
+    ChainBroken,
+    JournalCorruptError,
+    JournalError,
+    JournalVersionError,
+    ManifestConflict,
+    ProjectionError,
+)
+from .invariants import check_invariants
+from .log import Event, Journal, Writer, canonical, chain_hash, default_actor
+from .projection import APPLY, known_kind
+from .schema import SCHEMA_VERSION
+
+__all__ = [
+    "APPLY",
+    "SCHEMA_VERSION",
+    "AuditRefused",
+    "AuditResult",
+    "ChainBroken",
+    "Event",
+    "Journal",
+    "JournalCorruptError",
+    "JournalError",
+    "JournalVersionError",
+    "ManifestConflict",
+    "ProjectionError",
+    "Writer",
+    "audit_query",
+    "canonical",
+    "chain_hash",
+    "check_invariants",
+    "default_actor",
+    "known_kind",
+    "readonly",
+]

@@ -1,0 +1,54 @@
+"""Exceptions of the journal layer.
+
+The Store maps them onto ``aptlayer.errors`` (one exit code per kind); they
+carry the data a caller needs (a sequence number, a version) as attributes.
+"""
+
+from __future__ import annotations
+
+
+class JournalError(Exception):
+    """Base class of every journal failure."""
+
+
+class JournalVersionError(JournalError):
+    """The journal was written by a newer apt-layer; nothing was touched."""
+
+    def __init__(self, message: str, found: int, supported: int, unknown_features: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.found = found
+        self.supported = supported
+        self.unknown_features = unknown_features
+
+
+class JournalCorruptError(JournalError):
+    """The file is not a readable SQLite database."""
+
+
+class ProjectionError(JournalError):
+    """An event does not fit the projected state (e.g. creating a name that is live).
+
+    Raised inside the event's SQLite transaction, so the event is not recorded.
+    """
+
+    def __init__(self, message: str, seq: int | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.seq = seq
+        self.kind = kind
+
+
+class ManifestConflict(JournalError):
+    """An image digest was given a manifest different from the one on record."""
+
+
+class ChainBroken(JournalError):
+    """``verify`` found the first event (by sequence number) that was altered."""
+
+    def __init__(self, seq: int, reason: str):
+        super().__init__(f"journal chain broken at seq {seq}: {reason}")
+        self.seq = seq
+        self.reason = reason
+
+
+class AuditRefused(JournalError):
+    """An audit query tried something other than reading."""

@@ -1,0 +1,404 @@
+"""The event log: append with a blake3 hash chain, manifests, verify, replay.
+
+Each event row is hashed as ``blake3(previous hash || canonical row)``: the
+previous hash as 32 raw bytes (32 zero bytes before the first event), the
+row as the compact, sorted-key, UTF-8 JSON object
+``{"actor", "at", "data", "kind", "seq", "subject", "tx"}``. The ``data`` and
+``actor`` columns hold exactly the canonical JSON of their values, so the
+canonical row is assembled from the stored text and any edit of it, even a
+re-spacing, breaks the chain.
+
+An append runs in ``BEGIN IMMEDIATE``: the write lock is taken before the last
+hash is read, so concurrent writers queue (``busy_timeout``) instead of
+forking the chain, and the event, its manifest and the projection change
+commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pwd
+import socket
+import sqlite3
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import blake3
+
+from ..names import boot_id
+from . import projection, schema
+from .errors import ChainBroken, JournalError, ManifestConflict, ProjectionError
+from .invariants import check_invariants
+
+GENESIS = "00" * 32
+Manifest = Iterable[tuple[str, int]]
+
+
+def canonical(value: object) -> str:
+    """The canonical JSON text of a value: compact, sorted keys, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def chain_hash(prev: str, seq: int, at: str, tx: str, kind: str, subject: str, data: str, actor: str) -> str:
+    """Hash of one row given the previous hash and the stored ``data``/``actor`` text."""
+    row = (
+        f'{{"actor":{actor},"at":{canonical(at)},"data":{data},"kind":{canonical(kind)},'
+        f'"seq":{seq},"subject":{canonical(subject)},"tx":{canonical(tx)}}}'
+    )
+    return blake3.blake3(bytes.fromhex(prev) + row.encode("utf-8")).hexdigest()
+
+
+def utc_now() -> str:
+    """UTC ISO-8601 with microseconds, e.g. ``2026-11-25T17:54:44.123456Z``."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@functools.cache
+def _host_facts() -> dict:
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return {"uid": uid, "user": user, "host": socket.gethostname(), "boot_id": boot_id()}
+
+
+def default_actor() -> dict:
+    """Who is acting: uid, user, pid, argv, host, boot id."""
+    return {**_host_facts(), "pid": os.getpid(), "argv": list(sys.argv)}
+
+
+def manifest_rows(manifest: Manifest) -> tuple[list[tuple[str, int]], str]:
+    """Sorted unique (object, size) rows and their hash (blake3 of their canonical JSON)."""
+    sizes: dict[str, int] = {}
+    for obj, size in manifest:
+        if sizes.setdefault(obj, size) != size:
+            raise ManifestConflict(f"object {obj} listed with sizes {sizes[obj]} and {size}")
+    rows = sorted(sizes.items())
+    return rows, blake3.blake3(canonical(rows).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    at: str
+    tx: str
+    kind: str
+    subject: str
+    data: dict
+    actor: dict
+    hash: str
+
+    @classmethod
+    def from_row(cls, row: tuple) -> Event:
+        seq, at, tx, kind, subject, data, actor, hash_ = row
+        return cls(seq, at, tx, kind, subject, json.loads(data), json.loads(actor), hash_)
+
+
+_COLUMNS = "seq, at, tx, kind, subject, data, actor, hash"
+
+
+class Writer:
+    """Appends events inside one open SQLite write transaction (see Journal.transaction)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def append(
+        self,
+        kind: str,
+        subject: str,
+        data: dict,
+        tx: str,
+        actor: dict | None = None,
+        manifest: Manifest | None = None,
+    ) -> Event:
+        """Record one event (and its manifest) and apply it to the projection.
+
+        With ``manifest``, ``data["digest"]`` names the image and
+        ``data["manifest"]`` is set to the manifest's hash, so the chain also
+        protects the manifest rows.
+        """
+        conn = self._conn
+        if not projection.known_kind(kind):
+            raise ProjectionError(f"unknown event kind {kind!r}", kind=kind)
+        last = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+        rows: list[tuple[str, int]] | None = None
+        if manifest is not None:
+            rows, mhash = manifest_rows(manifest)
+            data = {**data, "manifest": mhash}
+        at = utc_now()
+        data_text = canonical(data)
+        actor_value = {**default_actor(), **(actor or {})}
+        actor_text = canonical(actor_value)
+        digest = chain_hash(prev, seq, at, tx, kind, subject, data_text, actor_text)
+        conn.execute(
+            f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, at, tx, kind, subject, data_text, actor_text, digest),
+        )
+        if rows is not None:
+            self._record_manifest(data, rows, seq)
+        event = Event(seq, at, tx, kind, subject, json.loads(data_text), actor_value, digest)
+        projection.apply(conn, event)
+        return event
+
+    def _record_manifest(self, data: dict, rows: list[tuple[str, int]], seq: int) -> None:
+        image = data.get("digest")
+        if not isinstance(image, str):
+            raise JournalError("an event with a manifest needs data['digest']")
+        known = self._conn.execute("SELECT hash FROM images_manifest WHERE digest = ?", (image,)).fetchone()
+        if known is not None:
+            if known[0] != data["manifest"]:
+                raise ManifestConflict(f"image {image}: manifest differs from the one recorded")
+            return
+        self._conn.execute(
+            "INSERT INTO images_manifest (digest, seq, objects, size, hash) VALUES (?, ?, ?, ?, ?)",
+            (image, seq, len(rows), sum(size for _, size in rows), data["manifest"]),
+        )
+        self._conn.executemany(
+            "INSERT INTO image_objects (digest, object, size) VALUES (?, ?, ?)",
+            ((image, obj, size) for obj, size in rows),
+        )
+
+    def commit_tx(self, tx: str, actor: dict | None = None) -> list[Event]:
+        """Make every staged operation of ``tx`` effective, then record ``tx.committed``.
+
+        Staged creates become ``image.created``, staged deletes
+        ``image.deleted`` and staged deploys ``deployed``, in staging order.
+        """
+        ops = self._conn.execute(
+            "SELECT op, name, digest, data FROM tx_ops WHERE tx = ? AND effective_seq IS NULL ORDER BY seq",
+            (tx,),
+        ).fetchall()
+        events = []
+        for op, name, digest, data in ops:
+            if op == "create":
+                events.append(self.append("image.created", name, json.loads(data), tx, actor))
+            elif op == "delete":
+                events.append(self.append("image.deleted", name, {"digest": digest}, tx, actor))
+            else:
+                row = self._conn.execute("SELECT image, digest FROM deployments WHERE slot = 'current'").fetchone()
+                previous = {"image": row[0], "digest": row[1]} if row else None
+                body = {"current": {"image": name, "digest": digest}, "previous": previous}
+                events.append(self.append("deployed", name, body, tx, actor))
+        events.append(self.append("tx.committed", tx, {"ops": len(ops)}, tx, actor))
+        return events
+
+
+class Journal:
+    """The journal file: events, manifests, projection. ``Journal.open(path)``."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str):
+        self.conn = conn
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Journal:
+        return cls(schema.connect(path), os.fspath(path))
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- writing ----------------------------------------------------------
+
+    @contextmanager
+    def transaction(self) -> Iterator[Writer]:
+        """One SQLite write transaction for several events: all or none commit."""
+        if self.conn.in_transaction:
+            raise JournalError("a journal transaction is already open on this connection")
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield Writer(self.conn)
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def append(
+        self,
+        kind: str,
+        subject: str,
+        data: dict,
+        tx: str,
+        actor: dict | None = None,
+        manifest: Manifest | None = None,
+    ) -> Event:
+        """Append one event in its own SQLite transaction (see Writer.append)."""
+        with self.transaction() as w:
+            return w.append(kind, subject, data, tx, actor, manifest)
+
+    def commit_tx(self, tx: str, actor: dict | None = None) -> list[Event]:
+        """Commit an explicit transaction in one SQLite transaction (see Writer.commit_tx)."""
+        with self.transaction() as w:
+            return w.commit_tx(tx, actor)
+
+    # --- reading the log --------------------------------------------------
+
+    def events(
+        self,
+        subject: str | None = None,
+        kind: str | None = None,
+        tx: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        newest_first: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[Event]:
+        """Events matching every filter given.
+
+        ``kind`` may end in ``*`` to match a family (``recover.*``); ``since``
+        and ``until`` are inclusive bounds on ``at``, as ISO-8601 UTC strings
+        or prefixes of one (``until="2026-11-25"`` includes that whole day).
+        """
+        where, params = [], []
+        for column, value in (("subject", subject), ("tx", tx)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if kind is not None:
+            where.append("kind GLOB ?" if kind.endswith("*") else "kind = ?")
+            params.append(kind)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("substr(at, 1, length(?)) <= ?")
+            params += [until, until]
+        sql = f"SELECT {_COLUMNS} FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        for row in self.conn.execute(sql, params):
+            yield Event.from_row(row)
+
+    def last_seq(self) -> int:
+        return self.conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+
+    def verify(self) -> int:
+        """Recompute the chain and the manifest hashes; return the number of events.
+
+        Raises ChainBroken naming the first bad seq: a row whose hash does not
+        follow (edited, reordered, inserted), a gap (deleted), a tail missing
+        behind the projection's ``applied_seq`` (truncated), or the event
+        that introduced a manifest whose rows were altered.
+        """
+        prev, expected = GENESIS, 1
+        for seq, at, tx, kind, subject, data, actor, digest in self.conn.execute(
+            f"SELECT {_COLUMNS} FROM events ORDER BY seq"
+        ):
+            if seq != expected:
+                raise ChainBroken(expected, f"event missing (next stored event is {seq})")
+            if chain_hash(prev, seq, at, tx, kind, subject, data, actor) != digest:
+                raise ChainBroken(seq, "hash does not match: event edited, reordered or inserted")
+            prev, expected = digest, expected + 1
+        applied, applied_hash = self.conn.execute("SELECT applied_seq, applied_hash FROM meta").fetchone()
+        if applied >= expected:
+            raise ChainBroken(expected, f"events missing: the projection was applied up to seq {applied}")
+        if applied == expected - 1 and applied > 0 and applied_hash != prev:
+            raise ChainBroken(applied, "last event differs from the one the projection applied")
+        self._verify_manifests()
+        return expected - 1
+
+    def _verify_manifests(self) -> None:
+        recorded = self.conn.execute(
+            "SELECT m.digest, m.seq, m.hash, json_extract(e.data, '$.manifest') "
+            "FROM images_manifest AS m LEFT JOIN events AS e ON e.seq = m.seq"
+        ).fetchall()
+        for image, seq, mhash, event_hash in recorded:
+            rows = self.conn.execute(
+                "SELECT object, size FROM image_objects WHERE digest = ? ORDER BY object", (image,)
+            ).fetchall()
+            if manifest_rows(rows)[1] != mhash or mhash != event_hash:
+                raise ChainBroken(seq, f"manifest of image {image} altered")
+        stray = self.conn.execute(
+            "SELECT DISTINCT digest FROM image_objects WHERE digest NOT IN (SELECT digest FROM images_manifest)"
+        ).fetchone()
+        if stray is not None:
+            raise ChainBroken(self.last_seq(), f"objects listed for unrecorded image {stray[0]}")
+
+    # --- projection ---------------------------------------------------------
+
+    def rebuild(self) -> int:
+        """Drop the projection and replay every event; return how many."""
+        with self.transaction():
+            projection.clear(self.conn)
+            return self._replay(0)
+
+    def catch_up(self) -> int:
+        """Apply events past ``applied_seq``; one indexed read when up to date."""
+        if projection.applied_seq(self.conn) == self.last_seq():
+            return 0
+        with self.transaction():
+            applied, last = projection.applied_seq(self.conn), self.last_seq()
+            if applied > last:
+                raise ChainBroken(last + 1, f"events missing: the projection was applied up to seq {applied}")
+            return self._replay(applied)
+
+    def _replay(self, after: int) -> int:
+        count = 0
+        for row in self.conn.execute(f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,)):
+            projection.apply(self.conn, Event.from_row(row))
+            count += 1
+        return count
+
+    def check(self) -> list[str]:
+        """Invariant violations of the projection (empty when sound)."""
+        return check_invariants(self.conn)
+
+    # --- state queries for the Store ----------------------------------------
+
+    def image(self, name: str) -> dict | None:
+        """The live image ``name``: digest, size, created_seq, created_at, tx."""
+        row = self.conn.execute(
+            "SELECT digest, size, created_seq, created_at, tx FROM images WHERE name = ?", (name,)
+        ).fetchone()
+        return dict(zip(("digest", "size", "created_seq", "created_at", "tx"), row)) if row else None
+
+    def deployments(self) -> dict[str, dict]:
+        """``{"current": {"image", "digest"}, "previous": ...}`` for the slots that are set."""
+        return {
+            slot: {"image": image, "digest": digest}
+            for slot, image, digest in self.conn.execute("SELECT slot, image, digest FROM deployments")
+        }
+
+    def transaction_state(self, tx: str) -> str | None:
+        """'open', 'committed', 'aborted', or None for an unknown id."""
+        row = self.conn.execute("SELECT state FROM transactions WHERE id = ?", (tx,)).fetchone()
+        return row[0] if row else None
+
+    def staged_ops(self, tx: str) -> list[dict]:
+        """Operations staged in ``tx``, in order: seq, op, name, digest, data, effective_seq."""
+        return [
+            {"seq": s, "op": op, "name": n, "digest": d, "data": json.loads(data), "effective_seq": eff}
+            for s, op, n, d, data, eff in self.conn.execute(
+                "SELECT seq, op, name, digest, data, effective_seq FROM tx_ops WHERE tx = ? ORDER BY seq", (tx,)
+            )
+        ]
+
+    def manifest(self, digest: str) -> list[tuple[str, int]]:
+        """The (object, size) rows recorded for an image digest, sorted."""
+        return self.conn.execute(
+            "SELECT object, size FROM image_objects WHERE digest = ? ORDER BY object", (digest,)
+        ).fetchall()
+
+    def garbage(self) -> list[tuple[str, int]]:
+        """Objects whose refcount reached 0 and that no ``gc.swept`` removed yet."""
+        return self.conn.execute("SELECT object, size FROM object_refs WHERE refcount = 0 ORDER BY object").fetchall()
+
+    def is_referenced(self, obj: str) -> bool:
+        row = self.conn.execute("SELECT refcount FROM object_refs WHERE object = ?", (obj,)).fetchone()
+        return bool(row and row[0] > 0)

@@ -1,0 +1,434 @@
+"""The projection: the journal's events folded into the store's live state.
+
+Every event is applied by ``apply(conn, event)`` inside the SQLite
+transaction that appends it, so the projection is never behind a committed
+event. ``rebuild`` replays the whole log from events and manifests alone and
+must give exactly the same tables (the property test checks it).
+
+Reference counting. A *root* is something that keeps an image digest alive:
+
+    image:NAME               a live image
+    staged:TX:NAME           an image staged by an open transaction
+    deploy:current           the current deployment
+    deploy:previous          the previous deployment (what rollback returns to)
+    mount:MOUNTPOINT         a mount in state 'mounted'
+
+``object_refs.refcount`` of an object is the number of *distinct digests*
+held by at least one root whose manifest lists the object. Counting digests
+rather than roots makes deploying, mounting or renaming an image that is
+already held O(1): object rows change only when a digest gains its first root
+or loses its last one. An object whose refcount drops to 0 keeps its row
+(the incremental gc's work list) until ``gc.swept`` removes zero rows.
+
+A deleted image that is still deployed or mounted keeps its digest held
+through those roots, so its objects stay referenced until it is undeployed
+(by a later deploy that pushes it out of both slots) or unmounted.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .errors import ProjectionError
+
+if TYPE_CHECKING:
+    from .log import Event
+
+TABLES: dict[str, str] = {
+    "meta": """CREATE TABLE meta (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        applied_seq INTEGER NOT NULL,
+        applied_hash TEXT NOT NULL)""",
+    "images": """CREATE TABLE images (
+        name TEXT PRIMARY KEY,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_seq INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        tx TEXT NOT NULL)""",
+    "roots": """CREATE TABLE roots (
+        holder TEXT PRIMARY KEY,
+        digest TEXT NOT NULL)""",
+    "object_refs": """CREATE TABLE object_refs (
+        object TEXT PRIMARY KEY,
+        refcount INTEGER NOT NULL CHECK (refcount >= 0),
+        size INTEGER NOT NULL) WITHOUT ROWID""",
+    "deployments": """CREATE TABLE deployments (
+        slot TEXT PRIMARY KEY CHECK (slot IN ('current', 'previous')),
+        image TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        seq INTEGER NOT NULL)""",
+    "mounts": """CREATE TABLE mounts (
+        mountpoint TEXT PRIMARY KEY,
+        image TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        boot_id TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('mounted', 'lost')),
+        seq INTEGER NOT NULL)""",
+    "transactions": """CREATE TABLE transactions (
+        id TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('open', 'committed', 'aborted')),
+        explicit INTEGER NOT NULL,
+        begun_seq INTEGER NOT NULL,
+        begun_at TEXT NOT NULL,
+        ended_seq INTEGER,
+        ended_at TEXT)""",
+    "tx_ops": """CREATE TABLE tx_ops (
+        seq INTEGER PRIMARY KEY,
+        tx TEXT NOT NULL,
+        op TEXT NOT NULL CHECK (op IN ('create', 'delete', 'deploy')),
+        name TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        data TEXT NOT NULL,
+        effective_seq INTEGER)""",
+}
+
+INDEXES: tuple[str, ...] = (
+    "CREATE INDEX roots_digest ON roots(digest)",
+    "CREATE INDEX object_refs_garbage ON object_refs(object) WHERE refcount = 0",
+    "CREATE INDEX tx_ops_tx ON tx_ops(tx, op, name)",
+)
+
+INFO_PREFIXES = ("recover.", "drift.")
+
+
+def create(conn: sqlite3.Connection) -> None:
+    """Create the projection's tables, empty, at ``applied_seq`` 0."""
+    for ddl in TABLES.values():
+        conn.execute(ddl)
+    for ddl in INDEXES:
+        conn.execute(ddl)
+    conn.execute("INSERT INTO meta (id, applied_seq, applied_hash) VALUES (1, 0, '')")
+
+
+def applied_seq(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT applied_seq FROM meta").fetchone()[0]
+
+
+# --- roots and refcounts -------------------------------------------------
+
+_HOLD_OBJECTS = """
+    INSERT INTO object_refs (object, refcount, size)
+    SELECT object, 1, size FROM image_objects WHERE digest = ? AND true
+    ON CONFLICT (object) DO UPDATE SET refcount = refcount + 1"""
+
+_RELEASE_OBJECTS = """
+    UPDATE object_refs SET refcount = refcount - 1
+    WHERE object IN (SELECT object FROM image_objects WHERE digest = ?)"""
+
+
+def _holders(conn: sqlite3.Connection, digest: str) -> int:
+    return conn.execute("SELECT count(*) FROM roots WHERE digest = ?", (digest,)).fetchone()[0]
+
+
+def _set_root(conn: sqlite3.Connection, holder: str, digest: str | None) -> None:
+    """Point ``holder`` at ``digest`` (None removes it), adjusting refcounts.
+
+    The new digest is held before the old one is released, so moving a root
+    between two digests that stay held touches no object row.
+    """
+    row = conn.execute("SELECT digest FROM roots WHERE holder = ?", (holder,)).fetchone()
+    old = row[0] if row else None
+    if old == digest:
+        return
+    if digest is not None:
+        if conn.execute("SELECT 1 FROM images_manifest WHERE digest = ?", (digest,)).fetchone() is None:
+            raise ProjectionError(f"{holder}: no manifest recorded for image digest {digest}")
+        conn.execute(
+            "INSERT INTO roots (holder, digest) VALUES (?, ?) "
+            "ON CONFLICT (holder) DO UPDATE SET digest = excluded.digest",
+            (holder, digest),
+        )
+        if _holders(conn, digest) == 1:
+            conn.execute(_HOLD_OBJECTS, (digest,))
+    else:
+        conn.execute("DELETE FROM roots WHERE holder = ?", (holder,))
+    if old is not None and _holders(conn, old) == 0:
+        conn.execute(_RELEASE_OBJECTS, (old,))
+
+
+# --- helpers over the state -----------------------------------------------
+
+
+def _image_digest(conn: sqlite3.Connection, name: str) -> str | None:
+    row = conn.execute("SELECT digest FROM images WHERE name = ?", (name,)).fetchone()
+    return row[0] if row else None
+
+
+def _open_tx(conn: sqlite3.Connection, ev: Event) -> bool:
+    """True if the event's tx is open; False if unknown. A closed tx is refused."""
+    row = conn.execute("SELECT state FROM transactions WHERE id = ?", (ev.tx,)).fetchone()
+    if row is None:
+        return False
+    if row[0] != "open":
+        raise ProjectionError(f"transaction {ev.tx} is {row[0]}", ev.seq, ev.kind)
+    return True
+
+
+def _require_open_tx(conn: sqlite3.Connection, ev: Event) -> None:
+    if not _open_tx(conn, ev):
+        raise ProjectionError(f"transaction {ev.tx} was never begun", ev.seq, ev.kind)
+
+
+def _pending(conn: sqlite3.Connection, tx: str, op: str, name: str) -> int | None:
+    row = conn.execute(
+        "SELECT seq FROM tx_ops WHERE tx = ? AND op = ? AND name = ? AND effective_seq IS NULL",
+        (tx, op, name),
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _settle(conn: sqlite3.Connection, ev: Event, op: str, name: str) -> None:
+    """Mark the pending staged ``op`` of ``name`` in the event's open tx as effective."""
+    if not _open_tx(conn, ev):
+        return
+    staged = _pending(conn, ev.tx, op, name)
+    if staged is not None:
+        conn.execute("UPDATE tx_ops SET effective_seq = ? WHERE seq = ?", (ev.seq, staged))
+        if op == "create":
+            _set_root(conn, f"staged:{ev.tx}:{name}", None)
+
+
+def _slot(conn: sqlite3.Connection, slot: str) -> dict | None:
+    row = conn.execute("SELECT image, digest FROM deployments WHERE slot = ?", (slot,)).fetchone()
+    return {"image": row[0], "digest": row[1]} if row else None
+
+
+def _fail(ev: Event, message: str) -> ProjectionError:
+    return ProjectionError(f"{ev.kind} {ev.subject!r} (seq {ev.seq}): {message}", ev.seq, ev.kind)
+
+
+# --- apply functions, one per event kind ---------------------------------
+
+
+def _tx_begun(conn: sqlite3.Connection, ev: Event) -> None:
+    if ev.subject != ev.tx:
+        raise _fail(ev, "subject must be the transaction id")
+    if conn.execute("SELECT 1 FROM transactions WHERE id = ?", (ev.tx,)).fetchone():
+        raise _fail(ev, "transaction id already used")
+    conn.execute(
+        "INSERT INTO transactions (id, state, explicit, begun_seq, begun_at) VALUES (?, 'open', ?, ?, ?)",
+        (ev.tx, int(bool(ev.data.get("explicit", False))), ev.seq, ev.at),
+    )
+
+
+def _tx_end(conn: sqlite3.Connection, ev: Event, state: str) -> None:
+    if ev.subject != ev.tx:
+        raise _fail(ev, "subject must be the transaction id")
+    _require_open_tx(conn, ev)
+    done = "effective_seq IS NULL" if state == "committed" else "effective_seq IS NOT NULL"
+    left = conn.execute(f"SELECT op, name FROM tx_ops WHERE tx = ? AND {done}", (ev.tx,)).fetchall()
+    if left:
+        what = ", ".join(f"{op} {name}" for op, name in left)
+        if state == "committed":
+            raise _fail(ev, f"staged operations not made effective: {what}")
+        raise _fail(ev, f"operations already effective, cannot abort: {what}")
+    for (name,) in conn.execute(
+        "SELECT name FROM tx_ops WHERE tx = ? AND op = 'create' AND effective_seq IS NULL", (ev.tx,)
+    ).fetchall():
+        _set_root(conn, f"staged:{ev.tx}:{name}", None)
+    conn.execute(
+        "UPDATE transactions SET state = ?, ended_seq = ?, ended_at = ? WHERE id = ?",
+        (state, ev.seq, ev.at, ev.tx),
+    )
+
+
+def _tx_committed(conn: sqlite3.Connection, ev: Event) -> None:
+    _tx_end(conn, ev, "committed")
+
+
+def _tx_aborted(conn: sqlite3.Connection, ev: Event) -> None:
+    _tx_end(conn, ev, "aborted")
+
+
+def _stage(conn: sqlite3.Connection, ev: Event, op: str) -> None:
+    _require_open_tx(conn, ev)
+    name, digest = ev.subject, ev.data.get("digest")
+    if not isinstance(digest, str):
+        raise _fail(ev, "data.digest missing")
+    if _pending(conn, ev.tx, op, name) is not None:
+        raise _fail(ev, f"already staged in transaction {ev.tx}")
+    live = _image_digest(conn, name)
+    replaced = _pending(conn, ev.tx, "delete", name) is not None
+    creating = _pending(conn, ev.tx, "create", name) is not None
+    if op == "create" and live is not None and not replaced:
+        raise _fail(ev, "name is taken by a live image")
+    if op == "delete" and (live is None or creating):
+        raise _fail(ev, "no live image of that name")
+    if op == "deploy" and not (creating or (live == digest and not replaced)):
+        raise _fail(ev, "image is neither live nor staged in this transaction")
+    conn.execute(
+        "INSERT INTO tx_ops (seq, tx, op, name, digest, data) VALUES (?, ?, ?, ?, ?, ?)",
+        (ev.seq, ev.tx, op, name, digest, json.dumps(ev.data, sort_keys=True, separators=(",", ":"))),
+    )
+    if op == "create":
+        _set_root(conn, f"staged:{ev.tx}:{name}", digest)
+
+
+def _image_staged(conn: sqlite3.Connection, ev: Event) -> None:
+    _stage(conn, ev, "create")
+
+
+def _delete_staged(conn: sqlite3.Connection, ev: Event) -> None:
+    _stage(conn, ev, "delete")
+
+
+def _deploy_staged(conn: sqlite3.Connection, ev: Event) -> None:
+    _stage(conn, ev, "deploy")
+
+
+def _image_created(conn: sqlite3.Connection, ev: Event) -> None:
+    digest = ev.data.get("digest")
+    if not isinstance(digest, str):
+        raise _fail(ev, "data.digest missing")
+    if _image_digest(conn, ev.subject) is not None:
+        raise _fail(ev, "name is taken by a live image")
+    conn.execute(
+        "INSERT INTO images (name, digest, size, created_seq, created_at, tx) VALUES (?, ?, ?, ?, ?, ?)",
+        (ev.subject, digest, int(ev.data.get("size", 0)), ev.seq, ev.at, ev.tx),
+    )
+    _set_root(conn, f"image:{ev.subject}", digest)
+    _settle(conn, ev, "create", ev.subject)
+
+
+def _image_deleted(conn: sqlite3.Connection, ev: Event) -> None:
+    live = _image_digest(conn, ev.subject)
+    if live is None:
+        raise _fail(ev, "no live image of that name")
+    if ev.data.get("digest", live) != live:
+        raise _fail(ev, f"live image has digest {live}, not {ev.data['digest']}")
+    conn.execute("DELETE FROM images WHERE name = ?", (ev.subject,))
+    _set_root(conn, f"image:{ev.subject}", None)
+    _settle(conn, ev, "delete", ev.subject)
+
+
+def _set_deployments(conn: sqlite3.Connection, ev: Event) -> None:
+    for slot in ("current", "previous"):
+        target = ev.data[slot]
+        if target is None:
+            conn.execute("DELETE FROM deployments WHERE slot = ?", (slot,))
+            _set_root(conn, f"deploy:{slot}", None)
+        else:
+            conn.execute(
+                "INSERT OR REPLACE INTO deployments (slot, image, digest, seq) VALUES (?, ?, ?, ?)",
+                (slot, target["image"], target["digest"], ev.seq),
+            )
+            _set_root(conn, f"deploy:{slot}", target["digest"])
+
+
+def _deployed(conn: sqlite3.Connection, ev: Event) -> None:
+    current = ev.data.get("current")
+    if not isinstance(current, dict) or current.get("image") != ev.subject:
+        raise _fail(ev, "data.current must be {image: subject, digest}")
+    if _image_digest(conn, ev.subject) != current.get("digest"):
+        raise _fail(ev, "only a live image can be deployed")
+    if ev.data.get("previous") != _slot(conn, "current"):
+        raise _fail(ev, f"data.previous must be the current deployment {_slot(conn, 'current')}")
+    _set_deployments(conn, ev)
+    _settle(conn, ev, "deploy", ev.subject)
+
+
+def _rolled_back(conn: sqlite3.Connection, ev: Event) -> None:
+    before_current, before_previous = _slot(conn, "current"), _slot(conn, "previous")
+    if before_previous is None:
+        raise _fail(ev, "no previous deployment")
+    if ev.data.get("current") != before_previous or ev.data.get("previous") != before_current:
+        raise _fail(ev, "data must swap the current and previous deployments")
+    if ev.subject != before_previous["image"]:
+        raise _fail(ev, "subject must be the image rolled back to")
+    _set_deployments(conn, ev)
+
+
+def _mounted(conn: sqlite3.Connection, ev: Event) -> None:
+    mountpoint, digest = ev.data.get("mountpoint"), ev.data.get("digest")
+    if not isinstance(mountpoint, str) or not isinstance(digest, str):
+        raise _fail(ev, "data.mountpoint and data.digest are required")
+    row = conn.execute("SELECT state FROM mounts WHERE mountpoint = ?", (mountpoint,)).fetchone()
+    if row is not None and row[0] == "mounted":
+        raise _fail(ev, f"{mountpoint} is already mounted")
+    conn.execute(
+        "INSERT OR REPLACE INTO mounts (mountpoint, image, digest, boot_id, state, seq) "
+        "VALUES (?, ?, ?, ?, 'mounted', ?)",
+        (mountpoint, ev.subject, digest, str(ev.data.get("boot_id", "")), ev.seq),
+    )
+    _set_root(conn, f"mount:{mountpoint}", digest)
+
+
+def _mount_row(conn: sqlite3.Connection, ev: Event) -> tuple[str, str]:
+    mountpoint = ev.data.get("mountpoint")
+    row = conn.execute("SELECT mountpoint, state FROM mounts WHERE mountpoint = ?", (mountpoint,)).fetchone()
+    if row is None:
+        raise _fail(ev, f"nothing recorded as mounted at {mountpoint}")
+    return row[0], row[1]
+
+
+def _unmounted(conn: sqlite3.Connection, ev: Event) -> None:
+    mountpoint, _ = _mount_row(conn, ev)
+    conn.execute("DELETE FROM mounts WHERE mountpoint = ?", (mountpoint,))
+    _set_root(conn, f"mount:{mountpoint}", None)
+
+
+def _mount_lost(conn: sqlite3.Connection, ev: Event) -> None:
+    mountpoint, state = _mount_row(conn, ev)
+    if state != "mounted":
+        raise _fail(ev, f"{mountpoint} is already marked lost")
+    conn.execute("UPDATE mounts SET state = 'lost', seq = ? WHERE mountpoint = ?", (ev.seq, mountpoint))
+    _set_root(conn, f"mount:{mountpoint}", None)
+
+
+def _gc_swept(conn: sqlite3.Connection, ev: Event) -> None:
+    conn.execute("DELETE FROM object_refs WHERE refcount = 0")
+
+
+def _info(conn: sqlite3.Connection, ev: Event) -> None:
+    """Events recorded for the audit only (gc.begun, recover.*, drift.*)."""
+
+
+APPLY: dict[str, Callable[[sqlite3.Connection, "Event"], None]] = {
+    "tx.begun": _tx_begun,
+    "tx.committed": _tx_committed,
+    "tx.aborted": _tx_aborted,
+    "image.staged": _image_staged,
+    "delete.staged": _delete_staged,
+    "deploy.staged": _deploy_staged,
+    "image.created": _image_created,
+    "image.deleted": _image_deleted,
+    "deployed": _deployed,
+    "rolled-back": _rolled_back,
+    "mounted": _mounted,
+    "unmounted": _unmounted,
+    "mount.lost": _mount_lost,
+    "gc.begun": _info,
+    "gc.swept": _gc_swept,
+}
+
+
+def known_kind(kind: str) -> bool:
+    return kind in APPLY or (kind.startswith(INFO_PREFIXES) and kind not in INFO_PREFIXES)
+
+
+def apply(conn: sqlite3.Connection, ev: Event) -> None:
+    """Fold one event into the projection; the caller holds the write transaction.
+
+    Raises ProjectionError when the event does not fit the state, or is not
+    the next one after ``applied_seq``; the caller then rolls back.
+    """
+    if not known_kind(ev.kind):
+        raise ProjectionError(f"unknown event kind {ev.kind!r}", ev.seq, ev.kind)
+    moved = conn.execute(
+        "UPDATE meta SET applied_seq = ?, applied_hash = ? WHERE applied_seq = ?",
+        (ev.seq, ev.hash, ev.seq - 1),
+    ).rowcount
+    if moved != 1:
+        raise ProjectionError(f"event {ev.seq} applied out of order (applied_seq is {applied_seq(conn)})", ev.seq)
+    APPLY.get(ev.kind, _info)(conn, ev)
+
+
+def clear(conn: sqlite3.Connection) -> None:
+    """Empty every projection table and reset ``applied_seq`` to 0."""
+    for table in TABLES:
+        conn.execute(f"DELETE FROM {table}")
+    conn.execute("INSERT INTO meta (id, applied_seq, applied_hash) VALUES (1, 0, '')")
