@@ -286,6 +286,18 @@ class _Request:
         return self.upperdir is not None
 
 
+CAP_SYS_ADMIN = 21
+_NOT_ROOT = "mounting composefs needs root (CAP_SYS_ADMIN in the initial user namespace)"
+
+
+def _require_cap_sys_admin() -> None:
+    """Fail early, before any path is looked at, when the caller cannot mount at all."""
+    with open("/proc/self/status") as f:
+        caps = next((line.split()[1] for line in f if line.startswith("CapEff:")), "0")
+    if not int(caps, 16) >> CAP_SYS_ADMIN & 1:
+        raise MountError(errno.EPERM, _NOT_ROOT)
+
+
 def _existing_dir(path: StrPath, role: str) -> str:
     p = os.path.abspath(os.fspath(path))
     try:
@@ -311,6 +323,7 @@ def _request(
     readonly: bool,
     overmount: bool,
 ) -> _Request:
+    _require_cap_sys_admin()
     if verity not in ("off", "try", "require"):
         raise MountError(errno.EINVAL, f"verity must be 'off', 'try' or 'require', not {verity!r}")
     if not basedirs:
@@ -477,8 +490,7 @@ def _context(fstype: str, plan: _Plan) -> _FsContext:
         if e.errno == errno.ENOSYS:
             raise _Fallback(dataclasses.replace(plan, lower="tmpdir", api="legacy")) from None
         if e.errno == errno.EPERM:
-            raise MountError(errno.EPERM, "mounting composefs needs root (CAP_SYS_ADMIN in the initial "
-                             "user namespace)") from None
+            raise MountError(errno.EPERM, _NOT_ROOT) from None
         if e.errno == errno.ENODEV:
             raise MountError(errno.ENODEV, _no_fs_message(fstype)) from None
         raise MountError(e.errno, f"fsopen({fstype}): {e.strerror}") from None
@@ -532,7 +544,7 @@ def _erofs_failed(req: _Request, plan: _Plan, e: OSError, log: str = "") -> Exce
         return MountError(errno.EINVAL, f"{req.image} is not a valid composefs image: the kernel's erofs "
                           f"driver rejected it{detail}")
     if e.errno == errno.EPERM:
-        return MountError(errno.EPERM, "mounting composefs needs root (CAP_SYS_ADMIN)")
+        return MountError(errno.EPERM, _NOT_ROOT)
     if e.errno == errno.ENODEV:
         return MountError(errno.ENODEV, _no_fs_message("erofs"))
     return MountError(e.errno, f"mounting {req.image} as erofs failed: {e.strerror}{detail}")
@@ -642,7 +654,7 @@ def _overlay_failed(req: _Request, e: OSError, log: str = "") -> MountError:
     if e.errno == errno.ENODEV:
         return MountError(errno.ENODEV, _no_fs_message("overlay"))
     if e.errno == errno.EPERM:
-        return MountError(errno.EPERM, "mounting composefs needs root (CAP_SYS_ADMIN)")
+        return MountError(errno.EPERM, _NOT_ROOT)
     return MountError(e.errno, f"mounting the composefs overlay on {req.target} failed: {e.strerror}{detail}")
 
 
