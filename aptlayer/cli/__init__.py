@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a bug of ours: say so in one line, unless debugging
+        if os.environ.get("APT_LAYER_DEBUG"):
+            raise
+        click.echo(f"apt-layer: internal error: {type(e).__name__}: {e} "
+                   "(set APT_LAYER_DEBUG=1 for a traceback)", err=True)
+        return 70
     return rc if isinstance(rc, int) else 0
 
 
