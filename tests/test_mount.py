@@ -378,6 +378,25 @@ def test_failed_fallback_path_leaves_nothing(tmp_path: Path, mnt: Path, plan: st
     assert "not a valid composefs image" in str(exc.value)
 
 
+@pytest.mark.parametrize("plan", ["file-fd", "legacy", "legacy-no-data-only"])
+def test_basedir_with_separators_in_its_name(vectors: Path, tmp_path: Path, mnt: Path, plan: str) -> None:
+    """fsconfig takes the path as is; the legacy option string must escape ``,`` and ``:``."""
+    odd = tmp_path / "objects, a:b\\c"
+    shutil.copytree(OBJECTS, odd)
+    cfsmount._mount(_request(image("sizes"), mnt, [odd]), PLANS[plan])
+    try:
+        options = composefs_mount(mnt).super_options
+        if plan == "file-fd":
+            assert f"datadir+={odd}" in options
+        else:
+            sep = "::" if PLANS[plan].data_only else ":"
+            [lower] = [o for o in options if o.startswith("lowerdir=")]
+            assert lower.endswith(sep + cfsmount._legacy_escape(str(odd)))
+        check_tree(mnt, dump_of("sizes"), objects=odd)
+    finally:
+        unmount(mnt)
+
+
 def test_this_kernel_takes_the_fd_path(vectors: Path, mnt: Path) -> None:
     assert cfsmount._mount(_request(image("xattrs"), mnt, [OBJECTS]), cfsmount._Plan()) == cfsmount._Plan()
     unmount(mnt)

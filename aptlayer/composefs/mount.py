@@ -41,8 +41,8 @@ import re
 import stat
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
@@ -78,8 +78,7 @@ _GENERIC_ARCHES = frozenset(
      "ppc64le", "ppc64", "s390x", "loongarch64"}
 )
 _ARCH_OFFSET = {"alpha": 110}
-_NR = {"open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
-       "mount_setattr": 442}
+_NR = {"move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "mount_setattr": 442}
 
 FSOPEN_CLOEXEC = 0x1
 FSMOUNT_CLOEXEC = 0x1
@@ -100,9 +99,16 @@ LOOP_CONFIGURE = 0x4C0A
 LO_FLAGS_READ_ONLY = 0x1
 LO_FLAGS_AUTOCLEAR = 0x4
 LO_FLAGS_DIRECT_IO = 0x10
-#: struct loop_config: fd, block_size, struct loop_info64 (232 bytes), 64 reserved
-_LOOP_CONFIG = struct.Struct("<II40xII4xI64s64s32s16x64x")
+#: struct loop_config: fd, block_size, then struct loop_info64 (device, inode,
+#: rdevice, offset, sizelimit; number, encrypt_type, encrypt_key_size, flags;
+#: file_name, crypt_name, encrypt_key, init[2]), then 64 reserved bytes
+_LOOP_CONFIG = struct.Struct("<II 5Q 4I 64s64s32s 2Q 64x")
 _LOOP_BLOCK_SIZE = 4096
+
+
+def _loop_config(image_fd: int) -> bytes:
+    flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO
+    return _LOOP_CONFIG.pack(image_fd, _LOOP_BLOCK_SIZE, 0, 0, 0, 0, 0, 0, 0, 0, flags, b"", b"", b"", 0, 0)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -164,7 +170,6 @@ class _FsContext:
     """An ``fsopen`` file system context: set parameters, create, mount detached."""
 
     def __init__(self, fstype: str) -> None:
-        self.fstype = fstype
         self.fd = _fsopen(fstype)
 
     def close(self) -> None:
@@ -249,7 +254,7 @@ class MountInfo:
 
 
 def mount_info(pid: int | str = "self") -> list[MountInfo]:
-    """The mounts visible to a process, in mountinfo order (parents first)."""
+    """The mounts in a process's mount namespace, in the kernel's order."""
     with open(f"/proc/{pid}/mountinfo", "rb") as f:
         return [MountInfo.parse(line) for line in f if line.strip()]
 
@@ -335,6 +340,8 @@ def _request(
     target_dir = _existing_dir(target, "mount point")
     if not overmount and is_mounted(target_dir):
         raise MountError(errno.EBUSY, f"{target_dir} is already a mount point; unmount it first or pass overmount=True")
+    if digest is not None and verity == "off":
+        verity = "require"  # a trusted image is worth little if its objects are not checked
     return _Request(
         image=os.path.abspath(os.fspath(image)),
         target=os.path.realpath(target_dir),
@@ -514,11 +521,8 @@ def _attach_loop(image_fd: int, stack: ExitStack) -> str:
             n = fcntl.ioctl(ctl.fileno(), LOOP_CTL_GET_FREE)
             path = f"/dev/loop{n}"
             loop_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            config = _LOOP_CONFIG.pack(image_fd, _LOOP_BLOCK_SIZE, 0, 0,
-                                       LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO,
-                                       b"", b"", b"")
             try:
-                fcntl.ioctl(loop_fd, LOOP_CONFIGURE, config)
+                fcntl.ioctl(loop_fd, LOOP_CONFIGURE, _loop_config(image_fd))
             except OSError as e:
                 os.close(loop_fd)
                 if e.errno == errno.EBUSY:
@@ -576,18 +580,17 @@ def _idmap(mnt: int, req: _Request, stack: ExitStack) -> None:
 
 def _erofs_new(req: _Request, image_fd: int, has_acl: bool, plan: _Plan, stack: ExitStack) -> int:
     """Mount the image as erofs, detached; returns the mount fd."""
+    source = _erofs_source(image_fd, plan, stack)
     ctx = _context("erofs", plan)
     stack.callback(ctx.close)
     try:
-        ctx.string("source", _erofs_source(image_fd, plan, stack))
+        ctx.string("source", source)
         ctx.flag("ro")
         if not has_acl:
             ctx.flag("noacl")
         ctx.create()
         mnt = ctx.mount(MOUNT_ATTR_RDONLY)
     except OSError as e:
-        if isinstance(e, MountError):
-            raise
         raise _erofs_failed(req, plan, e, ctx.log()) from None
     stack.callback(os.close, mnt)
     _idmap(mnt, req, stack)
@@ -666,12 +669,22 @@ def _overlay_param(ctx: _FsContext, key: str, value: str, req: _Request) -> None
         if key == "datadir+" and e.errno == errno.EINVAL:
             raise MountError(errno.EINVAL, "this kernel's overlayfs has no data-only lower layers "
                              f"('datadir+' rejected; needs Linux 6.5+){f' ({log})' if log else ''}") from None
-        if key == "verity" and e.errno == errno.EINVAL:
-            raise MountError(errno.EINVAL, "this kernel's overlayfs has no 'verity' option (Linux 6.6+)") from None
         if e.errno == errno.ENOENT:
             raise MountError(errno.ENOENT, f"overlay {key.rstrip('+')} {value} does not exist") from None
         raise MountError(e.errno or errno.EIO, f"overlay option {key}={value}: {e.strerror}"
                          f"{f' ({log})' if log else ''}") from None
+
+
+def _overlay_verity(ctx: _FsContext, req: _Request) -> None:
+    """``verity=require``; with ``verity="try"`` an overlayfs without that option is fine."""
+    try:
+        ctx.string("verity", "require")
+    except OSError as e:
+        ctx.log()
+        if e.errno != errno.EINVAL:
+            raise _overlay_failed(req, e) from None
+        if req.verity == "require":
+            raise MountError(errno.EINVAL, "this kernel's overlayfs has no 'verity' option (Linux 6.6+)") from None
 
 
 def _overlay_lower(ctx: _FsContext, req: _Request, erofs: int, plan: _Plan, stack: ExitStack) -> None:
@@ -710,7 +723,7 @@ def _overlay_new(req: _Request, erofs: int, plan: _Plan, verity: bool, stack: Ex
     _overlay_param(ctx, "metacopy", "on", req)
     _overlay_param(ctx, "redirect_dir", "on", req)
     if verity:
-        _overlay_param(ctx, "verity", "require", req)
+        _overlay_verity(ctx, req)
     _overlay_lower(ctx, req, erofs, plan, stack)
     for basedir in req.basedirs:
         _overlay_param(ctx, "datadir+", basedir, req)
@@ -721,6 +734,10 @@ def _overlay_new(req: _Request, erofs: int, plan: _Plan, verity: bool, stack: Ex
         ctx.create()
         mnt = ctx.mount(MOUNT_ATTR_RDONLY if req.readonly else 0)
     except OSError as e:
+        if e.errno == errno.EINVAL and plan.lower == "fd":
+            # a kernel may take layer fds yet refuse to stack on a detached
+            # mount; a directory is the way mount.composefs always goes
+            raise _Fallback(dataclasses.replace(plan, lower="tmpdir")) from None
         raise _overlay_failed(req, e, ctx.log()) from None
     stack.callback(os.close, mnt)
     try:
@@ -773,7 +790,8 @@ def mount(
 
     The options are those of ``mount.composefs``: ``basedirs`` are searched
     in order for each object; ``digest`` is the hex fs-verity digest the
-    image file must have; ``verity="require"`` makes overlayfs check every
+    image file must have, and implies ``verity="require"`` as in
+    ``mount.composefs``; ``verity="require"`` makes overlayfs check every
     object against the digest recorded in the image, ``"try"`` does so only
     where the stores support fs-verity; ``upperdir``/``workdir`` make the
     mount writable; ``idmap`` is a user namespace file (``/proc/PID/ns/user``)
@@ -821,12 +839,3 @@ def _topmost(mounts: list[MountInfo]) -> MountInfo:
     parents = {m.parent_id for m in mounts}
     return next((m for m in mounts if m.mount_id not in parents), mounts[-1])
 
-
-@contextmanager
-def mounted(image: StrPath, target: StrPath, basedirs: Sequence[StrPath], **options: object) -> Iterator[str]:
-    """``mount`` for the duration of a ``with`` block; yields the mount point."""
-    mount(image, target, basedirs, **options)  # type: ignore[arg-type]
-    try:
-        yield os.path.realpath(os.fspath(target))
-    finally:
-        unmount(target)
