@@ -332,14 +332,17 @@ def _request(
     if verity not in ("off", "try", "require"):
         raise MountError(errno.EINVAL, f"verity must be 'off', 'try' or 'require', not {verity!r}")
     if not basedirs:
-        raise MountError(errno.EINVAL, "no basedir given: a composefs mount needs at least one object directory")
+        raise MountError(errno.EINVAL,
+                         "no basedir given: a composefs mount needs at least one object directory")
     if (upperdir is None) != (workdir is None):
         raise MountError(errno.EINVAL, "upperdir and workdir must be given together")
     if digest is not None and not re.fullmatch(r"[0-9a-fA-F]{64}|[0-9a-fA-F]{128}", digest):
-        raise MountError(errno.EINVAL, f"digest {digest!r} is not a hex fs-verity digest (64 or 128 hex digits)")
+        raise MountError(errno.EINVAL,
+                         f"digest {digest!r} is not a hex fs-verity digest (64 or 128 hex digits)")
     target_dir = _existing_dir(target, "mount point")
     if not overmount and is_mounted(target_dir):
-        raise MountError(errno.EBUSY, f"{target_dir} is already a mount point; unmount it first or pass overmount=True")
+        raise MountError(errno.EBUSY,
+                         f"{target_dir} is already a mount point; unmount it first or pass overmount=True")
     if digest is not None and verity == "off":
         verity = "require"  # a trusted image is worth little if its objects are not checked
     return _Request(
@@ -527,7 +530,8 @@ def _attach_loop(image_fd: int, stack: ExitStack) -> str:
                 os.close(loop_fd)
                 if e.errno == errno.EBUSY:
                     continue
-                raise MountError(e.errno, f"cannot set up a loop device for the image: {e.strerror}") from None
+                raise MountError(e.errno,
+                                 f"cannot set up a loop device for the image: {e.strerror}") from None
             stack.callback(os.close, loop_fd)
             return path
     raise MountError(errno.EBUSY, "no free loop device for the image")
@@ -574,7 +578,8 @@ def _idmap(mnt: int, req: _Request, stack: ExitStack) -> None:
     try:
         _set_idmap(mnt, userns)
     except OSError as e:
-        hint = " (is it a user namespace with a uid and gid map?)" if e.errno in (errno.EINVAL, errno.EPERM) else ""
+        not_userns = e.errno in (errno.EINVAL, errno.EPERM)
+        hint = " (is it a user namespace with a uid and gid map?)" if not_userns else ""
         raise MountError(e.errno, f"idmap={req.idmap}: {e.strerror}{hint}") from None
 
 
@@ -635,7 +640,8 @@ def _legacy_options(req: _Request, lower: str, plan: _Plan, verity: bool) -> str
     if verity:
         opts.append("verity=require")
     if req.writable:
-        opts += [f"upperdir={_legacy_escape(req.upperdir or '')}", f"workdir={_legacy_escape(req.workdir or '')}"]
+        opts.append(f"upperdir={_legacy_escape(req.upperdir or '')}")
+        opts.append(f"workdir={_legacy_escape(req.workdir or '')}")
     return ",".join(opts)
 
 
@@ -684,7 +690,8 @@ def _overlay_verity(ctx: _FsContext, req: _Request) -> None:
         if e.errno != errno.EINVAL:
             raise _overlay_failed(req, e) from None
         if req.verity == "require":
-            raise MountError(errno.EINVAL, "this kernel's overlayfs has no 'verity' option (Linux 6.6+)") from None
+            raise MountError(errno.EINVAL,
+                             "this kernel's overlayfs has no 'verity' option (Linux 6.6+)") from None
 
 
 def _overlay_lower(ctx: _FsContext, req: _Request, erofs: int, plan: _Plan, stack: ExitStack) -> None:
@@ -822,13 +829,14 @@ def unmount(target: StrPath, *, lazy: bool = False) -> None:
         raise MountError(errno.EINVAL, f"{path} is not mounted")
     top = _topmost(mounts)
     if not top.is_composefs:
-        raise MountError(errno.EINVAL, f"{path} is not a composefs mount (it is {top.fstype} from {top.source})")
+        raise MountError(errno.EINVAL,
+                         f"{path} is not a composefs mount (it is {top.fstype} from {top.source})")
     try:
         _umount(path, MNT_DETACH if lazy else 0)
     except OSError as e:
         if e.errno == errno.EBUSY:
-            raise MountError(errno.EBUSY, f"{path} is busy: a process has files open or its working directory "
-                             "there (or pass lazy=True)") from None
+            raise MountError(errno.EBUSY, f"{path} is busy: a process has files open or its working "
+                             "directory there (or pass lazy=True)") from None
         if e.errno == errno.EPERM:
             raise MountError(errno.EPERM, "unmounting composefs needs root (CAP_SYS_ADMIN)") from None
         raise MountError(e.errno, f"unmounting {path} failed: {e.strerror}") from None
