@@ -45,6 +45,8 @@ MAX_DEPTH = 2048
 MIN_IMAGE_SIZE = fmt.BLOCK_SIZE
 #: longest symlink target (PATH_MAX - 1)
 MAX_SYMLINK_TARGET = 4095
+#: largest inline content of a regular file (the C library refuses more)
+MAX_INLINE_CONTENT = 5000
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -314,6 +316,7 @@ class _Image:
         yield 0, b"", root.nid, root
         seen: set[int] = {root.nid}
         dirs: set[int] = {root.nid}
+        stubs: set[int] = set()
         stack: list[Iterator[tuple[bytes, int]]] = [iter(self._children(root, filters))]
         while stack:
             depth = len(stack)
@@ -325,7 +328,12 @@ class _Image:
                     continue
                 ino = self.inode(nid)
                 if ino.ftype == stat.S_IFCHR and ino.u == 0:
-                    continue  # a whiteout stub
+                    # A whiteout stub: left out. Each has a single name, and
+                    # the C reader misbehaves when one is reached again.
+                    if nid in stubs:
+                        raise ImageFormatError(f"whiteout stub inode {nid} is reached twice")
+                    stubs.add(nid)
+                    continue
                 self.spend(ino.isize)
                 seen.add(nid)
                 yield depth, name, nid, ino
@@ -386,13 +394,15 @@ def _make_node(image: _Image, ino: _Inode) -> Node:
     # mtime_sec, mtime_nsec): measurably faster on large images.
     node = Node(ino.mode, ino.uid, ino.gid, ino.nlink, rdev, ino.size, ino.mtime_sec, ino.mtime_nsec)
     if ftype == stat.S_IFLNK:
-        if ino.size > MAX_SYMLINK_TARGET:
-            raise ImageFormatError(f"inode {ino.nid}: symlink target longer than {MAX_SYMLINK_TARGET}")
+        if not 0 < ino.size <= MAX_SYMLINK_TARGET:
+            raise ImageFormatError(f"inode {ino.nid}: symlink target of {ino.size} bytes")
         target = image.content(ino)
         if b"\0" in target:
             raise ImageFormatError(f"inode {ino.nid}: NUL in symlink target")
         node.payload = target
     elif ftype == stat.S_IFREG and ino.size and ino.layout != fmt.LAYOUT_CHUNK_BASED:
+        if ino.size > MAX_INLINE_CONTENT:
+            raise ImageFormatError(f"inode {ino.nid}: {ino.size} bytes of inline content")
         node.content = image.content(ino)
     if ino.xattr_size:
         xattrs = node.xattrs
