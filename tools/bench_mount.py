@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,13 +58,15 @@ def count_entries(dump: Path) -> int:
     return text.count(b"\n")
 
 
-def time_cycles(n: int, cycle: Callable[[], None]) -> float:
-    """Seconds for ``n`` cycles, after one untimed warm-up cycle."""
+def time_cycles(n: int, cycle: Callable[[], None]) -> list[float]:
+    """Seconds of each of ``n`` cycles, after one untimed warm-up cycle."""
     cycle()
-    start = time.perf_counter()
+    times = []
     for _ in range(n):
+        start = time.perf_counter()
         cycle()
-    return time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def native_cycle(image: Path, target: Path, basedir: Path, plan: cfsmount._Plan) -> Callable[[], None]:
@@ -114,10 +117,13 @@ def main() -> None:
             print("mount.composefs not installed: only native paths timed\n")
         times = {name: time_cycles(args.cycles, cycle) for name, cycle in methods.items()}
 
-    base = times["native (fd lower)"]
-    print(f"{'method':<26} {'total s':>9} {'ms/cycle':>9} {'vs native':>10}")
+    # the median resists the noise of other work on the machine; the ratio uses it
+    base = statistics.median(times["native (fd lower)"])
+    print(f"{'method':<26} {'total s':>8} {'median ms':>10} {'mean ms':>8} {'vs native':>10}")
     for name, t in times.items():
-        print(f"{name:<26} {t:>9.3f} {1000 * t / args.cycles:>9.3f} {t / base:>9.2f}x")
+        median = statistics.median(t)
+        print(f"{name:<26} {sum(t):>8.3f} {1000 * median:>10.3f} {1000 * statistics.fmean(t):>8.3f} "
+              f"{median / base:>9.2f}x")
 
 
 if __name__ == "__main__":
