@@ -277,18 +277,59 @@ def test_unrepresentable_type(tmp_path: Path, monkeypatch) -> None:
         scan(src)
 
 
-def test_deep_tree_iterative(tmp_path: Path) -> None:
-    src = tmp_path / "src"
+def make_deep(src: Path, depth: int, *, branch_every: int = 0) -> None:
+    """A chain of ``depth`` directories ``d``, each with a file and, every
+    ``branch_every`` levels, a sibling directory ``e`` (so the walk comes back)."""
     src.mkdir()
     fd = os.open(src, os.O_RDONLY)
-    depth = sys.getrecursionlimit() + 50
     try:
-        for _ in range(depth):  # deeper than recursion would allow; relative to keep paths short
+        for level in range(depth):  # relative opens keep the paths short
+            with open(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+                f.write(str(level).encode() * 30)
+            if branch_every and level % branch_every == 0:
+                os.mkdir("e", dir_fd=fd)
             os.mkdir("d", dir_fd=fd)
             nfd = os.open("d", os.O_RDONLY, dir_fd=fd)
             os.close(fd)
             fd = nfd
     finally:
         os.close(fd)
-    root = scan(src).root
-    assert sum(1 for _ in root.walk()) == depth + 1
+
+
+@pytest.fixture
+def deep_dir(tmp_path: Path):
+    yield tmp_path / "deep"
+    subprocess.run(["rm", "-rf", str(tmp_path / "deep")], check=True)  # shutil recurses
+
+
+def test_deep_tree_iterative(deep_dir: Path) -> None:
+    depth = sys.getrecursionlimit() + 50
+    make_deep(deep_dir, depth)
+    root = scan(deep_dir).root
+    assert sum(1 for _, n in root.walk() if n.is_dir) == depth + 1
+
+
+def test_few_open_dirs(deep_dir: Path, monkeypatch) -> None:
+    make_deep(deep_dir, 40, branch_every=3)
+    expected = canonical(scan(deep_dir).root)
+    monkeypatch.setattr(scanmod, "MAX_OPEN_DIRS", 3)
+    real_open, real_close = os.open, os.close
+    dir_fds: set[int] = set()
+    peak = 0
+
+    def counting_open(path, flags, *args, **kwargs):
+        nonlocal peak
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_DIRECTORY:
+            dir_fds.add(fd)
+            peak = max(peak, len(dir_fds))
+        return fd
+
+    def counting_close(fd):
+        dir_fds.discard(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    monkeypatch.setattr(os, "close", counting_close)
+    assert canonical(scan(deep_dir).root) == expected
+    assert peak <= 4 and not dir_fds  # the limit, plus one while reopening; all closed

@@ -219,19 +219,28 @@ class ObjectStore:
 
     # -- writing ---------------------------------------------------------
 
-    def import_file(self, src: str | bytes | os.PathLike | int, digest: RawDigest | None = None) -> ImportResult:
+    def import_file(
+        self,
+        src: str | bytes | os.PathLike | int,
+        digest: RawDigest | None = None,
+        *,
+        expect: os.stat_result | None = None,
+    ) -> ImportResult:
         """Store a copy of a regular file, named by its fs-verity digest.
 
         ``src`` is a path (opened with ``O_NOFOLLOW``: a symlink is refused,
         never followed) or an open fd, which stays the caller's.  ``digest``,
         if given, is trusted to be the digest of the content; otherwise it is
-        computed from the source.  Raises ``UnsupportedSource`` for anything
+        computed from the source.  ``expect`` is the source's ``fstat`` from
+        when the caller hashed it: the copy must still match it (size, mtime,
+        ctime, inode) before the object gets its name, so a file changed in
+        between cannot be stored under a stale digest.  Raises ``UnsupportedSource`` for anything
         but a regular file, ``SourceChanged`` if the file changes meanwhile,
         and ``OSError`` for I/O errors.  Failing to enable fs-verity is not
         an error: the result says whether it worked.
         """
         if isinstance(src, int):
-            return self._import_fd(src, digest)
+            return self._import_fd(src, digest, expect)
         try:
             fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as e:
@@ -239,14 +248,18 @@ class ObjectStore:
                 raise UnsupportedSource(f"{os.fsdecode(src)}: is a symbolic link") from e
             raise
         try:
-            return self._import_fd(fd, digest)
+            return self._import_fd(fd, digest, expect)
         finally:
             os.close(fd)
 
-    def _import_fd(self, fd: int, digest: RawDigest | None) -> ImportResult:
+    def _import_fd(
+        self, fd: int, digest: RawDigest | None, expect: os.stat_result | None
+    ) -> ImportResult:
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             raise UnsupportedSource(f"{fsops.fd_path(fd)}: not a regular file")
+        if expect is not None:
+            before = expect
         size = before.st_size
         if digest is None:
             try:
