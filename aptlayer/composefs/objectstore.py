@@ -271,7 +271,8 @@ class ObjectStore:
         if hit is not None:
             return hit
         self._ensure_dir(self.path, os.path.dirname(self.path))
-        tmp = os.path.join(self.path, f"{TEMP_PREFIX}{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(6)}")
+        name = f"{TEMP_PREFIX}{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(6)}"
+        tmp = os.path.join(self.path, name)
         renamed = False
         try:
             out = fsops.create(tmp)
@@ -286,7 +287,13 @@ class ObjectStore:
             verity, why = _try_enable_verity(tmp)
             fan = os.path.dirname(dest)
             self._ensure_dir(fan, self.path)
-            fsops.rename(tmp, dest)
+            try:
+                fsops.rename(tmp, dest)
+            except FileNotFoundError:  # an empty xx/ was collected since we made it
+                with self._lock:
+                    self._dirs_made.discard(fan)
+                self._ensure_dir(fan, self.path)
+                fsops.rename(tmp, dest)
             renamed = True
         finally:
             if not renamed:
@@ -313,7 +320,8 @@ class ObjectStore:
             verity = fsverity.measure(ofd) is not None
         finally:
             os.close(ofd)
-        return ImportResult(digest, dest, False, verity, size, None if verity else "not enabled on the existing object")
+        why = None if verity else "not enabled on the existing object"
+        return ImportResult(digest, dest, False, verity, size, why)
 
     def _ensure_dir(self, path: str, parent: str) -> None:
         """Create ``path`` if needed; its new entry in ``parent`` is made durable."""

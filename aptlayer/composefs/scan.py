@@ -93,7 +93,7 @@ class ScanResult(NamedTuple):
 
 
 @dataclass(frozen=True)
-class ScanOptions:
+class _Options:
     use_epoch: bool = False
     skip_xattrs: bool = False
     user_xattrs: bool = False
@@ -124,7 +124,7 @@ def scan(
         raise ValueError("skip_xattrs and user_xattrs conflict")
     if threads < 1:
         raise ValueError(f"invalid thread count {threads}")
-    opts = ScanOptions(use_epoch, skip_xattrs, user_xattrs, skip_devices)
+    opts = _Options(use_epoch, skip_xattrs, user_xattrs, skip_devices)
     walker = _Walker(opts, store, threads, progress)
     return ScanResult(walker.run(os.fsencode(source)), walker.stats)
 
@@ -155,7 +155,7 @@ def _limit_open_dirs(stack: list[_Dir]) -> None:
 class _Walker:
     def __init__(
         self,
-        opts: ScanOptions,
+        opts: _Options,
         store: ObjectStore | None,
         threads: int,
         progress: Callable[[ScanStats], None] | None,
