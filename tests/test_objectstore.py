@@ -207,3 +207,18 @@ def test_empty_store_listings(tmp_path: Path) -> None:
     store = ObjectStore(tmp_path / "never-created")
     assert list(store.iter_objects()) == [] and list(store.iter_temp_files()) == []
     assert not store.has(fsverity.digest_bytes(b"x"))
+
+
+def test_fanout_dir_collected_between_imports(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "store")
+    first = store.import_file(make(tmp_path, "a", b"first" * 20))
+    n = 0
+    while True:  # other content whose object lands in the same xx/
+        data = b"second %d" % n * 10
+        if fsverity.digest_bytes(data)[0] == first.digest[0]:
+            break
+        n += 1
+    os.unlink(first.path)  # what a collector does to an unreferenced object
+    os.rmdir(os.path.dirname(first.path))
+    second = store.import_file(make(tmp_path, "b", data))
+    assert second.created and Path(second.path).read_bytes() == data
