@@ -180,7 +180,7 @@ class _Image:
             block_len, tail_len = size, 0
         elif ino.layout == fmt.LAYOUT_FLAT_INLINE:
             tail_len = size % fmt.BLOCK_SIZE
-            if tail_len == 0 and size:
+            if tail_len == 0:
                 raise ImageFormatError(f"inode {ino.nid}: inline layout without a tail")
             block_len = size - tail_len
         else:
