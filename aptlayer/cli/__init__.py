@@ -29,7 +29,6 @@ COMMANDS = {
     "log": "maint:log",
     "audit": "maint:audit",
     "recover": "recover:recover",
-    "watch": "watch:watch",
 }
 
 

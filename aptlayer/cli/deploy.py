@@ -1,0 +1,93 @@
+"""``apt-layer deploy``, ``rollback`` and ``status``."""
+
+from __future__ import annotations
+
+import click
+
+from .output import human_bytes, json_option, print_json
+
+
+@click.command()
+@click.argument("name")
+@click.option("--tx", metavar="ID", help="Stage the deployment in open transaction ID.")
+@json_option
+@click.pass_context
+def deploy(ctx, name, tx, as_json) -> None:
+    """Make image NAME the current deployment (what the next boot mounts).
+
+    The current deployment becomes the previous one, which `rollback`
+    returns to. The switch is one atomic rename of `deploy/current`.
+
+    \b
+    Example:
+      apt-layer deploy base-2025-11
+    """
+    result = ctx.obj.store().deploy(name, tx=tx)
+    if as_json:
+        print_json(result)
+    elif result["staged"]:
+        click.echo(f"deployment of {name} staged in transaction {tx}")
+    else:
+        click.echo(f"deployed {name} (previous: {result['previous'] or '-'})")
+
+
+@click.command()
+@json_option
+@click.pass_context
+def rollback(ctx, as_json) -> None:
+    """Go back to the previous deployment (the two swap places).
+
+    \b
+    Example:
+      apt-layer rollback && apt-layer status
+    """
+    result = ctx.obj.store().rollback()
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"rolled back to {result['current']} (previous: {result['previous']})")
+
+
+@click.command()
+@json_option
+@click.pass_context
+def status(ctx, as_json) -> None:
+    """Show deployments, open transactions, mounts and store usage.
+
+    \b
+    Example:
+      apt-layer status
+      apt-layer status --json | jq .deployments.current.image
+    """
+    from ..store import Maintenance
+
+    info = Maintenance(ctx.obj.store()).status()
+    if as_json:
+        print_json(info)
+        return
+    click.echo(f"Store: {info['root']}")
+    for slot, marker in (("current", "●"), ("previous", " ")):
+        dep = info["deployments"][slot]
+        if dep is None:
+            click.echo(f"{marker} {slot}: none")
+            continue
+        click.echo(f"{marker} {slot}: {dep['image']}")
+        click.echo(f"      Digest: {dep['digest']}")
+        if dep.get("created_at"):
+            click.echo(f"     Created: {dep['created_at'][:19].replace('T', ' ')} UTC by {dep.get('created_by')}")
+    boot = info["next_boot"] or "nothing"
+    click.echo(f"Next boot mounts: {boot}" + (f" on {info['boot_mount']}" if info["boot_mount"] else ""))
+    txs = info["transactions"]
+    click.echo(f"Open transactions: {', '.join(t['tx'] for t in txs) if txs else 'none'}")
+    mounts = info["mounts"]
+    if mounts:
+        click.echo("Mounts:")
+        for m in mounts:
+            click.echo(f"  {m['mountpoint']}: {m['image']} ({m['state']})")
+    else:
+        click.echo("Mounts: none")
+    st = info["store"]
+    click.echo(f"Images: {st['images']} ({human_bytes(st['image_bytes'])}), objects: {st['objects']} "
+               f"({human_bytes(st['object_bytes'])}), reclaimable by gc: {st['reclaimable_objects']} "
+               f"objects ({human_bytes(st['reclaimable_bytes'])})")
+    click.echo(f"Journal: {info['journal']['events']} events")

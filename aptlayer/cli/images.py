@@ -1,0 +1,286 @@
+"""``apt-layer image ...``: create, list, inspect, delete, mount images."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from ..store import CreateOptions
+from .output import human_bytes, json_option, make_progress, print_json, table
+
+tx_option = click.option("--tx", metavar="ID", help="Stage the change in open transaction ID (see `tx begin`).")
+
+
+@click.group()
+def image() -> None:
+    """Create, inspect, delete and mount images.
+
+    \b
+    Example:
+      apt-layer image create /srv/rootfs base
+      apt-layer image list
+      apt-layer image ls base | head
+    """
+
+
+@image.command("create")
+@click.argument("source")
+@click.argument("name")
+@click.option("--from-file", is_flag=True, help="SOURCE is a composefs-dump(5) file, not a directory.")
+@click.option("--use-epoch", is_flag=True, help="Make all mtimes zero (reproducible images).")
+@click.option("--skip-devices", is_flag=True, help="Leave out device nodes (and whiteouts).")
+@click.option("--skip-xattrs", is_flag=True, help="Leave out all extended attributes.")
+@click.option("--user-xattrs", is_flag=True, help="Keep only user.* extended attributes.")
+@click.option("--min-version", type=click.IntRange(0, 1), default=0, show_default=True,
+              help="Lowest composefs format version.")
+@click.option("--max-version", type=click.IntRange(0, 1), default=1, show_default=True,
+              help="Highest composefs format version.")
+@click.option("--threads", type=click.IntRange(1), default=os.cpu_count() or 1, show_default=True,
+              help="Threads for hashing and copying file contents.")
+@click.option("--backend", type=click.Choice(["auto", "python", "upstream"]), default=None,
+              help="Image builder: apt-layer's own, upstream mkcomposefs, or auto (upstream when installed).")
+@tx_option
+@json_option
+@click.pass_context
+def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, user_xattrs,
+           min_version, max_version, threads, backend, tx, as_json) -> None:
+    """Build image NAME from the directory tree SOURCE.
+
+    File contents over 64 bytes go into the shared object store (each
+    content once); the image records metadata and references. The image
+    becomes visible only when its event is committed: a crash leaves
+    nothing half-made.
+
+    \b
+    Example:
+      apt-layer image create /srv/rootfs base
+      apt-layer image create --from-file rootfs.dump base-from-dump
+      apt-layer image create --tx $TX /srv/rootfs-next next
+    """
+    if skip_xattrs and user_xattrs:
+        raise click.UsageError("--skip-xattrs and --user-xattrs conflict")
+    settings = ctx.obj
+    opts = CreateOptions(from_file=from_file, use_epoch=use_epoch, skip_devices=skip_devices,
+                         skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, min_version=min_version,
+                         max_version=max(max_version, min_version), threads=threads,
+                         backend=backend or settings.config.backend)
+    progress = make_progress(ctx, f"creating {name}", as_json)
+    result = settings.store().create(
+        source, name, opts, tx=tx,
+        progress=lambda s: progress(s.files, None, f"files, {human_bytes(s.bytes)}"))
+    progress.done()
+    if as_json:
+        print_json(result)
+    else:
+        where = f" (staged in transaction {result['tx']})" if result["staged"] else ""
+        click.echo(f"{result['name']}  {result['digest']}  {human_bytes(result['size'])}, "
+                   f"{result['objects']} objects{where}")
+
+
+@image.command("list")
+@json_option
+@click.pass_context
+def list_(ctx, as_json) -> None:
+    """List live images.
+
+    \b
+    Example:
+      apt-layer image list --json | jq -r '.[].name'
+    """
+    images = ctx.obj.store().images()
+    if as_json:
+        print_json(images)
+        return
+    click.echo(table(((i["name"], i["digest"][:16], human_bytes(i["size"]), i["objects"],
+                       human_bytes(i["content_bytes"]), i["deployed"] or "", i["created_at"][:19])
+                      for i in images),
+                     ("name", "digest", "size", "objects", "content", "deployed", "created")))
+
+
+@image.command("info")
+@click.argument("name")
+@json_option
+@click.pass_context
+def info(ctx, name, as_json) -> None:
+    """Show one image: digest, sizes, objects, deployment, mounts, creator.
+
+    \b
+    Example:
+      apt-layer image info base
+    """
+    data = ctx.obj.store().image_info(name)
+    if as_json:
+        print_json(data)
+        return
+    for key in ("name", "digest", "path", "size", "objects", "content_bytes", "created_at",
+                "created_by", "source", "tx", "deployed", "mounts"):
+        value = data.get(key)
+        if isinstance(value, list):
+            value = ", ".join(value) or "-"
+        elif isinstance(value, dict):
+            value = " ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key + ':':15} {value}")
+
+
+@image.command("delete")
+@click.argument("name")
+@tx_option
+@json_option
+@click.pass_context
+def delete(ctx, name, tx, as_json) -> None:
+    """Delete image NAME (its objects go at the next `gc`).
+
+    A deployed or mounted image is refused.
+
+    \b
+    Example:
+      apt-layer image delete old && apt-layer gc
+    """
+    result = ctx.obj.store().delete(name, tx=tx)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"deleted {name}" + (f" (staged in transaction {tx})" if tx else ""))
+
+
+def _listing(ctx, name: str, what: str, filters: tuple[str, ...] = ()) -> None:
+    from ..composefs import dumpfile, listing, reader
+
+    store = ctx.obj.store()
+    path = store.image_file(name)
+    fbytes = [os.fsencode(f) for f in filters] or None
+    try:
+        root = reader.read_image(str(path), filters=fbytes)
+    except reader.ImageFormatError as e:
+        from ..errors import StoreCorrupt
+
+        raise StoreCorrupt(f"image {name!r} ({path}): {e}") from None
+    out = sys.stdout.buffer
+    if what == "ls":
+        listing.write_ls(root, out)
+    elif what == "dump":
+        dumpfile.format_dump(root, out)
+    else:
+        listing.write_objects([root], out)
+    out.flush()
+
+
+filter_option = click.option("--filter", "filters", multiple=True, metavar="NAME",
+                             help="Only this top-level entry (repeatable).")
+
+
+@image.command("ls")
+@click.argument("name")
+@filter_option
+@click.pass_context
+def ls(ctx, name, filters) -> None:
+    """List the files of image NAME (as `composefs-info ls`).
+
+    \b
+    Example:
+      apt-layer image ls base --filter etc
+    """
+    _listing(ctx, name, "ls", filters)
+
+
+@image.command("dump")
+@click.argument("name")
+@filter_option
+@click.pass_context
+def dump(ctx, name, filters) -> None:
+    """Print image NAME as composefs-dump(5) text (as `composefs-info dump`).
+
+    \b
+    Example:
+      apt-layer image dump base > base.dump
+    """
+    _listing(ctx, name, "dump", filters)
+
+
+@image.command("objects")
+@click.argument("name")
+@click.pass_context
+def objects(ctx, name) -> None:
+    """List the backing objects image NAME needs (as `composefs-info objects`).
+
+    \b
+    Example:
+      apt-layer image objects base | wc -l
+    """
+    _listing(ctx, name, "objects")
+
+
+@image.command("missing-objects")
+@click.argument("name")
+@json_option
+@click.pass_context
+def missing_objects(ctx, name, as_json) -> None:
+    """List objects image NAME needs that are not in the store (exit 10 if any).
+
+    \b
+    Example:
+      apt-layer image missing-objects base
+    """
+    missing = ctx.obj.store().missing_objects(name)
+    if as_json:
+        print_json(missing)
+    else:
+        for obj in missing:
+            click.echo(obj)
+    if missing:
+        ctx.exit(10)
+
+
+@image.command("mount")
+@click.argument("name")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--basedir", "basedirs", multiple=True, metavar="DIR",
+              help="Extra object directory searched after the store's (repeatable).")
+@click.option("--upperdir", metavar="DIR", help="Make the mount writable: changes go here.")
+@click.option("--workdir", metavar="DIR", help="Overlayfs work directory (with --upperdir).")
+@click.option("--ro", "readonly", is_flag=True, help="Mount read-only.")
+@click.option("--verity", type=click.Choice(["off", "try", "require"]), default="off", show_default=True,
+              help="Check file contents against their fs-verity digests.")
+@click.option("--idmap", metavar="USERNS", help="Shift owners by the mapping of this user namespace file.")
+@json_option
+@click.pass_context
+def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, idmap, as_json) -> None:
+    """Mount image NAME on MOUNTPOINT (needs root).
+
+    \b
+    Example:
+      apt-layer image mount base /mnt/base
+      apt-layer image mount base /mnt/rw --upperdir /var/tmp/up --workdir /var/tmp/work
+    """
+    if (upperdir is None) != (workdir is None):
+        raise click.UsageError("--upperdir and --workdir go together")
+    result = ctx.obj.store().mount(name, mountpoint, basedirs=basedirs, upperdir=upperdir,
+                                   workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
+    if as_json:
+        print_json(result)
+        return
+    if result["missing_objects"]:
+        click.echo(f"warning: {len(result['missing_objects'])} objects of {name} are missing from the "
+                   "store; reading those files will fail (see `image missing-objects`)", err=True)
+    click.echo(f"mounted {name} on {result['mountpoint']}")
+
+
+@image.command("unmount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--lazy", is_flag=True, help="Detach even if busy.")
+@json_option
+@click.pass_context
+def unmount(ctx, mountpoint, lazy, as_json) -> None:
+    """Unmount an image mounted with `image mount`.
+
+    \b
+    Example:
+      apt-layer image unmount /mnt/base
+    """
+    result = ctx.obj.store().unmount(mountpoint, lazy=lazy)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"unmounted {result['mountpoint']}")

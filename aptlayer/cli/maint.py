@@ -1,0 +1,168 @@
+"""Store upkeep: ``gc``, ``fsck``, ``journal``, ``log``, ``audit``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from .output import csv_text, human_bytes, json_option, make_progress, print_json, table
+
+
+def _maint(ctx):
+    from ..store import Maintenance
+
+    return Maintenance(ctx.obj.store())
+
+
+@click.command()
+@click.option("--full", is_flag=True, help="Also walk the store for strays no image ever referenced.")
+@click.option("--dry-run", "-n", is_flag=True, help="Only list what would be removed, and its size.")
+@click.option("--grace", type=click.IntRange(0), default=None, metavar="SECONDS",
+              help="Spare objects touched in the last SECONDS (default from config, else 0).")
+@json_option
+@click.pass_context
+def gc(ctx, full, dry_run, grace, as_json) -> None:
+    """Remove objects that no image needs any more.
+
+    An object stays while a live image, an image staged in an open
+    transaction, a deployed image or a mounted image references it. By
+    default only objects whose reference count dropped to zero are visited
+    (fast, whatever the store's size); --full also finds strays left by
+    interrupted writers.
+
+    \b
+    Example:
+      apt-layer gc --dry-run
+      apt-layer gc --full
+    """
+    grace = grace if grace is not None else ctx.obj.config.gc_grace_seconds
+    progress = make_progress(ctx, "gc", as_json)
+    result = _maint(ctx).gc(full=full, dry_run=dry_run, grace_seconds=grace, progress=progress)
+    progress.done()
+    if as_json:
+        print_json(result)
+    elif dry_run:
+        for obj in result["objects"]:
+            click.echo(f"{obj['object']}  {obj['size']}")
+        click.echo(f"would remove {result['candidates']} objects ({human_bytes(result['candidate_bytes'])})")
+    else:
+        click.echo(f"removed {result['removed']} objects ({human_bytes(result['bytes_freed'])}), "
+                   f"{result['marked']} in use")
+
+
+@click.command()
+@json_option
+@click.pass_context
+def fsck(ctx, as_json) -> None:
+    """Recompute object and image digests; name the images affected (exit 10 on damage).
+
+    \b
+    Example:
+      apt-layer fsck --json
+    """
+    progress = make_progress(ctx, "fsck", as_json)
+    result = _maint(ctx).fsck(progress=progress)
+    progress.done()
+    if as_json:
+        print_json(result)
+    else:
+        for obj in result["bad_objects"]:
+            click.echo(f"object {obj['object']}: {obj['state']}")
+        for img in result["images"]:
+            what = img["problem"] or f"{len(img['objects'])} damaged objects"
+            click.echo(f"image {img['name']}: {what}")
+        click.echo(f"checked {result['objects_checked']} objects: " + ("ok" if result["ok"] else "DAMAGED"))
+    if not result["ok"]:
+        ctx.exit(10)
+
+
+@click.group()
+def journal() -> None:
+    """Check and rebuild the event journal.
+
+    \b
+    Example:
+      apt-layer journal verify
+    """
+
+
+@journal.command("verify")
+@json_option
+@click.pass_context
+def verify(ctx, as_json) -> None:
+    """Recompute the hash chain; name the first bad event (exit 10)."""
+    count = _maint(ctx).verify()
+    print_json({"events": count, "ok": True}) if as_json else click.echo(f"journal ok: {count} events")
+
+
+@journal.command("rebuild")
+@json_option
+@click.pass_context
+def rebuild(ctx, as_json) -> None:
+    """Drop the projection and rebuild it from the events and manifests."""
+    result = _maint(ctx).rebuild()
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"rebuilt from {result['events']} events" +
+                   ("" if not result["problems"] else "; problems: " + "; ".join(result["problems"])))
+
+
+@click.command()
+@click.option("--image", "subject", metavar="NAME", help="Only events about this image (or subject).")
+@click.option("--kind", metavar="KIND", help="Only this event kind (e.g. image.created).")
+@click.option("--tx", metavar="ID", help="Only this transaction.")
+@click.option("--since", metavar="TIME", help="Only events at or after this UTC time (ISO 8601).")
+@click.option("--until", metavar="TIME", help="Only events before this UTC time.")
+@click.option("-n", "--limit", type=click.IntRange(1), default=50, show_default=True)
+@json_option
+@click.pass_context
+def log(ctx, subject, kind, tx, since, until, limit, as_json) -> None:
+    """Show the history of the store, newest first.
+
+    \b
+    Example:
+      apt-layer log --image base
+      apt-layer log --kind gc.swept --since 2026-11-01
+    """
+    events = list(ctx.obj.store().journal.events(subject=subject, kind=kind, tx=tx, since=since,
+                                                 until=until, newest_first=True, limit=limit))
+    if as_json:
+        print_json([{"seq": e.seq, "at": e.at, "tx": e.tx, "kind": e.kind, "subject": e.subject,
+                     "data": e.data, "actor": e.actor} for e in events])
+        return
+    click.echo(table(((e.seq, e.at[:19].replace("T", " "), e.kind, e.subject, e.actor.get("user"), e.tx)
+                      for e in events), ("seq", "at (utc)", "kind", "subject", "user", "tx")))
+
+
+@click.command()
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@click.pass_context
+def audit(ctx, sql, fmt) -> None:
+    """Run a read-only SQL query on the journal (writes, ATTACH and pragmas are refused).
+
+    The views are documented in docs/journal.md, e.g. v_events, v_images.
+
+    \b
+    Example:
+      apt-layer audit "SELECT kind, count(*) FROM events GROUP BY kind"
+      apt-layer audit --format csv "SELECT * FROM v_events WHERE kind = 'image.deleted'"
+    """
+    from ..errors import InvalidInput
+    from ..journal import AuditRefused, audit_query
+
+    store = ctx.obj.store()
+    try:
+        result = audit_query(store.journal.path, sql)
+    except AuditRefused as e:
+        raise InvalidInput(f"audit: {e}") from None
+    columns, rows = result.columns, result.rows
+    if fmt == "json":
+        click.echo(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))
+    elif fmt == "csv":
+        click.echo(csv_text(rows, columns))
+    else:
+        click.echo(table(rows, columns))

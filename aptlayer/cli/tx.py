@@ -1,0 +1,90 @@
+"""``apt-layer tx ...``: explicit transactions over several operations."""
+
+from __future__ import annotations
+
+import click
+
+from .output import json_option, print_json, table
+
+
+@click.group()
+def tx() -> None:
+    """Group creates, deletes and a deploy into one atomic change.
+
+    Operations given `--tx ID` are staged: nothing live changes until
+    `tx commit ID` makes all of them effective at once. `tx rollback ID`
+    discards them and leaves nothing behind.
+
+    \b
+    Example:
+      TX=$(apt-layer tx begin)
+      apt-layer image create --tx $TX /srv/rootfs-2 v2
+      apt-layer deploy --tx $TX v2
+      apt-layer tx commit $TX
+    """
+
+
+@tx.command("begin")
+@json_option
+@click.pass_context
+def begin(ctx, as_json) -> None:
+    """Open a transaction and print its id."""
+    txid = ctx.obj.store().tx_begin()
+    print_json({"tx": txid}) if as_json else click.echo(txid)
+
+
+@tx.command("commit")
+@click.argument("txid", metavar="ID")
+@json_option
+@click.pass_context
+def commit(ctx, txid, as_json) -> None:
+    """Make every operation staged in ID effective at once."""
+    result = ctx.obj.store().tx_commit(txid)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"committed {txid}: " + (", ".join(f"{o['kind']} {o['subject']}" for o in result["ops"])
+                                            or "nothing staged"))
+
+
+@tx.command("rollback")
+@click.argument("txid", metavar="ID")
+@json_option
+@click.pass_context
+def rollback(ctx, txid, as_json) -> None:
+    """Discard transaction ID and everything staged in it."""
+    result = ctx.obj.store().tx_rollback(txid)
+    print_json(result) if as_json else click.echo(f"rolled back {txid}")
+
+
+@tx.command("list")
+@click.option("--state", type=click.Choice(["open", "committed", "aborted"]), help="Only this state.")
+@json_option
+@click.pass_context
+def list_(ctx, state, as_json) -> None:
+    """List transactions (oldest first)."""
+    rows = ctx.obj.store().transactions(state)
+    if as_json:
+        print_json(rows)
+    else:
+        click.echo(table(((r["tx"], r["state"], "explicit" if r["explicit"] else "implicit",
+                           r["begun_at"][:19], (r["ended_at"] or "")[:19]) for r in rows),
+                         ("tx", "state", "kind", "begun", "ended")))
+
+
+@tx.command("show")
+@click.argument("txid", metavar="ID")
+@json_option
+@click.pass_context
+def show(ctx, txid, as_json) -> None:
+    """Show a transaction: state, staged operations, events."""
+    info = ctx.obj.store().transaction(txid)
+    if as_json:
+        print_json(info)
+        return
+    click.echo(f"tx {info['tx']}: {info['state']} ({'explicit' if info['explicit'] else 'implicit'})")
+    for op in info["ops"]:
+        done = "effective" if op["effective_seq"] else "staged"
+        click.echo(f"  {op['op']:7} {op['name']}  {op['digest'][:16]}  {done}")
+    for ev in info["events"]:
+        click.echo(f"  #{ev['seq']} {ev['at'][:19]} {ev['kind']} {ev['subject']}")

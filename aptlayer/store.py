@@ -1,0 +1,720 @@
+"""The Store: the one place where an operation becomes events and file effects.
+
+It joins the journal (events, manifests, projection) with the composefs layer
+(digest store, image writer and reader, mounts), following the write-ahead
+rule of ``docs/architecture.md``: the event that makes an effect necessary is
+durable before the effect starts, and every effect is idempotent so recovery
+can redo it. Nothing live changes before a transaction's commit event.
+
+Layout of a store root::
+
+    journal.db                  the event journal (SQLite, WAL, synchronous=FULL)
+    images/NAME.composefs       one file per live image
+    images/objects/xx/yyyy...   the digest store shared by all images
+    staging/BOOTID-TX/          work of transaction TX in flight
+    deploy/current, previous    symlinks into images/, swapped by rename
+    trash/                      objects on their way out (gc)
+    lock                        flock: writers shared, gc and recovery exclusive
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import errors, names
+from .composefs import fsops
+from .fault import fault
+from .journal import Journal, JournalCorruptError, JournalVersionError, ProjectionError
+from .lock import LockTimeout, locked
+
+IMAGE_SUFFIX = ".composefs"
+
+
+def new_tx_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+@dataclass(frozen=True)
+class CreateOptions:
+    """How ``image create`` reads its source (mkcomposefs's options)."""
+
+    from_file: bool = False
+    use_epoch: bool = False
+    skip_devices: bool = False
+    skip_xattrs: bool = False
+    user_xattrs: bool = False
+    min_version: int = 0
+    max_version: int = 1
+    threads: int = os.cpu_count() or 1
+    backend: str = "auto"
+
+
+def _map_os_error(e: OSError, what: str) -> errors.AptLayerError:
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        return errors.NoSpace(f"{what}: no space left on device")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return errors.PermissionDenied(f"{what}: {e.strerror}")
+    if e.errno == errno.ENOENT:
+        return errors.NotFound(f"{what}: {e.strerror}")
+    return errors.AptLayerError(f"{what}: {e.strerror or e}")
+
+
+class Store:
+    """An apt-layer store at ``root``. Open with :meth:`Store.open`."""
+
+    def __init__(self, root: Path, journal: Journal, config=None):
+        self.root = root
+        self.journal = journal
+        self.config = config
+        self.images_dir = root / "images"
+        self.objects_dir = self.images_dir / "objects"
+        self.staging_dir = root / "staging"
+        self.deploy_dir = root / "deploy"
+        self.trash_dir = root / "trash"
+        self.lock_path = root / "lock"
+        self.boot_id = names.boot_id()
+
+    # --- opening --------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, config=None) -> Store:
+        """Open the store at ``root``, creating it if it does not exist."""
+        root = Path(root).absolute()
+        try:
+            for d in (root, root / "images", root / "images" / "objects", root / "staging",
+                      root / "deploy", root / "trash"):
+                if not d.is_dir():
+                    d.mkdir(mode=0o755, parents=True, exist_ok=True)
+                    fsops.fsync_dir(str(d.parent))
+        except OSError as e:
+            raise _map_os_error(e, f"cannot create store at {root}") from None
+        try:
+            journal = Journal.open(root / "journal.db")
+        except JournalVersionError as e:
+            raise errors.StoreVersionError(f"{root}/journal.db: {e}") from None
+        except JournalCorruptError as e:
+            raise errors.StoreCorrupt(f"{root}/journal.db: {e}") from None
+        except OSError as e:
+            raise _map_os_error(e, f"{root}/journal.db") from None
+        return cls(root, journal, config)
+
+    def close(self) -> None:
+        self.journal.close()
+
+    # --- locking and paths ------------------------------------------------------
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Writers share the store lock; gc and recovery wait for them to finish."""
+        with locked(self.lock_path, exclusive=False):
+            yield
+
+    @contextmanager
+    def exclusive(self, timeout: float | None = None) -> Iterator[None]:
+        try:
+            with locked(self.lock_path, exclusive=True, timeout=timeout):
+                yield
+        except LockTimeout:
+            raise errors.Conflict("the store is busy (another apt-layer holds its lock)") from None
+
+    def image_path(self, name: str) -> Path:
+        return self.images_dir / (name + IMAGE_SUFFIX)
+
+    def staging_path(self, tx: str) -> Path:
+        return self.staging_dir / f"{self.boot_id}-{tx}"
+
+    # --- small helpers ----------------------------------------------------------
+
+    def _append(self, kind: str, subject: str, data: dict, tx: str | None = None, manifest=None):
+        try:
+            return self.journal.append(kind, subject, data, tx or new_tx_id(), manifest=manifest)
+        except ProjectionError as e:
+            raise errors.Conflict(str(e)) from None
+
+    def _live(self, name: str) -> dict:
+        image = self.journal.image(name)
+        if image is None:
+            raise errors.NotFound(f"no image named {name!r}")
+        return image
+
+    def _open_tx(self, tx: str) -> None:
+        state = self.journal.transaction_state(tx)
+        if state is None:
+            raise errors.NotFound(f"no transaction {tx!r}")
+        if state != "open":
+            raise errors.Conflict(f"transaction {tx} is {state}")
+
+    def _name_free(self, name: str, tx: str | None) -> None:
+        if self.journal.image(name) is not None:
+            staged_delete = tx is not None and any(
+                op["op"] == "delete" and op["name"] == name for op in self.journal.staged_ops(tx))
+            if not staged_delete:
+                raise errors.Conflict(f"an image named {name!r} exists")
+        row = self.journal.conn.execute(
+            "SELECT o.tx FROM tx_ops o JOIN transactions t ON t.id = o.tx "
+            "WHERE o.op = 'create' AND o.name = ? AND o.effective_seq IS NULL AND t.state = 'open'",
+            (name,)).fetchone()
+        if row is not None:
+            raise errors.Conflict(f"an image named {name!r} is staged in open transaction {row[0]}")
+
+    def _in_use(self, name: str, tx: str | None = None) -> None:
+        for slot, dep in self.journal.deployments().items():
+            if dep["image"] == name:
+                raise errors.Conflict(f"image {name!r} is the {slot} deployment; deploy another image first")
+        row = self.journal.conn.execute(
+            "SELECT mountpoint FROM mounts WHERE image = ? AND state = 'mounted'", (name,)).fetchone()
+        if row is not None:
+            raise errors.Conflict(f"image {name!r} is mounted at {row[0]}; unmount it first")
+
+    # --- create -------------------------------------------------------------------
+
+    def create(self, source: str, name: str, options: CreateOptions = CreateOptions(),
+               tx: str | None = None, progress: Callable | None = None) -> dict:
+        """Build image ``name`` from a directory (or a dump with ``from_file``).
+
+        Objects go into the digest store as they are read; the image is
+        written into the transaction's staging folder; then one SQLite
+        transaction records the image and its manifest (and, without ``tx``,
+        commits); only then is the image renamed into ``images/``.
+        """
+        names.check_image_name(name)
+        if not options.from_file and not os.path.isdir(source):
+            raise errors.NotFound(f"source {source}: not a directory" if os.path.exists(source)
+                                  else f"source {source}: no such directory")
+        with self.writing():
+            if tx is not None:
+                self._open_tx(tx)
+            self._name_free(name, tx)
+            implicit = tx is None
+            txid = tx or new_tx_id()
+            if implicit:
+                self._append("tx.begun", txid, {"explicit": False, "boot_id": self.boot_id,
+                                                 "op": "create", "name": name}, txid)
+            fault("create.after-begin")
+            staging = self.staging_path(txid)
+            try:
+                staged, digest, size, manifest, stats = self._build(source, name, staging, options, progress)
+            except BaseException as e:
+                if implicit:
+                    self._abort(txid, reason=str(e) or type(e).__name__)
+                if isinstance(e, OSError):
+                    raise _map_os_error(e, f"creating image {name!r}") from None
+                raise
+            data = {"digest": digest, "size": size, "staged": str(staged.relative_to(self.root)),
+                    "source": os.path.abspath(source), "objects": len(manifest)}
+            if not implicit:
+                self._append("image.staged", name, data, txid, manifest=manifest)
+                fault("create.after-stage")
+                return self._created_info(name, data, txid, stats, staged=True)
+            try:
+                with self.journal.transaction() as w:
+                    w.append("image.created", name, data, txid, manifest=manifest)
+                    w.append("tx.committed", txid, {"ops": 1}, txid)
+            except ProjectionError as e:
+                self._abort(txid, reason=str(e))
+                raise errors.Conflict(str(e)) from None
+            fault("create.after-commit")
+            self.place_image(name, digest, staged)
+            fault("create.after-place")
+            self._clear_staging(txid)
+            return self._created_info(name, data, txid, stats, staged=False)
+
+    def _created_info(self, name, data, txid, stats, staged) -> dict:
+        info = {"name": name, "digest": data["digest"], "size": data["size"],
+                "objects": data["objects"], "tx": txid, "staged": staged}
+        if stats is not None:
+            info.update(files=stats.files, bytes=stats.bytes,
+                        objects_created=stats.objects_created, objects_deduped=stats.objects_deduped)
+        return info
+
+    def _build(self, source, name, staging: Path, options: CreateOptions, progress):
+        """Objects into the store, image into staging; returns what the event records."""
+        from .composefs import build, upstream
+        from .composefs.objectstore import ObjectStore
+
+        if not staging.is_dir():
+            fsops.mkdir(str(staging), 0o755)
+            fsops.fsync_dir(str(self.staging_dir))
+        staged = staging / (name + IMAGE_SUFFIX)
+        backend = options.backend
+        if backend == "auto":
+            backend = "upstream" if upstream.find_tool("mkcomposefs") else "python"
+        stats = None
+        try:
+            if backend == "upstream":
+                root = self._build_upstream(source, staged, options)
+                image = staged.read_bytes()
+                from .composefs import fsverity
+
+                digest = fsverity.digest_bytes(image)
+            else:
+                store = ObjectStore(self.objects_dir, defer_dir_sync=True)
+                root, stats = build.load_tree(
+                    source, from_file=options.from_file, store=store, use_epoch=options.use_epoch,
+                    skip_devices=options.skip_devices, skip_xattrs=options.skip_xattrs,
+                    user_xattrs=options.user_xattrs, threads=options.threads, progress=progress)
+                store.sync()
+                fault("create.after-objects")
+                image, digest = build.render(root, min_version=options.min_version,
+                                             max_version=options.max_version)
+                build.write_file_atomic(staged, image)
+        except build.BuildError as e:
+            raise errors.InvalidInput(str(e)) from None
+        fault("create.after-image")
+        return staged, digest.hex(), len(image), manifest_of(root), stats
+
+    def _build_upstream(self, source, staged: Path, options: CreateOptions):
+        """Run the upstream mkcomposefs; its output is read back for the manifest."""
+        import subprocess
+
+        from .composefs import upstream
+        from .composefs.reader import read_image
+
+        tool = upstream.find_tool("mkcomposefs")
+        if tool is None:
+            raise errors.Unsupported("--backend upstream: mkcomposefs is not installed")
+        args = [tool, f"--min-version={options.min_version}", f"--max-version={options.max_version}",
+                f"--threads={options.threads}"]
+        for flag in ("from_file", "use_epoch", "skip_devices", "skip_xattrs", "user_xattrs"):
+            if getattr(options, flag):
+                args.append("--" + flag.replace("_", "-"))
+        if not options.from_file:
+            args.append(f"--digest-store={self.objects_dir}")
+        proc = subprocess.run([*args, source, str(staged)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise errors.InvalidInput(proc.stderr.strip().splitlines()[0] if proc.stderr.strip()
+                                      else f"mkcomposefs failed ({proc.returncode})")
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            fsops.fsync(fd)
+        finally:
+            os.close(fd)
+        return read_image(str(staged))
+
+    # --- effects (idempotent; recovery redoes them) ---------------------------------
+
+    def place_image(self, name: str, digest: str, staged: Path) -> bool:
+        """Move a committed image from staging into ``images/``; False if already there."""
+        dest = self.image_path(name)
+        if not staged.exists():
+            return False
+        fsops.rename(str(staged), str(dest))
+        fsops.fsync_dir(str(self.images_dir))
+        return True
+
+    def remove_image_file(self, name: str) -> bool:
+        try:
+            fsops.unlink(str(self.image_path(name)))
+        except FileNotFoundError:
+            return False
+        fsops.fsync_dir(str(self.images_dir))
+        return True
+
+    def sync_deployments(self) -> list[str]:
+        """Make ``deploy/current`` and ``deploy/previous`` match the journal.
+
+        Each link is replaced by a rename of a new link over it, so a reader
+        (or the next boot) sees the old target or the new, never neither.
+        """
+        changed = []
+        wanted = self.journal.deployments()
+        for slot in ("current", "previous"):
+            link = self.deploy_dir / slot
+            target = f"../images/{wanted[slot]['image']}{IMAGE_SUFFIX}" if slot in wanted else None
+            try:
+                have = os.readlink(link)
+            except FileNotFoundError:
+                have = None
+            except OSError:
+                have = "<not a link>"
+            if have == target:
+                continue
+            if target is None:
+                fsops.unlink(str(link))
+            else:
+                tmp = self.deploy_dir / f".{slot}.tmp-{os.getpid()}"
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+                fsops.symlink(target, str(tmp))
+                fsops.rename(str(tmp), str(link))
+            changed.append(slot)
+        if changed:
+            fsops.fsync_dir(str(self.deploy_dir))
+        return changed
+
+    def _clear_staging(self, tx: str) -> None:
+        for path in self.staging_dir.glob(f"*-{tx}"):
+            shutil.rmtree(path, ignore_errors=True)
+        fsops.fsync_dir(str(self.staging_dir))
+
+    def _abort(self, tx: str, reason: str) -> None:
+        """Record ``tx.aborted`` and drop the transaction's staged work."""
+        if self.journal.transaction_state(tx) == "open":
+            self._append("tx.aborted", tx, {"reason": reason[:500]}, tx)
+        fault("abort.after-event")
+        self._clear_staging(tx)
+
+    def apply_effects(self, events) -> None:
+        """Carry out the file effects of committed events (in order)."""
+        deploys = False
+        for ev in events:
+            if ev.kind == "image.created":
+                self.place_image(ev.subject, ev.data["digest"], self.root / ev.data["staged"])
+                fault("effects.after-place")
+            elif ev.kind == "image.deleted":
+                self.remove_image_file(ev.subject)
+                fault("effects.after-unlink")
+            elif ev.kind in ("deployed", "rolled-back"):
+                deploys = True
+        if deploys:
+            self.sync_deployments()
+            fault("effects.after-deploy")
+
+    # --- delete, deploy, rollback ----------------------------------------------------
+
+    def delete(self, name: str, tx: str | None = None) -> dict:
+        names.check_image_name(name)
+        with self.writing():
+            image = self._live(name)
+            self._in_use(name)
+            if tx is not None:
+                self._open_tx(tx)
+                self._append("delete.staged", name, {"digest": image["digest"]}, tx)
+                return {"name": name, "digest": image["digest"], "tx": tx, "staged": True}
+            events = self._single(name, "image.deleted", {"digest": image["digest"]}, op="delete")
+            fault("delete.after-commit")
+            self.apply_effects(events)
+            return {"name": name, "digest": image["digest"], "tx": events[0].tx, "staged": False}
+
+    def _single(self, subject: str, kind: str, data: dict, op: str) -> list:
+        """One operation as its own transaction: begun, the event, committed, atomically."""
+        txid = new_tx_id()
+        try:
+            with self.journal.transaction() as w:
+                w.append("tx.begun", txid, {"explicit": False, "boot_id": self.boot_id,
+                                            "op": op, "name": subject}, txid)
+                ev = w.append(kind, subject, data, txid)
+                w.append("tx.committed", txid, {"ops": 1}, txid)
+        except ProjectionError as e:
+            raise errors.Conflict(str(e)) from None
+        return [ev]
+
+    def deploy(self, name: str, tx: str | None = None) -> dict:
+        """Make ``name`` what the next boot mounts; the current one becomes previous."""
+        names.check_image_name(name)
+        with self.writing():
+            if tx is not None:
+                self._open_tx(tx)
+                staged = [op for op in self.journal.staged_ops(tx)
+                          if op["op"] == "create" and op["name"] == name and op["effective_seq"] is None]
+                digest = staged[-1]["digest"] if staged else self._live(name)["digest"]
+                self._append("deploy.staged", name, {"digest": digest}, tx)
+                return {"current": name, "digest": digest, "tx": tx, "staged": True}
+            image = self._live(name)
+            current = self.journal.deployments().get("current")
+            if current is not None and current["image"] == name and current["digest"] == image["digest"]:
+                raise errors.Conflict(f"image {name!r} is already the current deployment")
+            events = self._single(name, "deployed", {
+                "current": {"image": name, "digest": image["digest"]}, "previous": current}, op="deploy")
+            fault("deploy.after-commit")
+            self.apply_effects(events)
+            return {"current": name, "digest": image["digest"],
+                    "previous": current["image"] if current else None, "staged": False}
+
+    def rollback(self) -> dict:
+        """Swap the current and previous deployments, like ``rpm-ostree rollback``."""
+        with self.writing():
+            deps = self.journal.deployments()
+            if "previous" not in deps:
+                raise errors.Conflict("no previous deployment to roll back to")
+            events = self._single(deps["previous"]["image"], "rolled-back", {
+                "current": deps["previous"], "previous": deps.get("current")}, op="rollback")
+            fault("rollback.after-commit")
+            self.apply_effects(events)
+            return {"current": deps["previous"]["image"], "previous": deps["current"]["image"]}
+
+    # --- explicit transactions -----------------------------------------------------------
+
+    def tx_begin(self) -> str:
+        txid = new_tx_id()
+        self._append("tx.begun", txid, {"explicit": True, "boot_id": self.boot_id}, txid)
+        return txid
+
+    def tx_commit(self, tx: str) -> dict:
+        """Make every staged operation of ``tx`` effective at once, then do the effects."""
+        with self.writing():
+            self._open_tx(tx)
+            try:
+                events = self.journal.commit_tx(tx)
+            except ProjectionError as e:
+                raise errors.Conflict(f"cannot commit {tx}: {e}") from None
+            fault("commit.after-commit")
+            self.apply_effects(events)
+            self._clear_staging(tx)
+            ops = [e for e in events if e.kind != "tx.committed"]
+            return {"tx": tx, "ops": [{"kind": e.kind, "subject": e.subject} for e in ops]}
+
+    def tx_rollback(self, tx: str) -> dict:
+        with self.writing():
+            self._open_tx(tx)
+            ops = self.journal.staged_ops(tx)
+            self._abort(tx, reason="rolled back by request")
+            return {"tx": tx, "discarded": [{"op": o["op"], "name": o["name"]} for o in ops]}
+
+    def transactions(self, state: str | None = None) -> list[dict]:
+        sql = "SELECT id, state, explicit, begun_at, ended_at FROM transactions"
+        args: tuple = ()
+        if state:
+            sql += " WHERE state = ?"
+            args = (state,)
+        rows = self.journal.conn.execute(sql + " ORDER BY begun_seq", args).fetchall()
+        return [{"tx": r[0], "state": r[1], "explicit": bool(r[2]), "begun_at": r[3], "ended_at": r[4]}
+                for r in rows]
+
+    def transaction(self, tx: str) -> dict:
+        rows = [t for t in self.transactions() if t["tx"] == tx]
+        if not rows:
+            raise errors.NotFound(f"no transaction {tx!r}")
+        info = rows[0]
+        info["ops"] = [{"op": o["op"], "name": o["name"], "digest": o["digest"],
+                        "effective_seq": o["effective_seq"]} for o in self.journal.staged_ops(tx)]
+        info["events"] = [{"seq": e.seq, "kind": e.kind, "subject": e.subject, "at": e.at}
+                          for e in self.journal.events(tx=tx)]
+        return info
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def images(self) -> list[dict]:
+        deps = {d["image"]: slot for slot, d in self.journal.deployments().items()}
+        rows = self.journal.conn.execute(
+            "SELECT i.name, i.digest, i.size, i.created_at, i.tx, m.objects, m.size "
+            "FROM images i LEFT JOIN images_manifest m ON m.digest = i.digest ORDER BY i.name").fetchall()
+        return [{"name": r[0], "digest": r[1], "size": r[2], "created_at": r[3], "tx": r[4],
+                 "objects": r[5] or 0, "content_bytes": r[6] or 0, "deployed": deps.get(r[0])}
+                for r in rows]
+
+    def image_info(self, name: str) -> dict:
+        image = self._live(name)
+        info = {"name": name, **image, "path": str(self.image_path(name))}
+        info["objects"] = len(self.journal.manifest(image["digest"]))
+        info["content_bytes"] = sum(s for _, s in self.journal.manifest(image["digest"]))
+        info["deployed"] = [slot for slot, d in self.journal.deployments().items() if d["image"] == name]
+        info["mounts"] = [r[0] for r in self.journal.conn.execute(
+            "SELECT mountpoint FROM mounts WHERE image = ? AND state = 'mounted'", (name,))]
+        created = next(self.journal.events(subject=name, kind="image.created", newest_first=True, limit=1), None)
+        if created is not None:
+            info["created_by"] = {k: created.actor.get(k) for k in ("user", "uid", "host", "pid")}
+            info["source"] = created.data.get("source")
+        return info
+
+    def image_file(self, name: str) -> Path:
+        self._live(name)
+        path = self.image_path(name)
+        if not path.exists():
+            raise errors.StoreCorrupt(f"image {name!r}: file {path} is missing (run apt-layer recover)")
+        return path
+
+    def missing_objects(self, name: str) -> list[str]:
+        """Objects the image's manifest lists that are not in the digest store."""
+        image = self._live(name)
+        return [obj for obj, _ in self.journal.manifest(image["digest"])
+                if not (self.objects_dir / obj).is_file()]
+
+    # --- mounts -------------------------------------------------------------------------------
+
+    def mount(self, name: str, mountpoint: str, *, basedirs: tuple[str, ...] = (),
+              upperdir: str | None = None, workdir: str | None = None, readonly: bool = False,
+              verity: str = "off", idmap: str | None = None) -> dict:
+        """Mount image ``name`` and record it; warns (in the result) about missing objects."""
+        from .composefs import mount as cfsmount
+
+        path = self.image_file(name)
+        image = self._live(name)
+        target = os.path.realpath(mountpoint)
+        missing = self.missing_objects(name)
+        with self.writing():
+            try:
+                cfsmount.mount(str(path), target, [str(self.objects_dir), *basedirs], upperdir=upperdir,
+                               workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
+            except cfsmount.MountError as e:
+                raise _mount_error(e) from None
+            fault("mount.after-kernel")
+            try:
+                self._append("mounted", name, {"mountpoint": target, "digest": image["digest"],
+                                               "boot_id": self.boot_id, "writable": upperdir is not None})
+            except BaseException:
+                cfsmount.unmount(target, lazy=True)
+                raise
+        return {"name": name, "mountpoint": target, "digest": image["digest"], "missing_objects": missing}
+
+    def unmount(self, mountpoint: str, lazy: bool = False) -> dict:
+        from .composefs import mount as cfsmount
+
+        target = os.path.realpath(mountpoint)
+        row = self.journal.conn.execute(
+            "SELECT image, state FROM mounts WHERE mountpoint = ?", (target,)).fetchone()
+        with self.writing():
+            if cfsmount.is_mounted(target):
+                try:
+                    cfsmount.unmount(target, lazy=lazy)
+                except cfsmount.MountError as e:
+                    raise _mount_error(e) from None
+            elif row is None:
+                raise errors.NotFound(f"{target} is not mounted")
+            fault("unmount.after-kernel")
+            if row is not None:
+                self._append("unmounted", row[0], {"mountpoint": target})
+        return {"mountpoint": target, "image": row[0] if row else None}
+
+    def mounts(self) -> list[dict]:
+        return [{"mountpoint": r[0], "image": r[1], "digest": r[2], "state": r[3], "boot_id": r[4]}
+                for r in self.journal.conn.execute(
+                    "SELECT mountpoint, image, digest, state, boot_id FROM mounts ORDER BY mountpoint")]
+
+
+def _mount_error(e: OSError) -> errors.AptLayerError:
+    message = e.strerror or str(e)
+    if e.errno in (errno.EPERM, errno.EACCES):
+        return errors.PermissionDenied(message)
+    if e.errno in (errno.ENODEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS):
+        return errors.Unsupported(message)
+    if e.errno == errno.ENOENT:
+        return errors.NotFound(message)
+    if e.errno in (errno.EBUSY, errno.EEXIST):
+        return errors.Conflict(message)
+    return errors.AptLayerError(message)
+
+
+def manifest_of(root) -> list[tuple[str, int]]:
+    """(object path, size) of every backing object a tree references, once each."""
+    objects: dict[str, int] = {}
+    for _, node in root.walk():
+        if node.is_reg and node.payload and node.content is None and node.size > 0:
+            objects[node.payload.decode("utf-8", "surrogateescape")] = node.size
+    return sorted(objects.items())
+
+
+class Maintenance:
+    """gc, fsck, status and journal upkeep: operations over the whole store."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.journal = store.journal
+
+    def gc(self, *, full: bool = False, dry_run: bool = False, grace_seconds: int = 0,
+           progress: Callable | None = None) -> dict:
+        """Collect objects no image needs; see ``aptlayer.gc.collect``."""
+        from .gc import collect
+
+        s = self.store
+        with s.exclusive():
+            gc_plan = collect.plan(self.journal.conn, s.objects_dir, full=full, grace_seconds=grace_seconds)
+            result = {"full": full, "dry_run": dry_run, "marked": gc_plan.marked,
+                      "candidates": len(gc_plan.objects), "candidate_bytes": gc_plan.bytes,
+                      "spared_by_grace": gc_plan.spared, "temp_files": len(gc_plan.temp_files)}
+            if dry_run:
+                result["objects"] = [{"object": o, "size": n} for o, n in gc_plan.objects]
+                return result
+            txid = new_tx_id()
+            s._append("gc.begun", "store", {"full": full, "marked": gc_plan.marked,
+                                            "candidates": len(gc_plan.objects),
+                                            "candidate_bytes": gc_plan.bytes}, txid)
+            fault("gc.after-begun")
+            removed, freed = collect.sweep(gc_plan, s.objects_dir, s.trash_dir, progress)
+            s._append("gc.swept", "store", {"removed": removed, "bytes": freed,
+                                            "temp_files": len(gc_plan.temp_files)}, txid)
+            result.update(removed=removed, bytes_freed=freed)
+            return result
+
+    def status(self) -> dict:
+        s = self.store
+        conn = self.journal.conn
+        deps = self.journal.deployments()
+
+        def describe(slot: str):
+            dep = deps.get(slot)
+            if dep is None:
+                return None
+            info = {"image": dep["image"], "digest": dep["digest"]}
+            ev = next(self.journal.events(subject=dep["image"], kind="image.created",
+                                          newest_first=True, limit=1), None)
+            if ev is not None:
+                info.update(created_at=ev.at, created_by=ev.actor.get("user"))
+            return info
+
+        live_objects, live_bytes = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM object_refs WHERE refcount > 0").fetchone()
+        garbage, garbage_bytes = conn.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM object_refs WHERE refcount = 0").fetchone()
+        images, image_bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM images").fetchone()
+        return {
+            "root": str(s.root),
+            "deployments": {"current": describe("current"), "previous": describe("previous")},
+            "next_boot": (deps["current"]["image"] if "current" in deps else None),
+            "boot_mount": str(s.config.deploy_mount) if s.config and s.config.deploy_mount else None,
+            "transactions": s.transactions("open"),
+            "mounts": s.mounts(),
+            "store": {"images": images, "image_bytes": image_bytes, "objects": live_objects,
+                      "object_bytes": live_bytes, "reclaimable_objects": garbage,
+                      "reclaimable_bytes": garbage_bytes},
+            "journal": {"events": self.journal.last_seq()},
+        }
+
+    def verify(self) -> int:
+        from .journal import ChainBroken
+
+        try:
+            return self.journal.verify()
+        except ChainBroken as e:
+            raise errors.IntegrityError(str(e)) from None
+
+    def rebuild(self) -> dict:
+        with self.store.exclusive():
+            count = self.journal.rebuild()
+            problems = self.journal.check()
+        return {"events": count, "problems": problems}
+
+    def fsck(self, progress: Callable | None = None) -> dict:
+        """Recompute every referenced object's digest and every image's digest.
+
+        Reports the objects that are missing or corrupt and the images that
+        need them; changes nothing.
+        """
+        from .composefs import fsverity
+
+        s = self.store
+        conn = self.journal.conn
+        bad: dict[str, str] = {}
+        rows = conn.execute("SELECT object FROM object_refs WHERE refcount > 0 ORDER BY object").fetchall()
+        for i, (obj,) in enumerate(rows):
+            path = s.objects_dir / obj
+            try:
+                digest = fsverity.digest_file(str(path))
+            except FileNotFoundError:
+                bad[obj] = "missing"
+                continue
+            if fsverity.object_path(digest) != obj:
+                bad[obj] = "corrupt"
+            if progress is not None and i % 64 == 0:
+                progress(i, len(rows))
+        images = []
+        for img in s.images():
+            path = s.image_path(img["name"])
+            problem = None
+            if not path.exists():
+                problem = "image file missing"
+            elif fsverity.digest_file(str(path)).hex() != img["digest"]:
+                problem = "image file modified"
+            objs = [o for o, _ in self.journal.manifest(img["digest"]) if o in bad]
+            if problem or objs:
+                images.append({"name": img["name"], "problem": problem,
+                               "objects": [{"object": o, "state": bad[o]} for o in objs]})
+        return {"objects_checked": len(rows), "bad_objects": [{"object": o, "state": st} for o, st in bad.items()],
+                "images": images, "ok": not bad and not images}
