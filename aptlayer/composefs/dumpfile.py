@@ -161,9 +161,8 @@ def _digest(field: bytes) -> bytes | None:
     return bytes.fromhex(field.decode("ascii"))
 
 
-def _split_path(field: bytes) -> list[bytes]:
-    """Path components; repeated slashes collapse, like the C parser."""
-    path = unescape(field)
+def _split_path(path: bytes) -> list[bytes]:
+    """Components of an (unescaped) path; repeated slashes collapse, like the C parser."""
     if not path:
         raise ValueError("empty path")
     if not path.startswith(b"/"):
@@ -234,7 +233,7 @@ class _Parser:
         xattr_fields = fields[_FIXED_FIELDS:]
         if xattr_fields and xattr_fields[-1] == b"":
             xattr_fields.pop()  # one trailing space is tolerated
-        parts = tuple(_split_path(fixed[0]))
+        parts = tuple(_split_path(unescape(fixed[0])))
         node = self.node(fixed, lineno)
         budget = _XattrBudget(node)
         for field in xattr_fields:
