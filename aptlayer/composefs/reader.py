@@ -24,11 +24,13 @@ proportional to the file size and the walk is iterative. Every defect raises
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 import struct
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 from . import format as fmt
 from .tree import Node
@@ -48,6 +50,8 @@ MAX_SYMLINK_TARGET = 4095
 #: largest inline content of a regular file (the C library refuses more)
 MAX_INLINE_CONTENT = 5000
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _FORMAT_TYPES = frozenset(fmt.FT_FROM_MODE)
@@ -229,10 +233,9 @@ class _Image:
         dirents = list(fmt.DIRENT.iter_unpack(chunk[:names_start]))
         # Each name runs to the next one's offset; the last one to a NUL or the end.
         offsets = [nameoff for _nid, nameoff, _ftype in dirents]
-        last = offsets[-1]
-        nul = chunk.find(b"\0", last)
+        nul = chunk.find(b"\0", offsets[-1])
         offsets.append(length if nul < 0 else nul)
-        if offsets[-1] > length or not all(a < b for a, b in zip(offsets, offsets[1:])):
+        if not all(a < b for a, b in zip(offsets, offsets[1:])):
             raise ImageFormatError(f"directory inode {ino.nid}: bad name offsets")
         names_area = chunk[names_start : offsets[-1]]
         if b"/" in names_area or b"\0" in names_area:
@@ -368,6 +371,7 @@ def _apply_overlay_xattr(node: Node, name: bytes, value: bytes) -> None:
     if name == fmt.XATTR_REDIRECT:
         if is_reg:
             # The C reader over-reads one byte here; the payload is value[1:].
+            # Like its string copy, the payload ends at a NUL.
             payload = value[1:] if len(value) > 1 and value[:1] == b"/" else value
             node.payload = payload.partition(b"\0")[0]
     elif name == fmt.XATTR_METACOPY:
@@ -378,6 +382,7 @@ def _apply_overlay_xattr(node: Node, name: bytes, value: bytes) -> None:
         node.rdev = 0
         node.size = 0
         if node.content is not None:
+            # composefs-info keeps the content but prints it with the new size 0.
             node.content = b""
     elif name in _DROPPED_XATTRS:
         pass
@@ -421,10 +426,11 @@ def _load(data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> byte
     return bytes(data)
 
 
-def _guarded(func: Callable[..., object]) -> Callable[..., object]:
+def _guarded(func: Callable[_P, _T]) -> Callable[_P, _T]:
     """Turn any slip past the explicit checks into an ImageFormatError, never a crash."""
 
-    def wrapper(*args: object, **kwargs: object) -> object:
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return func(*args, **kwargs)
         except ImageFormatError:
@@ -432,8 +438,6 @@ def _guarded(func: Callable[..., object]) -> Callable[..., object]:
         except (struct.error, IndexError, ValueError, OverflowError) as exc:
             raise ImageFormatError(f"malformed image: {exc}") from None
 
-    wrapper.__name__ = func.__name__
-    wrapper.__doc__ = func.__doc__
     return wrapper
 
 
