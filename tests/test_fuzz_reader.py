@@ -13,6 +13,7 @@ import os
 import stat
 import struct
 import subprocess
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,19 @@ FUZZ = settings(
 @given(mutants())
 def test_mutated_images_read_or_raise(data: bytes) -> None:
     exercise(data)
+
+
+@settings(FUZZ, max_examples=60)
+@given(mutants())
+def test_memory_stays_proportional_to_the_image(data: bytes) -> None:
+    """Peak allocation while reading and printing stays within a constant factor of the size."""
+    tracemalloc.start()
+    try:
+        exercise(data)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= 64 * len(data) + (4 << 20)
 
 
 @pytest.mark.slow
