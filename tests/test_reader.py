@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import struct
 import subprocess
@@ -15,7 +16,7 @@ from aptlayer.composefs.listing import write_ls, write_objects
 from aptlayer.composefs.reader import ImageFormatError, _Image, image_objects, read_image
 from aptlayer.composefs.tree import Node
 
-from conftest import vector_names
+from conftest import UPSTREAM_TESTS, vector_names
 
 VECTORS = vector_names()
 
@@ -286,16 +287,28 @@ def test_filters_match_composefs_info(vectors: Path, composefs_info: str, name: 
         assert dump_bytes(full, keep) == dump_bytes(root)
 
 
-@pytest.mark.upstream
-def test_large_rootfs_matches_composefs_info(
-    tmp_path: Path, upstream_tests: Path, composefs_info: str, mkcomposefs: str
-) -> None:
-    import gzip
+def upstream_dumps() -> list[str]:
+    """Upstream's own test dumps that mkcomposefs accepts (read from disk)."""
+    if not UPSTREAM_TESTS.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in UPSTREAM_TESTS.iterdir()
+        if p.name.endswith((".dump", ".dump.gz")) and not p.name.startswith("should-fail")
+    )
 
-    source = tmp_path / "rootfs.dump"
-    source.write_bytes(gzip.decompress((upstream_tests / "cs9-x86_64-minimal.dump.gz").read_bytes()))
-    image = tmp_path / "rootfs.cfs"
-    subprocess.run([mkcomposefs, "--from-file", source, image], check=True)
+
+@pytest.mark.upstream
+@pytest.mark.parametrize("name", upstream_dumps())
+def test_upstream_test_images_match_composefs_info(
+    tmp_path: Path, upstream_tests: Path, composefs_info: str, mkcomposefs: str, name: str
+) -> None:
+    raw = (upstream_tests / name).read_bytes()
+    source = tmp_path / "input.dump"
+    source.write_bytes(gzip.decompress(raw) if name.endswith(".gz") else raw)
+    image = tmp_path / "image.cfs"
+    subprocess.run([mkcomposefs, "--from-file", source, image], check=True, capture_output=True)
     root = read_image(image)
     assert dump_bytes(root) == upstream(composefs_info, "dump", image).stdout
     assert ls_bytes(root) == upstream(composefs_info, "ls", image).stdout
+    assert objects_bytes(root) == upstream(composefs_info, "objects", image).stdout
