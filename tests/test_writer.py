@@ -390,6 +390,7 @@ class DumpGen:
         name = self.name(parent)
         path = (parent if parent == b"/" else parent + b"/") + name
         line = escape(path) + b" 0 @%o 1 0 0 0 0.0 " % mode + escape(target) + b" - -\n"
+        self.files.append((path, mode))  # later links may chain through this one
         after = next(i for i, (p, _l, _pp) in enumerate(self.lines) if p == parent) if parent != b"/" else -1
         self.lines.insert(rng.randint(after + 1, len(self.lines)), (path, line, parent))
 
@@ -438,6 +439,32 @@ def compare_with_mkcomposefs(mkcomposefs: str, text: bytes, versions: tuple[int,
 @given(seed=SEEDS, versions=VERSIONS)
 def test_random_dumps_match_mkcomposefs(mkcomposefs, seed, versions):
     compare_with_mkcomposefs(mkcomposefs, DumpGen(random.Random(seed)).dump(), versions)
+
+
+LONG = b"v" * 80
+#: inputs where an overlay marker replaces an input xattr (mkcomposefs' ERANGE quirk)
+MARKER_CLASHES = [
+    (b"/w 0 20000 1 0 0 0 0.0 - - - user.overlay.whiteout=" + LONG + b"\n", (0, 0)),
+    (b"/w 0 20000 1 0 0 0 0.0 - - - trusted.overlay.whiteout=" + LONG + b"\n", (0, 0)),
+    (b"/w 0 20000 1 0 0 0 0.0 - - - trusted.overlay.whiteout=" + LONG + b" user.a=b\n", (0, 0)),
+    (b"/w 0 20000 1 0 0 0 0.0 - - - trusted.overlay.whiteout=x user.overlay.whiteout=" + LONG + b"\n", (0, 0)),
+    (b"/d 0 40755 2 0 0 0 0.0 - - - user.overlay.whiteouts=" + LONG + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n", (0, 0)),
+    (b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque=" + LONG + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n", (1, 1)),
+    (b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque=" + LONG + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n", (0, 0)),
+    (b"/d 0 40755 2 0 0 0 0.0 - - - user.overlay.opaque=" + LONG + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n", (1, 1)),
+    (
+        b"/d 0 40755 2 0 0 0 0.0 - - - user.overlay.opaque=" + LONG + b"\n"
+        + b"/d/v 0 20000 1 0 0 0 0.0 - - -\n/d/w 0 20000 1 0 0 0 0.0 - - -\n",
+        (0, 1),
+    ),
+    (b"/f 10 100644 1 0 0 0 0.0 x - - trusted.overlay.redirect=" + LONG + b"\n", (0, 1)),
+]
+
+
+@pytest.mark.upstream
+@pytest.mark.parametrize(("lines", "versions"), MARKER_CLASHES)
+def test_overlay_marker_clashes_match_mkcomposefs(mkcomposefs, lines, versions):
+    compare_with_mkcomposefs(mkcomposefs, ROOT + lines, versions)
 
 
 @pytest.mark.upstream

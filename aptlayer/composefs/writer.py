@@ -14,9 +14,11 @@ The steps, in order (see docs of the composefs format for the why of each):
 
 from __future__ import annotations
 
+import gc
 import stat
-import struct
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -717,7 +719,43 @@ def build_image(root: Node, *, min_version: int = 0, max_version: int = 1) -> by
     ``max_version`` allows it) when the tree contains an overlay whiteout.
     The caller's tree is not modified. Raises :class:`ImageError`.
     """
+    with _gc_paused():
+        return _build(root, min_version, max_version)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while an image is built.
+
+    Building allocates several objects per inode that all stay alive until
+    the end; on a 60,000-entry tree the collector's passes over them (and
+    over the caller's tree) took longer than the build itself.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _build(root: Node, min_version: int, max_version: int) -> bytes:
     lay = _lay_out(root, min_version, max_version)
+    try:
+        return _emit(lay)
+    finally:
+        _break_cycles(lay.order)
+
+
+def _break_cycles(order: list[_Inode]) -> None:
+    """Drop the ``.``/``..`` back references so that reference counting frees the copy."""
+    for inode in order:
+        inode.entries = None
+        inode.dir_groups = []
+
+
+def _emit(lay: _Layout) -> bytes:
     image = bytearray(lay.blocks * F.BLOCK_SIZE)
     _superblocks(lay, image)
     offsets = []
