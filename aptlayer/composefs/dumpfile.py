@@ -17,19 +17,18 @@ import stat
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from .format import DIGEST_SIZE, MAX_NAME_LEN
+from .format import (
+    DIGEST_SIZE,
+    MAX_INLINE_CONTENT,
+    MAX_NAME_LEN,
+    MAX_SYMLINK_LEN,
+    MAX_XATTR_BUDGET,
+    MAX_XATTR_NAME_LEN,
+    MAX_XATTR_VALUE_LEN,
+    XATTR_BUDGET_BASE,
+    XATTR_BUDGET_PER_ENTRY,
+)
 from .tree import Node
-
-#: the longest inline content a dump may carry
-MAX_INLINE_CONTENT = 5000
-#: a symlink target must be shorter than this
-MAX_SYMLINK_LEN = 4096
-MAX_XATTR_NAME_LEN = 255
-MAX_XATTR_VALUE_LEN = 65535
-#: the per-inode xattr budget: 12 + sum of (7 + len(name) + len(value))
-MAX_XATTR_BUDGET = 32767
-XATTR_BUDGET_BASE = 12
-XATTR_BUDGET_PER_ENTRY = 7
 
 _FILE_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)

@@ -113,6 +113,20 @@ FT_FROM_MODE = {
 #: the longest name of a directory entry
 MAX_NAME_LEN = 255
 
+# --- limits of the node model (what mkcomposefs accepts) ----------------------
+
+#: the longest inline content of a regular file
+MAX_INLINE_CONTENT = 5000
+#: a symlink target must be shorter than this (PATH_MAX)
+MAX_SYMLINK_LEN = 4096
+MAX_XATTR_NAME_LEN = 255
+MAX_XATTR_VALUE_LEN = 65535
+#: per-inode xattr budget: XATTR_BUDGET_BASE + sum of
+#: (XATTR_BUDGET_PER_ENTRY + len(name) + len(value)) must not exceed this
+MAX_XATTR_BUDGET = 32767
+XATTR_BUDGET_BASE = 12
+XATTR_BUDGET_PER_ENTRY = 7
+
 # --- extended attributes ------------------------------------------------------
 
 #: h_name_filter (u32), h_shared_count (u8), 7 reserved bytes

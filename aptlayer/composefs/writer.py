@@ -1,6 +1,6 @@
 """Write a tree as a composefs image, byte for byte like mkcomposefs 1.0.8.
 
-The steps, in order (see docs of the composefs format for the why of each):
+The steps, in order (composefs-format.md in the shared notes explains each rule):
 
 1. validate the input tree and copy it into private ``_Inode`` records, so
    the caller's tree is never changed;
@@ -25,7 +25,8 @@ from typing import BinaryIO
 import xxhash
 
 from . import format as F
-from .dumpfile import (
+from .dumpfile import escape
+from .format import (
     MAX_INLINE_CONTENT,
     MAX_SYMLINK_LEN,
     MAX_XATTR_BUDGET,
@@ -33,7 +34,6 @@ from .dumpfile import (
     MAX_XATTR_VALUE_LEN,
     XATTR_BUDGET_BASE,
     XATTR_BUDGET_PER_ENTRY,
-    escape,
 )
 from .tree import Node
 
@@ -466,7 +466,7 @@ def _split_dir(inode: _Inode) -> None:
 
 
 def _size_inode(inode: _Inode) -> None:
-    """n_blocks, tail and i_size before placement (§8 of the format notes)."""
+    """n_blocks, tail and i_size before placement (composefs-format.md §8)."""
     ftype = inode.ftype
     if inode.entries is not None:
         _split_dir(inode)
@@ -505,10 +505,12 @@ def _round_up(x: int, align: int) -> int:
 def _padding(inode: _Inode, pos: int, isize: int) -> int:
     """Zero bytes to put before the inode so that its inline tail stays in one block.
 
-    May move the tail to a data block instead, when it cannot fit.
+    May move the tail to a data block instead, when it cannot fit. Symlinks
+    follow their own C rule: the padding is decided from the size the inode
+    had before a long target moved out to a block.
     """
     block = F.BLOCK_SIZE
-    if inode.ftype == stat.S_IFLNK and inode.entries is None:
+    if inode.ftype == stat.S_IFLNK:
         total = isize + inode.xattr_size + len(inode.tail)
         if total >= block:
             inode.n_blocks, inode.tail = 1, b""
@@ -530,12 +532,9 @@ def _padding(inode: _Inode, pos: int, isize: int) -> int:
 
 
 def _layout(inode: _Inode) -> int:
-    ftype = inode.ftype
-    if ftype == stat.S_IFREG and inode.content is None and inode.size > 0:
+    if inode.ftype == stat.S_IFREG and inode.content is None and inode.size > 0:
         return F.LAYOUT_CHUNK_BASED
-    if inode.tail and (inode.entries is not None or ftype in (stat.S_IFREG, stat.S_IFLNK)):
-        return F.LAYOUT_FLAT_INLINE
-    return F.LAYOUT_FLAT_PLAIN
+    return F.LAYOUT_FLAT_INLINE if inode.tail else F.LAYOUT_FLAT_PLAIN
 
 
 def _place(order: list[_Inode]) -> int:
