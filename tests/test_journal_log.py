@@ -68,7 +68,10 @@ def test_manifest_recorded_once_with_hash_in_event(journal: Journal) -> None:
         create(journal, "three", "D1", [("c" * 64, 1)])
     with pytest.raises(ManifestConflict):
         create(journal, "four", "D2", [("c" * 64, 1), ("c" * 64, 2)])
-    assert journal.image("three") is None and journal.verify() == journal.last_seq()
+    with pytest.raises(ManifestConflict, match="size"):
+        create(journal, "five", "D3", [("a" * 64, 6)])
+    assert journal.image("three") is None and journal.image("five") is None
+    assert journal.verify() == journal.last_seq()
 
 
 def test_transaction_is_all_or_nothing(journal: Journal) -> None:

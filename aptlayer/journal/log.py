@@ -122,7 +122,8 @@ class Writer:
 
         With ``manifest``, ``data["digest"]`` names the image and
         ``data["manifest"]`` is set to the manifest's hash, so the chain also
-        protects the manifest rows.
+        protects the manifest rows. An object id is a content digest, so it
+        has one size in every manifest; a different one is a ManifestConflict.
         """
         conn = self._conn
         if not projection.known_kind(kind):
@@ -165,6 +166,13 @@ class Writer:
             "INSERT INTO image_objects (digest, object, size) VALUES (?, ?, ?)",
             ((image, obj, size) for obj, size in rows),
         )
+        clash = self._conn.execute(
+            "SELECT n.object, n.size, o.size FROM image_objects AS n JOIN image_objects AS o "
+            "ON o.object = n.object AND o.digest != n.digest AND o.size != n.size WHERE n.digest = ? LIMIT 1",
+            (image,),
+        ).fetchone()
+        if clash is not None:
+            raise ManifestConflict(f"object {clash[0]} has size {clash[1]} here but {clash[2]} in another manifest")
 
     def commit_tx(self, tx: str, actor: dict | None = None) -> list[Event]:
         """Make every staged operation of ``tx`` effective, then record ``tx.committed``.
@@ -336,7 +344,10 @@ class Journal:
         """Drop the projection and replay every event; return how many."""
         with self.transaction():
             projection.clear(self.conn)
-            return self._replay(0)
+            refs = projection.DeferredRefs()
+            count = self._replay(0, refs)
+            refs.finish(self.conn)
+            return count
 
     def catch_up(self) -> int:
         """Apply events past ``applied_seq``; one indexed read when up to date."""
@@ -346,12 +357,12 @@ class Journal:
             applied, last = projection.applied_seq(self.conn), self.last_seq()
             if applied > last:
                 raise ChainBroken(last + 1, f"events missing: the projection was applied up to seq {applied}")
-            return self._replay(applied)
+            return self._replay(applied, projection.INCREMENTAL)
 
-    def _replay(self, after: int) -> int:
+    def _replay(self, after: int, refs: projection.Refs) -> int:
         count = 0
         for row in self.conn.execute(f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,)):
-            projection.apply(self.conn, Event.from_row(row))
+            projection.apply(self.conn, Event.from_row(row), refs)
             count += 1
         return count
 

@@ -119,12 +119,69 @@ _RELEASE_OBJECTS = """
     UPDATE object_refs SET refcount = refcount - 1
     WHERE object IN (SELECT object FROM image_objects WHERE digest = ?)"""
 
+_BULK_REFS = """
+    INSERT INTO object_refs (object, refcount, size)
+    SELECT io.object, count(h.digest), min(io.size)
+      FROM image_objects AS io
+      LEFT JOIN (SELECT DISTINCT digest FROM roots) AS h ON h.digest = io.digest
+     WHERE io.digest IN (SELECT value FROM json_each(?))
+     GROUP BY io.object"""
+
 
 def _holders(conn: sqlite3.Connection, digest: str) -> int:
     return conn.execute("SELECT count(*) FROM roots WHERE digest = ?", (digest,)).fetchone()[0]
 
 
-def _set_root(conn: sqlite3.Connection, holder: str, digest: str | None) -> None:
+class Refs:
+    """Keeps ``object_refs`` in step as roots come and go, event by event.
+
+    Object rows change only when a digest gains its first root or loses its
+    last one; ``gc.swept`` drops the rows that reached zero.
+    """
+
+    def gained(self, conn: sqlite3.Connection, digest: str) -> None:
+        if _holders(conn, digest) == 1:
+            conn.execute(_HOLD_OBJECTS, (digest,))
+
+    def lost(self, conn: sqlite3.Connection, digest: str) -> None:
+        if _holders(conn, digest) == 0:
+            conn.execute(_RELEASE_OBJECTS, (digest,))
+
+    def swept(self, conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM object_refs WHERE refcount = 0")
+
+
+class DeferredRefs(Refs):
+    """For a replay from scratch: compute ``object_refs`` once, at the end.
+
+    An object has a row exactly when some digest listing it was held at a
+    moment since the last ``gc.swept`` (a sweep keeps the rows of the digests
+    held then). So it suffices to remember those digests and, in ``finish``,
+    count for each of their objects the digests still held. The property
+    test checks that this gives the same table as ``Refs``.
+    """
+
+    def __init__(self) -> None:
+        self.touched: set[str] = set()
+
+    def gained(self, conn: sqlite3.Connection, digest: str) -> None:
+        self.touched.add(digest)
+
+    def lost(self, conn: sqlite3.Connection, digest: str) -> None:
+        pass
+
+    def swept(self, conn: sqlite3.Connection) -> None:
+        self.touched = {row[0] for row in conn.execute("SELECT DISTINCT digest FROM roots")}
+
+    def finish(self, conn: sqlite3.Connection) -> None:
+        conn.execute("DELETE FROM object_refs")
+        conn.execute(_BULK_REFS, (json.dumps(sorted(self.touched)),))
+
+
+INCREMENTAL = Refs()
+
+
+def _set_root(conn: sqlite3.Connection, refs: Refs, holder: str, digest: str | None) -> None:
     """Point ``holder`` at ``digest`` (None removes it), adjusting refcounts.
 
     The new digest is held before the old one is released, so moving a root
@@ -142,12 +199,11 @@ def _set_root(conn: sqlite3.Connection, holder: str, digest: str | None) -> None
             "ON CONFLICT (holder) DO UPDATE SET digest = excluded.digest",
             (holder, digest),
         )
-        if _holders(conn, digest) == 1:
-            conn.execute(_HOLD_OBJECTS, (digest,))
+        refs.gained(conn, digest)
     else:
         conn.execute("DELETE FROM roots WHERE holder = ?", (holder,))
-    if old is not None and _holders(conn, old) == 0:
-        conn.execute(_RELEASE_OBJECTS, (old,))
+    if old is not None:
+        refs.lost(conn, old)
 
 
 # --- helpers over the state -----------------------------------------------
@@ -181,7 +237,7 @@ def _pending(conn: sqlite3.Connection, tx: str, op: str, name: str) -> int | Non
     return row[0] if row else None
 
 
-def _settle(conn: sqlite3.Connection, ev: Event, op: str, name: str) -> None:
+def _settle(conn: sqlite3.Connection, ev: Event, refs: Refs, op: str, name: str) -> None:
     """Mark the pending staged ``op`` of ``name`` in the event's open tx as effective."""
     if not _open_tx(conn, ev):
         return
@@ -189,7 +245,7 @@ def _settle(conn: sqlite3.Connection, ev: Event, op: str, name: str) -> None:
     if staged is not None:
         conn.execute("UPDATE tx_ops SET effective_seq = ? WHERE seq = ?", (ev.seq, staged))
         if op == "create":
-            _set_root(conn, f"staged:{ev.tx}:{name}", None)
+            _set_root(conn, refs, f"staged:{ev.tx}:{name}", None)
 
 
 def _slot(conn: sqlite3.Connection, slot: str) -> dict | None:
@@ -204,7 +260,7 @@ def _fail(ev: Event, message: str) -> ProjectionError:
 # --- apply functions, one per event kind ---------------------------------
 
 
-def _tx_begun(conn: sqlite3.Connection, ev: Event) -> None:
+def _tx_begun(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     if ev.subject != ev.tx:
         raise _fail(ev, "subject must be the transaction id")
     if conn.execute("SELECT 1 FROM transactions WHERE id = ?", (ev.tx,)).fetchone():
@@ -215,7 +271,7 @@ def _tx_begun(conn: sqlite3.Connection, ev: Event) -> None:
     )
 
 
-def _tx_end(conn: sqlite3.Connection, ev: Event, state: str) -> None:
+def _tx_end(conn: sqlite3.Connection, ev: Event, refs: Refs, state: str) -> None:
     if ev.subject != ev.tx:
         raise _fail(ev, "subject must be the transaction id")
     _require_open_tx(conn, ev)
@@ -229,22 +285,22 @@ def _tx_end(conn: sqlite3.Connection, ev: Event, state: str) -> None:
     for (name,) in conn.execute(
         "SELECT name FROM tx_ops WHERE tx = ? AND op = 'create' AND effective_seq IS NULL", (ev.tx,)
     ).fetchall():
-        _set_root(conn, f"staged:{ev.tx}:{name}", None)
+        _set_root(conn, refs, f"staged:{ev.tx}:{name}", None)
     conn.execute(
         "UPDATE transactions SET state = ?, ended_seq = ?, ended_at = ? WHERE id = ?",
         (state, ev.seq, ev.at, ev.tx),
     )
 
 
-def _tx_committed(conn: sqlite3.Connection, ev: Event) -> None:
-    _tx_end(conn, ev, "committed")
+def _tx_committed(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+    _tx_end(conn, ev, refs, "committed")
 
 
-def _tx_aborted(conn: sqlite3.Connection, ev: Event) -> None:
-    _tx_end(conn, ev, "aborted")
+def _tx_aborted(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+    _tx_end(conn, ev, refs, "aborted")
 
 
-def _stage(conn: sqlite3.Connection, ev: Event, op: str) -> None:
+def _stage(conn: sqlite3.Connection, ev: Event, refs: Refs, op: str) -> None:
     _require_open_tx(conn, ev)
     name, digest = ev.subject, ev.data.get("digest")
     if not isinstance(digest, str):
@@ -265,22 +321,22 @@ def _stage(conn: sqlite3.Connection, ev: Event, op: str) -> None:
         (ev.seq, ev.tx, op, name, digest, json.dumps(ev.data, sort_keys=True, separators=(",", ":"))),
     )
     if op == "create":
-        _set_root(conn, f"staged:{ev.tx}:{name}", digest)
+        _set_root(conn, refs, f"staged:{ev.tx}:{name}", digest)
 
 
-def _image_staged(conn: sqlite3.Connection, ev: Event) -> None:
-    _stage(conn, ev, "create")
+def _image_staged(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+    _stage(conn, ev, refs, "create")
 
 
-def _delete_staged(conn: sqlite3.Connection, ev: Event) -> None:
-    _stage(conn, ev, "delete")
+def _delete_staged(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+    _stage(conn, ev, refs, "delete")
 
 
-def _deploy_staged(conn: sqlite3.Connection, ev: Event) -> None:
-    _stage(conn, ev, "deploy")
+def _deploy_staged(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+    _stage(conn, ev, refs, "deploy")
 
 
-def _image_created(conn: sqlite3.Connection, ev: Event) -> None:
+def _image_created(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     digest = ev.data.get("digest")
     if not isinstance(digest, str):
         raise _fail(ev, "data.digest missing")
@@ -290,36 +346,36 @@ def _image_created(conn: sqlite3.Connection, ev: Event) -> None:
         "INSERT INTO images (name, digest, size, created_seq, created_at, tx) VALUES (?, ?, ?, ?, ?, ?)",
         (ev.subject, digest, int(ev.data.get("size", 0)), ev.seq, ev.at, ev.tx),
     )
-    _set_root(conn, f"image:{ev.subject}", digest)
-    _settle(conn, ev, "create", ev.subject)
+    _set_root(conn, refs, f"image:{ev.subject}", digest)
+    _settle(conn, ev, refs, "create", ev.subject)
 
 
-def _image_deleted(conn: sqlite3.Connection, ev: Event) -> None:
+def _image_deleted(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     live = _image_digest(conn, ev.subject)
     if live is None:
         raise _fail(ev, "no live image of that name")
     if ev.data.get("digest", live) != live:
         raise _fail(ev, f"live image has digest {live}, not {ev.data['digest']}")
     conn.execute("DELETE FROM images WHERE name = ?", (ev.subject,))
-    _set_root(conn, f"image:{ev.subject}", None)
-    _settle(conn, ev, "delete", ev.subject)
+    _set_root(conn, refs, f"image:{ev.subject}", None)
+    _settle(conn, ev, refs, "delete", ev.subject)
 
 
-def _set_deployments(conn: sqlite3.Connection, ev: Event) -> None:
+def _set_deployments(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     for slot in ("current", "previous"):
         target = ev.data[slot]
         if target is None:
             conn.execute("DELETE FROM deployments WHERE slot = ?", (slot,))
-            _set_root(conn, f"deploy:{slot}", None)
+            _set_root(conn, refs, f"deploy:{slot}", None)
         else:
             conn.execute(
                 "INSERT OR REPLACE INTO deployments (slot, image, digest, seq) VALUES (?, ?, ?, ?)",
                 (slot, target["image"], target["digest"], ev.seq),
             )
-            _set_root(conn, f"deploy:{slot}", target["digest"])
+            _set_root(conn, refs, f"deploy:{slot}", target["digest"])
 
 
-def _deployed(conn: sqlite3.Connection, ev: Event) -> None:
+def _deployed(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     current = ev.data.get("current")
     if not isinstance(current, dict) or current.get("image") != ev.subject:
         raise _fail(ev, "data.current must be {image: subject, digest}")
@@ -327,11 +383,11 @@ def _deployed(conn: sqlite3.Connection, ev: Event) -> None:
         raise _fail(ev, "only a live image can be deployed")
     if ev.data.get("previous") != _slot(conn, "current"):
         raise _fail(ev, f"data.previous must be the current deployment {_slot(conn, 'current')}")
-    _set_deployments(conn, ev)
-    _settle(conn, ev, "deploy", ev.subject)
+    _set_deployments(conn, ev, refs)
+    _settle(conn, ev, refs, "deploy", ev.subject)
 
 
-def _rolled_back(conn: sqlite3.Connection, ev: Event) -> None:
+def _rolled_back(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     before_current, before_previous = _slot(conn, "current"), _slot(conn, "previous")
     if before_previous is None:
         raise _fail(ev, "no previous deployment")
@@ -339,10 +395,10 @@ def _rolled_back(conn: sqlite3.Connection, ev: Event) -> None:
         raise _fail(ev, "data must swap the current and previous deployments")
     if ev.subject != before_previous["image"]:
         raise _fail(ev, "subject must be the image rolled back to")
-    _set_deployments(conn, ev)
+    _set_deployments(conn, ev, refs)
 
 
-def _mounted(conn: sqlite3.Connection, ev: Event) -> None:
+def _mounted(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     mountpoint, digest = ev.data.get("mountpoint"), ev.data.get("digest")
     if not isinstance(mountpoint, str) or not isinstance(digest, str):
         raise _fail(ev, "data.mountpoint and data.digest are required")
@@ -354,7 +410,7 @@ def _mounted(conn: sqlite3.Connection, ev: Event) -> None:
         "VALUES (?, ?, ?, ?, 'mounted', ?)",
         (mountpoint, ev.subject, digest, str(ev.data.get("boot_id", "")), ev.seq),
     )
-    _set_root(conn, f"mount:{mountpoint}", digest)
+    _set_root(conn, refs, f"mount:{mountpoint}", digest)
 
 
 def _mount_row(conn: sqlite3.Connection, ev: Event) -> tuple[str, str]:
@@ -365,29 +421,29 @@ def _mount_row(conn: sqlite3.Connection, ev: Event) -> tuple[str, str]:
     return row[0], row[1]
 
 
-def _unmounted(conn: sqlite3.Connection, ev: Event) -> None:
+def _unmounted(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     mountpoint, _ = _mount_row(conn, ev)
     conn.execute("DELETE FROM mounts WHERE mountpoint = ?", (mountpoint,))
-    _set_root(conn, f"mount:{mountpoint}", None)
+    _set_root(conn, refs, f"mount:{mountpoint}", None)
 
 
-def _mount_lost(conn: sqlite3.Connection, ev: Event) -> None:
+def _mount_lost(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     mountpoint, state = _mount_row(conn, ev)
     if state != "mounted":
         raise _fail(ev, f"{mountpoint} is already marked lost")
     conn.execute("UPDATE mounts SET state = 'lost', seq = ? WHERE mountpoint = ?", (ev.seq, mountpoint))
-    _set_root(conn, f"mount:{mountpoint}", None)
+    _set_root(conn, refs, f"mount:{mountpoint}", None)
 
 
-def _gc_swept(conn: sqlite3.Connection, ev: Event) -> None:
-    conn.execute("DELETE FROM object_refs WHERE refcount = 0")
+def _gc_swept(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+    refs.swept(conn)
 
 
-def _info(conn: sqlite3.Connection, ev: Event) -> None:
+def _info(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     """Events recorded for the audit only (gc.begun, recover.*, drift.*)."""
 
 
-APPLY: dict[str, Callable[[sqlite3.Connection, "Event"], None]] = {
+APPLY: dict[str, Callable[[sqlite3.Connection, "Event", Refs], None]] = {
     "tx.begun": _tx_begun,
     "tx.committed": _tx_committed,
     "tx.aborted": _tx_aborted,
@@ -410,7 +466,7 @@ def known_kind(kind: str) -> bool:
     return kind in APPLY or (kind.startswith(INFO_PREFIXES) and kind not in INFO_PREFIXES)
 
 
-def apply(conn: sqlite3.Connection, ev: Event) -> None:
+def apply(conn: sqlite3.Connection, ev: Event, refs: Refs = INCREMENTAL) -> None:
     """Fold one event into the projection; the caller holds the write transaction.
 
     Raises ProjectionError when the event does not fit the state, or is not
@@ -424,7 +480,7 @@ def apply(conn: sqlite3.Connection, ev: Event) -> None:
     ).rowcount
     if moved != 1:
         raise ProjectionError(f"event {ev.seq} applied out of order (applied_seq is {applied_seq(conn)})", ev.seq)
-    APPLY.get(ev.kind, _info)(conn, ev)
+    APPLY.get(ev.kind, _info)(conn, ev, refs)
 
 
 def clear(conn: sqlite3.Connection) -> None:

@@ -26,6 +26,7 @@ from . import projection, views
 from .errors import JournalCorruptError, JournalVersionError
 
 BUSY_TIMEOUT_S = 30.0
+CACHE_KIB = 65536  # page cache per connection, allocated as used: rebuilds touch every refcount row
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 _JOURNAL_DDL = (
@@ -163,6 +164,7 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
             raise JournalCorruptError(f"{path}: cannot switch to WAL mode (got {mode})")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         migrate(conn)
     except sqlite3.DatabaseError as e:
         conn.close()
