@@ -21,7 +21,7 @@ fi
 if [[ ! -x $repo/.venv/bin/python ]]; then
   python3 -m venv "$repo/.venv"
 fi
-"$repo/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]"
+"$repo/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]" 2> >(grep -v "^WARNING: Location" >&2)
 
 # The oracle: optional. If it cannot be built, tests that compare with it skip.
 if ! "$repo/tools/build-upstream-composefs.sh" "$repo/.upstream/composefs-1.0.8" >/dev/null; then
