@@ -324,7 +324,11 @@ class ObjectStore:
         return ImportResult(digest, dest, False, verity, size, why)
 
     def _ensure_dir(self, path: str, parent: str) -> None:
-        """Create ``path`` if needed; its new entry in ``parent`` is made durable."""
+        """Create ``path`` if needed and make its entry in ``parent`` durable.
+
+        A directory found already there is synced too: another thread or
+        process may have made it and not synced its parent yet.
+        """
         if path in self._dirs_made:
             return
         try:
@@ -332,8 +336,7 @@ class ObjectStore:
         except FileExistsError:
             if not os.path.isdir(path) or os.path.islink(path):
                 raise
-        else:
-            self._synced(parent)
+        self._synced(parent)
         with self._lock:
             self._dirs_made.add(path)
 
