@@ -441,6 +441,23 @@ def test_random_dumps_match_mkcomposefs(mkcomposefs, seed, versions):
     compare_with_mkcomposefs(mkcomposefs, DumpGen(random.Random(seed)).dump(), versions)
 
 
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=SEEDS)
+def test_random_images_pass_fsck_erofs(tmp_path, seed):
+    """Independent of mkcomposefs: the erofs structure of random images is consistent."""
+    fsck = shutil.which("fsck.erofs")
+    if fsck is None:
+        pytest.skip("fsck.erofs (erofs-utils) not installed")
+    try:
+        image = build_image(parse_dump(DumpGen(random.Random(seed)).dump()))
+    except (DumpError, ImageError):
+        return
+    path = tmp_path / "image.cfs"
+    path.write_bytes(image)
+    run = subprocess.run([fsck, path], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 LONG = b"v" * 80
 #: inputs where an overlay marker replaces an input xattr (mkcomposefs' ERANGE quirk)
 MARKER_CLASHES = [
