@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -66,6 +67,18 @@ def _map_os_error(e: OSError, what: str) -> errors.AptLayerError:
     return errors.AptLayerError(f"{what}: {e.strerror or e}")
 
 
+def _map_sqlite_error(e: sqlite3.OperationalError, what: str) -> errors.AptLayerError:
+    """SQLite's refusals (read-only file, full disk, busy) as the errors they are."""
+    name = getattr(e, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        return errors.PermissionDenied(f"{what}: {e} (not writable by uid {os.geteuid()}; run as root?)")
+    if name.startswith("SQLITE_FULL"):
+        return errors.NoSpace(f"{what}: no space left on device")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return errors.Conflict(f"{what}: the journal is busy (another apt-layer is writing)")
+    return errors.AptLayerError(f"{what}: {e}")
+
+
 class Store:
     """An apt-layer store at ``root``. Open with :meth:`Store.open`."""
 
@@ -98,11 +111,13 @@ class Store:
         try:
             journal = Journal.open(root / "journal.db")
         except JournalVersionError as e:
-            raise errors.StoreVersionError(f"{root}/journal.db: {e}") from None
+            raise errors.StoreVersionError(str(e)) from None
         except JournalCorruptError as e:
-            raise errors.StoreCorrupt(f"{root}/journal.db: {e}") from None
+            raise errors.StoreCorrupt(str(e)) from None
         except OSError as e:
             raise _map_os_error(e, f"{root}/journal.db") from None
+        except sqlite3.OperationalError as e:
+            raise _map_sqlite_error(e, f"{root}/journal.db") from None
         return cls(root, journal, config)
 
     def close(self) -> None:
@@ -113,16 +128,37 @@ class Store:
     @contextmanager
     def writing(self) -> Iterator[None]:
         """Writers share the store lock; gc and recovery wait for them to finish."""
-        with locked(self.lock_path, exclusive=False):
+        with self._journal_errors(), self._lock(exclusive=False):
             yield
 
     @contextmanager
     def exclusive(self, timeout: float | None = None) -> Iterator[None]:
         try:
-            with locked(self.lock_path, exclusive=True, timeout=timeout):
+            with self._journal_errors(), self._lock(exclusive=True, timeout=timeout):
                 yield
         except LockTimeout:
             raise errors.Conflict("the store is busy (another apt-layer holds its lock)") from None
+
+    @contextmanager
+    def _lock(self, exclusive: bool, timeout: float | None = None) -> Iterator[None]:
+        """The store lock; failing to open the lock file (not root) is a one-line error."""
+        held = False
+        try:
+            with locked(self.lock_path, exclusive=exclusive, timeout=timeout):
+                held = True
+                yield
+        except OSError as e:
+            if held:
+                raise
+            raise _map_os_error(e, f"cannot lock the store ({self.lock_path})") from None
+
+    @contextmanager
+    def _journal_errors(self) -> Iterator[None]:
+        """A journal write refused by SQLite (read-only, full disk) is a one-line error."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            raise _map_sqlite_error(e, self.journal.path) from None
 
     def image_path(self, name: str) -> Path:
         return self.images_dir / (name + IMAGE_SUFFIX)
@@ -444,7 +480,8 @@ class Store:
 
     def tx_begin(self) -> str:
         txid = new_tx_id()
-        self._append("tx.begun", txid, {"explicit": True, "boot_id": self.boot_id}, txid)
+        with self.writing():
+            self._append("tx.begun", txid, {"explicit": True, "boot_id": self.boot_id}, txid)
         return txid
 
     def tx_commit(self, tx: str) -> dict:
