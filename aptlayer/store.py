@@ -67,6 +67,21 @@ def _map_os_error(e: OSError, what: str) -> errors.AptLayerError:
     return errors.AptLayerError(f"{what}: {e.strerror or e}")
 
 
+#: errors writing into the store (not reading the source): full disk, read-only store
+_STORE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError a wrapped error (BuildError <- ScanError <- OSError) came from, if any."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
 def _map_sqlite_error(e: sqlite3.OperationalError, what: str) -> errors.AptLayerError:
     """SQLite's refusals (read-only file, full disk, busy) as the errors they are."""
     name = getattr(e, "sqlite_errorname", "")
@@ -302,6 +317,9 @@ class Store:
                                              max_version=options.max_version)
                 build.write_file_atomic(staged, image)
         except build.BuildError as e:
+            cause = _os_error_behind(e)
+            if cause is not None and cause.errno in _STORE_ERRNOS:
+                raise _map_os_error(cause, f"creating image {name!r}") from None
             raise errors.InvalidInput(str(e)) from None
         fault("create.after-image")
         return staged, digest.hex(), len(image), manifest_of(root), stats
@@ -325,6 +343,8 @@ class Store:
             args.append(f"--digest-store={self.objects_dir}")
         proc = subprocess.run([*args, source, str(staged)], capture_output=True, text=True)
         if proc.returncode != 0:
+            if os.strerror(errno.ENOSPC) in proc.stderr:
+                raise errors.NoSpace(f"creating image {staged.stem!r}: no space left on device")
             raise errors.InvalidInput(proc.stderr.strip().splitlines()[0] if proc.stderr.strip()
                                       else f"mkcomposefs failed ({proc.returncode})")
         fd = os.open(staged, os.O_RDONLY)
@@ -391,9 +411,19 @@ class Store:
         fsops.fsync_dir(str(self.staging_dir))
 
     def _abort(self, tx: str, reason: str) -> None:
-        """Record ``tx.aborted`` and drop the transaction's staged work."""
+        """Record ``tx.aborted`` and drop the transaction's staged work.
+
+        On a full disk the staged work goes first, to make room for the event.
+        """
         if self.journal.transaction_state(tx) == "open":
-            self._append("tx.aborted", tx, {"reason": reason[:500]}, tx)
+            data = {"reason": reason[:500]}
+            try:
+                self._append("tx.aborted", tx, data, tx)
+            except sqlite3.OperationalError as e:
+                if not getattr(e, "sqlite_errorname", "").startswith("SQLITE_FULL"):
+                    raise
+                self._clear_staging(tx)
+                self._append("tx.aborted", tx, data, tx)
         fault("abort.after-event")
         self._clear_staging(tx)
 
