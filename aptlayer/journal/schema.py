@@ -20,8 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import sqlite_utils
-
 from . import projection, views
 from .errors import JournalCorruptError, JournalVersionError
 
@@ -64,6 +62,10 @@ def _journal(conn: sqlite3.Connection) -> None:
 
 
 def _views(conn: sqlite3.Connection) -> None:
+    # Imported here: sqlite_utils costs ~35 ms to import, and recovery at
+    # boot opens the journal without ever running a migration.
+    import sqlite_utils
+
     db = sqlite_utils.Database(conn)
     for name, sql in views.VIEWS.items():
         db.create_view(name, sql)
