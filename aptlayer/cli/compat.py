@@ -328,19 +328,34 @@ def composefs() -> None:
 @composefs.command("mkcomposefs", context_settings=_RAW, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def mkcomposefs_cmd(args: tuple[str, ...]) -> None:
-    """Build an image: mkcomposefs [OPTIONS] SOURCE IMAGE (see mkcomposefs(1))."""
+    """Build an image: mkcomposefs [OPTIONS] SOURCE IMAGE (see mkcomposefs(1)).
+
+    \b
+    Example:
+      apt-layer composefs mkcomposefs --digest-store=objs rootfs/ rootfs.cfs
+    """
     _run(mkcomposefs_main, list(args))
 
 
 @composefs.command("info", context_settings=_RAW, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def info_cmd(args: tuple[str, ...]) -> None:
-    """Inspect images: info [--basedir=D] [--filter=N] ls|objects|dump|missing-objects|measure-file IMAGE..."""
+    """Inspect images: info [--basedir=D] [--filter=N] ls|objects|dump|missing-objects|measure-file IMAGE...
+
+    \b
+    Example:
+      apt-layer composefs info objects rootfs.cfs
+    """
     _run(info_main, list(args))
 
 
 @composefs.command("mount", context_settings=_RAW, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def mount_cmd(args: tuple[str, ...]) -> None:
-    """Mount an image: mount [-o basedir=D,...] IMAGE MOUNTPOINT (see mount.composefs(1))."""
+    """Mount an image: mount [-o basedir=D,...] IMAGE MOUNTPOINT (see mount.composefs(1)).
+
+    \b
+    Example:
+      apt-layer composefs mount -o basedir=objs rootfs.cfs /mnt
+    """
     _run(mount_main, list(args))

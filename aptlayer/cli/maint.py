@@ -91,7 +91,12 @@ def journal() -> None:
 @json_option
 @click.pass_context
 def verify(ctx, as_json) -> None:
-    """Recompute the hash chain; name the first bad event (exit 10)."""
+    """Recompute the hash chain; name the first bad event (exit 10).
+
+    \b
+    Example:
+      apt-layer journal verify --json
+    """
     count = _maint(ctx).verify()
     print_json({"events": count, "ok": True}) if as_json else click.echo(f"journal ok: {count} events")
 
@@ -100,7 +105,12 @@ def verify(ctx, as_json) -> None:
 @json_option
 @click.pass_context
 def rebuild(ctx, as_json) -> None:
-    """Drop the projection and rebuild it from the events and manifests."""
+    """Drop the projection and rebuild it from the events and manifests.
+
+    \b
+    Example:
+      apt-layer journal rebuild
+    """
     result = _maint(ctx).rebuild()
     if as_json:
         print_json(result)
@@ -158,7 +168,7 @@ def audit(ctx, sql, fmt) -> None:
     try:
         result = audit_query(store.journal.path, sql)
     except AuditRefused as e:
-        raise InvalidInput(f"audit: {e}") from None
+        raise InvalidInput(str(e)) from None
     columns, rows = result.columns, result.rows
     if fmt == "json":
         click.echo(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))

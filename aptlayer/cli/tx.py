@@ -28,7 +28,12 @@ def tx() -> None:
 @json_option
 @click.pass_context
 def begin(ctx, as_json) -> None:
-    """Open a transaction and print its id."""
+    """Open a transaction and print its id.
+
+    \b
+    Example:
+      TX=$(apt-layer tx begin)
+    """
     txid = ctx.obj.store().tx_begin()
     print_json({"tx": txid}) if as_json else click.echo(txid)
 
@@ -38,7 +43,12 @@ def begin(ctx, as_json) -> None:
 @json_option
 @click.pass_context
 def commit(ctx, txid, as_json) -> None:
-    """Make every operation staged in ID effective at once."""
+    """Make every operation staged in ID effective at once.
+
+    \b
+    Example:
+      apt-layer tx commit $TX
+    """
     result = ctx.obj.store().tx_commit(txid)
     if as_json:
         print_json(result)
@@ -52,7 +62,12 @@ def commit(ctx, txid, as_json) -> None:
 @json_option
 @click.pass_context
 def rollback(ctx, txid, as_json) -> None:
-    """Discard transaction ID and everything staged in it."""
+    """Discard transaction ID and everything staged in it.
+
+    \b
+    Example:
+      apt-layer tx rollback $TX
+    """
     result = ctx.obj.store().tx_rollback(txid)
     print_json(result) if as_json else click.echo(f"rolled back {txid}")
 
@@ -62,7 +77,12 @@ def rollback(ctx, txid, as_json) -> None:
 @json_option
 @click.pass_context
 def list_(ctx, state, as_json) -> None:
-    """List transactions (oldest first)."""
+    """List transactions (oldest first).
+
+    \b
+    Example:
+      apt-layer tx list --state open
+    """
     rows = ctx.obj.store().transactions(state)
     if as_json:
         print_json(rows)
@@ -77,7 +97,12 @@ def list_(ctx, state, as_json) -> None:
 @json_option
 @click.pass_context
 def show(ctx, txid, as_json) -> None:
-    """Show a transaction: state, staged operations, events."""
+    """Show a transaction: state, staged operations, events.
+
+    \b
+    Example:
+      apt-layer tx show $TX --json
+    """
     info = ctx.obj.store().transaction(txid)
     if as_json:
         print_json(info)
