@@ -124,8 +124,8 @@ def test_upstream_lenient_inputs_fail_in_strict_mode(upstream_tests, name):
         parse_dump(data, strict=True)
 
 
-def test_cs9_developer_dump_round_trips_through_the_image_dump(upstream_tests):
-    """A 64k-entry rootfs: writing is deterministic and the tree survives format_dump."""
+def test_cs9_developer_tree_survives_format_dump(upstream_tests):
+    """A 64k-entry rootfs printed by format_dump and parsed again writes the same image."""
     root = parse_dump(read_asset(upstream_tests / "cs9-x86_64-developer.dump.gz"))
     out = io.BytesIO()
     format_dump(root, out)

@@ -14,6 +14,7 @@ The steps, in order (composefs-format.md in the shared notes explains each rule)
 
 from __future__ import annotations
 
+import functools
 import gc
 import stat
 from collections import Counter
@@ -76,6 +77,8 @@ class _Inode:
     """A private, rewritable copy of one inode, plus its layout."""
 
     mode: int
+    #: ``stat.S_IFMT(mode)``, kept because it is looked at very often
+    ftype: int
     uid: int
     gid: int
     nlink: int
@@ -107,10 +110,6 @@ class _Inode:
     blkaddr: int = 0
     #: directories: groups of entries, one per block, the last maybe the tail
     dir_groups: list[list[tuple[bytes, _Inode]]] = field(default_factory=list)
-
-    @property
-    def ftype(self) -> int:
-        return stat.S_IFMT(self.mode)
 
 
 # --- 1. validation and copy -----------------------------------------------------
@@ -182,6 +181,7 @@ def _copy(node: Node, path: bytes) -> _Inode:
     is_lnk = ftype == stat.S_IFLNK
     return _Inode(
         mode=node.mode,
+        ftype=ftype,
         uid=node.uid,
         gid=node.gid,
         nlink=node.nlink,
@@ -336,7 +336,8 @@ def _rewrite(inode: _Inode, parent: _Inode | None, version: int) -> None:
             _set_xattr(inode, F.XATTR_REDIRECT, b"/" + inode.payload)
     elif ftype == stat.S_IFCHR and inode.rdev == 0:
         inode.size = 0
-        inode.mode = (inode.mode & ~stat.S_IFMT(inode.mode)) | stat.S_IFREG
+        inode.mode = (inode.mode & ~ftype) | stat.S_IFREG
+        inode.ftype = stat.S_IFREG
         _set_xattr(inode, F.XATTR_ESCAPED_WHITEOUT, b"")
         _set_xattr(inode, F.XATTR_USER_WHITEOUT, b"")
         assert parent is not None
@@ -358,6 +359,7 @@ def _add_stubs(root: _Inode) -> None:
             continue
         stub = _Inode(
             mode=_STUB_MODE,
+            ftype=stat.S_IFCHR,
             uid=root.uid,
             gid=root.gid,
             nlink=1,
@@ -403,6 +405,7 @@ def _bfs(root: _Inode) -> list[_Inode]:
     return order
 
 
+@functools.lru_cache(maxsize=1 << 14)
 def _xattr_key(name: bytes) -> tuple[int, bytes]:
     """(name index, stored suffix) for a full xattr name."""
     for index, prefix in F.XATTR_WRITER_PREFIXES:
