@@ -114,7 +114,8 @@ def scan(
     """Read the directory ``source`` into a tree, like ``mkcomposefs`` does.
 
     With ``store``, every external file is imported into it (mkcomposefs
-    ``--digest-store``).  ``progress``, if given, is called from the calling
+    ``--digest-store``), by ``threads`` worker threads when more than one
+    (see the module docstring).  ``progress``, if given, is called from the calling
     thread with the running stats after each regular file.  Raises
     ``ScanError`` for an entry that cannot be read or represented (the
     source itself must be a directory, not a symlink to one) and
