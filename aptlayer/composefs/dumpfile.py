@@ -88,6 +88,11 @@ def escape(data: bytes, *, xattr: bool = False, dash: bool = False, raw_space: b
     return b"".join([table[b] for b in data])
 
 
+def printable(data: bytes) -> str:
+    """Bytes as they would appear in a dump, for error messages."""
+    return escape(data).decode("ascii")
+
+
 _ESCAPE_RE = re.compile(rb"\\(x(?P<hex>[0-9A-Fa-f]{2})|(?P<other>.?))", re.DOTALL)
 _SIMPLE_UNESCAPES = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t"}
 
@@ -107,7 +112,7 @@ def unescape(data: bytes) -> bytes:
             raise ValueError("bad hex escape")
         if not other:
             raise ValueError("escape at end of field")
-        raise ValueError(f"unsupported escape \\{other.decode('latin-1')}")
+        raise ValueError(f"unsupported escape \\{printable(other)}")
 
     return _ESCAPE_RE.sub(replace, data)
 
@@ -117,7 +122,7 @@ def unescape(data: bytes) -> bytes:
 
 def _int(field: bytes, what: str, limit: int) -> int:
     if not field.isdigit():
-        raise ValueError(f"invalid {what} {field!r}")
+        raise ValueError(f"invalid {what} '{printable(field)}'")
     value = int(field)
     if value > limit:
         raise ValueError(f"{what} {value} out of range")
@@ -128,7 +133,7 @@ def _mtime(field: bytes) -> tuple[int, int]:
     sec, dot, nsec = field.partition(b".")
     digits = sec[1:] if sec.startswith(b"-") else sec
     if not dot or not digits.isdigit() or not nsec.isdigit():
-        raise ValueError(f"invalid mtime {field!r}, expected SEC.NSEC")
+        raise ValueError(f"invalid mtime '{printable(field)}', expected SEC.NSEC")
     value = int(sec)
     if not -(1 << 63) <= value < (1 << 63):
         raise ValueError(f"mtime {value} out of range")
@@ -139,12 +144,12 @@ def _mode(field: bytes) -> tuple[int, bool]:
     hardlink = field.startswith(b"@")
     digits = field[1:] if hardlink else field
     if not digits or digits.strip(b"01234567"):
-        raise ValueError(f"invalid mode {field!r}")
+        raise ValueError(f"invalid mode '{printable(field)}'")
     mode = int(digits, 8)
     if mode > 0xFFFFFFFF:
-        raise ValueError(f"mode {field!r} out of range")
+        raise ValueError(f"mode '{printable(field)}' out of range")
     if stat.S_IFMT(mode) not in _FILE_TYPES:
-        raise ValueError(f"invalid file type in mode {field!r}")
+        raise ValueError(f"invalid file type in mode '{printable(field)}'")
     return mode, hardlink
 
 
@@ -156,7 +161,7 @@ def _digest(field: bytes) -> bytes | None:
     if field == b"-":
         return None
     if len(field) != 2 * DIGEST_SIZE or field.strip(b"0123456789abcdefABCDEF"):
-        raise ValueError(f"invalid digest {field!r}, expected {2 * DIGEST_SIZE} hex digits")
+        raise ValueError(f"invalid digest '{printable(field)}', expected {2 * DIGEST_SIZE} hex digits")
     return bytes.fromhex(field.decode("ascii"))
 
 
@@ -165,19 +170,19 @@ def _split_path(path: bytes) -> list[bytes]:
     if not path:
         raise ValueError("empty path")
     if not path.startswith(b"/"):
-        raise ValueError(f"path {path!r} is not absolute")
+        raise ValueError(f"path '{printable(path)}' is not absolute")
     if b"\0" in path:
-        raise ValueError(f"path {path!r} contains a NUL byte")
+        raise ValueError(f"path '{printable(path)}' contains a NUL byte")
     parts = re.sub(rb"/+", b"/", path)[1:].split(b"/")
     if parts == [b""]:
         return []
     for name in parts:
         if not name:
-            raise ValueError(f"empty name in path {path!r}")
+            raise ValueError(f"empty name in path '{printable(path)}'")
         if name in (b".", b".."):
-            raise ValueError(f"invalid name {name.decode('latin-1')!r} in path {path!r}")
+            raise ValueError(f"invalid name '{printable(name)}' in path '{printable(path)}'")
         if len(name) > MAX_NAME_LEN:
-            raise ValueError(f"name longer than {MAX_NAME_LEN} bytes in path {path!r}")
+            raise ValueError(f"name longer than {MAX_NAME_LEN} bytes in path '{printable(path)}'")
     return parts
 
 
@@ -191,14 +196,14 @@ class _XattrBudget:
     def add(self, field: bytes) -> None:
         key, eq, value = field.partition(b"=")
         if not eq:
-            raise ValueError(f"missing = in xattr {field!r}")
+            raise ValueError(f"missing = in xattr '{printable(field)}'")
         name, value = unescape(key), unescape(value)
         if not name or len(name) > MAX_XATTR_NAME_LEN:
             raise ValueError(f"xattr name must be 1..{MAX_XATTR_NAME_LEN} bytes, got {len(name)}")
         if b"\0" in name:
-            raise ValueError(f"xattr name {name!r} contains a NUL byte")
+            raise ValueError(f"xattr name '{printable(name)}' contains a NUL byte")
         if len(value) > MAX_XATTR_VALUE_LEN:
-            raise ValueError(f"xattr {name!r} value longer than {MAX_XATTR_VALUE_LEN} bytes")
+            raise ValueError(f"xattr '{printable(name)}' value longer than {MAX_XATTR_VALUE_LEN} bytes")
         xattrs = self.node.xattrs
         old = xattrs.pop(name, None)
         if old is not None:
@@ -299,11 +304,11 @@ class _Parser:
         path = b"/" + b"/".join(parts)
         parent = self.nodes.get(parts[:-1])
         if parent is None:
-            raise ValueError(f"parent directory missing for {path.decode('latin-1')}")
+            raise ValueError(f"parent directory missing for {printable(path)}")
         if not parent.is_dir:
-            raise ValueError(f"parent must be a directory for {path.decode('latin-1')}")
+            raise ValueError(f"parent must be a directory for {printable(path)}")
         if parts[-1] in parent.children:
-            raise ValueError(f"duplicate path {path.decode('latin-1')}")
+            raise ValueError(f"duplicate path {printable(path)}")
         parent.children[parts[-1]] = node
         self.nodes[parts] = node
 
@@ -316,7 +321,7 @@ class _Parser:
                 raise DumpError(lineno, f"invalid hardlink target: {e}") from None
             node = self.nodes.get(parts)
             if node is None:
-                raise DumpError(lineno, f"no target at {target.decode('latin-1')} for hardlink")
+                raise DumpError(lineno, f"no target at {printable(target)} for hardlink")
             if node is link:
                 raise DumpError(lineno, "hardlink to itself")
             link.link = node
@@ -325,7 +330,7 @@ class _Parser:
             if final is None:
                 raise DumpError(lineno, "hardlink cycle")
             if final.is_dir:
-                raise DumpError(lineno, f"hardlink to a directory ({target.decode('latin-1')})")
+                raise DumpError(lineno, f"hardlink to a directory ({printable(target)})")
 
 
 def _final_target(link: Node) -> Node | None:

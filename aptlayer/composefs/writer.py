@@ -26,7 +26,7 @@ from typing import BinaryIO
 import xxhash
 
 from . import format as F
-from .dumpfile import escape
+from .dumpfile import printable
 from .format import (
     MAX_INLINE_CONTENT,
     MAX_SYMLINK_LEN,
@@ -50,7 +50,7 @@ class ImageError(ValueError):
 
     def __init__(self, message: str, path: bytes | None = None) -> None:
         if path is not None:
-            message = f"{escape(path, raw_space=True).decode('ascii')}: {message}"
+            message = f"{printable(path)}: {message}"
         super().__init__(message)
         self.path = path
 
@@ -119,16 +119,16 @@ def _check_name(name: bytes, path: bytes) -> None:
     if not name or len(name) > F.MAX_NAME_LEN:
         raise InvalidTreeError(f"name must be 1..{F.MAX_NAME_LEN} bytes", path)
     if b"/" in name or b"\0" in name or name in (b".", b".."):
-        raise InvalidTreeError(f"invalid name {name!r}", path)
+        raise InvalidTreeError(f"invalid name '{printable(name)}'", path)
 
 
 def _check_xattrs(node: Node, path: bytes) -> None:
     used = 0
     for name, value in node.xattrs.items():
         if not name or len(name) > MAX_XATTR_NAME_LEN or b"\0" in name:
-            raise InvalidTreeError(f"invalid xattr name {name!r}", path)
+            raise InvalidTreeError(f"invalid xattr name '{printable(name)}'", path)
         if len(value) > MAX_XATTR_VALUE_LEN:
-            raise InvalidTreeError(f"xattr {name!r} value longer than {MAX_XATTR_VALUE_LEN} bytes", path)
+            raise InvalidTreeError(f"xattr '{printable(name)}' value longer than {MAX_XATTR_VALUE_LEN} bytes", path)
         used += XATTR_BUDGET_PER_ENTRY + len(name) + len(value)
     if used and used + XATTR_BUDGET_BASE > MAX_XATTR_BUDGET:
         raise InvalidTreeError(f"xattrs exceed the per-inode budget of {MAX_XATTR_BUDGET} bytes", path)
@@ -308,7 +308,7 @@ def _set_xattr(inode: _Inode, name: bytes, value: bytes) -> None:
         if old is not None:
             xattrs[name] = old
         raise XattrBudgetError(
-            f"setting {name.decode('latin-1')} would overflow the xattr budget "
+            f"setting {printable(name)} would overflow the xattr budget "
             f"(it replaces a longer value of the same xattr; mkcomposefs fails with ERANGE)",
             inode.path,
         )
