@@ -293,7 +293,8 @@ class Store:
         if not staging.is_dir():
             fsops.mkdir(str(staging), 0o755)
             fsops.fsync_dir(str(self.staging_dir))
-        staged = staging / (name + IMAGE_SUFFIX)
+        # Not NAME: a writer's temp file beside a 245-byte NAME.composefs would exceed NAME_MAX.
+        staged = staging / (new_tx_id() + IMAGE_SUFFIX)
         backend = options.backend
         if backend == "auto":
             backend = "upstream" if upstream.find_tool("mkcomposefs") else "python"
