@@ -338,6 +338,12 @@ def test_verify_names_the_first_damaged_event(seed: int, where: float, damage: s
         with pytest.raises(ChainBroken) as e:
             j.verify()
         assert e.value.seq == seq, e.value
+        if seq > 2:
+            with pytest.raises(ChainBroken) as e:
+                j.verify(after=seq - 2)
+            assert e.value.seq == seq, e.value
+            if damage in ("edit-data", "edit-at"):
+                assert j.verify(after=seq) == last - seq  # the damage is before the trusted point
         j.close()
     finally:
         shutil.rmtree(tmp)

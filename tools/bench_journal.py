@@ -116,7 +116,7 @@ class History:
 def build(path: Path, events: int, images: int, objects: int, seed: int) -> None:
     rng = random.Random(seed)
     h = History(rng, objects, pool=images * objects // 2)
-    steps = [(h.deploy, 30), (h.rollback, 5), (h.mount, 30), (h.explicit, 10), (h.note, 24), (h.churn, 1)]
+    steps = [(h.deploy, 30), (h.rollback, 5), (h.mount, 30), (h.explicit, 10), (h.note, 24), (h.churn, 0.1)]
     actions, weights = zip(*steps)
     with Journal.open(path) as j:
         with j.transaction() as w:
