@@ -365,8 +365,6 @@ def parse_dump(source: bytes | BinaryIO, *, strict: bool = False) -> Node:
     for lineno, line in enumerate(lines, 1):
         try:
             parser.line(lineno, line)
-        except DumpError:
-            raise
         except ValueError as e:
             raise DumpError(lineno, str(e)) from None
     if parser.root is None:
