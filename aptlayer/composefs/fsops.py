@@ -11,7 +11,7 @@ system call.
 Operations on an fd are recorded with the fd's path (read from
 ``/proc/self/fd`` only while recording), since fd numbers mean nothing in a
 replay.  Ops: create, write, clone, chmod, enable_verity, fsync, rename,
-mkdir, unlink, symlink, utime.
+mkdir, unlink, rmdir, symlink, utime.
 """
 
 from __future__ import annotations
@@ -117,6 +117,30 @@ def unlink(path: Path) -> None:
     os.unlink(path)
     if recorder is not None:
         recorder("unlink", (path,))
+
+
+def rmdir(path: Path) -> None:
+    os.rmdir(path)
+    if recorder is not None:
+        recorder("rmdir", (path,))
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory and everything under it, one recorded unlink or rmdir at a time.
+
+    Entries that vanish meanwhile are skipped; the parent is not fsynced
+    (the caller does it once for all its removals).
+    """
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            try:
+                unlink(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                pass
+        try:
+            rmdir(dirpath)
+        except FileNotFoundError:
+            pass
 
 
 def symlink(target: Path, path: Path) -> None:
