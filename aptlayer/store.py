@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import sqlite3
 import uuid
 from collections.abc import Callable, Iterator
@@ -267,6 +266,7 @@ class Store:
             try:
                 with self.journal.transaction() as w:
                     w.append("image.created", name, data, txid, manifest=manifest)
+                    fault("create.mid-commit")
                     w.append("tx.committed", txid, {"ops": 1}, txid)
             except ProjectionError as e:
                 self._abort(txid, reason=str(e))
@@ -398,17 +398,19 @@ class Store:
             else:
                 tmp = self.deploy_dir / f".{slot}.tmp-{os.getpid()}"
                 if os.path.lexists(tmp):
-                    os.unlink(tmp)
+                    fsops.unlink(str(tmp))
                 fsops.symlink(target, str(tmp))
+                fault("links.after-temp")
                 fsops.rename(str(tmp), str(link))
             changed.append(slot)
+            fault("links.after-swap")
         if changed:
             fsops.fsync_dir(str(self.deploy_dir))
         return changed
 
     def _clear_staging(self, tx: str) -> None:
         for path in self.staging_dir.glob(f"*-{tx}"):
-            shutil.rmtree(path, ignore_errors=True)
+            fsops.remove_tree(str(path))
         fsops.fsync_dir(str(self.staging_dir))
 
     def _abort(self, tx: str, reason: str) -> None:
@@ -454,6 +456,7 @@ class Store:
             if tx is not None:
                 self._open_tx(tx)
                 self._append("delete.staged", name, {"digest": image["digest"]}, tx)
+                fault("delete.after-stage")
                 return {"name": name, "digest": image["digest"], "tx": tx, "staged": True}
             events = self._single(name, "image.deleted", {"digest": image["digest"]}, op="delete")
             fault("delete.after-commit")
@@ -468,6 +471,7 @@ class Store:
                 w.append("tx.begun", txid, {"explicit": False, "boot_id": self.boot_id,
                                             "op": op, "name": subject}, txid)
                 ev = w.append(kind, subject, data, txid)
+                fault(f"{op}.mid-commit")
                 w.append("tx.committed", txid, {"ops": 1}, txid)
         except ProjectionError as e:
             raise errors.Conflict(str(e)) from None
@@ -483,6 +487,7 @@ class Store:
                           if op["op"] == "create" and op["name"] == name and op["effective_seq"] is None]
                 digest = staged[-1]["digest"] if staged else self._live(name)["digest"]
                 self._append("deploy.staged", name, {"digest": digest}, tx)
+                fault("deploy.after-stage")
                 return {"current": name, "digest": digest, "tx": tx, "staged": True}
             image = self._live(name)
             current = self.journal.deployments().get("current")
@@ -525,6 +530,7 @@ class Store:
                 raise errors.Conflict(f"cannot commit {tx}: {e}") from None
             fault("commit.after-commit")
             self.apply_effects(events)
+            fault("commit.after-effects")
             self._clear_staging(tx)
             ops = [e for e in events if e.kind != "tx.committed"]
             return {"tx": tx, "ops": [{"kind": e.kind, "subject": e.subject} for e in ops]}
