@@ -19,7 +19,7 @@ from pathlib import Path
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from aptlayer.journal import ChainBroken, Journal, ProjectionError
 from aptlayer.journal.projection import TABLES
