@@ -110,6 +110,11 @@ def test_missing_trailing_fields_mean_absent():
     assert (f.payload, f.content, f.digest) == (None, None, None)
 
 
+def test_hardlink_lines_only_use_path_mode_and_target():
+    root = parse_dump(ROOT + b"/b 0 100644 1 0 0 0 0.0 - - -\n/a x @100644 y z w v q /b junk - user.x\n")
+    assert root.children[b"a"].resolve() is root.children[b"b"]
+
+
 def test_repeated_xattr_key_replaces_value():
     root = parse_dump(ROOT + b"/f 0 100644 1 0 0 0 0.0 - - - user.a=1 user.a=2\n")
     assert root.children[b"f"].xattrs == {b"user.a": b"2"}
@@ -174,6 +179,8 @@ BAD_INPUTS = [
     (ROOT + b"/a 0 100644 1 0 0 0 1 - - -\n", 2, "invalid mtime"),
     (ROOT + b"/a 0 100644 1 0 0 0\n", 2, "at least 8 fields"),
     (ROOT + b"/a 10 100644 1 0 0 0 0.0 - - zz\n", 2, "invalid digest"),
+    (ROOT + b"/a 100 100644 1 0 0 0 0.0 x/y -\n", 2, "empty DIGEST field"),
+    (ROOT + b"/a 3 100644 1 0 0 0 0.0 -\n", 2, "content size 0, must match size 3"),
     (ROOT + b"\n/a 0 100644 1 0 0 0 0.0 - - -\n", 2, "empty line"),
     (ROOT + b"/a\0 0 100644 1 0 0 0 0.0 - - -\n", 2, "NUL"),
     (ROOT + ROOT, 2, "multiple roots"),
@@ -257,7 +264,7 @@ def test_format_escapes_dash_payload_and_content():
 
 #: inputs apt-layer rejects although mkcomposefs 1.0.8 accepts them (it stores
 #: garbage, e.g. an all-zero digest for ``zz``)
-STRICTER_THAN_UPSTREAM = {"invalid digest"}
+STRICTER_THAN_UPSTREAM = {"invalid digest", "empty DIGEST field"}
 
 
 @pytest.mark.upstream

@@ -484,6 +484,32 @@ def test_overlay_marker_clashes_match_mkcomposefs(mkcomposefs, lines, versions):
     compare_with_mkcomposefs(mkcomposefs, ROOT + lines, versions)
 
 
+#: unusual but valid syntax that mkcomposefs accepts
+LENIENT_INPUTS = {
+    "trailing space": b"/ 0 40755 2 0 0 0 0.0 - - - \n/a 0 100644 1 0 0 0 0.0 - - - \n",
+    "missing optional fields": ROOT + b"/a 0 100644 1 0 0 0 0.0\n/l 0 120777 1 0 0 0 0.0 t\n",
+    "junk in hardlink line": ROOT + b"/b 0 100644 1 0 0 0 0.0 - - -\n/a x @100644 y z w v q /b junk - user.x\n",
+    "repeated slashes": ROOT + b"/d 0 40755 2 0 0 0 0.0 - - -\n/d//f 0 100644 1 0 0 0 0.0 - - -\n",
+    "repeated xattr": ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - user.a=1 user.a=2 user.a=\n",
+    "hardlink chain, forward": ROOT
+    + b"/a 0 @100644 1 0 0 0 0.0 /b - -\n/b 0 @100644 1 0 0 0 0.0 /c - -\n/c 7 100644 3 0 0 0 0.0 x - -\n",
+    "no final newline": ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -",
+    "symlink size mismatch": ROOT + b"/l 99 120777 1 0 0 0 0.0 target - -\n",
+    "rdev on a file": ROOT + b"/a 0 100644 1 0 0 77 0.0 - - -\n",
+    "content wins over payload": ROOT + b"/a 2 100644 1 0 0 0 0.0 x/y hi " + b"ab" * 32 + b"\n",
+    "upper-case hex": ROOT + b"/a\xAB 10 100644 1 0 0 0 0.0 - - " + b"AB" * 32 + b"\n",
+    "payload on a fifo": ROOT + b"/p 0 10644 1 0 0 0 0.0 some/where - -\n",
+    "xattr value with =": ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - user.a=b=c\n",
+}
+
+
+@pytest.mark.upstream
+@pytest.mark.parametrize("text", LENIENT_INPUTS.values(), ids=LENIENT_INPUTS.keys())
+def test_lenient_syntax_matches_mkcomposefs(mkcomposefs, text):
+    parse_dump(text)  # accepted
+    compare_with_mkcomposefs(mkcomposefs, text, (0, 1))
+
+
 @pytest.mark.upstream
 @pytest.mark.slow
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

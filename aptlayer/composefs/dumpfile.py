@@ -33,7 +33,7 @@ from .tree import Node
 _FILE_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 )
-#: the first 8 fields are required; PAYLOAD, CONTENT and DIGEST default to ``-``
+#: the first 8 fields are required; PAYLOAD, CONTENT and DIGEST may be left out
 _REQUIRED_FIELDS = 8
 _FIXED_FIELDS = 11
 
@@ -233,40 +233,48 @@ class _Parser:
             if not line:
                 raise ValueError("empty line")
             raise ValueError(f"expected at least {_REQUIRED_FIELDS} fields, got {len(fields)}")
-        fixed = fields[:_FIXED_FIELDS] + [b"-"] * (_FIXED_FIELDS - len(fields))
-        xattr_fields = fields[_FIXED_FIELDS:]
-        if xattr_fields and xattr_fields[-1] == b"":
-            xattr_fields.pop()  # one trailing space is tolerated
+        # missing trailing fields are empty, as in mkcomposefs (not "-")
+        fixed = fields[:_FIXED_FIELDS] + [b""] * (_FIXED_FIELDS - len(fields))
         parts = tuple(_split_path(unescape(fixed[0])))
-        node = self.node(fixed, lineno)
-        budget = _XattrBudget(node)
-        for field in xattr_fields:
-            budget.add(field)
+        mode, hardlink = _mode(fixed[2])
+        if hardlink:
+            node = self.hardlink(fixed[8], lineno)
+        else:
+            node = self.node(mode, fixed)
+            xattr_fields = fields[_FIXED_FIELDS:]
+            if xattr_fields and xattr_fields[-1] == b"":
+                xattr_fields.pop()  # one trailing space is tolerated
+            budget = _XattrBudget(node)
+            for field in xattr_fields:
+                budget.add(field)
         self.attach(parts, node)
 
-    def node(self, f: list[bytes], lineno: int) -> Node:
-        size = _int(f[1], "size", (1 << 64) - 1)
-        mode, hardlink = _mode(f[2])
-        payload, content = _optional(f[8]), _optional(f[9])
-        if hardlink:
-            if payload is None:
-                raise ValueError("hardlink without a target path")
-            link = Node.hardlink(Node())
-            self.links.append((link, payload, lineno))
-            return link
+    def hardlink(self, target_field: bytes, lineno: int) -> Node:
+        """A ``@`` line: only PATH and PAYLOAD (the target) matter, the rest is ignored."""
+        target = _optional(target_field)
+        if not target:
+            raise ValueError("hardlink without a target path")
+        link = Node.hardlink(Node())
+        self.links.append((link, target, lineno))
+        return link
+
+    def node(self, mode: int, f: list[bytes]) -> Node:
         node = Node(
             mode=mode,
-            size=size,
+            size=_int(f[1], "size", (1 << 64) - 1),
             nlink=_int(f[3], "nlink", 0xFFFFFFFF),
             uid=_int(f[4], "uid", 0xFFFFFFFF),
             gid=_int(f[5], "gid", 0xFFFFFFFF),
             rdev=_int(f[6], "rdev", 0xFFFFFFFF),
-            payload=payload,
-            content=content,
-            digest=_digest(f[10]),
+            payload=_optional(f[8]) or None,
+            content=_optional(f[9]),
+            digest=_digest(f[10]) if f[10] else None,
         )
         node.mtime_sec, node.mtime_nsec = _mtime(f[7])
         self.check(node)
+        if not f[10] and stat.S_ISREG(mode) and node.size > 0 and node.content is None:
+            # mkcomposefs would store an all-zero digest here
+            raise ValueError("empty DIGEST field for a file with external content (write - for none)")
         return node
 
     def check(self, node: Node) -> None:
@@ -276,6 +284,8 @@ class _Parser:
                 raise ValueError(f"invalid content size {len(content)}, must match size {node.size}")
             if len(content) > MAX_INLINE_CONTENT:
                 raise ValueError(f"inline content longer than {MAX_INLINE_CONTENT} bytes")
+            if not content:
+                node.content = content = None  # an empty CONTENT field on an empty file
         if node.ftype == stat.S_IFLNK:
             target = node.payload
             if not target:
