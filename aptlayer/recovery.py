@@ -6,16 +6,19 @@ writer is mid-operation):
 1. brings the projection up to the last event (SQLite has already dropped
    any torn WAL tail) and checks the hash chain of the events since the last
    verified one (``journal verify`` checks all);
-2. redoes the effects of committed events: an image still in staging is
-   renamed into ``images/``, a deleted image's file is unlinked, the
-   deployment links are made to match;
+2. redoes the effects of committed events: an image whose staged file is
+   still in staging is renamed into ``images/`` (the staged file exists only
+   until that rename, so its presence proves the rename never happened, even
+   where an older file of the same name and size is in the way), a deleted
+   image's file is unlinked, the deployment links are made to match;
 3. aborts transactions that never committed: every open implicit one (its
    command is gone, or it would hold the lock) and explicit ones from an
    earlier boot; their staging goes, as does any staging no open
-   transaction owns;
+   transaction owns, and files in an open transaction's staging that it
+   never staged (its writer died before recording them);
 4. marks recorded mounts that no longer exist as lost;
-5. reports live images whose file is missing or has the wrong size, and
-   image files nobody knows.
+5. reports live images whose file is missing or has the wrong size, image
+   files nobody knows and, after a crash, images whose objects are missing.
 
 Every action is journaled as a ``recover.*`` event, so a second run finds
 nothing to do and journals nothing. It never deletes a live image's file or
@@ -25,12 +28,15 @@ directories: the boot waits for it.
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 
 from .composefs import fsops
 from .fault import fault
 from .store import IMAGE_SUFFIX, Store, new_tx_id
+
+#: temporary deployment links are named ``.SLOT.tmp-PID`` (Store.sync_deployments)
+_LINK_TEMP_PREFIXES = (".current.tmp-", ".previous.tmp-")
 
 
 def _boot_of(tx_begun_data: dict) -> str:
@@ -50,17 +56,29 @@ class Recovery:
         self.actions.append({"kind": kind, "subject": subject, **data})
 
     def run(self) -> dict:
+        from .journal import ChainBroken, ProjectionError
+
         s = self.store
         with s.exclusive():
-            caught_up = self.journal.catch_up()
-            self._verify_tail()
+            try:
+                caught_up = self.journal.catch_up()
+            except (ChainBroken, ProjectionError) as e:
+                # The projection cannot follow the events: acting on it could
+                # remove what the journal still needs. Report and touch nothing.
+                self.problems.append({"problem": f"journal cannot be replayed: {e}",
+                                      "seq": getattr(e, "seq", None)})
+                return {"actions": self.actions, "problems": self.problems}
             if caught_up:
                 self.actions.append({"kind": "projection.caught-up", "subject": "journal", "events": caught_up})
+                fault("recover.after-catch-up")
+            self._verify_tail()
             self._redo_images()
             self._abort_dead_transactions()
-            self._clear_orphan_staging()
+            self._clear_staging_leftovers()
             self._redo_deployments()
             self._reconcile_mounts()
+            if self.actions:
+                self._report_missing_objects()
         return {"actions": self.actions, "problems": self.problems}
 
     def _verify_tail(self) -> None:
@@ -70,62 +88,68 @@ class Recovery:
         full check is ``journal verify``. A broken chain is reported, and
         recovery goes on, since refusing to boot helps nobody.
         """
-        from .journal import ChainBroken, chain_hash
+        from .journal import ChainBroken
 
         mark = self.store.root / "verified"
         try:
             seq_text, prev = mark.read_text().split()
             start = int(seq_text)
         except (OSError, ValueError):
-            start, prev = 0, "00" * 32
+            start, prev = 0, ""
         last = self.journal.last_seq()
-        if last == start:
-            return
-        if last < start:
-            start, prev = 0, "00" * 32
-        expected = start + 1
+        if start > last:
+            self.problems.append({"problem": f"the journal ends at seq {last}, but seq {start} was "
+                                             "verified before: committed events were lost", "seq": last + 1})
+            start = 0
         try:
             if start:
                 row = self.journal.conn.execute("SELECT hash FROM events WHERE seq = ?", (start,)).fetchone()
                 if row is None or row[0] != prev:
                     raise ChainBroken(start, "event differs from the one verified before")
-            for seq, at, tx, kind, subject, data, actor, digest in self.journal.conn.execute(
-                    "SELECT seq, at, tx, kind, subject, data, actor, hash FROM events WHERE seq > ? ORDER BY seq",
-                    (start,)):
-                if seq != expected:
-                    raise ChainBroken(expected, "event missing")
-                if chain_hash(prev, seq, at, tx, kind, subject, data, actor) != digest:
-                    raise ChainBroken(seq, "hash does not match: event edited, reordered or inserted")
-                prev, expected = digest, seq + 1
+            if last > start:
+                self.journal.verify(after=start)
         except ChainBroken as e:
             self.problems.append({"problem": str(e), "seq": e.seq})
             return
-        tmp = mark.with_name(f".verified.tmp-{os.getpid()}")
-        tmp.write_text(f"{expected - 1} {prev}\n")
-        os.replace(tmp, mark)
+        if last != start:
+            self._write_mark(last)
+
+    def _write_mark(self, seq: int) -> None:
+        row = self.journal.conn.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
+        root = str(self.store.root)
+        tmp = os.path.join(root, f".verified.tmp-{os.getpid()}")
+        if os.path.lexists(tmp):
+            fsops.unlink(tmp)
+        fd = fsops.create(tmp, 0o644)
+        try:
+            fsops.write(fd, f"{seq} {row[0] if row else ''}\n".encode(), 0)
+            fsops.fsync(fd)
+        finally:
+            os.close(fd)
+        fsops.rename(tmp, os.path.join(root, "verified"))
+        fsops.fsync_dir(root)
 
     # -- images ---------------------------------------------------------------------
 
     def _redo_images(self) -> None:
         s = self.store
+        staged = self._staged_images()
         live = {name: (digest, size, created_seq) for name, digest, size, created_seq in
                 self.journal.conn.execute("SELECT name, digest, size, created_seq FROM images")}
         for name, (digest, size, created_seq) in sorted(live.items()):
+            rel = self._staged_rel(created_seq) if staged else None
+            if rel is not None and rel in staged:
+                s.place_image(name, digest, staged[rel])
+                fault("recover.after-place")
+                self._record("recover.image-placed", name, {"digest": digest, "from": rel})
+                continue
             path = s.image_path(name)
             try:
                 st = path.stat()
             except FileNotFoundError:
-                st = None
-            if st is not None and st.st_size == size:
-                continue
-            staged = self._staged_file(created_seq)
-            if staged is not None and staged.exists() and staged.stat().st_size == size:
-                s.place_image(name, digest, staged)
-                fault("recover.after-place")
-                self._record("recover.image-placed", name, {"digest": digest, "from": str(staged.relative_to(s.root))})
-            elif st is None:
                 self.problems.append({"problem": "image file missing", "image": name, "path": str(path)})
-            else:
+                continue
+            if st.st_size != size:
                 self.problems.append({"problem": "image file has the wrong size", "image": name,
                                       "path": str(path), "expected": size, "found": st.st_size})
         files = {e.name[: -len(IMAGE_SUFFIX)] for e in os.scandir(s.images_dir)
@@ -142,14 +166,28 @@ class Recovery:
                 self.problems.append({"problem": "unknown image file", "image": name,
                                       "path": str(s.image_path(name))})
 
-    def _staged_file(self, created_seq: int):
-        row = self.journal.conn.execute("SELECT data FROM events WHERE seq = ?", (created_seq,)).fetchone()
-        if row is None:
-            return None
-        import json
+    def _staged_images(self) -> dict:
+        """``{"staging/DIR/NAME.composefs": path}`` of every image file in staging."""
+        found = {}
+        for entry in os.scandir(self.store.staging_dir):
+            if entry.is_dir(follow_symlinks=False):
+                for f in os.scandir(entry.path):
+                    if f.name.endswith(IMAGE_SUFFIX) and f.is_file(follow_symlinks=False):
+                        found[f"staging/{entry.name}/{f.name}"] = self.store.root / "staging" / entry.name / f.name
+        return found
 
-        staged = json.loads(row[0]).get("staged")
-        return self.store.root / staged if staged else None
+    def _staged_rel(self, created_seq: int) -> str | None:
+        """Where the event that created an image says its file was staged."""
+        row = self.journal.conn.execute("SELECT data FROM events WHERE seq = ?", (created_seq,)).fetchone()
+        return json.loads(row[0]).get("staged") if row else None
+
+    def _report_missing_objects(self) -> None:
+        s = self.store
+        for name, digest in self.journal.conn.execute("SELECT name, digest FROM images ORDER BY name").fetchall():
+            missing = [o for o, _ in self.journal.manifest(digest) if not (s.objects_dir / o).is_file()]
+            if missing:
+                self.problems.append({"problem": f"{len(missing)} objects missing", "image": name,
+                                      "objects": missing})
 
     # -- transactions and staging ------------------------------------------------------
 
@@ -158,8 +196,6 @@ class Recovery:
         rows = self.journal.conn.execute(
             "SELECT t.id, t.explicit, e.data FROM transactions t JOIN events e ON e.seq = t.begun_seq "
             "WHERE t.state = 'open'").fetchall()
-        import json
-
         for txid, explicit, data in rows:
             boot = _boot_of(json.loads(data))
             if explicit and boot == s.boot_id:
@@ -170,23 +206,45 @@ class Recovery:
             fault("recover.after-abort")
             s._clear_staging(txid)
 
-    def _clear_orphan_staging(self) -> None:
+    def _clear_staging_leftovers(self) -> None:
+        """Remove staging no open transaction owns, and files an open one never staged."""
         s = self.store
-        open_here = {f"{s.boot_id}-{t}" for (t,) in self.journal.conn.execute(
+        open_here = {s.staging_path(t).name: t for (t,) in self.journal.conn.execute(
             "SELECT id FROM transactions WHERE state = 'open'")}
+        removed = []
         for entry in sorted(os.scandir(s.staging_dir), key=lambda e: e.name):
-            if entry.name in open_here:
+            tx = open_here.get(entry.name)
+            if tx is None:
+                _remove(entry)
+                removed.append(entry.name)
                 continue
-            shutil.rmtree(entry.path, ignore_errors=True)
-            self._record("recover.staging-removed", entry.name, {})
-        if self.actions:
+            keep = {os.path.basename(op["data"].get("staged", "")) for op in self.journal.staged_ops(tx)
+                    if op["op"] == "create" and op["effective_seq"] is None}
+            unstaged = sorted((f for f in os.scandir(entry.path) if f.name not in keep), key=lambda e: e.name)
+            for f in unstaged:
+                _remove(f)
+                removed.append(f"{entry.name}/{f.name}")
+            if unstaged:
+                fsops.fsync_dir(entry.path)
+        if removed:
             fsops.fsync_dir(str(s.staging_dir))
+        for name in removed:
+            self._record("recover.staging-removed", name, {})
+            fault("recover.after-staging-removed")
 
     # -- deployments and mounts ------------------------------------------------------------
 
     def _redo_deployments(self) -> None:
-        changed = self.store.sync_deployments()
+        s = self.store
+        temps = sorted(e.name for e in os.scandir(s.deploy_dir) if e.name.startswith(_LINK_TEMP_PREFIXES))
+        for name in temps:
+            fsops.unlink(str(s.deploy_dir / name))
+        if temps:
+            fsops.fsync_dir(str(s.deploy_dir))
+            self._record("recover.deploy-temp-removed", "deploy", {"links": temps})
+        changed = s.sync_deployments()
         if changed:
+            fault("recover.after-deploy-sync")
             self._record("recover.deploy-synced", "deploy", {"slots": changed})
 
     def _reconcile_mounts(self) -> None:
@@ -204,6 +262,13 @@ class Recovery:
                                                      "reason": "not mounted" if boot == self.store.boot_id
                                                      else "mounted in an earlier boot"}, self._tx)
             self.actions.append({"kind": "mount.lost", "subject": image, "mountpoint": mountpoint})
+
+
+def _remove(entry: os.DirEntry) -> None:
+    if entry.is_dir(follow_symlinks=False):
+        fsops.remove_tree(entry.path)
+    else:
+        fsops.unlink(entry.path)
 
 
 def recover(store: Store) -> dict:
