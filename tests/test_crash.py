@@ -1,0 +1,122 @@
+"""Every operation killed (SIGKILL) at every fault point it passes, then recovered.
+
+The points are discovered, not listed: each operation runs once on a copy of
+the store with ``APT_LAYER_FAULT_LOG`` set, and every point it logged is
+then hit in a fresh copy with ``APT_LAYER_FAULT=NAME:N`` (each of the first
+hits and the last one where a point repeats). After each kill a real
+``apt-layer recover`` runs and invariants 1-5 (``tests/crashkit.py``) must
+hold.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from crashkit import check_store, fault_points, kill_at, make_tree, run_cli, shared_pool
+
+#: hits tried per point: the first ones, and the last
+FIRST_HITS = 2
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> dict:
+    """A store with history: deployments, garbage, strays, an open transaction.
+
+    ``tx`` replaces ``img-c`` by a new image of the same name, creates
+    ``img-e`` and deploys it; ``img-d`` was deleted (its objects are
+    garbage) and a create killed after writing its objects left strays.
+    """
+    base = tmp_path_factory.mktemp("crash")
+    rng = random.Random(4)
+    pool = shared_pool(rng)
+    trees = {n: make_tree(base / "src" / n, rng, pool) for n in "abcdefgrx"}
+    root = base / "template"
+    for n in "abcdx":
+        run_cli(root, "image", "create", str(trees[n]), f"img-{n}", "--backend", "python")
+    run_cli(root, "deploy", "img-a")
+    run_cli(root, "deploy", "img-b")
+    run_cli(root, "image", "delete", "img-d")
+    kill_at(root, "create.after-objects", 1, "image", "create", str(trees["g"]), "img-g", "--backend", "python")
+    run_cli(root, "recover")
+    tx = run_cli(root, "tx", "begin").stdout.strip()
+    run_cli(root, "image", "delete", "img-c", "--tx", tx)
+    run_cli(root, "image", "create", str(trees["r"]), "img-c", "--tx", tx, "--backend", "python")
+    run_cli(root, "image", "create", str(trees["e"]), "img-e", "--tx", tx, "--backend", "python")
+    run_cli(root, "deploy", "img-e", "--tx", tx)
+    assert check_store(_copy(root, base / "check")) == []
+    return {"root": root, "base": base, "tx": tx, "trees": trees}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def _hits(count: int) -> list[int]:
+    return sorted({*range(1, min(count, FIRST_HITS) + 1), count})
+
+
+def _recover(root: Path) -> dict:
+    proc = run_cli(root, "recover", "--json", check=False)
+    assert proc.returncode in (0, 10), proc.stderr
+    return json.loads(proc.stdout)
+
+
+def kill_everywhere(template: dict, start: Path, *args: str) -> dict[str, list[str]]:
+    """Kill ``args`` at each of its points from the state ``start``; recover; check.
+
+    Returns the failures per ``point:n`` (empty when all is well) and
+    asserts the operation passed at least one point.
+    """
+    base = template["base"]
+    points = fault_points(_copy(start, base / "probe"), *args, log=base / "fault.log")
+    assert points, f"{' '.join(args)} passed no fault point"
+    failures: dict[str, list[str]] = {}
+    for point, count in sorted(points.items()):
+        for n in _hits(count):
+            root = _copy(start, base / "case")
+            kill_at(root, point, n, *args)
+            problems = check_store(root, _recover(root))
+            if problems:
+                failures[f"{point}:{n}"] = problems
+    return failures
+
+
+def _op_args(template: dict, op: str) -> tuple[str, ...]:
+    trees, tx = template["trees"], template["tx"]
+    return {
+        "create": ("image", "create", str(trees["f"]), "img-new", "--backend", "python"),
+        "create-staged": ("image", "create", str(trees["f"]), "img-new", "--tx", tx, "--backend", "python"),
+        "delete": ("image", "delete", "img-x"),
+        "delete-staged": ("image", "delete", "img-x", "--tx", tx),
+        "deploy": ("deploy", "img-x"),
+        "deploy-staged": ("deploy", "img-x", "--tx", tx),
+        "rollback": ("rollback",),
+        "tx-commit": ("tx", "commit", tx),
+        "tx-rollback": ("tx", "rollback", tx),
+        "gc": ("gc",),
+        "gc-full": ("gc", "--full"),
+    }[op]
+
+
+@pytest.mark.parametrize("op", ["create", "create-staged", "delete", "delete-staged", "deploy", "deploy-staged",
+                                "rollback", "tx-commit", "tx-rollback", "gc", "gc-full"])
+def test_operation_killed_at_every_point(template, op):
+    assert kill_everywhere(template, template["root"], *_op_args(template, op)) == {}
+
+
+@pytest.mark.parametrize("crash", ["commit.after-commit", "create.after-commit", "create.after-objects"])
+def test_recover_killed_at_every_point(template, crash):
+    """Recovery itself, killed at each of its points while it repairs a crashed store."""
+    op = {"commit.after-commit": "tx-commit", "create.after-commit": "create",
+          "create.after-objects": "create"}[crash]
+    crashed = _copy(template["root"], template["base"] / "crashed")
+    kill_at(crashed, crash, 1, *_op_args(template, op))
+    assert kill_everywhere(template, crashed, "recover") == {}
