@@ -702,6 +702,7 @@ class Maintenance:
                                             "candidate_bytes": gc_plan.bytes}, txid)
             fault("gc.after-begun")
             removed, freed = collect.sweep(gc_plan, s.objects_dir, s.trash_dir, progress)
+            fault("gc.after-sweep")
             s._append("gc.swept", "store", {"removed": removed, "bytes": freed,
                                             "temp_files": len(gc_plan.temp_files)}, txid)
             result.update(removed=removed, bytes_freed=freed)

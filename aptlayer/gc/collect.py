@@ -18,7 +18,6 @@ either in place or in the trash (emptied by the next gc).
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -114,8 +113,12 @@ def empty_trash(trash_dir: Path) -> int:
     with os.scandir(trash_dir) as it:
         for entry in it:
             if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
+                fsops.remove_tree(entry.path)
             else:
-                os.unlink(entry.path)
+                fsops.unlink(entry.path)
             count += 1
+            if count == 1:
+                fault("gc.after-first-delete")
+    if count:
+        fsops.fsync_dir(str(trash_dir))
     return count
