@@ -205,6 +205,8 @@ def reg(**kw) -> Node:
         ({b"a/b": reg()}, "invalid name"),
         ({b"..": reg()}, "invalid name"),
         ({b"big": reg(size=(1 << 53) + 1)}, "> 1024 chunks"),
+        # mkcomposefs overflows computing the chunk count and writes no chunks
+        ({b"huge": reg(size=(1 << 64) - 1)}, "> 1024 chunks"),
         ({b"l": Node(mode=stat.S_IFLNK | 0o777, payload=b"t" * 4096)}, "symlink target"),
         ({b"l": Node(mode=stat.S_IFLNK | 0o777)}, "symlink target"),
         ({b"f": reg(size=5001, content=b"x" * 5001)}, "inline content longer"),

@@ -565,6 +565,12 @@ def _dirent_chunk(group: list[tuple[bytes, _Inode]]) -> bytes:
 
 
 def _i_u(inode: _Inode) -> int:
+    """The inode's union field: block address, rdev or chunk format.
+
+    A chunk-based file whose chunk table moved to a block keeps the chunk
+    format in the low bits and only the high half of the block address,
+    exactly as mkcomposefs writes it.
+    """
     ftype = inode.ftype
     if inode.layout == F.LAYOUT_CHUNK_BASED:
         chunk_format = _chunk_bits(inode.size) - F.BLOCK_BITS
@@ -575,7 +581,7 @@ def _i_u(inode: _Inode) -> int:
 
 
 def _data_blocks(inode: _Inode) -> bytes:
-    """The inode's out-of-line data (whole blocks are padded by the caller)."""
+    """The inode's out-of-line data; the image is zero-filled, so a short last block is padded."""
     if inode.entries is not None:
         return b"".join(
             _dirent_chunk(g).ljust(F.BLOCK_SIZE, b"\0") for g in inode.dir_groups[: inode.n_blocks]
@@ -654,7 +660,6 @@ class _Layout:
     order: list[_Inode]
     shared: list[tuple[bytes, bytes]]
     inodes_end: int
-    data_start: int
     blocks: int
     version: int
     min_mtime: tuple[int, int]
@@ -679,7 +684,7 @@ def _lay_out(root: Node, min_version: int, max_version: int) -> _Layout:
         if inode.n_blocks:
             inode.blkaddr = cursor
             cursor += inode.n_blocks
-    return _Layout(order, shared, inodes_end, data_start, cursor, version, min_mtime)
+    return _Layout(order, shared, inodes_end, cursor, version, min_mtime)
 
 
 def _superblocks(lay: _Layout, image: bytearray) -> None:
