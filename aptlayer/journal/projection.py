@@ -133,7 +133,7 @@ def _holders(conn: sqlite3.Connection, digest: str) -> int:
 
 
 class Refs:
-    """Keeps ``object_refs`` in step as roots come and go, event by event.
+    """Keeps ``object_refs`` and ``meta`` in step with the events, one by one.
 
     Object rows change only when a digest gains its first root or loses its
     last one; ``gc.swept`` drops the rows that reached zero.
@@ -150,9 +150,18 @@ class Refs:
     def swept(self, conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM object_refs WHERE refcount = 0")
 
+    def advance(self, conn: sqlite3.Connection, ev: Event) -> None:
+        """Move ``applied_seq`` to the event, refusing any event but the next one."""
+        moved = conn.execute(
+            "UPDATE meta SET applied_seq = ?, applied_hash = ? WHERE applied_seq = ?",
+            (ev.seq, ev.hash, ev.seq - 1),
+        ).rowcount
+        if moved != 1:
+            raise ProjectionError(f"event {ev.seq} applied out of order (applied_seq is {applied_seq(conn)})", ev.seq)
+
 
 class DeferredRefs(Refs):
-    """For a replay from scratch: compute ``object_refs`` once, at the end.
+    """For a replay from scratch: compute ``object_refs`` and ``meta`` once, at the end.
 
     An object has a row exactly when some digest listing it was held at a
     moment since the last ``gc.swept`` (a sweep keeps the rows of the digests
@@ -163,6 +172,8 @@ class DeferredRefs(Refs):
 
     def __init__(self) -> None:
         self.touched: set[str] = set()
+        self.last: tuple[int, str] | None = None
+        self.expected = 1
 
     def gained(self, conn: sqlite3.Connection, digest: str) -> None:
         self.touched.add(digest)
@@ -173,9 +184,18 @@ class DeferredRefs(Refs):
     def swept(self, conn: sqlite3.Connection) -> None:
         self.touched = {row[0] for row in conn.execute("SELECT DISTINCT digest FROM roots")}
 
+    def advance(self, conn: sqlite3.Connection, ev: Event) -> None:
+        if ev.seq != self.expected:
+            raise ProjectionError(f"event {ev.seq} replayed out of order (expected {self.expected})", ev.seq)
+        self.expected += 1
+        self.last = (ev.seq, ev.hash)
+
     def finish(self, conn: sqlite3.Connection) -> None:
+        """Write the refcounts and the applied position; the caller then commits."""
         conn.execute("DELETE FROM object_refs")
         conn.execute(_BULK_REFS, (json.dumps(sorted(self.touched)),))
+        if self.last is not None:
+            conn.execute("UPDATE meta SET applied_seq = ?, applied_hash = ?", self.last)
 
 
 INCREMENTAL = Refs()
@@ -474,12 +494,7 @@ def apply(conn: sqlite3.Connection, ev: Event, refs: Refs = INCREMENTAL) -> None
     """
     if not known_kind(ev.kind):
         raise ProjectionError(f"unknown event kind {ev.kind!r}", ev.seq, ev.kind)
-    moved = conn.execute(
-        "UPDATE meta SET applied_seq = ?, applied_hash = ? WHERE applied_seq = ?",
-        (ev.seq, ev.hash, ev.seq - 1),
-    ).rowcount
-    if moved != 1:
-        raise ProjectionError(f"event {ev.seq} applied out of order (applied_seq is {applied_seq(conn)})", ev.seq)
+    refs.advance(conn, ev)
     APPLY.get(ev.kind, _info)(conn, ev, refs)
 
 
