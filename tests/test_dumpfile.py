@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
 import stat
+import subprocess
 
 import pytest
 
@@ -32,7 +32,9 @@ def test_vector_dump_round_trip(vectors, name):
     assert dump_of(parse_dump(text)) == text
 
 
-@pytest.mark.parametrize("name", [n for n in vector_names() if (VECTORS / n / "input.dump").is_file()])
+@pytest.mark.parametrize(
+    "name", [n for n in vector_names() if (VECTORS / n / "input.dump").is_file()]
+)
 def test_input_dump_parses_to_same_tree_as_info_dump(vectors, name):
     """input.dump (hand-written, unsorted) and composefs-info's dump describe the same files."""
     tree = parse_dump((vectors / name / "input.dump").read_bytes())
@@ -87,7 +89,9 @@ def test_parse_fields():
     root = parse_dump(
         ROOT
         + b"/f 3 100644 2 1000 70000 0 -2.500000000 - a\\x20b - user.k\\x3d=v\\x3d trusted.t=\n"
-        + b"/ext 100000 100755 1 0 0 0 5.7 ab/cdef - " + b"ab" * 32 + b"\n"
+        + b"/ext 100000 100755 1 0 0 0 5.7 ab/cdef - "
+        + b"ab" * 32
+        + b"\n"
         + b"/l 5 120777 1 0 0 0 0.0 tgt - -\n"
         + b"/c 0 20600 1 0 0 259 0.0 - - -\n"
     )
@@ -111,7 +115,9 @@ def test_missing_trailing_fields_mean_absent():
 
 
 def test_hardlink_lines_only_use_path_mode_and_target():
-    root = parse_dump(ROOT + b"/b 0 100644 1 0 0 0 0.0 - - -\n/a x @100644 y z w v q /b junk - user.x\n")
+    root = parse_dump(
+        ROOT + b"/b 0 100644 1 0 0 0 0.0 - - -\n/a x @100644 y z w v q /b junk - user.x\n"
+    )
     assert root.children[b"a"].resolve() is root.children[b"b"]
 
 
@@ -149,8 +155,16 @@ def test_parse_from_stream():
 
 BAD_INPUTS = [
     (ROOT + b"/a/b 0 100644 1 0 0 0 0.0 - - -\n", 2, "parent directory missing for /a/b"),
-    (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -\n/a/b 0 100644 1 0 0 0 0.0 - - -\n", 3, "parent must be a directory"),
-    (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -\n/a 0 100644 1 0 0 0 0.0 - - -\n", 3, "duplicate path /a"),
+    (
+        ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -\n/a/b 0 100644 1 0 0 0 0.0 - - -\n",
+        3,
+        "parent must be a directory",
+    ),
+    (
+        ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -\n/a 0 100644 1 0 0 0 0.0 - - -\n",
+        3,
+        "duplicate path /a",
+    ),
     (ROOT + b"/. 0 40755 2 0 0 0 0.0 - - -\n", 2, "invalid name '.'"),
     (ROOT + b"/x/.. 0 40755 2 0 0 0 0.0 - - -\n", 2, "invalid name '..'"),
     (ROOT + b"/a/ 0 40755 2 0 0 0 0.0 - - -\n", 2, "empty name"),
@@ -162,12 +176,27 @@ BAD_INPUTS = [
     (ROOT + b"/l 0 120777 1 0 0 0 0.0 - - -\n", 2, "symlink without a target"),
     (ROOT + b"/l 1 120777 1 0 0 0 0.0 " + b"t" * 4096 + b" - -\n", 2, "must be < 4096"),
     (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - =v\n", 2, "xattr name must be 1..255"),
-    (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - " + b"k" * 256 + b"=v\n", 2, "xattr name must be 1..255"),
-    (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - user.k=" + b"v" * 65536 + b"\n", 2, "value longer than 65535"),
+    (
+        ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - " + b"k" * 256 + b"=v\n",
+        2,
+        "xattr name must be 1..255",
+    ),
+    (
+        ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - user.k=" + b"v" * 65536 + b"\n",
+        2,
+        "value longer than 65535",
+    ),
     (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - user.k\n", 2, "missing ="),
     (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - user.a=b  user.c=d\n", 2, "missing ="),
     (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - \\x00=v\n", 2, "NUL"),
-    (ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - " + b" ".join(b"user.%d=" % i + b"v" * 8000 for i in range(5)) + b"\n", 2, "budget"),
+    (
+        ROOT
+        + b"/a 0 100644 1 0 0 0 0.0 - - - "
+        + b" ".join(b"user.%d=" % i + b"v" * 8000 for i in range(5))
+        + b"\n",
+        2,
+        "budget",
+    ),
     (ROOT + b"/a 0 @40755 1 0 0 0 0.0 / - -\n", 2, "hardlink to a directory"),
     (ROOT + b"/a 0 @100644 1 0 0 0 0.0 /a - -\n", 2, "hardlink to itself"),
     (ROOT + b"/a 0 @100644 1 0 0 0 0.0 /nope - -\n", 2, "no target at /nope"),
@@ -190,7 +219,9 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize(("text", "lineno", "message"), BAD_INPUTS, ids=[case[2] for case in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("text", "lineno", "message"), BAD_INPUTS, ids=[case[2] for case in BAD_INPUTS]
+)
 def test_bad_input_names_the_line(text, lineno, message):
     with pytest.raises(DumpError, match=message) as info:
         parse_dump(text)
@@ -253,8 +284,16 @@ def test_format_hardlinks_first_dfs_occurrence_is_original():
 
 
 def test_format_filters_root_names():
-    root = parse_dump(ROOT + b"/a 0 40755 2 0 0 0 0.0 - - -\n/a/x 0 100644 1 0 0 0 0.0 - - -\n/b 0 100644 1 0 0 0 0.0 - - -\n")
-    assert dump_of(root, [b"a"]) == ROOT + b"/a 0 40755 2 0 0 0 0.0 - - -\n/a/x 0 100644 1 0 0 0 0.0 - - -\n"
+    root = parse_dump(
+        ROOT
+        + b"/a 0 40755 2 0 0 0 0.0 - - -\n"
+        + b"/a/x 0 100644 1 0 0 0 0.0 - - -\n"
+        + b"/b 0 100644 1 0 0 0 0.0 - - -\n"
+    )
+    assert (
+        dump_of(root, [b"a"])
+        == ROOT + b"/a 0 40755 2 0 0 0 0.0 - - -\n/a/x 0 100644 1 0 0 0 0.0 - - -\n"
+    )
 
 
 def test_format_escapes_dash_payload_and_content():
@@ -268,12 +307,16 @@ STRICTER_THAN_UPSTREAM = {"invalid digest", "empty DIGEST field"}
 
 
 @pytest.mark.upstream
-@pytest.mark.parametrize(("text", "lineno", "message"), BAD_INPUTS, ids=[case[2] for case in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("text", "lineno", "message"), BAD_INPUTS, ids=[case[2] for case in BAD_INPUTS]
+)
 def test_bad_inputs_also_fail_upstream(mkcomposefs, tmp_path, text, lineno, message):
     """The rejected inputs are rejected by mkcomposefs too (so none is a false alarm)."""
     src = tmp_path / "in.dump"
     src.write_bytes(text)
-    run = subprocess.run([mkcomposefs, "--from-file", src, tmp_path / "out.cfs"], capture_output=True)
+    run = subprocess.run(
+        [mkcomposefs, "--from-file", src, tmp_path / "out.cfs"], capture_output=True
+    )
     assert (run.returncode == 0) == (message in STRICTER_THAN_UPSTREAM), run.stderr
 
 
@@ -285,5 +328,9 @@ def test_filtered_dump_matches_composefs_info(vectors, composefs_info, name):
     names = sorted(root.children)
     for filters in ([names[0]], names[-2:], names[::2]) if names else ():
         args = [f"--filter={os.fsdecode(n)}" for n in filters]
-        run = subprocess.run([composefs_info, "dump", *args, vectors / name / "image.cfs"], capture_output=True, check=True)
+        run = subprocess.run(
+            [composefs_info, "dump", *args, vectors / name / "image.cfs"],
+            capture_output=True,
+            check=True,
+        )
         assert dump_of(root, filters) == run.stdout, filters

@@ -43,7 +43,10 @@ def versions_from_flags(flags: list[str]) -> dict[str, int]:
                 given_versions[option] = int(flag[len(prefix) :])
     if not given_versions:
         return {}
-    return {"min_version": given_versions.get("min_version", 0), "max_version": given_versions.get("max_version", 0)}
+    return {
+        "min_version": given_versions.get("min_version", 0),
+        "max_version": given_versions.get("max_version", 0),
+    }
 
 
 def vector_source(vector_dir) -> bytes:
@@ -79,7 +82,11 @@ def test_vector_images_pass_fsck_erofs(vectors, name, tmp_path):
         pytest.skip("fsck.erofs (erofs-utils) not installed")
     path = tmp_path / "image.cfs"
     with path.open("wb") as out:
-        write_image(parse_dump(vector_source(vectors / name)), out, **versions_from_flags(vector_flags(name)))
+        write_image(
+            parse_dump(vector_source(vectors / name)),
+            out,
+            **versions_from_flags(vector_flags(name)),
+        )
     run = subprocess.run([fsck, path], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
 
@@ -90,7 +97,9 @@ def test_vector_images_pass_fsck_erofs(vectors, name, tmp_path):
 def upstream_cases(suffix: str) -> list[str]:
     if not UPSTREAM_TESTS.is_dir():
         return []
-    return sorted(p.name[: -len(suffix)] if suffix else p.name for p in UPSTREAM_TESTS.glob("*" + suffix))
+    return sorted(
+        p.name[: -len(suffix)] if suffix else p.name for p in UPSTREAM_TESTS.glob("*" + suffix)
+    )
 
 
 def read_asset(path) -> bytes:
@@ -116,7 +125,9 @@ def test_upstream_should_fail(upstream_tests, name):
         build_image(parse_dump(read_asset(upstream_tests / name)))
 
 
-@pytest.mark.parametrize("name", ["no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"])
+@pytest.mark.parametrize(
+    "name", ["no-newline.dump", "longlink.dump", "honggfuzz-longlink-unterminated.dump"]
+)
 def test_upstream_lenient_inputs_fail_in_strict_mode(upstream_tests, name):
     data = read_asset(upstream_tests / name)
     assert parse_dump(data).is_dir
@@ -177,7 +188,9 @@ def test_callers_tree_is_not_modified():
         ROOT
         + b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.x=1\n"
         + b"/d/w 0 20000 1 0 0 0 0.0 - - -\n"
-        + b"/ext 9999 100644 1 0 0 0 0.0 ab/cd - " + b"cd" * 32 + b"\n"
+        + b"/ext 9999 100644 1 0 0 0 0.0 ab/cd - "
+        + b"cd" * 32
+        + b"\n"
         + b"/h 0 @100644 1 0 0 0 0.0 /ext - -\n"
     )
     root = parse_dump(text)
@@ -247,7 +260,9 @@ def test_unsupported_versions(lo, hi):
 
 def test_whiteout_marker_replacing_long_value_is_rejected_like_erange():
     """mkcomposefs fails with ERANGE here; the error names the directory."""
-    text = ROOT + b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque=" + b"v" * 80 + b" user.a=b\n"
+    text = (
+        ROOT + b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque=" + b"v" * 80 + b" user.a=b\n"
+    )
     text += b"/d/w 0 20000 1 0 0 0 0.0 - - -\n"
     with pytest.raises(XattrBudgetError, match="^/d: setting trusted.overlay.overlay.opaque"):
         image_of(text, min_version=1, max_version=1)
@@ -256,7 +271,21 @@ def test_whiteout_marker_replacing_long_value_is_rejected_like_erange():
 
 # --- oracle 3: mkcomposefs on random dumps -----------------------------------------
 
-ODD_NAMES = [b"00", b"0a", b"ff", b"-", b"!x", b"+", b"a b", b"\\", b"=", b"x=y", b"\n", b"\xff\xfe", b"..."]
+ODD_NAMES = [
+    b"00",
+    b"0a",
+    b"ff",
+    b"-",
+    b"!x",
+    b"+",
+    b"a b",
+    b"\\",
+    b"=",
+    b"x=y",
+    b"\n",
+    b"\xff\xfe",
+    b"...",
+]
 XATTR_NAMES = [
     b"user.a",
     b"user.b",
@@ -281,7 +310,20 @@ XATTR_NAMES = [
     b"user.=\n \xff",
 ]
 XATTR_VALUES = [b"", b"x", b"y", b"value", b"\x00\x00", b"\xee", b"=", b"-", b"a b"]
-EXTERNAL_SIZES = [1, 64, 65, 4095, 4096, 4097, 100000, (1 << 32) - 1, 1 << 32, 1 << 40, (1 << 43) + 1, 1 << 53]
+EXTERNAL_SIZES = [
+    1,
+    64,
+    65,
+    4095,
+    4096,
+    4097,
+    100000,
+    (1 << 32) - 1,
+    1 << 32,
+    1 << 40,
+    (1 << 43) + 1,
+    1 << 53,
+]
 IDS = [0, 1, 1000, 65535, 65536, (1 << 32) - 1]
 
 
@@ -291,7 +333,13 @@ class DumpGen:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         r = rng.randint
-        self.mtimes = [(0, 0), (1700000000, 0), (1700000000, 5), (-2, 500000000), (r(-(1 << 40), 1 << 40), r(0, 999999999))]
+        self.mtimes = [
+            (0, 0),
+            (1700000000, 0),
+            (1700000000, 5),
+            (-2, 500000000),
+            (r(-(1 << 40), 1 << 40), r(0, 999999999)),
+        ]
         self.dirs: list[bytes] = [b"/"]
         self.names: dict[bytes, set[bytes]] = {b"/": set()}
         #: (path, line, parent path)
@@ -306,7 +354,10 @@ class DumpGen:
             if roll < 0.1:
                 name = rng.choice(ODD_NAMES)
             elif roll < 0.4 or long_names:
-                name = bytes(rng.choice(b"abc.-_09\xe9 \\\t") for _ in range(rng.randint(1, 255 if long_names else 30)))
+                name = bytes(
+                    rng.choice(b"abc.-_09\xe9 \\\t")
+                    for _ in range(rng.randint(1, 255 if long_names else 30))
+                )
             else:
                 name = bytes(rng.randint(1, 255) for _ in range(rng.randint(1, 12)))
             name = name.replace(b"/", b"_")
@@ -326,16 +377,25 @@ class DumpGen:
             if rng.random() < 0.6:
                 value = rng.choice(XATTR_VALUES)
             else:
-                value = rng.randbytes(rng.randint(0, 3000) if rng.random() < 0.1 else rng.randint(0, 100))
+                value = rng.randbytes(
+                    rng.randint(0, 3000) if rng.random() < 0.1 else rng.randint(0, 100)
+                )
             pairs.append((name, value))
-        return b"".join(b" " + escape(n, xattr=True) + b"=" + escape(v, xattr=True) for n, v in pairs)
+        return b"".join(
+            b" " + escape(n, xattr=True) + b"=" + escape(v, xattr=True) for n, v in pairs
+        )
 
     def common(self) -> tuple[bytes, bytes, bytes, bytes]:
         """NLINK UID GID MTIME fields."""
         rng = self.rng
         sec, nsec = rng.choice(self.mtimes)
         nlink = rng.choice([1, 1, 2, 65535, 65536, rng.randint(0, (1 << 32) - 1)])
-        return b"%d" % nlink, b"%d" % rng.choice(IDS), b"%d" % rng.choice(IDS), b"%d.%d" % (sec, nsec)
+        return (
+            b"%d" % nlink,
+            b"%d" % rng.choice(IDS),
+            b"%d" % rng.choice(IDS),
+            b"%d.%d" % (sec, nsec),
+        )
 
     def entry(self, parent: bytes, name: bytes, kind: str) -> None:
         rng = self.rng
@@ -349,7 +409,14 @@ class DumpGen:
             self.names[path] = set()
         elif kind == "inline":
             mode = stat.S_IFREG | perm
-            size = rng.choice([rng.randint(1, 64), rng.randint(1, 5000), rng.randint(2040, 2060), rng.randint(4090, 4100)])
+            size = rng.choice(
+                [
+                    rng.randint(1, 64),
+                    rng.randint(1, 5000),
+                    rng.randint(2040, 2060),
+                    rng.randint(4090, 4100),
+                ]
+            )
             content = escape(rng.randbytes(size), dash=True)
         elif kind == "external":
             mode = stat.S_IFREG | perm
@@ -357,7 +424,15 @@ class DumpGen:
             if rng.random() < 0.005:
                 size = (1 << 53) + 1  # 1025 chunks: rejected
             if rng.random() < 0.7:
-                payload = escape(rng.choice([rng.randbytes(32).hex()[:2] + "/" + rng.randbytes(31).hex(), "x" * rng.randint(1, 12)]).encode(), dash=True)
+                payload = escape(
+                    rng.choice(
+                        [
+                            rng.randbytes(32).hex()[:2] + "/" + rng.randbytes(31).hex(),
+                            "x" * rng.randint(1, 12),
+                        ]
+                    ).encode(),
+                    dash=True,
+                )
             if rng.random() < 0.7:
                 digest = rng.randbytes(32).hex().encode()
         elif kind == "empty":
@@ -366,7 +441,10 @@ class DumpGen:
                 payload = b"some/path"
         elif kind == "symlink":
             mode = stat.S_IFLNK | perm
-            target = bytes(rng.randint(1, 255) for _ in range(rng.choice([rng.randint(1, 20), rng.randint(100, 4095)])))
+            target = bytes(
+                rng.randint(1, 255)
+                for _ in range(rng.choice([rng.randint(1, 20), rng.randint(100, 4095)]))
+            )
             payload = escape(target, dash=True)
             size = len(target)
         else:
@@ -382,7 +460,19 @@ class DumpGen:
         if kind != "dir":
             self.files.append((path, mode))
         nlink, uid, gid, mtime = self.common()
-        fields = [escape(path), b"%d" % size, b"%o" % mode, nlink, uid, gid, b"%d" % rdev, mtime, payload, content, digest]
+        fields = [
+            escape(path),
+            b"%d" % size,
+            b"%o" % mode,
+            nlink,
+            uid,
+            gid,
+            b"%d" % rdev,
+            mtime,
+            payload,
+            content,
+            digest,
+        ]
         self.lines.append((path, b" ".join(fields) + self.xattrs() + b"\n", parent))
 
     def hardlink(self) -> None:
@@ -393,23 +483,46 @@ class DumpGen:
         path = (parent if parent == b"/" else parent + b"/") + name
         line = escape(path) + b" 0 @%o 1 0 0 0 0.0 " % mode + escape(target) + b" - -\n"
         self.files.append((path, mode))  # later links may chain through this one
-        after = next(i for i, (p, _l, _pp) in enumerate(self.lines) if p == parent) if parent != b"/" else -1
+        after = (
+            next(i for i, (p, _l, _pp) in enumerate(self.lines) if p == parent)
+            if parent != b"/"
+            else -1
+        )
         self.lines.insert(rng.randint(after + 1, len(self.lines)), (path, line, parent))
 
     def dump(self) -> bytes:
         rng = self.rng
-        kinds = ["dir", "dir", "inline", "external", "external", "empty", "symlink", "chr", "blk", "whiteout", "fifo", "sock"]
+        kinds = [
+            "dir",
+            "dir",
+            "inline",
+            "external",
+            "external",
+            "empty",
+            "symlink",
+            "chr",
+            "blk",
+            "whiteout",
+            "fifo",
+            "sock",
+        ]
         for _ in range(rng.randint(0, 40)):
             parent = rng.choice(self.dirs)
             self.entry(parent, self.name(parent), rng.choice(kinds))
         if rng.random() < 0.15:
             parent = rng.choice(self.dirs)
             for _ in range(rng.randint(50, 300)):
-                self.entry(parent, self.name(parent, long_names=True), rng.choice(["empty", "inline", "fifo"]))
+                self.entry(
+                    parent,
+                    self.name(parent, long_names=True),
+                    rng.choice(["empty", "inline", "fifo"]),
+                )
         for _ in range(rng.randint(0, 5) if self.files else 0):
             self.hardlink()
         nlink, uid, gid, mtime = self.common()
-        root = b"/ 4096 40755 %s %s %s 0 %s - - -" % (nlink, uid, gid, mtime) + self.xattrs() + b"\n"
+        root = (
+            b"/ 4096 40755 %s %s %s 0 %s - - -" % (nlink, uid, gid, mtime) + self.xattrs() + b"\n"
+        )
         return root + b"".join(line for _p, line, _pp in self.lines)
 
 
@@ -432,18 +545,27 @@ def compare_with_mkcomposefs(mkcomposefs: str, text: bytes, versions: tuple[int,
         return
     assert run.returncode == 0, f"mkcomposefs rejected what apt-layer accepts: {run.stderr!r}"
     if ours != run.stdout:
-        diff = next((i for i, (a, b) in enumerate(zip(ours, run.stdout)) if a != b), min(len(ours), len(run.stdout)))
-        raise AssertionError(f"images differ at byte {diff} (sizes {len(ours)} vs {len(run.stdout)})")
+        diff = next(
+            (i for i, (a, b) in enumerate(zip(ours, run.stdout, strict=False)) if a != b),
+            min(len(ours), len(run.stdout)),
+        )
+        raise AssertionError(
+            f"images differ at byte {diff} (sizes {len(ours)} vs {len(run.stdout)})"
+        )
 
 
 @pytest.mark.upstream
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(seed=SEEDS, versions=VERSIONS)
 def test_random_dumps_match_mkcomposefs(mkcomposefs, seed, versions):
     compare_with_mkcomposefs(mkcomposefs, DumpGen(random.Random(seed)).dump(), versions)
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(seed=SEEDS)
 def test_random_images_pass_fsck_erofs(tmp_path, seed):
     """Independent of mkcomposefs: the erofs structure of random images is consistent."""
@@ -466,13 +588,40 @@ MARKER_CLASHES = [
     (b"/w 0 20000 1 0 0 0 0.0 - - - user.overlay.whiteout=" + LONG + b"\n", (0, 0)),
     (b"/w 0 20000 1 0 0 0 0.0 - - - trusted.overlay.whiteout=" + LONG + b"\n", (0, 0)),
     (b"/w 0 20000 1 0 0 0 0.0 - - - trusted.overlay.whiteout=" + LONG + b" user.a=b\n", (0, 0)),
-    (b"/w 0 20000 1 0 0 0 0.0 - - - trusted.overlay.whiteout=x user.overlay.whiteout=" + LONG + b"\n", (0, 0)),
-    (b"/d 0 40755 2 0 0 0 0.0 - - - user.overlay.whiteouts=" + LONG + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n", (0, 0)),
-    (b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque=" + LONG + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n", (1, 1)),
-    (b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque=" + LONG + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n", (0, 0)),
-    (b"/d 0 40755 2 0 0 0 0.0 - - - user.overlay.opaque=" + LONG + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n", (1, 1)),
     (
-        b"/d 0 40755 2 0 0 0 0.0 - - - user.overlay.opaque=" + LONG + b"\n"
+        b"/w 0 20000 1 0 0 0 0.0 - - - trusted.overlay.whiteout=x user.overlay.whiteout="
+        + LONG
+        + b"\n",
+        (0, 0),
+    ),
+    (
+        b"/d 0 40755 2 0 0 0 0.0 - - - user.overlay.whiteouts="
+        + LONG
+        + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n",
+        (0, 0),
+    ),
+    (
+        b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque="
+        + LONG
+        + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n",
+        (1, 1),
+    ),
+    (
+        b"/d 0 40755 2 0 0 0 0.0 - - - trusted.overlay.opaque="
+        + LONG
+        + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n",
+        (0, 0),
+    ),
+    (
+        b"/d 0 40755 2 0 0 0 0.0 - - - user.overlay.opaque="
+        + LONG
+        + b"\n/d/w 0 20000 1 0 0 0 0.0 - - -\n",
+        (1, 1),
+    ),
+    (
+        b"/d 0 40755 2 0 0 0 0.0 - - - user.overlay.opaque="
+        + LONG
+        + b"\n"
         + b"/d/v 0 20000 1 0 0 0 0.0 - - -\n/d/w 0 20000 1 0 0 0 0.0 - - -\n",
         (0, 1),
     ),
@@ -490,16 +639,19 @@ def test_overlay_marker_clashes_match_mkcomposefs(mkcomposefs, lines, versions):
 LENIENT_INPUTS = {
     "trailing space": b"/ 0 40755 2 0 0 0 0.0 - - - \n/a 0 100644 1 0 0 0 0.0 - - - \n",
     "missing optional fields": ROOT + b"/a 0 100644 1 0 0 0 0.0\n/l 0 120777 1 0 0 0 0.0 t\n",
-    "junk in hardlink line": ROOT + b"/b 0 100644 1 0 0 0 0.0 - - -\n/a x @100644 y z w v q /b junk - user.x\n",
+    "junk in hardlink line": ROOT
+    + b"/b 0 100644 1 0 0 0 0.0 - - -\n/a x @100644 y z w v q /b junk - user.x\n",
     "repeated slashes": ROOT + b"/d 0 40755 2 0 0 0 0.0 - - -\n/d//f 0 100644 1 0 0 0 0.0 - - -\n",
     "repeated xattr": ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - user.a=1 user.a=2 user.a=\n",
     "hardlink chain, forward": ROOT
-    + b"/a 0 @100644 1 0 0 0 0.0 /b - -\n/b 0 @100644 1 0 0 0 0.0 /c - -\n/c 7 100644 3 0 0 0 0.0 x - -\n",
+    + b"/a 0 @100644 1 0 0 0 0.0 /b - -\n"
+    + b"/b 0 @100644 1 0 0 0 0.0 /c - -\n"
+    + b"/c 7 100644 3 0 0 0 0.0 x - -\n",
     "no final newline": ROOT + b"/a 0 100644 1 0 0 0 0.0 - - -",
     "symlink size mismatch": ROOT + b"/l 99 120777 1 0 0 0 0.0 target - -\n",
     "rdev on a file": ROOT + b"/a 0 100644 1 0 0 77 0.0 - - -\n",
     "content wins over payload": ROOT + b"/a 2 100644 1 0 0 0 0.0 x/y hi " + b"ab" * 32 + b"\n",
-    "upper-case hex": ROOT + b"/a\xAB 10 100644 1 0 0 0 0.0 - - " + b"AB" * 32 + b"\n",
+    "upper-case hex": ROOT + b"/a\xab 10 100644 1 0 0 0 0.0 - - " + b"AB" * 32 + b"\n",
     "payload on a fifo": ROOT + b"/p 0 10644 1 0 0 0 0.0 some/where - -\n",
     "xattr value with =": ROOT + b"/a 0 100644 1 0 0 0 0.0 - - - user.a=b=c\n",
 }
@@ -514,7 +666,9 @@ def test_lenient_syntax_matches_mkcomposefs(mkcomposefs, text):
 
 @pytest.mark.upstream
 @pytest.mark.slow
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(seed=SEEDS, versions=VERSIONS)
 def test_many_random_dumps_match_mkcomposefs(mkcomposefs, seed, versions):
     compare_with_mkcomposefs(mkcomposefs, DumpGen(random.Random(seed)).dump(), versions)

@@ -31,7 +31,15 @@ from .format import (
 from .tree import Node
 
 _FILE_TYPES = frozenset(
-    (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
+    (
+        stat.S_IFREG,
+        stat.S_IFDIR,
+        stat.S_IFLNK,
+        stat.S_IFCHR,
+        stat.S_IFBLK,
+        stat.S_IFIFO,
+        stat.S_IFSOCK,
+    )
 )
 #: the first 8 fields are required; PAYLOAD, CONTENT and DIGEST may be left out
 _REQUIRED_FIELDS = 8
@@ -73,7 +81,9 @@ _ESCAPE_TABLES = {
 }
 
 
-def escape(data: bytes, *, xattr: bool = False, dash: bool = False, raw_space: bool = False) -> bytes:
+def escape(
+    data: bytes, *, xattr: bool = False, dash: bool = False, raw_space: bool = False
+) -> bytes:
     """Escape bytes for a dump field.
 
     ``xattr`` also escapes ``=`` (xattr keys and values); ``dash`` writes a
@@ -161,7 +171,9 @@ def _digest(field: bytes) -> bytes | None:
     if field == b"-":
         return None
     if len(field) != 2 * DIGEST_SIZE or field.strip(b"0123456789abcdefABCDEF"):
-        raise ValueError(f"invalid digest '{printable(field)}', expected {2 * DIGEST_SIZE} hex digits")
+        raise ValueError(
+            f"invalid digest '{printable(field)}', expected {2 * DIGEST_SIZE} hex digits"
+        )
     return bytes.fromhex(field.decode("ascii"))
 
 
@@ -203,12 +215,16 @@ class _XattrBudget:
         if b"\0" in name:
             raise ValueError(f"xattr name '{printable(name)}' contains a NUL byte")
         if len(value) > MAX_XATTR_VALUE_LEN:
-            raise ValueError(f"xattr '{printable(name)}' value longer than {MAX_XATTR_VALUE_LEN} bytes")
+            raise ValueError(
+                f"xattr '{printable(name)}' value longer than {MAX_XATTR_VALUE_LEN} bytes"
+            )
         xattrs = self.node.xattrs
         old = xattrs.pop(name, None)
         if old is not None:
             self.used -= XATTR_BUDGET_PER_ENTRY + len(name) + len(old)
-        cost = XATTR_BUDGET_PER_ENTRY + len(name) + len(value) + (0 if xattrs else XATTR_BUDGET_BASE)
+        cost = (
+            XATTR_BUDGET_PER_ENTRY + len(name) + len(value) + (0 if xattrs else XATTR_BUDGET_BASE)
+        )
         if not xattrs:
             self.used = 0
         if self.used + cost > MAX_XATTR_BUDGET:
@@ -274,14 +290,18 @@ class _Parser:
         self.check(node)
         if not f[10] and stat.S_ISREG(mode) and node.size > 0 and node.content is None:
             # mkcomposefs would store an all-zero digest here
-            raise ValueError("empty DIGEST field for a file with external content (write - for none)")
+            raise ValueError(
+                "empty DIGEST field for a file with external content (write - for none)"
+            )
         return node
 
     def check(self, node: Node) -> None:
         content = node.content
         if content is not None:
             if len(content) != node.size:
-                raise ValueError(f"invalid content size {len(content)}, must match size {node.size}")
+                raise ValueError(
+                    f"invalid content size {len(content)}, must match size {node.size}"
+                )
             if len(content) > MAX_INLINE_CONTENT:
                 raise ValueError(f"inline content longer than {MAX_INLINE_CONTENT} bytes")
             if not content:
@@ -291,9 +311,13 @@ class _Parser:
             if not target:
                 raise ValueError("symlink without a target")
             if len(target) >= MAX_SYMLINK_LEN:
-                raise ValueError(f"symlink target of {len(target)} bytes, must be < {MAX_SYMLINK_LEN}")
+                raise ValueError(
+                    f"symlink target of {len(target)} bytes, must be < {MAX_SYMLINK_LEN}"
+                )
             if self.strict and node.size != len(target):
-                raise ValueError(f"symlink size {node.size} does not match target length {len(target)}")
+                raise ValueError(
+                    f"symlink size {node.size} does not match target length {len(target)}"
+                )
             if self.strict and content is not None:
                 raise ValueError("symlink with inline content")
             node.size = len(target)
@@ -410,7 +434,9 @@ def _line(path: bytes, node: Node, first_path: bytes | None) -> bytes:
         _field(node.content),
         b"-" if node.digest is None else node.digest.hex().encode(),
     ]
-    parts.extend(escape(k, xattr=True) + b"=" + escape(v, xattr=True) for k, v in node.xattrs.items())
+    parts.extend(
+        escape(k, xattr=True) + b"=" + escape(v, xattr=True) for k, v in node.xattrs.items()
+    )
     return b" ".join(parts) + b"\n"
 
 

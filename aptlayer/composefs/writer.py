@@ -128,10 +128,14 @@ def _check_xattrs(node: Node, path: bytes) -> None:
         if not name or len(name) > MAX_XATTR_NAME_LEN or b"\0" in name:
             raise InvalidTreeError(f"invalid xattr name '{printable(name)}'", path)
         if len(value) > MAX_XATTR_VALUE_LEN:
-            raise InvalidTreeError(f"xattr '{printable(name)}' value longer than {MAX_XATTR_VALUE_LEN} bytes", path)
+            raise InvalidTreeError(
+                f"xattr '{printable(name)}' value longer than {MAX_XATTR_VALUE_LEN} bytes", path
+            )
         used += XATTR_BUDGET_PER_ENTRY + len(name) + len(value)
     if used and used + XATTR_BUDGET_BASE > MAX_XATTR_BUDGET:
-        raise InvalidTreeError(f"xattrs exceed the per-inode budget of {MAX_XATTR_BUDGET} bytes", path)
+        raise InvalidTreeError(
+            f"xattrs exceed the per-inode budget of {MAX_XATTR_BUDGET} bytes", path
+        )
 
 
 def _chunk_bits(size: int) -> int:
@@ -166,11 +170,17 @@ def _check_node(node: Node, path: bytes) -> None:
     elif ftype == stat.S_IFREG:
         if node.content is not None:
             if len(node.content) > MAX_INLINE_CONTENT:
-                raise InvalidTreeError(f"inline content longer than {MAX_INLINE_CONTENT} bytes", path)
+                raise InvalidTreeError(
+                    f"inline content longer than {MAX_INLINE_CONTENT} bytes", path
+                )
             if len(node.content) != node.size:
-                raise InvalidTreeError(f"content length {len(node.content)} != size {node.size}", path)
+                raise InvalidTreeError(
+                    f"content length {len(node.content)} != size {node.size}", path
+                )
         elif node.size > 0 and _chunk_count(node.size) > F.MAX_CHUNKS:
-            raise InvalidTreeError(f"file too big ({node.size} bytes, > {F.MAX_CHUNKS} chunks)", path)
+            raise InvalidTreeError(
+                f"file too big ({node.size} bytes, > {F.MAX_CHUNKS} chunks)", path
+            )
         if node.digest is not None and len(node.digest) != F.DIGEST_SIZE:
             raise InvalidTreeError(f"digest must be {F.DIGEST_SIZE} bytes", path)
     _check_xattrs(node, path)
@@ -259,7 +269,9 @@ def _copy_entries(
     stack.extend(reversed(children))
 
 
-def _resolve_links(links: list[tuple[_Inode, int, bytes, Node, bytes]], by_node: dict[int, _Inode]) -> None:
+def _resolve_links(
+    links: list[tuple[_Inode, int, bytes, Node, bytes]], by_node: dict[int, _Inode]
+) -> None:
     for dir_inode, index, name, link, path in links:
         target = link
         seen = 0
@@ -285,7 +297,9 @@ def _select_version(min_version: int, max_version: int, has_whiteout: bool) -> i
         raise VersionError(f"invalid format versions {min_version}..{max_version}")
     max_version = max(max_version, min_version)
     if max_version > F.COMPOSEFS_MAX_VERSION:
-        raise VersionError(f"format version {max_version} is not supported (max {F.COMPOSEFS_MAX_VERSION})")
+        raise VersionError(
+            f"format version {max_version} is not supported (max {F.COMPOSEFS_MAX_VERSION})"
+        )
     version = min_version
     if version < 1 <= max_version and has_whiteout:
         version = 1
@@ -297,11 +311,11 @@ def _set_xattr(inode: _Inode, name: bytes, value: bytes) -> None:
     xattrs = inode.xattrs
     counter = inode.budget
     old = xattrs.pop(name, None)
-    if old is not None:
-        if xattrs:
-            counter = (counter - (XATTR_BUDGET_PER_ENTRY + len(name) + len(old))) & _U64
-        else:
-            counter = 0
+    if old is not None and not xattrs:
+        counter = 0  # removing the only xattr resets the counter
+    elif old is not None:
+        # the input value was never counted (the copy starts at 0), so this can wrap
+        counter = (counter - (XATTR_BUDGET_PER_ENTRY + len(name) + len(old))) & _U64
     cost = XATTR_BUDGET_PER_ENTRY + len(name) + len(value) + (0 if xattrs else XATTR_BUDGET_BASE)
     counter = (counter + cost) & _U64
     if counter > MAX_XATTR_BUDGET:
@@ -400,7 +414,9 @@ def _bfs(root: _Inode) -> list[_Inode]:
     for ino, inode in enumerate(order):
         inode.ino = ino
         if inode.entries is not None:
-            subdirs = sum(1 for _n, child, original in inode.entries if original and child.entries is not None)
+            subdirs = sum(
+                1 for _n, child, original in inode.entries if original and child.entries is not None
+            )
             inode.nlink = 2 + subdirs
     return order
 
@@ -632,7 +648,15 @@ def _inode_header(inode: _Inode) -> bytes:
     mode = inode.mode & 0xFFFF
     if not inode.extended:
         return F.INODE_COMPACT.pack(
-            i_format, icount, mode, inode.nlink, inode.i_size, _i_u(inode), inode.ino, inode.uid, inode.gid
+            i_format,
+            icount,
+            mode,
+            inode.nlink,
+            inode.i_size,
+            _i_u(inode),
+            inode.ino,
+            inode.uid,
+            inode.gid,
         )
     return F.INODE_EXTENDED.pack(
         i_format | F.INODE_FORMAT_EXTENDED,
