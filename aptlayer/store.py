@@ -238,6 +238,8 @@ class Store:
         if not options.from_file and not os.path.isdir(source):
             raise errors.NotFound(f"source {source}: not a directory" if os.path.exists(source)
                                   else f"source {source}: no such directory")
+        if options.from_file and source != "-" and not os.path.exists(source):
+            raise errors.NotFound(f"source {source}: no such file")
         with self.writing():
             if tx is not None:
                 self._open_tx(tx)
@@ -345,7 +347,7 @@ class Store:
         proc = subprocess.run([*args, source, str(staged)], capture_output=True, text=True)
         if proc.returncode != 0:
             if os.strerror(errno.ENOSPC) in proc.stderr:
-                raise errors.NoSpace(f"creating image {staged.stem!r}: no space left on device")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             raise errors.InvalidInput(proc.stderr.strip().splitlines()[0] if proc.stderr.strip()
                                       else f"mkcomposefs failed ({proc.returncode})")
         fd = os.open(staged, os.O_RDONLY)
