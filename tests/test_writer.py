@@ -16,7 +16,7 @@ import stat
 import subprocess
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from aptlayer.composefs import format as F
@@ -244,6 +244,25 @@ def test_hardlink_to_directory_rejected():
     sub = Node()
     with pytest.raises(InvalidTreeError, match="/h: hard link to a directory"):
         build_image(Node(children={b"d": sub, b"h": Node.hardlink(sub)}))
+
+
+def test_long_hardlink_chain():
+    """A chain of links longer than the number of inodes still resolves."""
+    f = reg(size=1, content=b"x")
+    links = [Node.hardlink(f)]
+    for _ in range(5):
+        links.append(Node.hardlink(links[-1]))
+    children = {b"f": f} | {b"l%d" % i: link for i, link in enumerate(links)}
+    flat = Node(children={b"f": f} | {b"l%d" % i: Node.hardlink(f) for i in range(6)})
+    assert build_image(Node(children=children)) == build_image(flat)
+
+
+def test_hardlink_cycle_rejected():
+    a = Node.hardlink(Node())
+    b = Node.hardlink(a)
+    a.link = b
+    with pytest.raises(InvalidTreeError, match="/a: hard-link cycle"):
+        build_image(Node(children={b"a": a, b"b": b}))
 
 
 def test_same_node_twice_rejected():
@@ -559,6 +578,7 @@ def compare_with_mkcomposefs(mkcomposefs: str, text: bytes, versions: tuple[int,
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(seed=SEEDS, versions=VERSIONS)
+@example(seed=2211, versions=(0, 0))  # a hardlink chain longer than the inode count
 def test_random_dumps_match_mkcomposefs(mkcomposefs, seed, versions):
     compare_with_mkcomposefs(mkcomposefs, DumpGen(random.Random(seed)).dump(), versions)
 

@@ -274,12 +274,12 @@ def _resolve_links(
 ) -> None:
     for dir_inode, index, name, link, path in links:
         target = link
-        seen = 0
+        seen = {id(link)}
         while target.link is not None:
             target = target.link
-            seen += 1
-            if seen > len(by_node) + 1:
+            if id(target) in seen:
                 raise InvalidTreeError("hard-link cycle", path)
+            seen.add(id(target))
         inode = by_node.get(id(target))
         if inode is None:
             raise InvalidTreeError("hard-link target is not part of the tree", path)
