@@ -120,3 +120,18 @@ def test_recover_killed_at_every_point(template, crash):
     crashed = _copy(template["root"], template["base"] / "crashed")
     kill_at(crashed, crash, 1, *_op_args(template, op))
     assert kill_everywhere(template, crashed, "recover") == {}
+
+
+def test_torture_small(tmp_path):
+    """A short run of tools/torture.py (random SIGKILLs from outside); long runs are reported by hand."""
+    import subprocess
+    import sys
+
+    from crashkit import REPO, cli_env
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "torture.py"), "--iterations", "20",
+                           "--seed", "20", "--json", "--workdir", str(tmp_path)],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    result = json.loads(proc.stdout)
+    assert result["failures"] == [] and proc.returncode == 0, proc.stdout
+    assert result["kills"] + result["recover_kills"] > 0
