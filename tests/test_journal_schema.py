@@ -90,3 +90,25 @@ def test_concurrent_first_open(path: Path) -> None:
     conn = connect(path)
     assert conn.execute("SELECT count(*) FROM migrations").fetchone()[0] == len(MIGRATIONS)
     conn.close()
+
+
+def test_upgrade_from_version_1_builds_the_projection_from_old_events(path: Path) -> None:
+    """A journal left at version 1 (events and manifests only) gains a projection that covers its events."""
+    with Journal.open(path) as j:
+        j.append("tx.begun", "t", {}, "t")
+        with j.transaction() as w:
+            w.append("image.created", "a", {"digest": "D"}, "t", manifest=[("o", 1)])
+            w.append("tx.committed", "t", {}, "t")
+    raw = sqlite3.connect(path, isolation_level=None)
+    for (view,) in raw.execute("SELECT name FROM sqlite_master WHERE type = 'view'").fetchall():
+        raw.execute(f"DROP VIEW {view}")
+    for table in ("meta", "images", "roots", "object_refs", "deployments", "mounts", "transactions", "tx_ops"):
+        raw.execute(f"DROP TABLE {table}")
+    raw.execute("DELETE FROM migrations WHERE version > 1")
+    raw.execute("DELETE FROM features WHERE migration != ?", (MIGRATIONS[0].name,))
+    raw.execute("PRAGMA user_version = 1")
+    raw.close()
+    with Journal.open(path) as j:
+        assert j.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert j.image("a")["digest"] == "D" and j.is_referenced("o")
+        assert j.check() == [] and j.verify() == 3

@@ -16,7 +16,8 @@ from .errors import (
     ProjectionError,
 )
 from .invariants import check_invariants
-from .log import Event, Journal, Writer, canonical, chain_hash, default_actor
+from .event import Event
+from .log import Journal, Writer, canonical, chain_hash, default_actor
 from .projection import APPLY, known_kind
 from .schema import SCHEMA_VERSION
 

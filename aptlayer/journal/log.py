@@ -25,13 +25,13 @@ import sqlite3
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import blake3
 
 from ..names import boot_id
 from . import projection, schema
+from .event import COLUMNS, Event
 from .errors import ChainBroken, JournalError, ManifestConflict, ProjectionError
 from .invariants import check_invariants
 
@@ -83,26 +83,6 @@ def manifest_rows(manifest: Manifest) -> tuple[list[tuple[str, int]], str]:
     return rows, blake3.blake3(canonical(rows).encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True)
-class Event:
-    seq: int
-    at: str
-    tx: str
-    kind: str
-    subject: str
-    data: dict
-    actor: dict
-    hash: str
-
-    @classmethod
-    def from_row(cls, row: tuple) -> Event:
-        seq, at, tx, kind, subject, data, actor, hash_ = row
-        return cls(seq, at, tx, kind, subject, json.loads(data), json.loads(actor), hash_)
-
-
-_COLUMNS = "seq, at, tx, kind, subject, data, actor, hash"
-
-
 class Writer:
     """Appends events inside one open SQLite write transaction (see Journal.transaction)."""
 
@@ -140,7 +120,7 @@ class Writer:
         actor_text = canonical(actor_value)
         digest = chain_hash(prev, seq, at, tx, kind, subject, data_text, actor_text)
         conn.execute(
-            f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO events ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (seq, at, tx, kind, subject, data_text, actor_text, digest),
         )
         if rows is not None:
@@ -284,7 +264,7 @@ class Journal:
         if until is not None:
             where.append("substr(at, 1, length(?)) <= ?")
             params += [until, until]
-        sql = f"SELECT {_COLUMNS} FROM events"
+        sql = f"SELECT {COLUMNS} FROM events"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq DESC" if newest_first else " ORDER BY seq"
@@ -315,7 +295,7 @@ class Journal:
                 raise ChainBroken(after, "event missing")
             prev, expected = row[0], after + 1
         for seq, at, tx, kind, subject, data, actor, digest in self.conn.execute(
-            f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,)
+            f"SELECT {COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,)
         ):
             if seq != expected:
                 raise ChainBroken(expected, f"event missing (next stored event is {seq})")
@@ -354,28 +334,14 @@ class Journal:
     def rebuild(self) -> int:
         """Drop the projection and replay every event; return how many."""
         with self.transaction():
-            projection.clear(self.conn)
-            refs = projection.DeferredRefs()
-            count = self._replay(0, refs)
-            refs.finish(self.conn)
-            return count
+            return projection.rebuild(self.conn)
 
     def catch_up(self) -> int:
         """Apply events past ``applied_seq``; one indexed read when up to date."""
         if projection.applied_seq(self.conn) == self.last_seq():
             return 0
         with self.transaction():
-            applied, last = projection.applied_seq(self.conn), self.last_seq()
-            if applied > last:
-                raise ChainBroken(last + 1, f"events missing: the projection was applied up to seq {applied}")
-            return self._replay(applied, projection.INCREMENTAL)
-
-    def _replay(self, after: int, refs: projection.Refs) -> int:
-        count = 0
-        for row in self.conn.execute(f"SELECT {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,)):
-            projection.apply(self.conn, Event.from_row(row), refs)
-            count += 1
-        return count
+            return projection.catch_up(self.conn)
 
     def check(self) -> list[str]:
         """Invariant violations of the projection (empty when sound)."""

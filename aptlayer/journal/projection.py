@@ -30,12 +30,9 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-from .errors import ProjectionError
-
-if TYPE_CHECKING:
-    from .log import Event
+from .errors import ChainBroken, ProjectionError
+from .event import COLUMNS, Event
 
 TABLES: dict[str, str] = {
     "meta": """CREATE TABLE meta (
@@ -463,7 +460,7 @@ def _info(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     """Events recorded for the audit only (gc.begun, recover.*, drift.*)."""
 
 
-APPLY: dict[str, Callable[[sqlite3.Connection, "Event", Refs], None]] = {
+APPLY: dict[str, Callable[[sqlite3.Connection, Event, Refs], None]] = {
     "tx.begun": _tx_begun,
     "tx.committed": _tx_committed,
     "tx.aborted": _tx_aborted,
@@ -498,8 +495,29 @@ def apply(conn: sqlite3.Connection, ev: Event, refs: Refs = INCREMENTAL) -> None
     APPLY.get(ev.kind, _info)(conn, ev, refs)
 
 
-def clear(conn: sqlite3.Connection) -> None:
-    """Empty every projection table and reset ``applied_seq`` to 0."""
+def _replay(conn: sqlite3.Connection, after: int, refs: Refs) -> int:
+    count = 0
+    for row in conn.execute(f"SELECT {COLUMNS} FROM events WHERE seq > ? ORDER BY seq", (after,)):
+        apply(conn, Event.from_row(row), refs)
+        count += 1
+    return count
+
+
+def rebuild(conn: sqlite3.Connection) -> int:
+    """Empty the projection and replay every event; the caller holds the write transaction."""
     for table in TABLES:
         conn.execute(f"DELETE FROM {table}")
     conn.execute("INSERT INTO meta (id, applied_seq, applied_hash) VALUES (1, 0, '')")
+    refs = DeferredRefs()
+    count = _replay(conn, 0, refs)
+    refs.finish(conn)
+    return count
+
+
+def catch_up(conn: sqlite3.Connection) -> int:
+    """Apply the events after ``applied_seq``; the caller holds the write transaction."""
+    applied = applied_seq(conn)
+    last = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
+    if applied > last:
+        raise ChainBroken(last + 1, f"events missing: the projection was applied up to seq {applied}")
+    return _replay(conn, applied, INCREMENTAL)

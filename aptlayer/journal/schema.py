@@ -61,6 +61,12 @@ def _journal(conn: sqlite3.Connection) -> None:
         conn.execute(ddl)
 
 
+def _projection(conn: sqlite3.Connection) -> None:
+    """Create the projection and fold in the events an older apt-layer recorded."""
+    projection.create(conn)
+    projection.rebuild(conn)
+
+
 def _views(conn: sqlite3.Connection) -> None:
     # Imported here: sqlite_utils costs ~35 ms to import, and recovery at
     # boot opens the journal without ever running a migration.
@@ -80,7 +86,7 @@ class Migration:
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration("0001-events-and-manifests", _journal, ("events-blake3-chain", "manifests")),
-    Migration("0002-projection", projection.create, ("projection-digest-refcounts",)),
+    Migration("0002-projection", _projection, ("projection-digest-refcounts",)),
     Migration("0003-audit-views", _views, ("audit-views",)),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
