@@ -750,8 +750,7 @@ def build_image(root: Node, *, min_version: int = 0, max_version: int = 1) -> by
     ``max_version`` allows it) when the tree contains an overlay whiteout.
     The caller's tree is not modified. Raises :class:`ImageError`.
     """
-    with _gc_paused():
-        return _build(root, min_version, max_version)
+    return bytes(_build(root, min_version, max_version))
 
 
 @contextmanager
@@ -771,7 +770,13 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _build(root: Node, min_version: int, max_version: int) -> bytes:
+def _build(root: Node, min_version: int, max_version: int) -> bytearray:
+    """The image; the private copy is freed before the collector is resumed."""
+    with _gc_paused():
+        return _build_unpaused(root, min_version, max_version)
+
+
+def _build_unpaused(root: Node, min_version: int, max_version: int) -> bytearray:
     lay = _lay_out(root, min_version, max_version)
     try:
         return _emit(lay)
@@ -786,7 +791,7 @@ def _break_cycles(order: list[_Inode]) -> None:
         inode.dir_groups = []
 
 
-def _emit(lay: _Layout) -> bytes:
+def _emit(lay: _Layout) -> bytearray:
     image = bytearray(lay.blocks * F.BLOCK_SIZE)
     _superblocks(lay, image)
     offsets = []
@@ -811,9 +816,9 @@ def _emit(lay: _Layout) -> bytes:
             data = _data_blocks(inode)
             start = inode.blkaddr * F.BLOCK_SIZE
             image[start : start + len(data)] = data
-    return bytes(image)
+    return image
 
 
 def write_image(root: Node, out: BinaryIO, *, min_version: int = 0, max_version: int = 1) -> None:
     """Write the image of :func:`build_image` to a binary file object."""
-    out.write(build_image(root, min_version=min_version, max_version=max_version))
+    out.write(_build(root, min_version, max_version))
