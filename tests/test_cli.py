@@ -665,7 +665,7 @@ def small_fs(tmp_path: Path, as_root: None):
         pytest.skip("cannot loop-mount here")
     yield mnt
     gc.collect()  # close the journals the in-process commands opened there
-    subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["umount", "--lazy", str(mnt)], check=True)
 
 
 @pytest.mark.parametrize("backend", ["python", "upstream"])
