@@ -1,0 +1,466 @@
+"""Drift detection: journal changes to the store that apt-layer did not make.
+
+A :class:`Watcher` observes ``images/`` (recursively, so the digest store
+too) and ``deploy/`` with watchdog's inotify observer. An event only names a
+path that changed; what the change means is decided later, by comparing the
+path's state with the journal's projection:
+
+* an object missing while some root (live, staged, deployed or mounted image)
+  needs it: ``drift.object-deleted``; an object whose content no longer hashes
+  to its name after a write to it: ``drift.object-modified``. New objects are
+  never drift (writers add them), nor are removed objects nobody needs (gc);
+* a live image's file missing (``drift.image-deleted``) or not hashing to the
+  image's digest (``drift.image-modified``); a ``.composefs`` file of no live
+  image (``drift.image-unknown``);
+* ``deploy/current`` or ``deploy/previous`` not pointing where the projection
+  says (``drift.deploy-changed``).
+
+Files whose names start with ``.`` (temp files) are ignored, and so are
+``staging/`` and ``trash/``, which are not watched.
+
+Telling apt-layer's own operations apart. Every operation holds the store
+lock from before its first event to after its last file effect, and every
+file effect that could look like drift follows a journal event. So a verdict
+stands only if the lock was free when it was computed and no event was
+appended meanwhile (the journal's last seq is the same before and after);
+otherwise the path is judged again later. Events wait ``settle`` seconds
+before they are judged, and repeated events on a path are coalesced.
+
+Nothing lost, nothing twice. When the kernel's inotify queue overflows,
+watchdog drops events; the watcher then rescans: every object the roots
+need, every image, both deployment links. What has been reported is
+remembered per path, so a drift is journaled once however often it is seen,
+and again only after the path was seen in order in between. The state found
+at start is that baseline: the watcher reports changes, ``fsck`` and
+``recover`` report the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from watchdog.events import (
+    EVENT_TYPE_DELETED,
+    EVENT_TYPE_MODIFIED,
+    EVENT_TYPE_MOVED,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from .composefs import fsverity
+from .journal import Event
+from .lock import is_held
+from .store import IMAGE_SUFFIX, Store, new_tx_id
+
+SETTLE_S = 0.3
+POLL_S = 0.25
+DRAIN_S = 10.0
+BARRIER_WAIT_S = 3.0
+SLOTS = ("current", "previous")
+BARRIER_PREFIX = ".apt-layer-watch-barrier-"
+#: the watchdog loggers whose warnings announce an inotify queue overflow
+OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+EVENT_FILTER = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent,
+                DirDeletedEvent, DirMovedEvent]
+
+_OBJECT_RE = re.compile(r"images/objects/([0-9a-f]{2}/[0-9a-f]{62})")
+_IMAGE_RE = re.compile(r"images/([^/.][^/]*)" + re.escape(IMAGE_SUFFIX))
+_DEPLOY_RE = re.compile(r"deploy/(" + "|".join(SLOTS) + ")")
+
+_HOLDERS = ("SELECT DISTINCT r.holder FROM image_objects io JOIN roots r ON r.digest = io.digest "
+            "WHERE io.object = ? ORDER BY r.holder")
+_NEEDED_BY = ("SELECT i.name FROM image_objects io JOIN images i ON i.digest = io.digest "
+              "WHERE io.object = ? ORDER BY i.name")
+_REFERENCED = "SELECT DISTINCT io.object FROM roots r JOIN image_objects io ON io.digest = r.digest"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a path is to the store: an object, an image file or a deployment link."""
+
+    kind: str  # "object", "image" or "deploy"
+    key: str  # object path (xx/yyyy...), image name or slot
+
+    @property
+    def relpath(self) -> str:
+        if self.kind == "object":
+            return f"images/objects/{self.key}"
+        if self.kind == "image":
+            return f"images/{self.key}{IMAGE_SUFFIX}"
+        return f"deploy/{self.key}"
+
+
+def classify(relpath: str) -> Target | None:
+    """The target a path below the store root stands for, or None if it is none."""
+    for kind, pattern in (("object", _OBJECT_RE), ("image", _IMAGE_RE), ("deploy", _DEPLOY_RE)):
+        m = pattern.fullmatch(relpath)
+        if m:
+            return Target(kind, m.group(1))
+    return None
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One change apt-layer did not make, as it will be journaled.
+
+    ``fingerprint`` tells one state of a drifted path from another (the digest
+    found, the link target found): a drift is reported again only when it
+    changes.
+    """
+
+    kind: str
+    subject: str
+    data: dict
+    fingerprint: object = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    due: float
+    modified: bool
+
+
+class _OverflowFilter(logging.Filter):
+    """Turns watchdog's overflow warnings into a rescan request (and swallows them).
+
+    watchdog rebuilds its watches after an ``IN_Q_OVERFLOW`` but does not tell
+    event handlers; its warning is the only signal it gives. Its complaint
+    about an emitter read racing the observer's stop is swallowed too: that
+    race is how every stop ends.
+    """
+
+    def __init__(self, on_overflow: Callable[[], None]):
+        super().__init__()
+        self.on_overflow = on_overflow
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "overflow" in message.lower():
+            self.on_overflow()
+            return False
+        return "when the thread is inactive" not in message
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher):
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        self.watcher._note_event(event)
+
+
+class Watcher:
+    """Watch one store; journal each drift and hand its event to ``on_drift``.
+
+    Use from one thread (the one that opened ``store``): :meth:`start`, then
+    :meth:`run` until a stop event or a duration, then :meth:`close`.
+    """
+
+    def __init__(self, store: Store, *, settle: float = SETTLE_S,
+                 on_drift: Callable[[Event], None] | None = None,
+                 on_notice: Callable[[str], None] | None = None):
+        self.store = store
+        self.settle = settle
+        self.on_drift = on_drift or (lambda event: None)
+        self.on_notice = on_notice or (lambda message: None)
+        self.rescans = 0
+        self._cond = threading.Condition()
+        self._pending: dict[Target, _Pending] = {}
+        self._rescan_requested = False
+        self._barriers_seen: set[str] = set()
+        self._marks: dict[Target, tuple[str, object]] = {}
+        self._filter = _OverflowFilter(self._request_rescan)
+        self._observer = Observer()
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> list[Drift]:
+        """Start observing; return the drift already present (the baseline, not journaled)."""
+        for name in OVERFLOW_LOGGERS:
+            logger = logging.getLogger(name)
+            if not logger.isEnabledFor(logging.WARNING):
+                logger.setLevel(logging.WARNING)
+            logger.addFilter(self._filter)
+        handler = _Handler(self)
+        self._observer.schedule(handler, str(self.store.images_dir), recursive=True, event_filter=EVENT_FILTER)
+        self._observer.schedule(handler, str(self.store.deploy_dir), recursive=False, event_filter=EVENT_FILTER)
+        self._observer.start()
+        targets = {t: False for t in self._rescan_targets()}
+        while (verdicts := self._judge(targets)) is None:
+            time.sleep(self.settle)
+        for target, drift in verdicts:
+            if drift is not None:
+                self._marks[target] = (drift.kind, drift.fingerprint)
+        return [drift for _, drift in verdicts if drift is not None]
+
+    def run(self, stop: threading.Event, duration: float | None = None) -> None:
+        """Judge and journal changes until ``stop`` is set or ``duration`` seconds passed."""
+        deadline = None if duration is None else time.monotonic() + duration
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            self._step()
+
+    def close(self) -> int:
+        """Stop observing, after judging every change seen so far; return how many stay undecided.
+
+        A barrier file in each watched folder proves that the observer has
+        delivered every earlier event before it is stopped.
+        """
+        self._barrier()
+        self._observer.stop()
+        self._observer.join()
+        deadline = time.monotonic() + DRAIN_S + self.settle
+        while (self._pending or self._rescan_requested) and time.monotonic() < deadline:
+            self._step()
+        for name in OVERFLOW_LOGGERS:
+            logging.getLogger(name).removeFilter(self._filter)
+        return len(self._pending)
+
+    # --- events in (observer threads) ------------------------------------------------
+
+    def _note_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            # A folder moved away takes its files along without an event for each.
+            if event.event_type in (EVENT_TYPE_DELETED, EVENT_TYPE_MOVED):
+                self._request_rescan()
+            return
+        self._note(os.fsdecode(event.src_path), event.event_type == EVENT_TYPE_MODIFIED)
+        if event.event_type == EVENT_TYPE_MOVED:
+            self._note(os.fsdecode(event.dest_path), False)
+
+    def _note(self, path: str, modified: bool) -> None:
+        name = os.path.basename(path)
+        if name.startswith(BARRIER_PREFIX):
+            with self._cond:
+                self._barriers_seen.add(name)
+                self._cond.notify_all()
+            return
+        target = classify(os.path.relpath(path, self.store.root))
+        if target is not None:
+            self._enqueue([target], modified)
+
+    def _enqueue(self, targets: Iterable[Target], modified: bool) -> None:
+        """Queue targets to be judged after the settle delay.
+
+        Every entry is (re)inserted with the same delay, so the dict stays
+        ordered by due time and the due ones are found at its front.
+        """
+        due = time.monotonic() + self.settle
+        with self._cond:
+            for target in targets:
+                old = self._pending.pop(target, None)
+                self._pending[target] = _Pending(due, modified or (old is not None and old.modified))
+
+    def _request_rescan(self) -> None:
+        with self._cond:
+            self._rescan_requested = True
+            self._cond.notify_all()
+
+    # --- the loop (the store's thread) -----------------------------------------------
+
+    def _step(self) -> None:
+        with self._cond:
+            rescan, self._rescan_requested = self._rescan_requested, False
+        if rescan:
+            self.rescans += 1
+            self.on_notice("events were lost (inotify queue overflow): rescanning the store")
+            self._enqueue(self._rescan_targets(), False)
+        batch = self._take_due()
+        if batch:
+            self._decide(batch)
+
+    def _take_due(self) -> dict[Target, bool]:
+        """Remove and return the due entries (target -> modified), or wait for the next one."""
+        with self._cond:
+            now = time.monotonic()
+            due: dict[Target, bool] = {}
+            for target, pending in self._pending.items():
+                if pending.due > now:
+                    break
+                due[target] = pending.modified
+            if not due:
+                first = next(iter(self._pending.values()), None)
+                wait = POLL_S if first is None else min(POLL_S, first.due - now)
+                if not self._rescan_requested:
+                    self._cond.wait(max(wait, 0.0))
+                return due
+            for target in due:
+                del self._pending[target]
+            return due
+
+    def _decide(self, batch: dict[Target, bool]) -> None:
+        verdicts = self._judge(batch)
+        if verdicts is None:
+            undecided = [t for t in batch if self._depends_on_journal(t, batch[t])]
+            for modified in (False, True):
+                self._enqueue([t for t in undecided if batch[t] == modified], modified)
+            return
+        self._publish(verdicts)
+
+    def _judge(self, batch: dict[Target, bool]) -> list[tuple[Target, Drift | None]] | None:
+        """Each target's verdict, or None if apt-layer may have been mid-operation.
+
+        The last seq is read before the lock is tested: an operation that
+        takes the lock after the test appends its first event after that
+        read, and its file effects follow that event.
+        """
+        journal = self.store.journal
+        seq = journal.last_seq()
+        busy = is_held(self.store.lock_path)
+        verdicts = [(target, self._verdict(target, modified)) for target, modified in batch.items()]
+        if busy or journal.last_seq() != seq:
+            return None
+        return verdicts
+
+    def _depends_on_journal(self, target: Target, modified: bool) -> bool:
+        """False only for a new object nobody questioned: never drift, whatever the journal says."""
+        return not (target.kind == "object" and not modified and target not in self._marks
+                    and os.path.lexists(self.store.objects_dir / target.key))
+
+    def _publish(self, verdicts: list[tuple[Target, Drift | None]]) -> None:
+        new: list[Drift] = []
+        for target, drift in verdicts:
+            if drift is None:
+                self._marks.pop(target, None)
+                continue
+            mark = (drift.kind, drift.fingerprint)
+            if self._marks.get(target) != mark:
+                self._marks[target] = mark
+                new.append(drift)
+        if not new:
+            return
+        tx = new_tx_id()
+        with self.store.journal.transaction() as w:
+            events = [w.append(d.kind, d.subject, d.data, tx) for d in new]
+        for event in events:
+            self.on_drift(event)
+
+    def _barrier(self) -> None:
+        names = []
+        for folder in (self.store.images_dir, self.store.deploy_dir):
+            name = f"{BARRIER_PREFIX}{os.getpid()}-{threading.get_ident()}-{len(names)}"
+            try:
+                with open(folder / name, "x"):
+                    pass
+            except OSError:
+                continue
+            names.append((folder, name))
+        deadline = time.monotonic() + BARRIER_WAIT_S
+        with self._cond:
+            while not {n for _, n in names} <= self._barriers_seen and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+        for folder, name in names:
+            os.unlink(folder / name)
+
+    # --- rescans ----------------------------------------------------------------------
+
+    def _rescan_targets(self) -> list[Target]:
+        """Paths to judge after events were lost: needed objects that are missing,
+        whatever was reported, every image and both deployment links."""
+        s = self.store
+        targets = [Target("object", obj) for (obj,) in s.journal.conn.execute(_REFERENCED)
+                   if not os.path.lexists(s.objects_dir / obj)]
+        targets += self._marks
+        names = {r[0] for r in s.journal.conn.execute("SELECT name FROM images")}
+        with os.scandir(s.images_dir) as it:
+            names |= {m.group(1) for e in it if (m := _IMAGE_RE.fullmatch(f"images/{e.name}"))}
+        targets += [Target("image", n) for n in sorted(names)]
+        targets += [Target("deploy", slot) for slot in SLOTS]
+        return list(dict.fromkeys(targets))
+
+    # --- verdicts -----------------------------------------------------------------------
+
+    def _verdict(self, target: Target, modified: bool) -> Drift | None:
+        if target.kind == "object":
+            return self._object_verdict(target, modified)
+        if target.kind == "image":
+            return self._image_verdict(target)
+        return self._deploy_verdict(target)
+
+    def _object_verdict(self, target: Target, modified: bool) -> Drift | None:
+        obj = target.key
+        path = self.store.objects_dir / obj
+        exists = os.path.lexists(path)
+        if exists:
+            # Only a write, or an earlier report, makes an object worth hashing.
+            if not (modified or target in self._marks):
+                return None
+            found = _object_digest(path)
+            if found == obj:
+                return None
+        conn = self.store.journal.conn
+        holders = [r[0] for r in conn.execute(_HOLDERS, (obj,))]
+        if not holders:
+            return None
+        data = {"path": target.relpath, "object": obj,
+                "images": [r[0] for r in conn.execute(_NEEDED_BY, (obj,))], "held_by": holders}
+        if not exists:
+            return Drift("drift.object-deleted", obj, data)
+        return Drift("drift.object-modified", obj, {**data, "found_object": found}, fingerprint=found)
+
+    def _image_verdict(self, target: Target) -> Drift | None:
+        name = target.key
+        path = self.store.image_path(name)
+        live = self.store.journal.image(name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        data = {"path": target.relpath, "image": name}
+        if st is None:
+            if live is None:
+                return None
+            slots = [slot for slot, dep in self.store.journal.deployments().items() if dep["image"] == name]
+            return Drift("drift.image-deleted", name, {**data, "digest": live["digest"], "deployed": slots})
+        if live is None:
+            return Drift("drift.image-unknown", name, {**data, "size": st.st_size})
+        found = _file_digest(path) if stat.S_ISREG(st.st_mode) else None
+        if found == live["digest"]:
+            return None
+        return Drift("drift.image-modified", name,
+                     {**data, "digest": live["digest"], "found_digest": found,
+                      "size": live["size"], "found_size": st.st_size}, fingerprint=found)
+
+    def _deploy_verdict(self, target: Target) -> Drift | None:
+        slot = target.key
+        dep = self.store.journal.deployments().get(slot)
+        # The link text Store.sync_deployments writes.
+        expected = f"../images/{dep['image']}{IMAGE_SUFFIX}" if dep else None
+        try:
+            found = os.readlink(self.store.deploy_dir / slot)
+        except FileNotFoundError:
+            found = None
+        except OSError:
+            found = "(not a symlink)"
+        if found == expected:
+            return None
+        return Drift("drift.deploy-changed", slot,
+                     {"path": target.relpath, "slot": slot, "target": found, "expected": expected,
+                      "image": dep["image"] if dep else None}, fingerprint=found)
+
+
+def _file_digest(path: os.PathLike) -> str | None:
+    """The fs-verity digest of a file, or None if it cannot be read (gone, a folder...)."""
+    try:
+        return fsverity.digest_file(path).hex()
+    except OSError:
+        return None
+
+
+def _object_digest(path: os.PathLike) -> str | None:
+    """The digest store path the content of ``path`` belongs at (xx/yyyy...)."""
+    digest = _file_digest(path)
+    return None if digest is None else f"{digest[:2]}/{digest[2:]}"
