@@ -29,6 +29,7 @@ COMMANDS = {
     "log": "maint:log",
     "audit": "maint:audit",
     "recover": "recover:recover",
+    "watch": "watch:watch",
 }
 
 
