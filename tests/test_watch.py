@@ -1,0 +1,318 @@
+"""apt-layer watch: drift detection with watchdog's real inotify observer.
+
+Changes are made by other processes (``rm``, a Python loop, apt-layer CLI
+commands) while a Watcher runs in a thread of its own or as ``apt-layer
+watch``; what the watcher decided is read back from the journal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from aptlayer.store import CreateOptions, Store
+from aptlayer.watch import Target, Watcher, classify
+
+REPO = Path(__file__).resolve().parent.parent
+SETTLE = 0.2
+PYTHON = CreateOptions(backend="python", threads=1)
+
+
+def make_tree(path: Path, files: int, tag: str = "") -> Path:
+    """``files`` regular files with distinct content, each large enough to be an object."""
+    for i in range(files):
+        sub = path / f"d{i % 16:02d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i}").write_text(f"{tag}{i}".ljust(300, "x"))
+    return path
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def cli(root: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "aptlayer", "--root", str(root), *args],
+                          capture_output=True, text=True, env=env())
+    assert proc.returncode == 0, (args, proc.stderr)
+    return proc.stdout
+
+
+def build(root: Path, tmp: Path, *images: tuple[str, int]) -> None:
+    """Create each (name, number of files) image with the Store API."""
+    store = Store.open(root)
+    try:
+        for name, files in images:
+            store.create(str(make_tree(tmp / f"src-{name}", files, tag=name)), name, PYTHON)
+    finally:
+        store.close()
+
+
+def objects_of(root: Path, name: str) -> list[str]:
+    store = Store.open(root)
+    try:
+        return [obj for obj, _ in store.journal.manifest(store.journal.image(name)["digest"])]
+    finally:
+        store.close()
+
+
+def drift_events(root: Path) -> list:
+    store = Store.open(root)
+    try:
+        return list(store.journal.events(kind="drift.*"))
+    finally:
+        store.close()
+
+
+class Running:
+    """A Watcher in its own thread (it owns its Store: SQLite connections stay in one thread)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.events: list = []
+        self.baseline: list = []
+        self.undecided = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._body)
+
+    def _body(self) -> None:
+        store = Store.open(self.root)
+        try:
+            watcher = Watcher(store, settle=SETTLE, on_drift=self.events.append)
+            self.baseline = watcher.start()
+            self.ready.set()
+            watcher.run(self.stop)
+            self.undecided = watcher.close()
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.ready.set()
+            store.close()
+
+    def wait_for(self, count: int, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.events) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@contextmanager
+def watching(root: Path):
+    running = Running(root)
+    running.thread.start()
+    assert running.ready.wait(20)
+    try:
+        yield running
+    finally:
+        running.stop.set()
+        running.thread.join(30)
+    assert running.error is None, running.error
+    assert running.undecided == 0
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+def test_classify_paths():
+    obj = "ab/" + "c" * 62
+    assert classify(f"images/objects/{obj}") == Target("object", obj)
+    assert classify("images/base.composefs") == Target("image", "base")
+    assert classify("deploy/current") == Target("deploy", "current")
+    for ignored in ("images/.base.composefs", "images/objects/.tmp-0-1-2", "images/objects/ab",
+                    "staging/x/base.composefs", "trash/" + "a" * 64, "deploy/.current.tmp-1",
+                    "deploy/other", "images/notes.txt", "images/sub/base.composefs"):
+        assert classify(ignored) is None, ignored
+
+
+def test_burst_of_1000_deletions_each_reported_once(root, tmp_path):
+    build(root, tmp_path, ("big", 1000), ("small", 5))
+    doomed = objects_of(root, "big")
+    assert len(doomed) == 1000
+    with watching(root) as w:
+        subprocess.run([sys.executable, "-c", "import os, sys\nfor p in sys.argv[1:]: os.unlink(p)",
+                        *(str(root / "images/objects" / o) for o in doomed)], check=True)
+        w.wait_for(1000)
+    events = drift_events(root)
+    assert [e.kind for e in events] == ["drift.object-deleted"] * 1000
+    assert sorted(e.subject for e in events) == sorted(doomed)
+    assert all(e.data["images"] == ["big"] and e.data["held_by"] == ["image:big"] for e in events)
+    assert len(w.events) == 1000
+
+
+def test_overflow_is_caught_up_by_a_rescan(root, tmp_path):
+    """The watcher is stopped (SIGSTOP) while the kernel queue overflows."""
+    build(root, tmp_path, ("big", 400))
+    doomed = objects_of(root, "big")
+    early, late = doomed[:100], doomed[100:300]
+    noise = root / "images/objects/noise"
+    noise.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "aptlayer", "--root", str(root), "watch", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        assert "watching" in proc.stderr.readline()
+        os.kill(proc.pid, signal.SIGSTOP)
+        for o in early:
+            os.unlink(root / "images/objects" / o)
+        for i in range(9000):  # create + delete: 18,000 events, more than max_queued_events
+            (noise / f"n{i}").touch()
+            (noise / f"n{i}").unlink()
+        for o in late:  # their events are past the overflow: only the rescan can see them
+            os.unlink(root / "images/objects" / o)
+        os.kill(proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 20
+        while len(drift_events(root)) < 300 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "overflow" in err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert sorted(line["subject"] for line in lines) == sorted(early + late)
+    assert {line["kind"] for line in lines} == {"drift.object-deleted"}
+    assert sorted(e.subject for e in drift_events(root)) == sorted(early + late)
+
+
+def test_apt_layer_operations_are_not_drift(root, tmp_path):
+    src_a = make_tree(tmp_path / "a", 40, "a")
+    src_b = make_tree(tmp_path / "b", 40, "a")  # the same files: every object deduplicated
+    (src_b / "extra").write_text("b" * 500)
+    src_c = make_tree(tmp_path / "c", 30, "c")
+    cli(root, "image", "create", str(src_a), "a", "--backend", "python")
+    with watching(root) as w:
+        cli(root, "image", "create", str(src_b), "b", "--backend", "python")
+        cli(root, "deploy", "a")
+        cli(root, "deploy", "b")
+        cli(root, "rollback")
+        cli(root, "image", "create", str(src_c), "c", "--backend", "python")
+        cli(root, "image", "delete", "c")
+        tx = cli(root, "tx", "begin").split()[-1]
+        cli(root, "image", "create", "--tx", tx, str(src_c), "c2", "--backend", "python")
+        cli(root, "deploy", "--tx", tx, "c2")
+        cli(root, "tx", "commit", tx)
+        cli(root, "image", "delete", "b")
+        cli(root, "gc")
+        cli(root, "gc", "--full")
+        time.sleep(1)
+        assert w.events == []
+        victim = objects_of(root, "a")[0]  # the watcher is alive: a real deletion is seen
+        os.unlink(root / "images/objects" / victim)
+        w.wait_for(1)
+    assert [(e.kind, e.subject) for e in drift_events(root)] == [("drift.object-deleted", victim)]
+    assert not (root / "images/c.composefs").exists()
+
+
+def test_object_deleted_while_a_create_holds_the_store(root, tmp_path):
+    """Objects deleted before the create that wrote them commits are drift once it commits."""
+    src = make_tree(tmp_path / "src", 40)
+    deleted: list[str] = []
+
+    def progress(stats) -> None:
+        if stats.files == 20 and not deleted:
+            for obj in sorted((root / "images/objects").glob("??/*")):
+                obj.unlink()
+                deleted.append(f"{obj.parent.name}/{obj.name}")
+            time.sleep(4 * SETTLE)  # the watcher judges them while the create holds the lock
+
+    Store.open(root).close()
+    with watching(root) as w:
+        store = Store.open(root)
+        try:
+            store.create(str(src), "img", PYTHON, progress=progress)
+        finally:
+            store.close()
+        w.wait_for(len(deleted))
+    assert deleted
+    events = drift_events(root)
+    assert sorted(e.subject for e in events) == sorted(deleted)
+    assert {e.kind for e in events} == {"drift.object-deleted"}
+
+
+def test_each_kind_of_drift(root, tmp_path):
+    build(root, tmp_path, ("a", 10), ("b", 10))
+    cli(root, "deploy", "a")
+    images = root / "images"
+    modified = objects_of(root, "a")[0]
+    with watching(root) as w:
+        with open(images / "objects" / modified, "r+b") as f:
+            f.write(b"tampered")
+        with open(images / "b.composefs", "ab") as f:
+            f.write(b"\0")
+        (images / "a.composefs").unlink()
+        shutil.copy(images / "b.composefs", images / "rogue.composefs")
+        tmp_link = root / "deploy/elsewhere"
+        tmp_link.symlink_to("../images/b.composefs")
+        tmp_link.rename(root / "deploy/current")
+        w.wait_for(5)
+    got = {e.kind: e for e in drift_events(root)}
+    assert sorted(got) == ["drift.deploy-changed", "drift.image-deleted", "drift.image-modified",
+                           "drift.image-unknown", "drift.object-modified"]
+    obj = got["drift.object-modified"]
+    assert obj.subject == modified and obj.data["images"] == ["a"]
+    assert obj.data["found_object"] != modified
+    assert got["drift.image-modified"].subject == "b"
+    assert got["drift.image-modified"].data["found_size"] == got["drift.image-modified"].data["size"] + 1
+    assert got["drift.image-deleted"].data == {"path": "images/a.composefs", "image": "a",
+                                               "digest": got["drift.image-deleted"].data["digest"],
+                                               "deployed": ["current"]}
+    assert got["drift.image-unknown"].data["path"] == "images/rogue.composefs"
+    assert got["drift.deploy-changed"].data == {
+        "path": "deploy/current", "slot": "current", "target": "../images/b.composefs",
+        "expected": "../images/a.composefs", "image": "a"}
+
+
+def test_a_drift_is_reported_again_only_after_it_was_undone(root, tmp_path):
+    build(root, tmp_path, ("a", 5))
+    obj = root / "images/objects" / objects_of(root, "a")[0]
+    saved = tmp_path / "saved"
+    with watching(root) as w:
+        shutil.copy(obj, saved)
+        obj.unlink()
+        w.wait_for(1)
+        shutil.copy(saved, obj)  # put back: the next deletion is news
+        time.sleep(3 * SETTLE)
+        obj.unlink()
+        w.wait_for(2)
+        link = root / "deploy/previous"
+        link.symlink_to("nowhere")
+        w.wait_for(3)
+        link.unlink()  # a change back to what the journal says is no drift
+        time.sleep(3 * SETTLE)
+    assert [e.kind for e in drift_events(root)] == ["drift.object-deleted", "drift.object-deleted",
+                                                   "drift.deploy-changed"]
+
+
+def test_drift_found_at_start_is_a_baseline_not_an_event(root, tmp_path):
+    build(root, tmp_path, ("a", 5))
+    os.unlink(root / "images/objects" / objects_of(root, "a")[0])
+    (root / "images/stray.composefs").write_bytes(b"x")
+    with watching(root) as w:
+        time.sleep(2 * SETTLE)
+    assert sorted(d.kind for d in w.baseline) == ["drift.image-unknown", "drift.object-deleted"]
+    assert drift_events(root) == []
+
+
+def test_cli_prints_a_line_per_drift_for_a_duration(root, tmp_path):
+    build(root, tmp_path, ("a", 3))
+    proc = subprocess.Popen([sys.executable, "-m", "aptlayer", "--root", str(root), "watch", "--duration", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    assert "watching" in proc.stderr.readline()
+    (root / "images/a.composefs").unlink()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out.count("\n") == 1
+    assert " image-deleted a: file images/a.composefs removed" in out
