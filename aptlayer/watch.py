@@ -44,7 +44,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from watchdog.events import (
     EVENT_TYPE_DELETED,
@@ -118,14 +118,14 @@ class Drift:
     """One change apt-layer did not make, as it will be journaled.
 
     ``fingerprint`` tells one state of a drifted path from another (the digest
-    found, the link target found): a drift is reported again only when it
-    changes.
+    found, the link target found, the digest of the image whose file went):
+    a drift is reported again only when it changes.
     """
 
     kind: str
     subject: str
     data: dict
-    fingerprint: object = field(default=None, compare=False)
+    fingerprint: object = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +178,7 @@ class Watcher:
         self.on_drift = on_drift or (lambda event: None)
         self.on_notice = on_notice or (lambda message: None)
         self.rescans = 0
+        self._root_prefix = str(store.root) + os.sep
         self._cond = threading.Condition()
         self._pending: dict[Target, _Pending] = {}
         self._rescan_requested = False
@@ -248,7 +249,7 @@ class Watcher:
                 self._barriers_seen.add(name)
                 self._cond.notify_all()
             return
-        target = classify(os.path.relpath(path, self.store.root))
+        target = classify(path.removeprefix(self._root_prefix))
         if target is not None:
             self._enqueue([target], modified)
 
@@ -319,11 +320,10 @@ class Watcher:
         """
         journal = self.store.journal
         seq = journal.last_seq()
-        busy = is_held(self.store.lock_path)
-        verdicts = [(target, self._verdict(target, modified)) for target, modified in batch.items()]
-        if busy or journal.last_seq() != seq:
+        if is_held(self.store.lock_path):
             return None
-        return verdicts
+        verdicts = [(target, self._verdict(target, modified)) for target, modified in batch.items()]
+        return verdicts if journal.last_seq() == seq else None
 
     def _depends_on_journal(self, target: Target, modified: bool) -> bool:
         """False only for a new object nobody questioned: never drift, whatever the journal says."""
@@ -424,7 +424,8 @@ class Watcher:
             if live is None:
                 return None
             slots = [slot for slot, dep in self.store.journal.deployments().items() if dep["image"] == name]
-            return Drift("drift.image-deleted", name, {**data, "digest": live["digest"], "deployed": slots})
+            return Drift("drift.image-deleted", name, {**data, "digest": live["digest"], "deployed": slots},
+                         fingerprint=live["digest"])
         if live is None:
             return Drift("drift.image-unknown", name, {**data, "size": st.st_size})
         found = _file_digest(path) if stat.S_ISREG(st.st_mode) else None
