@@ -12,7 +12,11 @@ commit) and stale temporary files of dead writers.
 Safety: the caller holds the store lock exclusively, so no writer is
 between its dedupe check and its commit. An object is renamed into the trash
 first and only then unlinked, so a crash mid-sweep leaves whole objects
-either in place or in the trash (emptied by the next gc).
+either in place or in the trash (emptied by the next gc). The renames are not
+made durable one fan-out directory at a time (up to 256 fsyncs would cost
+more than the rest of an incremental gc): an object whose removal a power
+loss undoes is unreferenced and not in ``object_refs`` any more, a stray
+that the next ``gc --full`` removes.
 """
 
 from __future__ import annotations
@@ -82,22 +86,18 @@ def sweep(gc_plan: GcPlan, objects_dir: Path, trash_dir: Path,
     empty_trash(trash_dir)
     removed = freed = 0
     total = len(gc_plan.objects)
-    dirs: set[str] = set()
     for i, (obj, size) in enumerate(gc_plan.objects):
         src = objects_dir / obj
         try:
             fsops.rename(str(src), str(trash_dir / obj.replace("/", "")))
         except FileNotFoundError:
             continue
-        dirs.add(str(src.parent))
         removed += 1
         freed += size
         if i == 0:
             fault("gc.after-first-trash")
         if progress is not None and i % 256 == 0:
             progress(i, total)
-    for d in sorted(dirs):
-        fsops.fsync_dir(d)
     for tmp in gc_plan.temp_files:
         try:
             fsops.unlink(os.path.join(objects_dir, tmp))
