@@ -67,15 +67,15 @@ class Model:
         return {obj: (n, int(obj[1:]) + 1) for obj, n in counts.items()}
 
     def stage_ok(self, tx: str, op: str, name: str, digest: str) -> bool:
-        pending = {(o, n) for o, n, _ in self.staged.get(tx, [])}
+        pending = {(o, n): d for o, n, d in self.staged.get(tx, [])}
         if (op, name) in pending:
             return False
-        live, replaced, creating = self.images.get(name), ("delete", name) in pending, ("create", name) in pending
+        live, replaced, creating = self.images.get(name), ("delete", name) in pending, pending.get(("create", name))
         if op == "create":
             return live is None or replaced
         if op == "delete":
-            return live is not None and not creating
-        return creating or (live == digest and not replaced)
+            return live is not None and creating is None and live == digest
+        return digest == (creating if creating is not None else (None if replaced else live))
 
     def commit(self, tx: str) -> tuple[dict, dict] | None:
         """The images and slots after committing ``tx``, or None if the commit must fail."""
@@ -86,7 +86,7 @@ class Model:
                     return None
                 images[name] = digest
             elif op == "delete":
-                if name not in images:
+                if images.get(name) != digest:
                     return None
                 del images[name]
             else:
@@ -193,7 +193,7 @@ class JournalMachine(RuleBasedStateMachine):
         tx = self._open(pick)
         if tx is None:
             return
-        if op != "create":
+        if op == "delete" or (op == "deploy" and digest < "D3"):  # else a deploy may name a wrong digest
             pending = {n: d for o, n, d in self.model.staged[tx] if o == "create"}
             digest = pending.get(name, self.model.images.get(name, digest))
         kind = {"create": "image.staged", "delete": "delete.staged", "deploy": "deploy.staged"}[op]

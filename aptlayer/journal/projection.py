@@ -326,13 +326,19 @@ def _stage(conn: sqlite3.Connection, ev: Event, refs: Refs, op: str) -> None:
         raise _fail(ev, f"already staged in transaction {ev.tx}")
     live = _image_digest(conn, name)
     replaced = _pending(conn, ev.tx, "delete", name) is not None
-    creating = _pending(conn, ev.tx, "create", name) is not None
+    row = conn.execute(
+        "SELECT digest FROM tx_ops WHERE tx = ? AND op = 'create' AND name = ? AND effective_seq IS NULL",
+        (ev.tx, name),
+    ).fetchone()
+    creating = row[0] if row else None
     if op == "create" and live is not None and not replaced:
         raise _fail(ev, "name is taken by a live image")
-    if op == "delete" and (live is None or creating):
+    if op == "delete" and (live is None or creating is not None):
         raise _fail(ev, "no live image of that name")
-    if op == "deploy" and not (creating or (live == digest and not replaced)):
-        raise _fail(ev, "image is neither live nor staged in this transaction")
+    if op == "delete" and digest != live:
+        raise _fail(ev, f"live image has digest {live}, not {digest}")
+    if op == "deploy" and digest != (creating if creating is not None else (None if replaced else live)):
+        raise _fail(ev, "image with that digest is neither live nor staged in this transaction")
     conn.execute(
         "INSERT INTO tx_ops (seq, tx, op, name, digest, data) VALUES (?, ?, ?, ?, ?, ?)",
         (ev.seq, ev.tx, op, name, digest, json.dumps(ev.data, sort_keys=True, separators=(",", ":"))),
