@@ -527,8 +527,10 @@ class Store:
         with self.writing():
             self._open_tx(tx)
             try:
-                events = self.journal.commit_tx(tx)
-            except ProjectionError as e:
+                with self.journal.transaction() as w:
+                    self._staged_deletes_unused(tx)
+                    events = w.commit_tx(tx)
+            except (ProjectionError, errors.Conflict) as e:
                 raise errors.Conflict(f"cannot commit {tx}: {e}") from None
             fault("commit.after-commit")
             self.apply_effects(events)
@@ -536,6 +538,15 @@ class Store:
             self._clear_staging(tx)
             ops = [e for e in events if e.kind != "tx.committed"]
             return {"tx": tx, "ops": [{"kind": e.kind, "subject": e.subject} for e in ops]}
+
+    def _staged_deletes_unused(self, tx: str) -> None:
+        """An image deployed or mounted since its delete was staged is not deleted by the commit.
+
+        Called inside the commit's SQLite transaction, so no deploy or mount slips in between.
+        """
+        for op in self.journal.staged_ops(tx):
+            if op["op"] == "delete" and op["effective_seq"] is None:
+                self._in_use(op["name"])
 
     def tx_rollback(self, tx: str) -> dict:
         with self.writing():

@@ -412,3 +412,21 @@ def test_rebuild_gives_the_same_projection(store: Store, src: Path, tmp_path: Pa
     before = projection(store)
     assert Maintenance(store).rebuild() == {"events": store.journal.last_seq(), "problems": []}
     assert projection(store) == before
+
+
+def test_commit_refuses_to_delete_an_image_deployed_since_the_delete_was_staged(store: Store, src: Path) -> None:
+    store.create(str(src), "x", PY)
+    store.create(str(src), "y", PY)
+    tx = store.tx_begin()
+    store.delete("x", tx=tx)
+    store.deploy("x")
+    seq = store.journal.last_seq()
+    with pytest.raises(errors.Conflict, match=f"^cannot commit {tx}: image 'x' is the current deployment"):
+        store.tx_commit(tx)
+    store.deploy("y")
+    with pytest.raises(errors.Conflict, match=f"^cannot commit {tx}: image 'x' is the previous deployment"):
+        store.tx_commit(tx)
+    assert store.transaction(tx)["state"] == "open" and store.journal.last_seq() == seq + 3
+    assert os.readlink(store.deploy_dir / "previous") == "../images/x.composefs" and store.image_path("x").exists()
+    store.tx_rollback(tx)
+    assert_consistent(store)
