@@ -124,7 +124,8 @@ def rebuild(ctx, as_json) -> None:
 @click.option("--kind", metavar="KIND", help="Only this event kind (e.g. image.created).")
 @click.option("--tx", metavar="ID", help="Only this transaction.")
 @click.option("--since", metavar="TIME", help="Only events at or after this UTC time (ISO 8601).")
-@click.option("--until", metavar="TIME", help="Only events before this UTC time.")
+@click.option("--until", metavar="TIME",
+              help="Only events at or before this UTC time (a prefix such as 2026-11-25 takes the whole day).")
 @click.option("-n", "--limit", type=click.IntRange(1), default=50, show_default=True)
 @json_option
 @click.pass_context
