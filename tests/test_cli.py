@@ -296,6 +296,26 @@ def test_deploy_json(root: Path, base: dict) -> None:
     assert os.readlink(root / "deploy/current") == "../images/base.composefs"
 
 
+def test_mounted_image_cannot_be_deleted(root: Path, base: dict, tmp_path: Path, as_root: None) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounted = run(root, "image", "mount", "base", str(mnt), "--json")
+    if mounted.rc in (7, 9):
+        pytest.skip(f"cannot mount here: {mounted.err.strip()}")
+    try:
+        assert mounted.json() == {"name": "base", "mountpoint": str(mnt), "digest": base["digest"],
+                                  "missing_objects": []}
+        r = run(root, "image", "delete", "base")
+        assert (r.rc, r.err) == (4, f"apt-layer: image 'base' is mounted at {mnt}; unmount it first\n")
+        assert run(root, "gc", "--full").out == "removed 0 objects (0 B), 3 in use\n"
+        assert (mnt / "usr/lib/lib.so").read_bytes() == FILES["usr/lib/lib.so"]
+        assert f"  {mnt}: base (mounted)\n" in run(root, "status").out
+    finally:
+        assert run(root, "image", "unmount", str(mnt)).out == f"unmounted {mnt}\n"
+    assert run(root, "image", "delete", "base").rc == 0
+    assert_consistent(root)
+
+
 # --- transactions ----------------------------------------------------------------------------------------------
 
 
