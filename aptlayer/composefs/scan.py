@@ -19,7 +19,9 @@ The walk opens everything relative to its parent directory's fd with
 ``O_NOFOLLOW``, so a symlink swapped in for a directory during the scan
 cannot lead outside the source.  It keeps at most ``MAX_OPEN_DIRS`` of
 those fds open and reopens an ancestor name by name (checking its inode)
-when a deeper tree needs it again.
+when a deeper tree needs it again.  Xattrs of an entry are read through
+``/proc/self/fd/DIRFD/NAME`` (the last part not followed), so ``/proc``
+must be mounted.
 
 Threads: hashing stays in the calling thread.  The Merkle tree hashes 4 KiB
 blocks, and each ``hashlib`` call on one releases and retakes the GIL, so
