@@ -88,6 +88,18 @@ def test_transaction_is_all_or_nothing(journal: Journal) -> None:
     assert journal.last_seq() == 1 and journal.check() == []
 
 
+def test_refused_event_caught_inside_a_transaction_leaves_no_trace(journal: Journal) -> None:
+    journal.append("tx.begun", "t1", {}, "t1")
+    with journal.transaction() as w:
+        with pytest.raises(ProjectionError):
+            w.append("image.deleted", "missing", {"digest": "D"}, "t1")
+        with pytest.raises(ManifestConflict):
+            w.append("image.created", "a", {"digest": "D"}, "t1", manifest=[("o", 1), ("o", 2)])
+        w.append("image.created", "a", {"digest": "D"}, "t1", manifest=[("o", 1)])
+    assert [e.kind for e in journal.events()] == ["tx.begun", "image.created"]
+    assert journal.verify() == 2 and journal.check() == []
+
+
 def test_nested_transaction_refused(journal: Journal) -> None:
     with journal.transaction():
         with pytest.raises(JournalError):

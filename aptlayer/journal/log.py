@@ -104,10 +104,25 @@ class Writer:
         ``data["manifest"]`` is set to the manifest's hash, so the chain also
         protects the manifest rows. An object id is a content digest, so it
         has one size in every manifest; a different one is a ManifestConflict.
+        A refused event leaves no trace, even if the caller catches the error
+        and goes on with the transaction (each append is a savepoint).
         """
-        conn = self._conn
         if not projection.known_kind(kind):
             raise ProjectionError(f"unknown event kind {kind!r}", kind=kind)
+        self._conn.execute("SAVEPOINT append_event")
+        try:
+            event = self._append(kind, subject, data, tx, actor, manifest)
+        except BaseException:
+            self._conn.execute("ROLLBACK TO append_event")
+            self._conn.execute("RELEASE append_event")
+            raise
+        self._conn.execute("RELEASE append_event")
+        return event
+
+    def _append(
+        self, kind: str, subject: str, data: dict, tx: str, actor: dict | None, manifest: Manifest | None
+    ) -> Event:
+        conn = self._conn
         last = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
         rows: list[tuple[str, int]] | None = None
