@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -69,23 +71,39 @@ def _recover(root: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+def visible(root: Path) -> tuple:
+    """What users see: the live images with their digests, and the deployments."""
+    with closing(sqlite3.connect(root / "journal.db")) as conn:
+        return (tuple(conn.execute("SELECT name, digest FROM images ORDER BY name")),
+                tuple(conn.execute("SELECT slot, image, digest FROM deployments ORDER BY slot")))
+
+
 def kill_everywhere(template: dict, start: Path, *args: str) -> dict[str, list[str]]:
     """Kill ``args`` at each of its points from the state ``start``; recover; check.
 
-    Returns the failures per ``point:n`` (empty when all is well) and
+    Besides invariants 1-5, the operation must be atomic: after recovery
+    users see either the state before it or the state a run to the end
+    left. Returns the failures per ``point:n`` (empty when all is well) and
     asserts the operation passed at least one point.
     """
     base = template["base"]
-    points = fault_points(_copy(start, base / "probe"), *args, log=base / "fault.log")
+    probe = _copy(start, base / "probe")
+    points = fault_points(probe, *args, log=base / "fault.log")
     assert points, f"{' '.join(args)} passed no fault point"
+    outcomes = {visible(start), visible(probe)}
     failures: dict[str, list[str]] = {}
+    kills = 0
     for point, count in sorted(points.items()):
         for n in _hits(count):
             root = _copy(start, base / "case")
             kill_at(root, point, n, *args)
+            kills += 1
             problems = check_store(root, _recover(root))
+            if visible(root) not in outcomes:
+                problems.append(f"neither before nor after: {visible(root)}")
             if problems:
                 failures[f"{point}:{n}"] = problems
+    print(f"{' '.join(args[:2])}: {len(points)} fault points, {kills} kills: {dict(points)}")
     return failures
 
 
