@@ -191,3 +191,15 @@ def test_catch_up_and_rebuild(journal: Journal) -> None:
     journal.conn.execute("UPDATE object_refs SET refcount = 7")
     assert journal.check() != []
     assert journal.rebuild() == 3 and journal.check() == []
+
+
+def test_transaction_ids_are_single_use(journal: Journal) -> None:
+    journal.append("tx.begun", "T", {}, "T")
+    with pytest.raises(ProjectionError, match="already used"):
+        journal.append("tx.begun", "T", {}, "T")
+    with pytest.raises(ProjectionError, match="subject"):
+        journal.append("tx.begun", "U", {}, "V")
+    journal.append("tx.committed", "T", {}, "T")
+    with pytest.raises(ProjectionError, match="committed"):
+        journal.append("tx.aborted", "T", {}, "T")
+    assert journal.last_seq() == 2 and journal.check() == []

@@ -147,6 +147,9 @@ class Refs:
     def swept(self, conn: sqlite3.Connection) -> None:
         conn.execute("DELETE FROM object_refs WHERE refcount = 0")
 
+    def has_manifest(self, conn: sqlite3.Connection, digest: str) -> bool:
+        return conn.execute("SELECT 1 FROM images_manifest WHERE digest = ?", (digest,)).fetchone() is not None
+
     def advance(self, conn: sqlite3.Connection, ev: Event) -> None:
         """Move ``applied_seq`` to the event, refusing any event but the next one."""
         moved = conn.execute(
@@ -171,6 +174,13 @@ class DeferredRefs(Refs):
         self.touched: set[str] = set()
         self.last: tuple[int, str] | None = None
         self.expected = 1
+        self.manifests: set[str] = set()
+
+    def has_manifest(self, conn: sqlite3.Connection, digest: str) -> bool:
+        """Manifests are never removed, so a digest found once is remembered for the replay."""
+        if digest not in self.manifests and super().has_manifest(conn, digest):
+            self.manifests.add(digest)
+        return digest in self.manifests
 
     def gained(self, conn: sqlite3.Connection, digest: str) -> None:
         self.touched.add(digest)
@@ -209,7 +219,7 @@ def _set_root(conn: sqlite3.Connection, refs: Refs, holder: str, digest: str | N
     if old == digest:
         return
     if digest is not None:
-        if conn.execute("SELECT 1 FROM images_manifest WHERE digest = ?", (digest,)).fetchone() is None:
+        if not refs.has_manifest(conn, digest):
             raise ProjectionError(f"{holder}: no manifest recorded for image digest {digest}")
         conn.execute(
             "INSERT INTO roots (holder, digest) VALUES (?, ?) "
@@ -280,12 +290,13 @@ def _fail(ev: Event, message: str) -> ProjectionError:
 def _tx_begun(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
     if ev.subject != ev.tx:
         raise _fail(ev, "subject must be the transaction id")
-    if conn.execute("SELECT 1 FROM transactions WHERE id = ?", (ev.tx,)).fetchone():
-        raise _fail(ev, "transaction id already used")
-    conn.execute(
-        "INSERT INTO transactions (id, state, explicit, begun_seq, begun_at) VALUES (?, 'open', ?, ?, ?)",
-        (ev.tx, int(bool(ev.data.get("explicit", False))), ev.seq, ev.at),
-    )
+    try:
+        conn.execute(
+            "INSERT INTO transactions (id, state, explicit, begun_seq, begun_at) VALUES (?, 'open', ?, ?, ?)",
+            (ev.tx, int(bool(ev.data.get("explicit", False))), ev.seq, ev.at),
+        )
+    except sqlite3.IntegrityError:
+        raise _fail(ev, "transaction id already used") from None
 
 
 def _tx_end(conn: sqlite3.Connection, ev: Event, refs: Refs, state: str) -> None:
@@ -299,10 +310,11 @@ def _tx_end(conn: sqlite3.Connection, ev: Event, refs: Refs, state: str) -> None
         if state == "committed":
             raise _fail(ev, f"staged operations not made effective: {what}")
         raise _fail(ev, f"operations already effective, cannot abort: {what}")
-    for (name,) in conn.execute(
-        "SELECT name FROM tx_ops WHERE tx = ? AND op = 'create' AND effective_seq IS NULL", (ev.tx,)
-    ).fetchall():
-        _set_root(conn, refs, f"staged:{ev.tx}:{name}", None)
+    if state == "aborted":
+        for (name,) in conn.execute(
+            "SELECT name FROM tx_ops WHERE tx = ? AND op = 'create' AND effective_seq IS NULL", (ev.tx,)
+        ).fetchall():
+            _set_root(conn, refs, f"staged:{ev.tx}:{name}", None)
     conn.execute(
         "UPDATE transactions SET state = ?, ended_seq = ?, ended_at = ? WHERE id = ?",
         (state, ev.seq, ev.at, ev.tx),
