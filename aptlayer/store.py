@@ -618,24 +618,34 @@ class Store:
 
     def mount(self, name: str, mountpoint: str, *, basedirs: tuple[str, ...] = (),
               upperdir: str | None = None, workdir: str | None = None, readonly: bool = False,
-              verity: str = "off", idmap: str | None = None) -> dict:
-        """Mount image ``name`` and record it; warns (in the result) about missing objects."""
-        from .composefs import mount as cfsmount
+              verity: str = "off", idmap: str | None = None, backend: str = "python") -> dict:
+        """Mount image ``name`` and record it; warns (in the result) about missing objects.
+
+        ``backend`` "python" mounts natively, "upstream" through
+        ``mount.composefs``, "auto" through it when installed.
+        """
+        from .composefs import mount as cfsmount, upstream
 
         path = self.image_file(name)
         image = self._live(name)
         target = os.path.realpath(mountpoint)
         missing = self.missing_objects(name)
+        if backend == "auto":
+            backend = "upstream" if upstream.find_tool("mount.composefs") else "python"
+        if backend == "upstream" and upstream.find_tool("mount.composefs") is None:
+            raise errors.Unsupported("--backend upstream: mount.composefs is not installed")
+        do_mount = upstream.mount_with_tool if backend == "upstream" else cfsmount.mount
         with self.writing():
             try:
-                cfsmount.mount(str(path), target, [str(self.objects_dir), *basedirs], upperdir=upperdir,
-                               workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
+                do_mount(str(path), target, [str(self.objects_dir), *basedirs], upperdir=upperdir,
+                         workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
             except cfsmount.MountError as e:
                 raise _mount_error(e) from None
             fault("mount.after-kernel")
             try:
                 self._append("mounted", name, {"mountpoint": target, "digest": image["digest"],
-                                               "boot_id": self.boot_id, "writable": upperdir is not None})
+                                               "boot_id": self.boot_id, "writable": upperdir is not None,
+                                               "backend": backend})
             except BaseException:
                 cfsmount.unmount(target, lazy=True)
                 raise

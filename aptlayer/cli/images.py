@@ -244,9 +244,11 @@ def missing_objects(ctx, name, as_json) -> None:
 @click.option("--verity", type=click.Choice(["off", "try", "require"]), default="off", show_default=True,
               help="Check file contents against their fs-verity digests.")
 @click.option("--idmap", metavar="USERNS", help="Shift owners by the mapping of this user namespace file.")
+@click.option("--backend", type=click.Choice(["python", "upstream", "auto"]), default="python",
+              show_default=True, help="Mount natively, or through upstream mount.composefs.")
 @json_option
 @click.pass_context
-def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, idmap, as_json) -> None:
+def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, idmap, backend, as_json) -> None:
     """Mount image NAME on MOUNTPOINT (needs root).
 
     \b
@@ -257,7 +259,8 @@ def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, 
     if (upperdir is None) != (workdir is None):
         raise click.UsageError("--upperdir and --workdir go together")
     result = ctx.obj.store().mount(name, mountpoint, basedirs=basedirs, upperdir=upperdir,
-                                   workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
+                                   workdir=workdir, readonly=readonly, verity=verity, idmap=idmap,
+                                   backend=backend)
     if as_json:
         print_json(result)
         return

@@ -24,3 +24,38 @@ def find_tool(name: str) -> str | None:
                 if os.access(cand, os.X_OK):
                     return cand
     return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+
+
+def mount_with_tool(image: str, target: str, basedirs: list[str], *, upperdir: str | None = None,
+                    workdir: str | None = None, readonly: bool = False, verity: str = "off",
+                    idmap: str | None = None, digest: str | None = None) -> None:
+    """Mount through the upstream ``mount.composefs``, with ``mount.mount``'s arguments.
+
+    Raises ``MountError`` (errno EIO with upstream's message) when it fails,
+    or ENOENT when the tool is not installed.
+    """
+    import errno
+    import subprocess
+
+    from .mount import MountError
+
+    tool = find_tool("mount.composefs")
+    if tool is None:
+        raise MountError(errno.ENOENT, "mount.composefs is not installed")
+    opts = ["basedir=" + ":".join(basedirs)]
+    if upperdir is not None:
+        opts += [f"upperdir={upperdir}", f"workdir={workdir}"]
+    if readonly:
+        opts.append("ro")
+    if verity == "require":
+        opts.append("verity")
+    elif verity == "try":
+        opts.append("tryverity")
+    if idmap is not None:
+        opts.append(f"idmap={idmap}")
+    if digest is not None:
+        opts.append(f"digest={digest}")
+    proc = subprocess.run([tool, "-o", ",".join(opts), image, target], capture_output=True, text=True)
+    if proc.returncode != 0:
+        message = " ".join(proc.stderr.split()) or f"mount.composefs exited {proc.returncode}"
+        raise MountError(errno.EIO, message)
