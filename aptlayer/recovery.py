@@ -254,7 +254,7 @@ class Recovery:
             "SELECT mountpoint, image, boot_id FROM mounts WHERE state = 'mounted'").fetchall()
         if not rows:
             return
-        present = {m.mountpoint for m in mount_info() if m.is_composefs}
+        present = {m.mount_point for m in mount_info() if m.is_composefs}
         for mountpoint, image, boot in rows:
             if boot == self.store.boot_id and mountpoint in present:
                 continue
