@@ -24,12 +24,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..composefs import fsops
 from ..composefs.objectstore import ObjectStore
 from ..fault import fault
+
+#: unlinks in flight while emptying the trash
+UNLINK_THREADS = 16
 
 
 @dataclass
@@ -109,16 +113,26 @@ def sweep(gc_plan: GcPlan, objects_dir: Path, trash_dir: Path,
 
 
 def empty_trash(trash_dir: Path) -> int:
-    count = 0
+    """Delete what the trash holds; the files by several threads at once.
+
+    On ext4 mounted with ``discard`` an unlink that frees blocks waits for
+    the journal (about 1 ms here); a thousand of them in a row took a
+    second, overlapped they take a tenth of it.
+    """
     with os.scandir(trash_dir) as it:
-        for entry in it:
-            if entry.is_dir(follow_symlinks=False):
-                fsops.remove_tree(entry.path)
-            else:
-                fsops.unlink(entry.path)
-            count += 1
-            if count == 1:
-                fault("gc.after-first-delete")
-    if count:
+        entries = list(it)
+    files = []
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            fsops.remove_tree(entry.path)
+        else:
+            files.append(entry.path)
+    if files:
+        fsops.unlink(files[0])
+        fault("gc.after-first-delete")
+        with ThreadPoolExecutor(UNLINK_THREADS) as pool:
+            for _ in pool.map(fsops.unlink, files[1:]):
+                pass
+    if entries:
         fsops.fsync_dir(str(trash_dir))
-    return count
+    return len(entries)
