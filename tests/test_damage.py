@@ -215,6 +215,21 @@ def test_edited_event_already_checked(store):
     assert str(seq) in proc.stderr
 
 
+def test_events_deleted_behind_the_projection(store):
+    """The last events deleted by hand: the projection cannot follow, so recovery reports and touches nothing."""
+    with closing(sqlite3.connect(store / "journal.db")) as conn:
+        last = conn.execute("SELECT max(seq) FROM events").fetchone()[0]
+        conn.execute("DELETE FROM events WHERE seq > ?", (last - 2,))
+        conn.commit()
+    before = files(store)
+    code, report = recover(store)
+    assert code == DAMAGED and report["actions"] == []
+    assert [p["seq"] for p in report["problems"]] == [last - 1]
+    assert files(store) == before
+    proc = run_cli(store, "journal", "verify", check=False)
+    assert proc.returncode == DAMAGED and str(last - 1) in proc.stderr
+
+
 # --- files behind apt-layer's back -------------------------------------------------------------
 
 
