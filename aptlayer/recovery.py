@@ -117,7 +117,7 @@ class Recovery:
     def _write_mark(self, seq: int) -> None:
         row = self.journal.conn.execute("SELECT hash FROM events WHERE seq = ?", (seq,)).fetchone()
         root = str(self.store.root)
-        tmp = os.path.join(root, f".verified.tmp-{os.getpid()}")
+        tmp = os.path.join(root, ".verified.tmp")  # one name: a recovery killed while writing it leaves no litter
         if os.path.lexists(tmp):
             fsops.unlink(tmp)
         fd = fsops.create(tmp, 0o644)

@@ -152,8 +152,9 @@ def check_committed_images(store) -> list[str]:
     files = {p.name[: -len(IMAGE_SUFFIX)] for p in store.images_dir.glob("*" + IMAGE_SUFFIX)}
     if files != set(live):
         problems.append(f"1: image files {sorted(files)} but live images {sorted(live)}")
-    if [p.name for p in store.images_dir.iterdir() if p.name.startswith(".")]:
-        problems.append("1: temporary files left in images/")
+    for folder in (store.root, store.images_dir):
+        if [p.name for p in folder.iterdir() if p.name.startswith(".")]:
+            problems.append(f"1: temporary files left in {folder}")
     deps = store.journal.deployments()
     for slot in ("current", "previous"):
         link = store.deploy_dir / slot
