@@ -20,7 +20,6 @@ Example file::
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +96,8 @@ def load(path: Path | None = None, root: Path | None = None) -> Config:
     except OSError as e:
         raise InvalidInput(f"{cfg_path}: {e.strerror}") from None
     if raw is not None:
+        import tomllib
+
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

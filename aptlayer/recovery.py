@@ -248,12 +248,12 @@ class Recovery:
             self._record("recover.deploy-synced", "deploy", {"slots": changed})
 
     def _reconcile_mounts(self) -> None:
-        from .composefs.mount import mount_info
-
         rows = self.journal.conn.execute(
             "SELECT mountpoint, image, boot_id FROM mounts WHERE state = 'mounted'").fetchall()
         if not rows:
             return
+        from .composefs.mount import mount_info  # ctypes: only when there are mounts to check
+
         present = {m.mount_point for m in mount_info() if m.is_composefs}
         for mountpoint, image, boot in rows:
             if boot == self.store.boot_id and mountpoint in present:

@@ -21,8 +21,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from aptlayer.composefs import fsverity
-
 Path = str | bytes
 
 #: called as ``recorder(op, args)`` after each successful operation when set
@@ -78,6 +76,8 @@ def fchmod(fd: int, mode: int) -> None:
 
 def enable_verity(fd: int) -> bool:
     """``fsverity.enable`` (it makes the file immutable, so it counts as a change)."""
+    from . import fsverity
+
     result = fsverity.enable(fd)
     if recorder is not None:
         recorder("enable_verity", (fd_path(fd),))
