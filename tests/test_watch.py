@@ -1,8 +1,8 @@
 """apt-layer watch: drift detection with watchdog's real inotify observer.
 
-Changes are made by other processes (``rm``, a Python loop, apt-layer CLI
-commands) while a Watcher runs in a thread of its own or as ``apt-layer
-watch``; what the watcher decided is read back from the journal.
+``apt-layer watch --json`` runs in a process of its own while changes are
+made by others (``rm``, a Python loop, apt-layer CLI commands, a Store in
+the test process); what it decided is read from its output and the journal.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from pathlib import Path
 import pytest
 
 from aptlayer.store import CreateOptions, Store
-from aptlayer.watch import Target, Watcher, classify
+from aptlayer.watch import SETTLE_S, Target, classify
 
 REPO = Path(__file__).resolve().parent.parent
-SETTLE = 0.2
 PYTHON = CreateOptions(backend="python", threads=1)
 
 
@@ -74,51 +73,53 @@ def drift_events(root: Path) -> list:
         store.close()
 
 
-class Running:
-    """A Watcher in its own thread (it owns its Store: SQLite connections stay in one thread)."""
+class Watch:
+    """``apt-layer watch --json`` in a process of its own, its lines collected as they come.
+
+    A process, not a thread: a second Store opened in the watcher's process
+    would share the journal file with its connection.
+    """
 
     def __init__(self, root: Path):
-        self.root = root
-        self.events: list = []
-        self.baseline: list = []
-        self.undecided = None
-        self.error: BaseException | None = None
-        self.ready = threading.Event()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._body)
+        self.proc = subprocess.Popen([sys.executable, "-m", "aptlayer", "--root", str(root), "watch", "--json"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+        self.notices = []
+        while not (line := self.proc.stderr.readline()).startswith("apt-layer watch: watching"):
+            assert line, self.proc.stderr.read()
+            self.notices.append(line)
+        self.drifts: list[dict] = []
+        self.err = ""
+        self.reader = threading.Thread(target=self._read)
+        self.reader.start()
 
-    def _body(self) -> None:
-        store = Store.open(self.root)
-        try:
-            watcher = Watcher(store, settle=SETTLE, on_drift=self.events.append)
-            self.baseline = watcher.start()
-            self.ready.set()
-            watcher.run(self.stop)
-            self.undecided = watcher.close()
-        except BaseException as e:
-            self.error = e
-        finally:
-            self.ready.set()
-            store.close()
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.drifts.append(json.loads(line))
 
     def wait_for(self, count: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
-        while len(self.events) < count and time.monotonic() < deadline:
+        while len(self.drifts) < count and time.monotonic() < deadline:
             time.sleep(0.05)
+
+    def stop(self) -> str:
+        """SIGTERM, as systemd stops the service; returns what it said on stderr."""
+        os.kill(self.proc.pid, signal.SIGCONT)
+        self.proc.terminate()
+        err = self.proc.stderr.read()
+        assert self.proc.wait(30) == 0, err
+        self.reader.join()
+        return err
 
 
 @contextmanager
 def watching(root: Path):
-    running = Running(root)
-    running.thread.start()
-    assert running.ready.wait(20)
+    Store.open(root).close()
+    watch = Watch(root)
     try:
-        yield running
+        yield watch
     finally:
-        running.stop.set()
-        running.thread.join(30)
-    assert running.error is None, running.error
-    assert running.undecided == 0
+        watch.err = watch.stop()
+    assert "undecided" not in watch.err, watch.err
 
 
 @pytest.fixture
@@ -149,7 +150,7 @@ def test_burst_of_1000_deletions_each_reported_once(root, tmp_path):
     assert [e.kind for e in events] == ["drift.object-deleted"] * 1000
     assert sorted(e.subject for e in events) == sorted(doomed)
     assert all(e.data["images"] == ["big"] and e.data["held_by"] == ["image:big"] for e in events)
-    assert len(w.events) == 1000
+    assert len(w.drifts) == 1000
 
 
 def test_overflow_is_caught_up_by_a_rescan(root, tmp_path):
@@ -159,11 +160,8 @@ def test_overflow_is_caught_up_by_a_rescan(root, tmp_path):
     early, late = doomed[:100], doomed[100:300]
     noise = root / "images/objects/noise"
     noise.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "aptlayer", "--root", str(root), "watch", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
-    try:
-        assert "watching" in proc.stderr.readline()
-        os.kill(proc.pid, signal.SIGSTOP)
+    with watching(root) as w:
+        os.kill(w.proc.pid, signal.SIGSTOP)
         for o in early:
             os.unlink(root / "images/objects" / o)
         for i in range(9000):  # create + delete: 18,000 events, more than max_queued_events
@@ -171,19 +169,11 @@ def test_overflow_is_caught_up_by_a_rescan(root, tmp_path):
             (noise / f"n{i}").unlink()
         for o in late:  # their events are past the overflow: only the rescan can see them
             os.unlink(root / "images/objects" / o)
-        os.kill(proc.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 20
-        while len(drift_events(root)) < 300 and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    assert "overflow" in err
-    lines = [json.loads(line) for line in out.splitlines()]
-    assert sorted(line["subject"] for line in lines) == sorted(early + late)
-    assert {line["kind"] for line in lines} == {"drift.object-deleted"}
+        os.kill(w.proc.pid, signal.SIGCONT)
+        w.wait_for(300)
+    assert "overflow" in w.err
+    assert sorted(d["subject"] for d in w.drifts) == sorted(early + late)
+    assert {d["kind"] for d in w.drifts} == {"drift.object-deleted"}
     assert sorted(e.subject for e in drift_events(root)) == sorted(early + late)
 
 
@@ -193,6 +183,7 @@ def test_apt_layer_operations_are_not_drift(root, tmp_path):
     (src_b / "extra").write_text("b" * 500)
     src_c = make_tree(tmp_path / "c", 30, "c")
     cli(root, "image", "create", str(src_a), "a", "--backend", "python")
+    victim = objects_of(root, "a")[0]
     with watching(root) as w:
         cli(root, "image", "create", str(src_b), "b", "--backend", "python")
         cli(root, "deploy", "a")
@@ -208,9 +199,8 @@ def test_apt_layer_operations_are_not_drift(root, tmp_path):
         cli(root, "gc")
         cli(root, "gc", "--full")
         time.sleep(1)
-        assert w.events == []
-        victim = objects_of(root, "a")[0]  # the watcher is alive: a real deletion is seen
-        os.unlink(root / "images/objects" / victim)
+        assert w.drifts == []
+        os.unlink(root / "images/objects" / victim)  # the watcher is alive: a real deletion is seen
         w.wait_for(1)
     assert [(e.kind, e.subject) for e in drift_events(root)] == [("drift.object-deleted", victim)]
     assert not (root / "images/c.composefs").exists()
@@ -226,9 +216,8 @@ def test_object_deleted_while_a_create_holds_the_store(root, tmp_path):
             for obj in sorted((root / "images/objects").glob("??/*")):
                 obj.unlink()
                 deleted.append(f"{obj.parent.name}/{obj.name}")
-            time.sleep(4 * SETTLE)  # the watcher judges them while the create holds the lock
+            time.sleep(4 * SETTLE_S)  # the watcher judges them while the create holds the lock
 
-    Store.open(root).close()
     with watching(root) as w:
         store = Store.open(root)
         try:
@@ -284,14 +273,14 @@ def test_a_drift_is_reported_again_only_after_it_was_undone(root, tmp_path):
         obj.unlink()
         w.wait_for(1)
         shutil.copy(saved, obj)  # put back: the next deletion is news
-        time.sleep(3 * SETTLE)
+        time.sleep(3 * SETTLE_S)
         obj.unlink()
         w.wait_for(2)
         link = root / "deploy/previous"
         link.symlink_to("nowhere")
         w.wait_for(3)
         link.unlink()  # a change back to what the journal says is no drift
-        time.sleep(3 * SETTLE)
+        time.sleep(3 * SETTLE_S)
     assert [e.kind for e in drift_events(root)] == ["drift.object-deleted", "drift.object-deleted",
                                                    "drift.deploy-changed"]
 
@@ -301,9 +290,10 @@ def test_drift_found_at_start_is_a_baseline_not_an_event(root, tmp_path):
     os.unlink(root / "images/objects" / objects_of(root, "a")[0])
     (root / "images/stray.composefs").write_bytes(b"x")
     with watching(root) as w:
-        time.sleep(2 * SETTLE)
-    assert sorted(d.kind for d in w.baseline) == ["drift.image-unknown", "drift.object-deleted"]
-    assert drift_events(root) == []
+        time.sleep(2 * SETTLE_S)
+    assert w.notices == ["apt-layer watch: 2 differences from the journal already there "
+                         "(not journaled; see apt-layer fsck and recover)\n"]
+    assert w.drifts == [] and drift_events(root) == []
 
 
 def test_cli_prints_a_line_per_drift_for_a_duration(root, tmp_path):
