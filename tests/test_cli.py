@@ -115,7 +115,7 @@ def base(root: Path, src: Path) -> dict:
     return run(root, "image", "create", "--backend", "python", str(src), "base", "--json").json()
 
 
-# --- image create / list / info / delete -----------------------------------------------------------
+# --- image create / list / info / delete --------------------------------------------------------------------
 
 
 def test_create_prints_name_digest_size_objects(root: Path, src: Path) -> None:
@@ -209,7 +209,7 @@ def test_delete_json(root: Path, base: dict) -> None:
     assert out == {"name": "base", "digest": base["digest"], "tx": out["tx"], "staged": False}
 
 
-# --- listings: byte-identical to composefs-info ---------------------------------------------------------
+# --- listings: byte-identical to composefs-info -------------------------------------------------------------
 
 
 @pytest.mark.parametrize("what", ["ls", "dump", "objects"])
@@ -253,7 +253,7 @@ def test_missing_objects(root: Path, base: dict, tmp_path: Path) -> None:
     assert (r.rc, json.loads(r.out)) == (10, [ref])
 
 
-# --- deploy, rollback, status -----------------------------------------------------------------------------
+# --- deploy, rollback, status -------------------------------------------------------------------------------
 
 
 def test_deploy_rollback_status(root: Path, src: Path, base: dict) -> None:
@@ -316,7 +316,7 @@ def test_mounted_image_cannot_be_deleted(root: Path, base: dict, tmp_path: Path,
     assert_consistent(root)
 
 
-# --- transactions ----------------------------------------------------------------------------------------------
+# --- transactions -------------------------------------------------------------------------------------------
 
 
 def test_tx_commit_makes_everything_effective_at_once(root: Path, src: Path, base: dict, tmp_path: Path) -> None:
@@ -370,7 +370,7 @@ def test_tx_list_text(root: Path) -> None:
         f"{tx}  open   explicit  {row['begun_at'][:19]}\n")
 
 
-# --- gc ---------------------------------------------------------------------------------------------------------
+# --- gc -----------------------------------------------------------------------------------------------------
 
 
 def test_gc_outputs(root: Path, src: Path, base: dict, tmp_path: Path) -> None:
@@ -401,7 +401,7 @@ def test_gc_full_finds_an_object_dropped_in_by_hand(root: Path, base: dict) -> N
     assert_consistent(root)
 
 
-# --- log, audit, journal --------------------------------------------------------------------------------------------
+# --- log, audit, journal ------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -502,7 +502,7 @@ def test_journal_rebuild_gives_the_same_projection(root: Path, history: list[dic
     assert run(root, "journal", "rebuild", "--json").json() == {"events": 14, "problems": []}
 
 
-# --- bad input: one line, its exit code, nothing changed -------------------------------------------------------------
+# --- bad input: one line, its exit code, nothing changed ----------------------------------------------------
 
 
 @pytest.mark.parametrize("args, rc, message", [
@@ -589,7 +589,7 @@ def test_corrupt_journal_exits_6(root: Path, base: dict) -> None:
         assert r.err == f"apt-layer: {root.absolute()}/journal.db: not an SQLite database\n"
 
 
-# --- real processes: the entry point, another user, a full disk ---------------------------------------------------------
+# --- real processes: the entry point, another user, a full disk ---------------------------------------------
 
 
 def test_entry_point_and_environment(root: Path, src: Path) -> None:
