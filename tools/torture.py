@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,8 @@ MAX_IMAGES = 8
 GC_CHECK_EVERY = 4
 #: one recovery in this many is itself killed before it runs to the end
 RECOVER_KILL_ODDS = 4
+#: one run in this many of each operation is left to finish, to measure how long it takes
+CALIBRATE_ODDS = 8
 
 
 @dataclass
@@ -109,8 +112,9 @@ class Worker:
         self.pool = shared_pool(self.rng)
         self.root = workdir / "store"
         self.serial = 0
-        #: typical duration of each operation (seconds), learnt from runs that finished
-        self.duration: dict[str, float] = {}
+        #: how long each operation took when it was left to finish (seconds)
+        self.durations: dict[str, list[float]] = {}
+        self.startup: float | None = None
         self.stats = Stats()
 
     # -- choosing an operation ---------------------------------------------------------
@@ -153,10 +157,28 @@ class Worker:
 
     # -- one iteration ------------------------------------------------------------------
 
+    def _startup(self) -> float:
+        """How long apt-layer takes to start and open the store: a kill before that changes nothing."""
+        if self.startup is None:
+            times = []
+            for _ in range(3):
+                start = time.monotonic()
+                run_cli(self.root, "tx", "list", check=False)
+                times.append(time.monotonic() - start)
+            self.startup = sorted(times)[1]
+        return self.startup
+
     def kill_randomly(self, op: str, args: list[str]) -> str:
-        """Run ``args``, SIGKILL it after a random delay; 'killed' or 'completed'."""
-        typical = self.duration.get(op, 0.4)
-        delay = self.rng.uniform(0.6 * typical, 1.05 * typical)
+        """Run ``args``, SIGKILL it after a random delay; 'killed' or 'completed'.
+
+        The delay falls between the end of the start-up and the end of a
+        typical run of that operation. The first runs of each operation, and
+        one in CALIBRATE_ODDS after, are left to finish to measure that.
+        """
+        runs = self.durations.setdefault(op, [])
+        delay = None
+        if len(runs) >= 2 and self.rng.randrange(CALIBRATE_ODDS):
+            delay = self.rng.uniform(0.9 * self._startup(), 1.05 * statistics.median(runs[-20:]))
         start = time.monotonic()
         proc = spawn_cli(self.root, *args)
         try:
@@ -167,8 +189,7 @@ class Worker:
         proc.communicate()
         if proc.returncode == KILLED:
             return "killed"
-        took = time.monotonic() - start
-        self.duration[op] = took if op not in self.duration else 0.7 * self.duration[op] + 0.3 * took
+        runs.append(time.monotonic() - start)
         return "completed"
 
     def recover(self) -> dict:
@@ -211,6 +232,9 @@ def run_worker(seed: int, iterations: int, workdir: str) -> Stats:
     worker = Worker(seed, work)
     for i in range(iterations):
         worker.iterate(i)
+        if (i + 1) % 100 == 0:
+            print(f"worker {seed}: {i + 1}/{iterations} iterations, {worker.stats.kills} kills, "
+                  f"{len(worker.stats.failures)} failures", file=sys.stderr, flush=True)
     shutil.rmtree(work / "store", ignore_errors=True)
     return worker.stats
 
