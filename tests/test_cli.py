@@ -481,6 +481,16 @@ def test_audit_refuses_writes(root: Path, history: list[dict], sql: str, refused
     assert_consistent(root)
 
 
+@pytest.mark.parametrize("sql, message", [
+    ("SELEC 1", 'near "SELEC": syntax error'),
+    ("SELECT * FROM nosuch", "no such table: nosuch"),
+    ("SELECT nosuch FROM events", "no such column: nosuch"),
+])
+def test_audit_bad_query_is_invalid_input(root: Path, base: dict, sql: str, message: str) -> None:
+    r = run(root, "audit", sql)
+    assert (r.rc, r.out, r.err) == (2, "", f"apt-layer: audit: {message}\n")
+
+
 def test_journal_verify_names_the_edited_event(root: Path, history: list[dict]) -> None:
     assert run(root, "journal", "verify").out == "journal ok: 12 events\n"
     assert run(root, "journal", "verify", "--json").json() == {"events": 12, "ok": True}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import click
 
@@ -170,6 +171,8 @@ def audit(ctx, sql, fmt) -> None:
         result = audit_query(store.journal.path, sql)
     except AuditRefused as e:
         raise InvalidInput(str(e)) from None
+    except sqlite3.OperationalError as e:  # a typo, an unknown table or column
+        raise InvalidInput(f"audit: {e}") from None
     columns, rows = result.columns, result.rows
     if fmt == "json":
         click.echo(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))
