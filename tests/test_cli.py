@@ -253,6 +253,19 @@ def test_missing_objects(root: Path, base: dict, tmp_path: Path) -> None:
     assert (r.rc, json.loads(r.out)) == (10, [ref])
 
 
+def test_damage_is_reported_not_hidden(root: Path, base: dict) -> None:
+    lost = obj(FILES["usr/bin/tool"])
+    (root / "images/objects" / lost).unlink()
+    r = run(root, "image", "missing-objects", "base")
+    assert (r.rc, r.out, r.err) == (10, f"{lost}\n", "")
+    (root / "images/base.composefs").unlink()
+    for what in ("ls", "dump", "objects"):
+        r = run(root, "image", what, "base")
+        assert (r.rc, r.out) == (6, "")
+        assert r.err == (f"apt-layer: image 'base': file {root.absolute()}/images/base.composefs is missing "
+                         "(run apt-layer recover)\n")
+
+
 # --- deploy, rollback, status -------------------------------------------------------------------------------
 
 
