@@ -100,7 +100,8 @@ class Recovery:
         if start > last:
             self.problems.append({"problem": f"the journal ends at seq {last}, but seq {start} was "
                                              "verified before: committed events were lost", "seq": last + 1})
-            start = 0
+            self._record("recover.events-lost", "journal", {"verified_up_to": start, "journal_ended_at": last})
+            start, last = 0, self.journal.last_seq()
         try:
             if start:
                 row = self.journal.conn.execute("SELECT hash FROM events WHERE seq = ?", (start,)).fetchone()
