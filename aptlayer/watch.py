@@ -18,21 +18,22 @@ path's state with the journal's projection:
 Files whose names start with ``.`` (temp files) are ignored, and so are
 ``staging/`` and ``trash/``, which are not watched.
 
-Telling apt-layer's own operations apart. Every operation holds the store
-lock from before its first event to after its last file effect, and every
-file effect that could look like drift follows a journal event. So a verdict
-stands only if the lock was free when it was computed and no event was
-appended meanwhile (the journal's last seq is the same before and after);
-otherwise the path is judged again later. Events wait ``settle`` seconds
-before they are judged, and repeated events on a path are coalesced.
+Telling apt-layer's own operations apart. Every operation that changes
+watched files holds the store lock from before its first event to after its
+last file effect, and each effect that could look like drift follows the
+event that makes it necessary. So a verdict stands only if the lock was free
+when it was computed and no event was appended meanwhile (the journal's last
+seq is the same before and after); otherwise the path is judged again
+later. Events wait ``settle`` seconds before they are judged, and repeated
+events on a path are coalesced.
 
 Nothing lost, nothing twice. When the kernel's inotify queue overflows,
-watchdog drops events; the watcher then rescans: every object the roots
-need, every image, both deployment links. What has been reported is
-remembered per path, so a drift is journaled once however often it is seen,
-and again only after the path was seen in order in between. The state found
-at start is that baseline: the watcher reports changes, ``fsck`` and
-``recover`` report the state.
+watchdog drops events; the watcher then rescans (every object a root needs,
+every image, both deployment links) and judges what differs. What has been
+reported is remembered per path: a drift is journaled once however often it
+is seen, and again only if the path was found as the journal says in
+between. The differences found at start are remembered the same way but not
+journaled: the watcher reports changes, ``fsck`` and ``recover`` the state.
 """
 
 from __future__ import annotations
@@ -177,7 +178,6 @@ class Watcher:
         self.settle = settle
         self.on_drift = on_drift or (lambda event: None)
         self.on_notice = on_notice or (lambda message: None)
-        self.rescans = 0
         self._root_prefix = str(store.root) + os.sep
         self._cond = threading.Condition()
         self._pending: dict[Target, _Pending] = {}
@@ -276,7 +276,6 @@ class Watcher:
         with self._cond:
             rescan, self._rescan_requested = self._rescan_requested, False
         if rescan:
-            self.rescans += 1
             self.on_notice("events were lost (inotify queue overflow): rescanning the store")
             self._enqueue(self._rescan_targets(), False)
         batch = self._take_due()
