@@ -72,7 +72,6 @@ def readonly(path: str | os.PathLike, guard: _Guard | None = None) -> Iterator[s
     """A read-only, version-checked connection with the authorizer installed."""
     if not os.path.exists(path):
         raise FileNotFoundError(path)
-    schema.check_header(path)
     conn = sqlite3.connect(_uri(path), uri=True, timeout=schema.BUSY_TIMEOUT_S)
     try:
         try:

@@ -25,7 +25,6 @@ from .errors import JournalCorruptError, JournalVersionError
 
 BUSY_TIMEOUT_S = 30.0
 CACHE_KIB = 65536  # page cache per connection, allocated as used: rebuilds touch every refcount row
-SQLITE_HEADER = b"SQLite format 3\x00"
 
 _JOURNAL_DDL = (
     """CREATE TABLE events (
@@ -93,16 +92,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 KNOWN_FEATURES = frozenset(f for m in MIGRATIONS for f in m.features)
 
 
-def check_header(path: str | os.PathLike) -> None:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(len(SQLITE_HEADER))
-    except FileNotFoundError:
-        return
-    if head and head != SQLITE_HEADER:
-        raise JournalCorruptError(f"{path}: not an SQLite database")
-
-
 def corrupt_error(path: str | os.PathLike, e: sqlite3.DatabaseError) -> Exception:
     if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
         return JournalCorruptError(f"{path}: damaged SQLite database: {e}")
@@ -162,7 +151,10 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     issue ``BEGIN IMMEDIATE`` themselves, so that a writer takes the lock up
     front and waits up to ``BUSY_TIMEOUT_S`` for another writer.
     """
-    check_header(path)
+    # No peeking at the file's header with open(): closing any descriptor of
+    # the database drops every POSIX lock this process holds on it, which
+    # breaks another connection the process may have open. SQLite itself
+    # refuses a non-database at the first read (SQLITE_NOTADB).
     conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
         check_version(conn, path)
