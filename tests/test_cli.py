@@ -604,12 +604,14 @@ def test_unknown_required_feature_exits_5(root: Path, base: dict) -> None:
 
 
 def test_corrupt_journal_exits_6(root: Path, base: dict) -> None:
+    gc.collect()  # close the in-process journals: the last close folds the WAL into journal.db
     db = root / "journal.db"
+    assert not (root / "journal.db-wal").exists()
     db.write_bytes(os.urandom(db.stat().st_size))
     for args in (["image", "list"], ["journal", "verify"], ["image", "create", str(root), "x"]):
         r = run(root, *args)
         assert (r.rc, r.out) == (6, "")
-        assert r.err == f"apt-layer: {root.absolute()}/journal.db: not an SQLite database\n"
+        assert r.err == f"apt-layer: {root.absolute()}/journal.db: damaged SQLite database: file is not a database\n"
 
 
 # --- real processes: the entry point, another user, a full disk ---------------------------------------------
