@@ -460,16 +460,26 @@ class Store:
                 self._append("delete.staged", name, {"digest": image["digest"]}, tx)
                 fault("delete.after-stage")
                 return {"name": name, "digest": image["digest"], "tx": tx, "staged": True}
-            events = self._single(name, "image.deleted", {"digest": image["digest"]}, op="delete")
+            # Checked again inside the write transaction: a deploy or mount
+            # committed since the check above must win over this delete.
+            events = self._single(name, "image.deleted", {"digest": image["digest"]}, op="delete",
+                                  check=lambda: self._in_use(name))
             fault("delete.after-commit")
             self.apply_effects(events)
             return {"name": name, "digest": image["digest"], "tx": events[0].tx, "staged": False}
 
-    def _single(self, subject: str, kind: str, data: dict, op: str) -> list:
-        """One operation as its own transaction: begun, the event, committed, atomically."""
+    def _single(self, subject: str, kind: str, data: dict, op: str,
+                check: Callable[[], None] | None = None) -> list:
+        """One operation as its own transaction: begun, the event, committed, atomically.
+
+        ``check`` runs inside the SQLite write transaction (which excludes
+        other writers), so what it reads cannot change before the commit.
+        """
         txid = new_tx_id()
         try:
             with self.journal.transaction() as w:
+                if check is not None:
+                    check()
                 w.append("tx.begun", txid, {"explicit": False, "boot_id": self.boot_id,
                                             "op": op, "name": subject}, txid)
                 ev = w.append(kind, subject, data, txid)
