@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import click
 
+from .images import image_name
 from .output import human_bytes, json_option, print_json
 
 
 @click.command()
-@click.argument("name")
+@image_name
 @click.option("--tx", metavar="ID", help="Stage the deployment in open transaction ID.")
 @json_option
 @click.pass_context

@@ -13,6 +13,28 @@ from .output import human_bytes, json_option, make_progress, print_json, table
 tx_option = click.option("--tx", metavar="ID", help="Stage the change in open transaction ID (see `tx begin`).")
 
 
+def complete_image_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion: the store's live image names (nothing if it cannot be read)."""
+    from .. import config
+    from ..store import Store
+
+    params = ctx.find_root().params
+    try:
+        cfg = config.load(params.get("config_path"), params.get("root"))
+        if not (cfg.root / "journal.db").exists():
+            return []
+        store = Store.open(cfg.root, config=cfg)
+        try:
+            return [i["name"] for i in store.images() if i["name"].startswith(incomplete)]
+        finally:
+            store.close()
+    except Exception:  # completion must never print an error into the shell
+        return []
+
+
+image_name = click.argument("name", shell_complete=complete_image_names)
+
+
 @click.group()
 def image() -> None:
     """Create, inspect, delete and mount images.
@@ -100,7 +122,7 @@ def list_(ctx, as_json) -> None:
 
 
 @image.command("info")
-@click.argument("name")
+@image_name
 @json_option
 @click.pass_context
 def info(ctx, name, as_json) -> None:
@@ -125,7 +147,7 @@ def info(ctx, name, as_json) -> None:
 
 
 @image.command("delete")
-@click.argument("name")
+@image_name
 @tx_option
 @json_option
 @click.pass_context
@@ -172,7 +194,7 @@ filter_option = click.option("--filter", "filters", multiple=True, metavar="NAME
 
 
 @image.command("ls")
-@click.argument("name")
+@image_name
 @filter_option
 @click.pass_context
 def ls(ctx, name, filters) -> None:
@@ -186,7 +208,7 @@ def ls(ctx, name, filters) -> None:
 
 
 @image.command("dump")
-@click.argument("name")
+@image_name
 @filter_option
 @click.pass_context
 def dump(ctx, name, filters) -> None:
@@ -200,7 +222,7 @@ def dump(ctx, name, filters) -> None:
 
 
 @image.command("objects")
-@click.argument("name")
+@image_name
 @click.pass_context
 def objects(ctx, name) -> None:
     """List the backing objects image NAME needs (as `composefs-info objects`).
@@ -213,7 +235,7 @@ def objects(ctx, name) -> None:
 
 
 @image.command("missing-objects")
-@click.argument("name")
+@image_name
 @json_option
 @click.pass_context
 def missing_objects(ctx, name, as_json) -> None:
@@ -234,7 +256,7 @@ def missing_objects(ctx, name, as_json) -> None:
 
 
 @image.command("mount")
-@click.argument("name")
+@image_name
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--basedir", "basedirs", multiple=True, metavar="DIR",
               help="Extra object directory searched after the store's (repeatable).")
