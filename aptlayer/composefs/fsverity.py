@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import os
 import struct
+import threading
 from typing import BinaryIO, TypeAlias
 
 RawDigest: TypeAlias = bytes
@@ -50,6 +51,17 @@ FS_IOC_MEASURE_VERITY = 0xC0046686
 
 #: errnos meaning "this kernel or file system has no fs-verity"
 _UNSUPPORTED = frozenset({errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS})
+
+
+_local = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """This thread's READ_SIZE buffer: allocating 1 MiB per file cost more than hashing a small one."""
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = memoryview(bytearray(READ_SIZE))
+    return buf
 
 
 class VerityUnsupported(OSError):
@@ -150,8 +162,7 @@ def digest_fd(fd: int, size: int | None = None, *, legacy_empty: bool = False) -
     offset is not used or changed, so the fd can be shared with a copy.
     """
     h = VerityHasher(legacy_empty=legacy_empty)
-    buf = bytearray(READ_SIZE)
-    mv = memoryview(buf)
+    mv = _read_buffer()
     pos = 0
     while size is None or pos < size:
         want = READ_SIZE if size is None else min(READ_SIZE, size - pos)
