@@ -290,6 +290,7 @@ class Store:
     def _build(self, source, name, staging: Path, options: CreateOptions, progress):
         """Objects into the store, image into staging; returns what the event records."""
         from .composefs import build, upstream
+        from .composefs.digestcache import DigestCache
         from .composefs.objectstore import ObjectStore
 
         if not staging.is_dir():
@@ -309,11 +310,13 @@ class Store:
 
                 digest = fsverity.digest_bytes(image)
             else:
-                store = ObjectStore(self.objects_dir, defer_dir_sync=True)
+                store = ObjectStore(self.objects_dir, batch=True)
+                cache = None if options.from_file else DigestCache(self.root / "cache" / "digests")
                 root, stats = build.load_tree(
                     source, from_file=options.from_file, store=store, use_epoch=options.use_epoch,
                     skip_devices=options.skip_devices, skip_xattrs=options.skip_xattrs,
-                    user_xattrs=options.user_xattrs, threads=options.threads, progress=progress)
+                    user_xattrs=options.user_xattrs, threads=options.threads, progress=progress,
+                    cache=cache)
                 store.sync()
                 fault("create.after-objects")
                 image, digest = build.render(root, min_version=options.min_version,

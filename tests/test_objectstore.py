@@ -126,14 +126,63 @@ def test_durability_order(tmp_path: Path, recorded) -> None:
     assert any(op in ("clone", "write") for op in ops[:i_fsync_file])
 
 
-def test_deferred_dir_sync(tmp_path: Path, recorded) -> None:
-    store = ObjectStore(tmp_path / "store", defer_dir_sync=True)
-    r = store.import_file(make(tmp_path, "a", b"d" * 5000))
-    assert not [a for op, a in recorded if op == "fsync" and os.path.isdir(a[0])]
+def test_batch_durability_order(tmp_path: Path, recorded) -> None:
+    """Batch: every copy, one syncfs, the renames, one syncfs; nothing is named before its data is durable."""
+    store = ObjectStore(tmp_path / "store", batch=True)
+    a = store.import_file(make(tmp_path, "a", b"d" * 5000))
+    again = store.import_file(make(tmp_path, "a2", b"d" * 5000))
+    b = store.import_file(make(tmp_path, "b", b"e" * 5000))
+    assert a.created and b.created and not again.created and again.path == a.path
+    assert not os.path.exists(a.path) and not os.path.exists(b.path)
+    temps = [args[0] for op, args in recorded if op == "create"]
+    assert len(temps) == 2 and all(os.path.exists(t) for t in temps)
+    assert not [op for op, _ in recorded if op in ("fsync", "syncfs", "rename")]
     recorded.clear()
     store.sync()
-    fan = os.path.dirname(r.path)
-    assert recorded == [("fsync", (fan,)), ("fsync", (str(tmp_path / "store"),)), ("fsync", (str(tmp_path),))]
+    root = str(tmp_path / "store")
+    ops = [op for op, _ in recorded]
+    assert ops[0] == "syncfs" and ops[-1] == "syncfs" and ops.count("syncfs") == 2
+    assert sorted(args for op, args in recorded if op == "rename") == sorted(zip(temps, [a.path, b.path]))
+    assert all(args == (root,) for op, args in recorded if op == "syncfs")
+    assert Path(a.path).read_bytes() == b"d" * 5000 and Path(b.path).read_bytes() == b"e" * 5000
+    assert not list(store.iter_temp_files())
+    recorded.clear()
+    store.sync()
+    assert recorded == []  # nothing new: no syncfs
+
+
+def test_batch_commits_when_full(tmp_path: Path, monkeypatch, recorded) -> None:
+    monkeypatch.setattr(objectstore, "BATCH_OBJECTS", 2)
+    store = ObjectStore(tmp_path / "store", batch=True)
+    made = [store.import_file(make(tmp_path, str(n), bytes([65 + n]) * 100)) for n in range(3)]
+    assert [os.path.exists(r.path) for r in made] == [True, True, False]
+    assert [op for op, _ in recorded].count("syncfs") == 1
+    store.sync()
+    assert all(os.path.exists(r.path) for r in made)
+
+
+def test_batch_discard(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "store", batch=True)
+    r = store.import_file(make(tmp_path, "a", b"f" * 500))
+    assert list(store.iter_temp_files())
+    store.discard()
+    assert not list(store.iter_temp_files()) and not os.path.exists(r.path)
+    again = store.import_file(make(tmp_path, "b", b"f" * 500))
+    assert again.created  # the discarded claim is gone too
+    store.sync()
+    assert Path(again.path).read_bytes() == b"f" * 500
+
+
+def test_claim(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "store", batch=True)
+    r = store.import_file(make(tmp_path, "a", b"g" * 500))
+    assert store.claim(r.digest)  # staged in this batch
+    store.sync()
+    os.utime(r.path, ns=(0, 0))
+    assert ObjectStore(tmp_path / "store").claim(r.digest)
+    assert os.stat(r.path).st_mtime_ns > 0  # refreshed for gc's grace period
+    os.unlink(r.path)
+    assert not ObjectStore(tmp_path / "store").claim(r.digest)
 
 
 def test_failed_copy_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:

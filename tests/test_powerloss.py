@@ -1,7 +1,7 @@
 """Power loss, simulated at the level of the application (the ALICE method).
 
 An operation runs in this process with ``fsops.recorder`` set, so every file
-system change the store makes is recorded (create, write, fsync, rename,
+system change the store makes is recorded (create, write, fsync, syncfs, rename,
 mkdir, unlink, rmdir, symlink), and with ``Journal.transaction`` wrapped, so
 each SQLite commit is recorded too, with a copy of the database taken by the
 backup API at that moment. Then, for every prefix of that sequence, the
@@ -104,6 +104,12 @@ class Recording:
                 self.ops.append(Op("fsync_dir", path, self.inode(path)))
             else:
                 self.ops.append(Op("fsync_file", path, self.inode(path), content=Path(path).read_bytes()))
+        elif kind == "syncfs":  # the whole file system: an fsync of every directory and file under the root
+            for dirpath, _, filenames in os.walk(self.root):
+                self("fsync", (dirpath,))
+                for name in filenames:
+                    if not os.path.islink(os.path.join(dirpath, name)):
+                        self("fsync", (os.path.join(dirpath, name),))
 
     def commit(self, conn: sqlite3.Connection) -> None:
         copy = self.backups / f"journal-{len(self.ops)}.db"

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import fsops, fsverity
+from .digestcache import DigestCache
 from .dumpfile import DumpError, parse_dump
 from .objectstore import ObjectStore, ObjectStoreError
 from .scan import ScanError, ScanStats, scan
@@ -56,8 +57,12 @@ def load_tree(
     threads: int = 1,
     strict: bool = False,
     progress: Callable[[ScanStats], None] | None = None,
+    cache: DigestCache | None = None,
 ) -> tuple[Node, ScanStats | None]:
-    """The tree of a directory (importing external files into ``store``) or of a dump."""
+    """The tree of a directory (importing external files into ``store``) or of a dump.
+
+    ``cache`` (directories only) spares re-reading unchanged files; see :mod:`.digestcache`.
+    """
     if from_file:
         try:
             return parse_dump(_read_dump(src), strict=strict), None
@@ -72,7 +77,7 @@ def load_tree(
     try:
         result = scan(src, store=store, use_epoch=use_epoch, skip_devices=skip_devices,
                       skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, threads=threads,
-                      progress=progress)
+                      progress=progress, cache=cache)
     except ScanError as e:
         raise BuildError(f"{os.path.join(src, os.fsdecode(e.path).lstrip('/'))}: {e.reason}") from None
     except ObjectStoreError as e:
@@ -102,7 +107,7 @@ def make_image(
 
     As upstream, ``digest_store`` is ignored for a dump source.
     """
-    store = ObjectStore(digest_store, defer_dir_sync=True) if digest_store and not from_file else None
+    store = ObjectStore(digest_store, batch=True) if digest_store and not from_file else None
     root, stats = load_tree(src, from_file=from_file, store=store, **options)
     if store is not None:
         store.sync()

@@ -10,7 +10,9 @@ in the store root named ``.tmp-<boot>-<pid>-<random>`` (so recovery can tell
 a dead writer's leftovers from work in flight), ``fchmod`` 0644, ``fsync``,
 try to enable fs-verity, ``rename`` into ``xx/``, then ``fsync`` ``xx/`` (and
 the store root after creating ``xx/``).  A rename that meets an object
-written meanwhile by someone else replaces it with identical bytes.
+written meanwhile by someone else replaces it with identical bytes.  A
+batch (see :class:`ObjectStore`) keeps that order for many objects at once:
+copy every temp file, one ``syncfs``, every rename, one ``syncfs``.
 
 An object that already exists is a dedupe hit: it is not read or checked
 (like mkcomposefs), but its mtime is refreshed so that a garbage collector
@@ -22,6 +24,7 @@ Removing objects is the garbage collector's job; this module only lists them.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import re
@@ -35,6 +38,9 @@ from aptlayer.composefs import fsops, fsverity
 from aptlayer.composefs.fsverity import RawDigest
 
 OBJECT_MODE = 0o644
+#: a batch commits by itself once this many objects, or bytes, wait for it
+BATCH_OBJECTS = 4096
+BATCH_BYTES = 512 << 20
 DIR_MODE = 0o755
 TEMP_PREFIX = ".tmp-"
 _COPY_CHUNK = 1 << 20
@@ -159,18 +165,37 @@ def _copy(src: int, dst: int, size: int) -> None:
 class ObjectStore:
     """A digest store rooted at ``path`` (created on the first import).
 
-    With ``defer_dir_sync`` the directory fsyncs after each rename are
-    collected and done by :meth:`sync` instead, which halves the fsyncs of a
-    large import; objects are then durable only after ``sync()`` returns.
-    Safe to use from several threads.
+    With ``batch``, :meth:`import_file` only copies a new object into its
+    temp file; :meth:`sync` makes all of them durable with one ``syncfs``,
+    renames them into ``xx/``, and makes the renames durable with a second
+    ``syncfs`` (two journal commits where one file at a time costs two per
+    object).  An object's name still appears only after its data is durable,
+    and every object of the batch is durable when ``sync()`` returns; before
+    that, objects the batch created may be missing.  A batch also commits
+    on its own once ``BATCH_OBJECTS`` objects or ``BATCH_BYTES`` bytes wait,
+    to bound its temp files and dirty pages.  :meth:`discard` removes the
+    temp files of a batch that will not be committed.  Identical content
+    imported twice in one batch is copied once.  Safe to use from several
+    threads.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, defer_dir_sync: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, batch: bool = False) -> None:
         self.path = os.path.abspath(os.fspath(path))
-        self.defer_dir_sync = defer_dir_sync
+        self.batch = batch
         self._lock = threading.Lock()
+        self._commit_lock = threading.Lock()
         self._dirs_made: set[str] = set()
-        self._dirty: set[str] = set()
+        #: batch: objects claimed by an import (None while it copies), until they are named
+        self._claimed: dict[str, ImportResult | None] = {}
+        #: batch: (temp file, object path) of copies waiting for the commit
+        self._staged: list[tuple[str, str]] = []
+        self._staged_bytes = 0
+        #: batch: directory entries made since the last syncfs
+        self._unsynced = False
+        #: batch: the store root, opened before the first temp file (see fsops.syncfs)
+        self._root_fd: int | None = None
+        #: why fs-verity cannot be enabled here, once the file system said so
+        self._no_verity: str | None = None
 
     # -- queries ---------------------------------------------------------
 
@@ -252,6 +277,23 @@ class ObjectStore:
         finally:
             os.close(fd)
 
+    def claim(self, digest: RawDigest) -> bool:
+        """Whether the object is already here (its mtime refreshed) or on its way in this batch.
+
+        The cheap check of a dedupe hit, for a caller that needs no
+        :class:`ImportResult`; False means it must be imported.
+        """
+        dest = self.path_of(digest)
+        if self.batch and dest in self._claimed:
+            return True
+        if not _is_object(dest):
+            return False
+        try:
+            fsops.touch(dest)
+        except FileNotFoundError:  # collected just now
+            return False
+        return True
+
     def _import_fd(
         self, fd: int, digest: RawDigest | None, expect: os.stat_result | None
     ) -> ImportResult:
@@ -270,39 +312,133 @@ class ObjectStore:
         hit = self._refresh(dest, digest, size)
         if hit is not None:
             return hit
-        self._ensure_dir(self.path, os.path.dirname(self.path))
-        name = f"{TEMP_PREFIX}{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(6)}"
-        tmp = os.path.join(self.path, name)
-        renamed = False
+        if not self.batch:
+            return self._write(fd, before, digest, dest)
+        with self._lock:
+            if dest in self._claimed:
+                return self._batch_hit(dest, digest, size)
+            self._claimed[dest] = None
         try:
-            out = fsops.create(tmp)
-            try:
-                _copy(fd, out, size)
-                if not _same_file(before, os.fstat(fd)):
-                    raise SourceChanged(f"{fsops.fd_path(fd)}: changed while it was copied")
-                fsops.fchmod(out, OBJECT_MODE)
-                fsops.fsync(out)
-            finally:
-                os.close(out)
-            verity, why = _try_enable_verity(tmp)
-            fan = os.path.dirname(dest)
-            self._ensure_dir(fan, self.path)
-            try:
-                fsops.rename(tmp, dest)
-            except FileNotFoundError:  # an empty xx/ was collected since we made it
-                with self._lock:
-                    self._dirs_made.discard(fan)
-                self._ensure_dir(fan, self.path)
-                fsops.rename(tmp, dest)
-            renamed = True
+            result = self._write(fd, before, digest, dest)
+        except BaseException:
+            with self._lock:
+                del self._claimed[dest]
+            raise
+        with self._lock:
+            self._claimed[dest] = result
+        return result
+
+    def _batch_hit(self, dest: str, digest: RawDigest, size: int) -> ImportResult:
+        """The result for content this batch already imports (call with the lock held)."""
+        first = self._claimed[dest]
+        if first is None:
+            return ImportResult(digest, dest, False, False, size, "being written by another import")
+        return dataclasses.replace(first, created=False)
+
+    def _write(self, fd: int, before: os.stat_result, digest: RawDigest, dest: str) -> ImportResult:
+        """Copy into a temp file, then name it now or (batch) at the commit."""
+        self._ensure_dir(self.path, os.path.dirname(self.path))
+        if self.batch:
+            self._open_root()
+        tmp = os.path.join(self.path, f"{TEMP_PREFIX}{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(6)}")
+        placed = False
+        try:
+            self._fill(tmp, fd, before)
+            verity, why = self._enable_verity(tmp)
+            if self.batch:
+                self._stage(tmp, dest, before.st_size)
+            else:
+                self._place(tmp, dest)
+            placed = True
         finally:
-            if not renamed:
-                try:
-                    fsops.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-        self._synced(fan)
-        return ImportResult(digest, dest, True, verity, size, why)
+            if not placed:
+                _unlink_quietly(tmp)
+        if not self.batch:
+            fsops.fsync_dir(os.path.dirname(dest))
+        return ImportResult(digest, dest, True, verity, before.st_size, why)
+
+    def _fill(self, tmp: str, fd: int, before: os.stat_result) -> None:
+        """Create ``tmp`` with the content of ``fd``, mode 0644; fsynced unless batched."""
+        out = fsops.create(tmp)
+        try:
+            _copy(fd, out, before.st_size)
+            if not _same_file(before, os.fstat(fd)):
+                raise SourceChanged(f"{fsops.fd_path(fd)}: changed while it was copied")
+            fsops.fchmod(out, OBJECT_MODE)
+            if not self.batch:
+                fsops.fsync(out)
+        finally:
+            os.close(out)
+
+    def _enable_verity(self, tmp: str) -> tuple[bool, str | None]:
+        """Try fs-verity on a finished temp file; never fails, returns (on, reason if off).
+
+        Once the file system says it has no fs-verity, later files skip the try.
+        """
+        if self._no_verity is not None:
+            return False, self._no_verity
+        try:
+            fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            return False, f"cannot reopen: {e.strerror}"
+        try:
+            fsops.enable_verity(fd)
+            return True, None
+        except fsverity.VerityUnsupported as e:
+            self._no_verity = str(e)
+            return False, self._no_verity
+        except OSError as e:
+            return False, e.strerror
+        finally:
+            os.close(fd)
+
+    def _place(self, tmp: str, dest: str) -> None:
+        """Rename a durable temp file to its object name, making ``xx/`` if needed."""
+        fan = os.path.dirname(dest)
+        self._ensure_dir(fan, self.path)
+        try:
+            fsops.rename(tmp, dest)
+        except FileNotFoundError:  # an empty xx/ was collected since we made it
+            with self._lock:
+                self._dirs_made.discard(fan)
+            self._ensure_dir(fan, self.path)
+            fsops.rename(tmp, dest)
+
+    def _stage(self, tmp: str, dest: str, size: int) -> None:
+        with self._lock:
+            self._staged.append((tmp, dest))
+            self._staged_bytes += size
+            full = len(self._staged) >= BATCH_OBJECTS or self._staged_bytes >= BATCH_BYTES
+        if full:
+            self._commit()
+
+    def _open_root(self) -> None:
+        with self._lock:
+            if self._root_fd is None:
+                self._root_fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _commit(self) -> None:
+        """Make the staged copies durable (one syncfs), then give them their names."""
+        with self._commit_lock:
+            with self._lock:
+                staged, self._staged, self._staged_bytes = self._staged, [], 0
+            if not staged:
+                return
+            assert self._root_fd is not None
+            placed = 0
+            try:
+                fsops.syncfs(self._root_fd)
+                for tmp, dest in staged:
+                    self._place(tmp, dest)
+                    placed += 1
+                    self._unsynced = True
+            except BaseException:
+                for tmp, _ in staged[placed:]:
+                    _unlink_quietly(tmp)
+                raise
+            with self._lock:
+                for _, dest in staged:
+                    self._claimed.pop(dest, None)
 
     def _refresh(self, dest: str, digest: RawDigest, size: int) -> ImportResult | None:
         """A dedupe hit's result after refreshing its mtime, or None if absent."""
@@ -336,38 +472,45 @@ class ObjectStore:
         except FileExistsError:
             if not os.path.isdir(path) or os.path.islink(path):
                 raise
-        self._synced(parent)
+        if self.batch:
+            self._unsynced = True
+        else:
+            fsops.fsync_dir(parent)
         with self._lock:
             self._dirs_made.add(path)
 
-    def _synced(self, directory: str) -> None:
-        if self.defer_dir_sync:
-            with self._lock:
-                self._dirty.add(directory)
-        else:
-            fsops.fsync_dir(directory)
-
     def sync(self) -> None:
-        """fsync the directories whose syncs were deferred (store root last)."""
-        with self._lock:
-            dirty, self._dirty = self._dirty, set()
-        for d in sorted(dirty, key=len, reverse=True):
-            fsops.fsync_dir(d)
+        """Batch: commit what is staged, then make every new name durable (one more syncfs)."""
+        self._commit()
+        with self._commit_lock:
+            if self._unsynced:
+                self._open_root()
+                assert self._root_fd is not None
+                fsops.syncfs(self._root_fd)
+                self._unsynced = False
+            self._close_root()
+
+    def discard(self) -> None:
+        """Batch: remove the temp files of staged copies that will not be committed."""
+        with self._commit_lock:
+            with self._lock:
+                staged, self._staged, self._staged_bytes = self._staged, [], 0
+                self._claimed.clear()
+            for tmp, _ in staged:
+                _unlink_quietly(tmp)
+            self._close_root()
+
+    def _close_root(self) -> None:
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
 
 
-def _try_enable_verity(path: str) -> tuple[bool, str | None]:
-    """Enable fs-verity on a finished file; never fails, returns (on, reason if off)."""
+def _unlink_quietly(path: str) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        return False, f"cannot reopen: {e.strerror}"
-    try:
-        fsops.enable_verity(fd)
-        return True, None
-    except OSError as e:
-        return False, str(e) if isinstance(e, fsverity.VerityUnsupported) else e.strerror
-    finally:
-        os.close(fd)
+        fsops.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _is_object(path: str) -> bool:

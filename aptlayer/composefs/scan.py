@@ -23,12 +23,18 @@ when a deeper tree needs it again.  Xattrs of an entry are read through
 ``/proc/self/fd/DIRFD/NAME`` (the last part not followed), so ``/proc``
 must be mounted.
 
-Threads: hashing stays in the calling thread.  The Merkle tree hashes 4 KiB
-blocks, and each ``hashlib`` call on one releases and retakes the GIL, so
-two hashing threads contend and run slower than one (measured: 1.3 GB/s on
-one thread, about 1.0 GB/s on two).  ``threads`` > 1 runs the digest store's
-copies, fsyncs and renames in a pool instead, which overlaps the fsyncs that
-dominate a fresh import.  The tree never depends on it.
+Threads: with ``threads`` > 1, files to hash (and to copy into the store)
+go to a pool in chunks of up to ``_CHUNK_FILES`` files or ``_CHUNK_BYTES``
+bytes, so a small file costs no thread round trip of its own; the walk,
+small files and cache hits stay in the calling thread.  ``hashlib``
+releases the GIL while it hashes a 4 KiB block, so the workers hash in
+parallel.  The tree never depends on the thread count.
+
+Digest cache: with ``cache``, a file whose ``lstat`` matches an entry
+(device, inode, size, mtime, ctime) takes the digest from it unread, as
+long as the store still has its object; otherwise the file is read,
+hashed and imported, and its entry refreshed.  The cache is saved at the
+end of a successful scan.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from aptlayer.composefs import fsverity
+from aptlayer.composefs.digestcache import DigestCache
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
 
@@ -56,8 +63,11 @@ _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CL
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: directory fds the walk keeps open at most; deeper trees reopen ancestors
 MAX_OPEN_DIRS = 64
-#: external files in flight per worker thread (each holds an open fd)
-_INFLIGHT_PER_THREAD = 8
+#: a chunk of work for the pool: at most this many files or bytes
+_CHUNK_FILES = 32
+_CHUNK_BYTES = 4 << 20
+#: chunks queued or running per worker thread (each file holds an open fd)
+_CHUNKS_PER_THREAD = 2
 
 
 class ScanError(Exception):
@@ -112,13 +122,16 @@ def scan(
     skip_devices: bool = False,
     threads: int = 1,
     progress: Callable[[ScanStats], None] | None = None,
+    cache: DigestCache | None = None,
 ) -> ScanResult:
     """Read the directory ``source`` into a tree, like ``mkcomposefs`` does.
 
     With ``store``, every external file is imported into it (mkcomposefs
-    ``--digest-store``), by ``threads`` worker threads when more than one
-    (see the module docstring).  ``progress``, if given, is called from the calling
-    thread with the running stats after each regular file.  Raises
+    ``--digest-store``); if the scan fails, what it staged in a batch store
+    is discarded.  ``threads`` > 1 hashes and copies in worker threads, and
+    ``cache`` lets unchanged files skip reading (see the module docstring).
+    ``progress``, if given, is called from the calling thread with the
+    running stats after each regular file.  Raises
     ``ScanError`` for an entry that cannot be read or represented (the
     source itself must be a directory, not a symlink to one) and
     ``ValueError`` for ``skip_xattrs`` together with ``user_xattrs``.
@@ -128,8 +141,26 @@ def scan(
     if threads < 1:
         raise ValueError(f"invalid thread count {threads}")
     opts = _Options(use_epoch, skip_xattrs, user_xattrs, skip_devices)
-    walker = _Walker(opts, store, threads, progress)
-    return ScanResult(walker.run(os.fsencode(source)), walker.stats)
+    walker = _Walker(opts, store, cache, threads, progress)
+    try:
+        root = walker.run(os.fsencode(source))
+    except BaseException:
+        if store is not None:
+            store.discard()
+        raise
+    if cache is not None:
+        cache.save()
+    return ScanResult(root, walker.stats)
+
+
+class _Job(NamedTuple):
+    """A file to hash (and import): its open fd is closed by whoever runs the job."""
+
+    fd: int
+    path: bytes
+    node: Node
+    #: fstat of ``fd``
+    opened: os.stat_result
 
 
 @dataclass
@@ -160,15 +191,22 @@ class _Walker:
         self,
         opts: _Options,
         store: ObjectStore | None,
+        cache: DigestCache | None,
         threads: int,
         progress: Callable[[ScanStats], None] | None,
     ) -> None:
         self.opts = opts
         self.store = store
+        self.cache = cache
         self.threads = threads
         self.progress = progress
         self.stats = ScanStats()
+        #: digests of the objects this scan created (added by the workers)
         self.created: set[bytes] = set()
+        self.pool: ThreadPoolExecutor | None = None
+        self.chunk: list[_Job] = []
+        self.chunk_bytes = 0
+        self.inflight: deque[tuple[Future[None], list[_Job]]] = deque()
 
     def run(self, source: bytes) -> Node:
         try:
@@ -176,15 +214,15 @@ class _Walker:
         except OSError as e:
             reason = "Not a directory" if e.errno in (errno.ENOTDIR, errno.ELOOP) else e.strerror
             raise ScanError(b"/", f"cannot open source {os.fsdecode(source)}: {reason}") from e
-        pool = ThreadPoolExecutor(self.threads) if self.threads > 1 and self.store else None
-        inflight: deque[tuple[Future[bytes | None], int]] = deque()
+        if self.threads > 1:
+            self.pool = ThreadPoolExecutor(self.threads)
         stack: list[_Dir] = []
         try:
             st = os.fstat(root_fd)
             root = self._node(b"/", st, self._xattrs(b"/", root_fd))
             root.nlink = st.st_nlink
             stack.append(_Dir(b"", b"/", (st.st_dev, st.st_ino), root_fd))
-            stack[0].pending = self._list(root_fd, b"/", root, pool, inflight)
+            stack[0].pending = self._list(root_fd, b"/", root)
             while stack:
                 top = stack[-1]
                 if not top.pending:
@@ -196,23 +234,29 @@ class _Walker:
                 child = top.path.rstrip(b"/") + b"/" + name
                 cfd, _ = self._open(self._dir_fd(stack, len(stack) - 1), name, child, st, _OPEN_DIR)
                 stack.append(_Dir(name, child, (st.st_dev, st.st_ino), cfd))
-                stack[-1].pending = self._list(cfd, child, node, pool, inflight)
+                stack[-1].pending = self._list(cfd, child, node)
                 _limit_open_dirs(stack)
-            while inflight:
-                self._harvest(inflight.popleft()[0])
+            self._submit()
+            while self.inflight:
+                self.inflight.popleft()[0].result()
         finally:
             for d in stack:
                 if d.fd is not None:
                     os.close(d.fd)
-            if pool is not None:
-                for fut, fd in inflight:
-                    if fut.cancel():
-                        os.close(fd)
-                pool.shutdown(wait=True)
+            self._shutdown()
         if self.store is not None:
             self.stats.objects_created = len(self.created)
             self.stats.objects_deduped = self.stats.external - self.stats.objects_created
         return root
+
+    def _shutdown(self) -> None:
+        """Stop the pool; close the fds of jobs that never ran (after a failure)."""
+        unrun = list(self.chunk)
+        if self.pool is not None:
+            unrun += [job for fut, jobs in self.inflight if fut.cancel() for job in jobs]
+            self.pool.shutdown(wait=True)
+        for job in unrun:
+            os.close(job.fd)
 
     def _dir_fd(self, stack: list[_Dir], i: int) -> int:
         """The fd of ``stack[i]``, reopened from its nearest open ancestor if it was closed.
@@ -243,14 +287,7 @@ class _Walker:
         _limit_open_dirs(stack)
         return fd
 
-    def _list(
-        self,
-        dfd: int,
-        path: bytes,
-        node: Node,
-        pool: ThreadPoolExecutor | None,
-        inflight: deque[tuple[Future[bytes | None], int]],
-    ) -> list[tuple[bytes, Node, os.stat_result]]:
+    def _list(self, dfd: int, path: bytes, node: Node) -> list[tuple[bytes, Node, os.stat_result]]:
         """Fill ``node.children``; returns the subdirectories still to list."""
         try:
             with os.scandir(dfd) as it:
@@ -259,6 +296,7 @@ class _Walker:
             raise ScanError(path, f"cannot read directory: {e.strerror}") from e
         subdirs = []
         base = path.rstrip(b"/") + b"/"
+        proc = f"/proc/self/fd/{dfd}/".encode()
         for name, entry in entries:
             child = base + name
             if len(name) > NAME_MAX:
@@ -272,10 +310,11 @@ class _Walker:
                 raise ScanError(child, f"file type {kind:#o} cannot be represented")
             if self.opts.skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
                 continue
-            xattrs = self._xattrs(child, f"/proc/self/fd/{dfd}/".encode() + name)
-            cnode = self._node(child, st, xattrs)
+            cnode = self._node(child, st, self._xattrs(child, proc + name))
             node.children[name] = cnode
-            if kind == stat.S_IFDIR:
+            if kind == stat.S_IFREG:
+                self._file(dfd, name, child, st, cnode)
+            elif kind == stat.S_IFDIR:
                 cnode.nlink = st.st_nlink
                 subdirs.append((name, cnode, st))
             elif kind == stat.S_IFLNK:
@@ -284,8 +323,6 @@ class _Walker:
                 except OSError as e:
                     raise ScanError(child, f"cannot read symlink: {e.strerror}") from e
                 cnode.size = len(cnode.payload)
-            elif kind == stat.S_IFREG:
-                self._file(dfd, name, child, st, cnode, pool, inflight)
         subdirs.reverse()
         return subdirs
 
@@ -349,74 +386,88 @@ class _Walker:
             raise ScanError(path, "changed during the scan")
         return fd, now
 
-    def _file(
-        self,
-        dfd: int,
-        name: bytes,
-        path: bytes,
-        st: os.stat_result,
-        node: Node,
-        pool: ThreadPoolExecutor | None,
-        inflight: deque[tuple[Future[bytes | None], int]],
-    ) -> None:
+    def _file(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, node: Node) -> None:
         self.stats.files += 1
         self.stats.bytes += st.st_size
-        if st.st_size == 0:
-            self._progress()
-            return
-        fd, opened = self._open(dfd, name, path, st, _OPEN_FILE)
-        if st.st_size <= INLINE_MAX:
-            try:
-                data = os.pread(fd, INLINE_MAX + 1, 0)
-            except OSError as e:
-                raise ScanError(path, f"cannot read: {e.strerror}") from e
-            finally:
-                os.close(fd)
-            if len(data) != st.st_size:
-                raise ScanError(path, "changed during the scan")
-            node.content = data
-            self._progress()
-            return
-        self.stats.external += 1
-        try:
-            digest = fsverity.digest_fd(fd, st.st_size)
-        except (OSError, ValueError) as e:
-            os.close(fd)
-            raise ScanError(path, f"cannot hash: {e}") from e
-        node.digest = digest
-        node.payload = fsverity.object_path(digest).encode()
-        if self.store is None:
-            os.close(fd)
-            self._progress()
-        elif pool is None:
-            self._harvest_result(self._store(fd, path, digest, opened))
-        else:
-            if len(inflight) >= self.threads * _INFLIGHT_PER_THREAD:
-                self._harvest(inflight.popleft()[0])
-            inflight.append((pool.submit(self._store, fd, path, digest, opened), fd))
-
-    def _store(self, fd: int, path: bytes, digest: bytes, opened: os.stat_result) -> bytes | None:
-        """Copy one hashed file into the store and close ``fd`` (in a worker if threads > 1).
-
-        Returns the digest if this call created the object, else None.
-        """
-        assert self.store is not None
-        try:
-            res = self.store.import_file(fd, digest, expect=opened)
-        except (OSError, ObjectStoreError) as e:
-            raise ScanError(path, f"cannot store: {e}") from e
-        finally:
-            os.close(fd)
-        return digest if res.created else None
-
-    def _harvest(self, fut: Future[bytes | None]) -> None:
-        self._harvest_result(fut.result())
-
-    def _harvest_result(self, created: bytes | None) -> None:
-        if created is not None:
-            self.created.add(created)
-        self._progress()
-
-    def _progress(self) -> None:
+        if st.st_size > INLINE_MAX:
+            self.stats.external += 1
+            if not self._cached(st, node):
+                fd, opened = self._open(dfd, name, path, st, _OPEN_FILE)
+                self._dispatch(_Job(fd, path, node, opened))
+        elif st.st_size:
+            node.content = self._read_inline(dfd, name, path, st)
         if self.progress is not None:
             self.progress(self.stats)
+
+    def _read_inline(self, dfd: int, name: bytes, path: bytes, st: os.stat_result) -> bytes:
+        fd, _ = self._open(dfd, name, path, st, _OPEN_FILE)
+        try:
+            data = os.pread(fd, INLINE_MAX + 1, 0)
+        except OSError as e:
+            raise ScanError(path, f"cannot read: {e.strerror}") from e
+        finally:
+            os.close(fd)
+        if len(data) != st.st_size:
+            raise ScanError(path, "changed during the scan")
+        return data
+
+    def _cached(self, st: os.stat_result, node: Node) -> bool:
+        """Take the digest from the cache if it has one and the store its object."""
+        digest = self.cache.get(st) if self.cache is not None else None
+        if digest is None or (self.store is not None and not self.store.claim(digest)):
+            return False
+        node.digest = digest
+        node.payload = fsverity.object_path(digest).encode()
+        return True
+
+    def _dispatch(self, job: _Job) -> None:
+        """Run the job now (one thread) or add it to the chunk for the pool."""
+        if self.pool is None:
+            self._run_jobs([job])
+            return
+        self.chunk.append(job)
+        self.chunk_bytes += job.opened.st_size
+        if len(self.chunk) >= _CHUNK_FILES or self.chunk_bytes >= _CHUNK_BYTES:
+            self._submit()
+
+    def _submit(self) -> None:
+        """Hand the chunk to the pool, first waiting for the oldest if enough are queued."""
+        if not self.chunk:
+            return
+        assert self.pool is not None
+        if len(self.inflight) >= self.threads * _CHUNKS_PER_THREAD:
+            self.inflight.popleft()[0].result()
+        jobs, self.chunk, self.chunk_bytes = self.chunk, [], 0
+        self.inflight.append((self.pool.submit(self._run_jobs, jobs), jobs))
+
+    def _run_jobs(self, jobs: list[_Job]) -> None:
+        """Hash (and store) each file; every job's fd is closed, also after a failure."""
+        done = 0
+        try:
+            for job in jobs:
+                done += 1
+                try:
+                    self._hash_and_store(job)
+                finally:
+                    os.close(job.fd)
+        finally:
+            for job in jobs[done:]:
+                os.close(job.fd)
+
+    def _hash_and_store(self, job: _Job) -> None:
+        try:
+            digest = fsverity.digest_fd(job.fd, job.opened.st_size)
+        except (OSError, ValueError) as e:
+            raise ScanError(job.path, f"cannot hash: {e}") from e
+        job.node.digest = digest
+        job.node.payload = fsverity.object_path(digest).encode()
+        if self.cache is not None:
+            self.cache.put(job.opened, digest)
+        if self.store is None or self.store.claim(digest):
+            return
+        try:
+            res = self.store.import_file(job.fd, digest, expect=job.opened)
+        except (OSError, ObjectStoreError) as e:
+            raise ScanError(job.path, f"cannot store: {e}") from e
+        if res.created:
+            self.created.add(digest)
