@@ -53,6 +53,7 @@ GC_CHECK_EVERY = 4
 RECOVER_KILL_ODDS = 4
 #: one run in this many of each operation is left to finish, to measure how long it takes
 CALIBRATE_ODDS = 8
+STARTUP_EVERY = 50
 
 
 @dataclass
@@ -115,6 +116,7 @@ class Worker:
         #: how long each operation took when it was left to finish (seconds)
         self.durations: dict[str, list[float]] = {}
         self.startup: float | None = None
+        self.startup_at = 0
         self.stats = Stats()
 
     # -- choosing an operation ---------------------------------------------------------
@@ -158,8 +160,12 @@ class Worker:
     # -- one iteration ------------------------------------------------------------------
 
     def _startup(self) -> float:
-        """How long apt-layer takes to start and open the store: a kill before that changes nothing."""
-        if self.startup is None:
+        """How long apt-layer takes to start and open the store: a kill before that changes nothing.
+
+        Measured again every STARTUP_EVERY iterations: it follows the load of the machine.
+        """
+        if self.startup is None or self.stats.iterations >= self.startup_at + STARTUP_EVERY:
+            self.startup_at = self.stats.iterations
             times = []
             for _ in range(3):
                 start = time.monotonic()
@@ -178,7 +184,8 @@ class Worker:
         runs = self.durations.setdefault(op, [])
         delay = None
         if len(runs) >= 2 and self.rng.randrange(CALIBRATE_ODDS):
-            delay = self.rng.uniform(0.9 * self._startup(), 1.05 * statistics.median(runs[-20:]))
+            typical = statistics.median(runs[-20:])
+            delay = self.rng.uniform(0.9 * min(self._startup(), typical), 1.05 * typical)
         start = time.monotonic()
         proc = spawn_cli(self.root, *args)
         try:
@@ -189,7 +196,8 @@ class Worker:
         proc.communicate()
         if proc.returncode == KILLED:
             return "killed"
-        runs.append(time.monotonic() - start)
+        if delay is None:  # a run that finished before its kill would bias the measure down
+            runs.append(time.monotonic() - start)
         return "completed"
 
     def recover(self) -> dict:
