@@ -29,6 +29,12 @@ from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
+from aptlayer.composefs import fsverity
+from aptlayer.composefs.objectstore import ObjectStore
+from aptlayer.journal.projection import TABLES
+from aptlayer.recovery import recover
+from aptlayer.store import IMAGE_SUFFIX, Maintenance, Store
+
 REPO = Path(__file__).resolve().parent.parent
 #: exit status of a process that got SIGKILL (``subprocess`` convention)
 KILLED = -signal.SIGKILL
@@ -106,8 +112,6 @@ def make_tree(path: Path, rng: random.Random, pool: list[bytes], files: int = 6)
 
 
 def projection_snapshot(conn: sqlite3.Connection) -> dict[str, list[tuple]]:
-    from aptlayer.journal.projection import TABLES
-
     return {t: sorted(conn.execute(f"SELECT * FROM {t}").fetchall(), key=repr) for t in TABLES}
 
 
@@ -117,8 +121,6 @@ def event_count(root: Path) -> int:
 
 
 def disk_objects(store) -> set[str]:
-    from aptlayer.composefs.objectstore import ObjectStore
-
     return {o.relpath for o in ObjectStore(store.objects_dir).iter_objects()}
 
 
@@ -135,9 +137,6 @@ def referenced_objects(store) -> set[str]:
 
 def check_committed_images(store) -> list[str]:
     """Invariant 1, plus: no image file or deployment link the journal does not explain."""
-    from aptlayer.composefs import fsverity
-    from aptlayer.store import IMAGE_SUFFIX
-
     problems = []
     live = {i["name"]: i for i in store.images()}
     for name, image in live.items():
@@ -197,8 +196,6 @@ def check_uncommitted(store) -> list[str]:
 
 def check_projection(store) -> list[str]:
     """Invariant 3: projection == rebuild, the chain verifies, the projection's own invariants hold."""
-    from aptlayer.store import Maintenance
-
     problems = [f"3: {p}" for p in store.journal.check()]
     before = projection_snapshot(store.journal.conn)
     maint = Maintenance(store)
@@ -216,8 +213,6 @@ def check_projection(store) -> list[str]:
 
 def check_second_recovery(store) -> list[str]:
     """Invariant 4: recovering again does and journals nothing."""
-    from aptlayer.recovery import recover
-
     seq = store.journal.last_seq()
     report = recover(store)
     problems = []
@@ -230,9 +225,6 @@ def check_second_recovery(store) -> list[str]:
 
 def check_gc(store) -> list[str]:
     """Invariant 5: a full gc removes exactly the unreferenced objects and stale temp files."""
-    from aptlayer.composefs.objectstore import ObjectStore
-    from aptlayer.store import Maintenance
-
     referenced = referenced_objects(store)
     before = disk_objects(store)
     Maintenance(store).gc(full=True)
@@ -260,8 +252,6 @@ def check_store(root: Path, recovered: dict | None = None, gc: bool = True) -> l
     ``gc`` invariant 5 is skipped (a full gc also removes the garbage the
     next incremental gc would have had to find).
     """
-    from aptlayer.store import Store
-
     problems = [f"recover reported: {p}" for p in (recovered or {}).get("problems", [])]
     store = Store.open(root)
     try:
