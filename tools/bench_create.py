@@ -3,16 +3,24 @@
 
 Generates a rootfs-like tree (default 24,000 entries, about 300 MB: many
 small files, some large ones, duplicates, symlinks, nested dirs), then
-times, each best of --repeat runs:
+times, each best of --repeat runs, apt-layer against the upstream tools when
+they are installed (APT_LAYER_COMPOSEFS_BIN or PATH):
 
-  cold create   mkcomposefs --digest-store=EMPTY tree img
-  warm create   the same into the store the cold run filled
-  dump          composefs-info dump img
+  cold create     composefs mkcomposefs --digest-store=EMPTY tree img
+  warm create     the same into the store the cold run filled
+  dump            composefs info dump img
+  store cold      apt-layer --root R image create --backend python tree NAME,
+                  R empty (upstream: mkcomposefs --digest-store=EMPTY)
+  store warm      the same into the full store under a new name, digest
+                  cache removed first (upstream: mkcomposefs into its full store)
+  store unchanged the same with the digest cache warm: nothing is read
+  store 1% chg    1% of the files rewritten with new content before each run
+                  (upstream: mkcomposefs of the same changed tree)
 
-for ``apt-layer composefs mkcomposefs|info`` and for the upstream tools
-when they are installed (APT_LAYER_COMPOSEFS_BIN or PATH), and prints a table
-with ratios (apt-layer / upstream). Both write the same bytes: checked too.
-Goals: cold <= 1.25x, warm <= 1.0x, dump <= 3x.
+and prints a table with ratios (apt-layer / upstream).  The images must be
+identical: compat cold, store cold and the 1%-changed tree's image are
+compared with upstream's.  Goals: cold <= 1.25x, warm <= 1.0x, dump <= 3x,
+unchanged <= 0.3x, 1% changed <= 0.35x.
 
 Usage: tools/bench_create.py [--entries N] [--mbytes N] [--repeat N] [--workdir DIR]
 """
@@ -85,15 +93,96 @@ def make_tree(root: Path, entries: int, mbytes: int, seed: int = 1) -> tuple[int
     return n_dirs + n_files + n_links + 1, written
 
 
+def change_files(root: Path, fraction: float, seed: int) -> int:
+    """Rewrite ``fraction`` of the regular files with new content of the same size; returns how many."""
+    rng = random.Random(seed)
+    files = sorted(p for p in root.rglob("*.dat") if not p.is_symlink())
+    picked = rng.sample(files, max(1, round(len(files) * fraction)))
+    for path in picked:
+        path.write_bytes(rng.randbytes(path.stat().st_size))
+    return len(picked)
+
+
+def timed(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
 def best(cmd: list[str], repeat: int, before=None) -> float:
     times = []
     for _ in range(repeat):
         if before:
             before()
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t)
+        times.append(timed(cmd))
     return min(times)
+
+
+def compat_rows(w: Path, tools: list, repeat: int) -> tuple[dict, bool | None]:
+    """cold/warm create and dump through ``apt-layer composefs``; whether the images are identical."""
+    results: dict[str, dict[str, float]] = {}
+    for label, make, read in tools:
+        store, img = w / f"store-{label}", w / f"{label}.cfs"
+
+        def empty_store() -> None:
+            shutil.rmtree(store, ignore_errors=True)
+
+        cmd = make + [f"--digest-store={store}", str(w / "tree"), str(img)]
+        results[label] = {"cold create": best(cmd, repeat, empty_store)}
+        subprocess.run(cmd, check=True)
+        results[label]["warm create"] = best(cmd, repeat)
+        results[label]["dump"] = best(read + ["dump", str(img)], repeat)
+    same = None
+    if len(tools) == 2:
+        same = (w / "apt-layer.cfs").read_bytes() == (w / "upstream.cfs").read_bytes()
+    return results, same
+
+
+def store_rows(w: Path, mk: str | None, repeat: int) -> tuple[dict, dict[str, bool]]:
+    """``apt-layer image create`` through the Store, each row against mkcomposefs in the same state."""
+    root, tree = w / "R", str(w / "tree")
+    up_store = w / "store-up-R"
+    made: list[str] = []
+
+    def ours() -> float:
+        made.append(f"img{len(made)}")
+        return timed([sys.executable, "-m", "aptlayer", "--root", str(root), "-q", "image", "create",
+                      "--backend", "python", tree, made[-1]])
+
+    def upstream(img: str) -> float | None:
+        return timed([mk, f"--digest-store={up_store}", tree, str(w / img)]) if mk else None
+
+    def row(before) -> tuple[float, float | None]:
+        a, u = [], []
+        for _ in range(repeat):
+            before()
+            a.append(ours())
+            u.append(upstream("up-R.cfs"))
+        return min(a), (min(u) if mk else None)
+
+    def same_as_upstream() -> bool:
+        """Whether the last image made equals upstream's last, made from the same tree."""
+        return (root / "images" / f"{made[-1]}.composefs").read_bytes() == (w / "up-R.cfs").read_bytes()
+
+    def empty() -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(up_store, ignore_errors=True)
+
+    def no_cache() -> None:
+        (root / "cache" / "digests").unlink(missing_ok=True)
+
+    results, same = {}, {}
+    results["store cold"] = row(empty)
+    if mk:
+        same["store cold"] = same_as_upstream()
+    results["store warm"] = row(no_cache)
+    ours()  # fills the cache again
+    results["store unchanged"] = row(lambda: None)
+    seeds = iter(range(100, 200))
+    results["store 1% changed"] = row(lambda: change_files(w / "tree", 0.01, next(seeds)))
+    if mk:
+        same["store 1% changed"] = same_as_upstream()
+    return results, same
 
 
 def main() -> None:
@@ -114,36 +203,23 @@ def main() -> None:
         t = time.perf_counter()
         entries, size = make_tree(w / "tree", args.entries, args.mbytes)
         print(f"tree: {entries} entries, {size / 1e6:.0f} MB (made in {time.perf_counter() - t:.1f} s)")
-        rows = []
         tools = [("apt-layer", ours + ["mkcomposefs"], ours + ["info"])]
         if mk and info:
             tools.append(("upstream", [mk], [info]))
-        results: dict[str, dict[str, float]] = {}
-        for label, make, read in tools:
-            store, img = w / f"store-{label}", w / f"{label}.cfs"
-
-            def empty_store() -> None:
-                shutil.rmtree(store, ignore_errors=True)
-
-            cmd = make + [f"--digest-store={store}", str(w / "tree"), str(img)]
-            results[label] = {
-                "cold create": best(cmd, args.repeat, empty_store),
-            }
-            subprocess.run(cmd, check=True)
-            results[label]["warm create"] = best(cmd, args.repeat)
-            results[label]["dump"] = best(read + ["dump", str(img)], args.repeat)
-        same = None
-        if len(tools) == 2:
-            same = (w / "apt-layer.cfs").read_bytes() == (w / "upstream.cfs").read_bytes()
-    goals = {"cold create": 1.25, "warm create": 1.0, "dump": 3.0}
-    print(f"{'operation':14} {'apt-layer s':>12} {'upstream s':>11} {'ratio':>7} {'goal':>6}")
-    for op in goals:
-        a = results["apt-layer"][op]
-        u = results.get("upstream", {}).get(op)
+        results, same = compat_rows(w, tools, args.repeat)
+        time.sleep(2)  # the digest cache does not keep files changed within 2 s (digestcache.SETTLE_NS)
+        rows, identical = store_rows(w, mk if info else None, args.repeat)
+    goals = {"cold create": 1.25, "warm create": 1.0, "dump": 3.0, "store cold": 1.25,
+             "store warm": 1.0, "store unchanged": 0.3, "store 1% changed": 0.35}
+    print(f"{'operation':17} {'apt-layer s':>12} {'upstream s':>11} {'ratio':>7} {'goal':>6}")
+    for op, goal in goals.items():
+        a, u = rows[op] if op in rows else (results["apt-layer"][op], results.get("upstream", {}).get(op))
         ratio = f"{a / u:6.2f}x" if u else "   n/a"
-        print(f"{op:14} {a:12.2f} {u if u else float('nan'):11.2f} {ratio:>7} {goals[op]:5.2f}x")
+        print(f"{op:17} {a:12.2f} {u if u else float('nan'):11.2f} {ratio:>7} {goal:5.2f}x")
     if same is not None:
-        print(f"identical image bytes: {'yes' if same else 'NO'}")
+        print(f"identical image bytes (compat): {'yes' if same else 'NO'}")
+        for op, ok in identical.items():
+            print(f"identical image bytes ({op}): {'yes' if ok else 'NO'}")
     else:
         print("upstream tools not found: no ratios (build them with tools/build-upstream-composefs.sh)")
 
