@@ -131,11 +131,12 @@ def test_operation_killed_at_every_point(template, op):
 
 
 @pytest.mark.parametrize("crash", ["commit.after-commit", "create.after-commit", "create.after-objects",
-                                   "links.after-temp"])
+                                   "links.after-temp", "delete.after-commit"])
 def test_recover_killed_at_every_point(template, crash):
     """Recovery itself, killed at each of its points while it repairs a crashed store."""
     op = {"commit.after-commit": "tx-commit", "create.after-commit": "create",
-          "create.after-objects": "create", "links.after-temp": "deploy"}[crash]
+          "create.after-objects": "create", "links.after-temp": "deploy",
+          "delete.after-commit": "delete"}[crash]
     crashed = _copy(template["root"], template["base"] / "crashed")
     kill_at(crashed, crash, 1, *_op_args(template, op))
     assert kill_everywhere(template, crashed, "recover") == {}
