@@ -50,6 +50,11 @@ def template(tmp_path_factory) -> dict:
     run_cli(root, "image", "create", str(trees["r"]), "img-c", "--tx", tx, "--backend", "python")
     run_cli(root, "image", "create", str(trees["e"]), "img-e", "--tx", tx, "--backend", "python")
     run_cli(root, "deploy", "img-e", "--tx", tx)
+    with closing(sqlite3.connect(root / "journal.db")) as conn:
+        sizes = {r[0] for r in conn.execute(
+            "SELECT size FROM images WHERE name = 'img-c' UNION ALL "
+            "SELECT json_extract(data, '$.size') FROM tx_ops WHERE op = 'create' AND name = 'img-c'")}
+    assert len(sizes) == 1, "the replacement must have the old image's size: recovery once took one for the other"
     assert check_store(_copy(root, base / "check")) == []
     return {"root": root, "base": base, "tx": tx, "trees": trees}
 
