@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from aptlayer.composefs import objectstore
 from aptlayer.store import CreateOptions, Store
 from aptlayer.watch import SETTLE_S, Target, classify
 
@@ -228,8 +229,9 @@ def test_removing_what_nobody_needs_and_temp_files_are_not_drift(root, tmp_path)
     assert [(d["kind"], d["subject"]) for d in w.drifts] == [("drift.object-deleted", victim)]
 
 
-def test_object_deleted_while_a_create_holds_the_store(root, tmp_path):
+def test_object_deleted_while_a_create_holds_the_store(root, tmp_path, monkeypatch):
     """Objects deleted before the create that wrote them commits are drift once it commits."""
+    monkeypatch.setattr(objectstore, "BATCH_OBJECTS", 1)  # each object named as soon as it is copied
     src = make_tree(tmp_path / "src", 40)
     deleted: list[str] = []
 
