@@ -151,17 +151,22 @@ def _check_node(node: Node, path: bytes) -> None:
     ftype = node.ftype
     if ftype not in _VALID_TYPES:
         raise InvalidTreeError(f"invalid file type in mode {node.mode:o}", path)
-    for what, value, limit in (
-        ("mode", node.mode, _U32),
-        ("uid", node.uid, _U32),
-        ("gid", node.gid, _U32),
-        ("nlink", node.nlink, _U32),
-        ("rdev", node.rdev, _U32),
-        ("size", node.size, _U64),
-        ("mtime nsec", node.mtime_nsec, _U32),
+    if not (  # one test for the common case; the loop below names the culprit
+        0 <= node.mode <= _U32 and 0 <= node.uid <= _U32 and 0 <= node.gid <= _U32
+        and 0 <= node.nlink <= _U32 and 0 <= node.rdev <= _U32 and 0 <= node.size <= _U64
+        and 0 <= node.mtime_nsec <= _U32
     ):
-        if not 0 <= value <= limit:
-            raise InvalidTreeError(f"{what} {value} out of range", path)
+        for what, value, limit in (
+            ("mode", node.mode, _U32),
+            ("uid", node.uid, _U32),
+            ("gid", node.gid, _U32),
+            ("nlink", node.nlink, _U32),
+            ("rdev", node.rdev, _U32),
+            ("size", node.size, _U64),
+            ("mtime nsec", node.mtime_nsec, _U32),
+        ):
+            if not 0 <= value <= limit:
+                raise InvalidTreeError(f"{what} {value} out of range", path)
     if not -(1 << 63) <= node.mtime_sec < (1 << 63):
         raise InvalidTreeError(f"mtime {node.mtime_sec} out of range", path)
     if ftype == stat.S_IFLNK:
