@@ -649,19 +649,24 @@ class Store:
             raise errors.Unsupported("--backend upstream: mount.composefs is not installed")
         do_mount = upstream.mount_with_tool if backend == "upstream" else cfsmount.mount
         with self.writing():
+            # Write-ahead like every other operation: once the kernel holds the
+            # mount, its objects must already be protected from gc. A mount
+            # that then fails is recorded as undone; one that never happened
+            # because we were killed is marked lost by the next recovery.
+            event = self._append("mounted", name, {"mountpoint": target, "digest": image["digest"],
+                                                   "boot_id": self.boot_id, "writable": upperdir is not None,
+                                                   "backend": backend})
+            fault("mount.after-event")
             try:
                 do_mount(str(path), target, [str(self.objects_dir), *basedirs], upperdir=upperdir,
                          workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
-            except cfsmount.MountError as e:
-                raise _mount_error(e) from None
-            fault("mount.after-kernel")
-            try:
-                self._append("mounted", name, {"mountpoint": target, "digest": image["digest"],
-                                               "boot_id": self.boot_id, "writable": upperdir is not None,
-                                               "backend": backend})
-            except BaseException:
-                cfsmount.unmount(target, lazy=True)
+            except BaseException as e:
+                self._append("unmounted", name, {"mountpoint": target,
+                                                 "reason": f"mount failed: {e}"[:500]}, event.tx)
+                if isinstance(e, cfsmount.MountError):
+                    raise _mount_error(e) from None
                 raise
+            fault("mount.after-kernel")
         return {"name": name, "mountpoint": target, "digest": image["digest"], "missing_objects": missing}
 
     def unmount(self, mountpoint: str, lazy: bool = False) -> dict:

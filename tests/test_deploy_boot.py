@@ -152,3 +152,37 @@ def test_mountpoint_in_use_is_a_conflict_and_leaves_nothing(env):
         assert [m for m in mount_info() if m.mount_point == str(target)] == before
     finally:
         cli(env, "image", "unmount", str(target))
+
+
+def test_mount_killed_before_the_kernel_call_is_marked_lost(env):
+    cli(env, "image", "create", str(env["trees"]["1"]), "one")
+    target = env["tmp"] / "m"
+    target.mkdir()
+    r = subprocess.run([sys.executable, "-m", "aptlayer", "--config", str(env["config"]), "image", "mount",
+                        "one", str(target)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "APT_LAYER_FAULT": "mount.after-event"})
+    assert r.returncode == -9
+    assert not is_mounted(target)
+    report = json.loads(cli(env, "recover", "--json").stdout)
+    assert {"kind": "mount.lost", "subject": "one", "mountpoint": str(target)} in report["actions"]
+    cli(env, "image", "delete", "one")  # nothing holds it any more
+
+
+def test_mount_killed_after_the_kernel_call_still_protects_its_objects(env):
+    cli(env, "image", "create", str(env["trees"]["1"]), "one")
+    objects = cli(env, "image", "objects", "one").stdout.split()
+    target = env["tmp"] / "m"
+    target.mkdir()
+    r = subprocess.run([sys.executable, "-m", "aptlayer", "--config", str(env["config"]), "image", "mount",
+                        "one", str(target)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "APT_LAYER_FAULT": "mount.after-kernel"})
+    assert r.returncode == -9
+    try:
+        assert is_mounted(target)
+        assert json.loads(cli(env, "recover", "--json").stdout)["actions"] == []
+        assert cli(env, "image", "delete", "one", check=False).returncode == 4
+        cli(env, "gc", "--full")
+        assert all((env["root"] / "images" / "objects" / o).is_file() for o in objects)
+        assert (target / "usr" / "lib" / "big.bin").read_bytes() == hashlib.sha256(b"1").digest() * 1000
+    finally:
+        cli(env, "image", "unmount", str(target))
