@@ -200,7 +200,7 @@ class ObjectStore:
     # -- queries ---------------------------------------------------------
 
     def path_of(self, digest: RawDigest) -> str:
-        return os.path.join(self.path, fsverity.object_path(digest))
+        return f"{self.path}/{fsverity.object_path(digest)}"
 
     def has(self, digest: RawDigest) -> bool:
         return _is_object(self.path_of(digest))

@@ -295,7 +295,8 @@ class _Walker:
         """Fill ``node.children``; returns the subdirectories still to list."""
         try:
             with os.scandir(dfd) as it:
-                entries = sorted((os.fsencode(e.name), e) for e in it)
+                entries = [(os.fsencode(e.name), e) for e in it]
+            entries.sort()  # by name: names are unique, so entries are never compared
         except OSError as e:
             raise ScanError(path, f"cannot read directory: {e.strerror}") from e
         subdirs = []
