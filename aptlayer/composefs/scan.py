@@ -132,7 +132,7 @@ def scan(
 
     With ``store``, every external file is imported into it (mkcomposefs
     ``--digest-store``); if the scan fails, what it staged in a batch store
-    is discarded.  ``threads`` > 1 hashes and copies in worker threads, and
+    is discarded.  ``threads`` > 1 copies new objects in worker threads, and
     ``cache`` lets unchanged files skip reading (see the module docstring).
     ``progress``, if given, is called from the calling thread with the
     running stats after each regular file.  Raises
