@@ -18,7 +18,6 @@ every directory entry of that file system.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 from collections.abc import Callable
@@ -30,7 +29,6 @@ Path = str | bytes
 recorder: Callable[[str, tuple[Any, ...]], None] | None = None
 
 FICLONE = 0x40049409
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def fd_path(fd: int) -> str:
@@ -102,7 +100,9 @@ def syncfs(fd: int) -> None:
     happened on the file system after ``fd`` was opened, so open ``fd``
     before writing the files it must cover.
     """
-    if _libc.syncfs(fd) != 0:
+    import ctypes  # here, not at the top: the boot path (recover) never needs it
+
+    if ctypes.CDLL(None, use_errno=True).syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     if recorder is not None:
