@@ -15,7 +15,8 @@ fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -qq meson ninja-build pkg-config libssl-dev dpkg-dev gcc >/dev/null
+deps=(meson ninja-build pkg-config libssl-dev dpkg-dev gcc)
+apt-get install -y -qq "${deps[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${deps[@]}" >/dev/null; }
 # A private apt configuration that knows only sid's sources, so the host's
 # package lists are left alone.
 mkdir -p "$work/apt/lists/partial"
