@@ -783,6 +783,21 @@ class Maintenance:
             "journal": {"events": self.journal.last_seq()},
         }
 
+    def history(self, **filters) -> list:
+        """Events matching ``filters`` (subject, kind, tx, since, until, limit), newest first."""
+        return list(self.journal.events(newest_first=True, **filters))
+
+    def audit(self, sql: str):
+        """A read-only query on the journal; refused writes and bad SQL are InvalidInput."""
+        from .journal import AuditQueryError, AuditRefused, audit_query
+
+        try:
+            return audit_query(self.journal.path, sql)
+        except AuditRefused as e:
+            raise errors.InvalidInput(str(e)) from None
+        except AuditQueryError as e:
+            raise errors.InvalidInput(f"audit: {e}") from None
+
     def verify(self) -> int:
         from .journal import ChainBroken
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 
 import click
 
@@ -138,8 +137,7 @@ def log(ctx, subject, kind, tx, since, until, limit, as_json) -> None:
       apt-layer log --image base
       apt-layer log --kind gc.swept --since 2026-11-01
     """
-    events = list(ctx.obj.store().journal.events(subject=subject, kind=kind, tx=tx, since=since,
-                                                 until=until, newest_first=True, limit=limit))
+    events = _maint(ctx).history(subject=subject, kind=kind, tx=tx, since=since, until=until, limit=limit)
     if as_json:
         print_json([{"seq": e.seq, "at": e.at, "tx": e.tx, "kind": e.kind, "subject": e.subject,
                      "data": e.data, "actor": e.actor} for e in events])
@@ -163,16 +161,7 @@ def audit(ctx, sql, fmt) -> None:
       apt-layer audit "SELECT kind, count(*) FROM events GROUP BY kind"
       apt-layer audit --format csv "SELECT * FROM v_events WHERE kind = 'image.deleted'"
     """
-    from ..errors import InvalidInput
-    from ..journal import AuditRefused, audit_query
-
-    store = ctx.obj.store()
-    try:
-        result = audit_query(store.journal.path, sql)
-    except AuditRefused as e:
-        raise InvalidInput(str(e)) from None
-    except sqlite3.OperationalError as e:  # a typo, an unknown table or column
-        raise InvalidInput(f"audit: {e}") from None
+    result = _maint(ctx).audit(sql)
     columns, rows = result.columns, result.rows
     if fmt == "json":
         click.echo(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))

@@ -7,6 +7,7 @@ lists of (object id, size). ``docs/journal.md`` documents the public schema.
 
 from .audit import AuditResult, query as audit_query, readonly
 from .errors import (
+    AuditQueryError,
     AuditRefused,
     ChainBroken,
     JournalCorruptError,
@@ -24,6 +25,7 @@ from .schema import SCHEMA_VERSION
 __all__ = [
     "APPLY",
     "SCHEMA_VERSION",
+    "AuditQueryError",
     "AuditRefused",
     "AuditResult",
     "ChainBroken",

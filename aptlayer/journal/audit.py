@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import schema
-from .errors import AuditRefused
+from .errors import AuditQueryError, AuditRefused
 
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 _INTROSPECTION_PRAGMAS = {
@@ -98,6 +98,8 @@ def query(path: str | os.PathLike, sql: str, params: Sequence | dict = ()) -> Au
                 raise AuditRefused(f"audit is read-only: {guard.refused} refused") from None
             if getattr(e, "sqlite_errorname", "") == "SQLITE_READONLY":
                 raise AuditRefused(f"audit is read-only: {e}") from None
+            if isinstance(e, sqlite3.OperationalError):
+                raise AuditQueryError(str(e)) from None
             raise
         columns = [d[0] for d in cursor.description or ()]
         return AuditResult(columns, rows)

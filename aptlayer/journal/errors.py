@@ -52,3 +52,7 @@ class ChainBroken(JournalError):
 
 class AuditRefused(JournalError):
     """An audit query tried something other than reading."""
+
+
+class AuditQueryError(JournalError):
+    """An audit query is not valid SQL for this journal (a typo, an unknown table)."""
