@@ -33,7 +33,8 @@ from aptlayer.composefs import fsverity
 from aptlayer.composefs.objectstore import ObjectStore
 from aptlayer.journal.projection import TABLES
 from aptlayer.recovery import recover
-from aptlayer.store import IMAGE_SUFFIX, Maintenance, Store
+from aptlayer.maintenance import Maintenance
+from aptlayer.store import IMAGE_SUFFIX, Store
 
 REPO = Path(__file__).resolve().parent.parent
 #: exit status of a process that got SIGKILL (``subprocess`` convention)

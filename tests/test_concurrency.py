@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from aptlayer.journal.projection import TABLES
-from aptlayer.store import Maintenance, Store
+from aptlayer.maintenance import Maintenance
+from aptlayer.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 POOL = 60  # distinct file contents; tree i holds contents i*6 .. i*6+17, so neighbours share

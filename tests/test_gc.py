@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from aptlayer.composefs import fsverity
-from aptlayer.store import CreateOptions, Maintenance, Store
+from aptlayer.maintenance import Maintenance
+from aptlayer.store import CreateOptions, Store
 
 PY = CreateOptions(backend="python")
 

@@ -52,4 +52,4 @@ def test_layer_imports(layer: str, path: Path) -> None:
 
 def test_the_checker_sees_relative_imports() -> None:
     names = imported_modules(PKG / "cli" / "maint.py")
-    assert "aptlayer.store" in names or "aptlayer.store.Maintenance" in names
+    assert "aptlayer.maintenance.Maintenance" in names

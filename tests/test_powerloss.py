@@ -41,7 +41,8 @@ from crashkit import check_store, kill_at, make_tree, run_cli, shared_pool
 from aptlayer.composefs import fsops, objectstore
 from aptlayer.journal import Journal
 from aptlayer.recovery import recover
-from aptlayer.store import CreateOptions, Maintenance, Store
+from aptlayer.maintenance import Maintenance
+from aptlayer.store import CreateOptions, Store
 
 ENTRY_OPS = ("create", "mkdir", "symlink", "rename", "unlink", "rmdir")
 JOURNAL_FILES = ("journal.db", "journal.db-wal", "journal.db-shm")

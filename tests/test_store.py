@@ -16,7 +16,8 @@ import pytest
 from aptlayer import errors
 from aptlayer.composefs import build, fsverity, listing, reader
 from aptlayer.journal.projection import TABLES
-from aptlayer.store import CreateOptions, Maintenance, Store
+from aptlayer.maintenance import Maintenance
+from aptlayer.store import CreateOptions, Store
 
 PY = CreateOptions(backend="python")
 

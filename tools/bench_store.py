@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from aptlayer.composefs import fsverity  # noqa: E402
-from aptlayer.store import CreateOptions, Maintenance, Store  # noqa: E402
+from aptlayer.maintenance import Maintenance  # noqa: E402
+from aptlayer.store import CreateOptions, Store  # noqa: E402
 
 DUMP = CreateOptions(from_file=True, backend="python")
 

@@ -60,7 +60,7 @@ def status(ctx, as_json) -> None:
       apt-layer status
       apt-layer status --json | jq .deployments.current.image
     """
-    from ..store import Maintenance
+    from ..maintenance import Maintenance
 
     info = Maintenance(ctx.obj.store()).status()
     if as_json:

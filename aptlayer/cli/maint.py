@@ -10,7 +10,7 @@ from .output import csv_text, human_bytes, json_option, make_progress, print_jso
 
 
 def _maint(ctx):
-    from ..store import Maintenance
+    from ..maintenance import Maintenance
 
     return Maintenance(ctx.obj.store())
 
