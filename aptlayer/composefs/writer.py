@@ -18,9 +18,10 @@ import functools
 import gc
 import stat
 from collections import Counter
-from collections.abc import Iterator
+from operator import itemgetter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import xxhash
@@ -43,6 +44,7 @@ _U64 = (1 << 64) - 1
 _HALF_BLOCK = F.BLOCK_SIZE // 2
 _STUB_MODE = stat.S_IFCHR | 0o644
 _VALID_TYPES = frozenset(F.FT_FROM_MODE)
+_MAX_CHUNK_SIZE = 1 << F.CHUNK_MAX_BITS
 
 
 class ImageError(ValueError):
@@ -98,9 +100,11 @@ class _Inode:
     nid: int = 0
     extended: bool = False
     #: indexes into the shared table, in sorted-name order
-    shared_refs: list[int] = field(default_factory=list)
-    #: the xattrs stored in the inode itself, in sorted-name order
-    inline_xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
+    shared_refs: Sequence[int] = ()
+    #: the xattrs stored in the inode itself, encoded, in sorted-name order
+    inline_xattrs: bytes = b""
+    #: the xattr name filter of the body header
+    xattr_filter: int = 0
     xattr_size: int = 0
     n_blocks: int = 0
     tail: bytes = b""
@@ -109,7 +113,7 @@ class _Inode:
     i_size: int = 0
     blkaddr: int = 0
     #: directories: groups of entries, one per block, the last maybe the tail
-    dir_groups: list[list[tuple[bytes, _Inode]]] = field(default_factory=list)
+    dir_groups: Sequence[list[tuple[bytes, _Inode]]] = ()
 
 
 # --- 1. validation and copy -----------------------------------------------------
@@ -143,12 +147,13 @@ def _chunk_bits(size: int) -> int:
 
 
 def _chunk_count(size: int) -> int:
+    if 0 < size <= _MAX_CHUNK_SIZE:  # the chunk grows with the file up to this size
+        return 1
     return -(-size // (1 << _chunk_bits(size)))
 
 
-def _check_node(node: Node, path: bytes) -> None:
+def _check_node(node: Node, ftype: int, path: bytes) -> None:
     """Everything about one (non-link) node that the format limits."""
-    ftype = node.ftype
     if ftype not in _VALID_TYPES:
         raise InvalidTreeError(f"invalid file type in mode {node.mode:o}", path)
     if not (  # one test for the common case; the loop below names the culprit
@@ -188,11 +193,11 @@ def _check_node(node: Node, path: bytes) -> None:
             )
         if node.digest is not None and len(node.digest) != F.DIGEST_SIZE:
             raise InvalidTreeError(f"digest must be {F.DIGEST_SIZE} bytes", path)
-    _check_xattrs(node, path)
+    if node.xattrs:
+        _check_xattrs(node, path)
 
 
-def _copy(node: Node, path: bytes) -> _Inode:
-    ftype = node.ftype
+def _copy(node: Node, ftype: int, path: bytes) -> _Inode:
     is_lnk = ftype == stat.S_IFLNK
     return _Inode(
         mode=node.mode,
@@ -235,16 +240,18 @@ def _copy_tree(root: Node) -> _Copy:
         path, node, up, index = stack.pop()
         if id(node) in by_node:
             raise InvalidTreeError("the same Node object appears twice; use Node.hardlink", path)
-        _check_node(node, path)
-        inode = _copy(node, path)
+        ftype = stat.S_IFMT(node.mode)
+        _check_node(node, ftype, path)
+        inode = _copy(node, ftype, path)
         by_node[id(node)] = inode
         dfs.append(inode)
         if up is not None:
             assert up.entries is not None
             parent[id(inode)] = up
             up.entries[index] = (up.entries[index][0], inode, True)
-        has_whiteout = has_whiteout or node.is_whiteout
-        if node.is_dir:
+        if ftype == stat.S_IFCHR and node.rdev == 0:
+            has_whiteout = True
+        elif ftype == stat.S_IFDIR:
             _copy_entries(node, inode, path, stack, links)
     _resolve_links(links, by_node)
     return _Copy(by_node[id(root)], dfs, parent, has_whiteout)
@@ -345,8 +352,9 @@ def _escape_overlay_xattrs(inode: _Inode) -> None:
     }
 
 
-def _rewrite(inode: _Inode, parent: _Inode | None, version: int) -> None:
-    _escape_overlay_xattrs(inode)
+def _rewrite(inode: _Inode, parents: dict[int, _Inode], version: int) -> None:
+    if inode.xattrs:
+        _escape_overlay_xattrs(inode)
     ftype = inode.ftype
     if ftype == stat.S_IFREG and inode.size > 0 and inode.content is None:
         metacopy = b"" if inode.digest is None else F.METACOPY_HEADER + inode.digest
@@ -359,7 +367,7 @@ def _rewrite(inode: _Inode, parent: _Inode | None, version: int) -> None:
         inode.ftype = stat.S_IFREG
         _set_xattr(inode, F.XATTR_ESCAPED_WHITEOUT, b"")
         _set_xattr(inode, F.XATTR_USER_WHITEOUT, b"")
-        assert parent is not None
+        parent = parents[id(inode)]
         _set_xattr(parent, F.XATTR_ESCAPED_WHITEOUTS, b"")
         _set_xattr(parent, F.XATTR_USER_WHITEOUTS, b"")
         if version >= 1:
@@ -396,15 +404,16 @@ def _add_stubs(root: _Inode) -> None:
 
 def _prepare(tree: _Copy, version: int) -> None:
     for inode in tree.dfs:
-        _rewrite(inode, tree.parent.get(id(inode)), version)
+        _rewrite(inode, tree.parent, version)
     _set_xattr(tree.root, F.XATTR_OPAQUE, b"y")
     _add_stubs(tree.root)
+    by_name = itemgetter(0)
     for inode in tree.dfs:
         if inode.entries is not None:
             up = tree.parent.get(id(inode), inode)
             inode.entries.append((b".", inode, False))
             inode.entries.append((b"..", up, False))
-            inode.entries.sort(key=lambda e: e[0])
+            inode.entries.sort(key=by_name)
 
 
 # --- 3. ordering and xattr sharing ----------------------------------------------
@@ -448,20 +457,25 @@ def _shared_table(order: list[_Inode]) -> list[tuple[bytes, bytes]]:
 
 
 def _plan_xattrs(order: list[_Inode], shared_index: dict[tuple[bytes, bytes], int]) -> None:
-    """Which xattrs each inode references from the shared table, and its body size."""
+    """Which xattrs each inode references from the shared table, the rest encoded, and the body size."""
+    name_filter = _NameFilter()
     for inode in order:
         if not inode.xattrs:
             continue
-        size = F.XATTR_BODY_HEADER_SIZE
+        refs: list[int] = []
+        inline: list[bytes] = []
         for pair in sorted(inode.xattrs.items()):
             index = shared_index.get(pair)
-            if index is not None and len(inode.shared_refs) < F.XATTR_MAX_SHARED_REFS:
-                inode.shared_refs.append(index)
-                size += F.XATTR_SHARED_REF.size
+            if index is not None and len(refs) < F.XATTR_MAX_SHARED_REFS:
+                refs.append(index)
             else:
-                inode.inline_xattrs.append(pair)
-                size += _entry_size(*pair)
-        inode.xattr_size = size
+                inline.append(_xattr_entry(*pair))
+        inode.shared_refs = refs
+        inode.inline_xattrs = b"".join(inline)
+        inode.xattr_filter = name_filter(tuple(inode.xattrs))
+        inode.xattr_size = (
+            F.XATTR_BODY_HEADER_SIZE + F.XATTR_SHARED_REF.size * len(refs) + len(inode.inline_xattrs)
+        )
 
 
 # --- 4. sizes, placement, bytes -------------------------------------------------
@@ -616,21 +630,20 @@ def _data_blocks(inode: _Inode) -> bytes:
 
 
 class _NameFilter:
-    """The per-inode xattr bloom filter (xxHash32 of the suffix), memoised by name."""
+    """The per-inode xattr bloom filter (xxHash32 of the suffix), memoised by name set."""
 
     def __init__(self) -> None:
-        self.bits: dict[bytes, int] = {}
+        self.filters: dict[tuple[bytes, ...], int] = {}
 
-    def __call__(self, names: list[bytes]) -> int:
-        mask = 0
-        for name in names:
-            bit = self.bits.get(name)
-            if bit is None:
+    def __call__(self, names: tuple[bytes, ...]) -> int:
+        value = self.filters.get(names)
+        if value is None:
+            mask = 0
+            for name in names:
                 index, suffix = _xattr_key(name)
-                bit = 1 << (xxhash.xxh32_intdigest(suffix, F.XATTR_FILTER_SEED + index) & 31)
-                self.bits[name] = bit
-            mask |= bit
-        return _U32 & ~mask
+                mask |= 1 << (xxhash.xxh32_intdigest(suffix, F.XATTR_FILTER_SEED + index) & 31)
+            value = self.filters[names] = _U32 & ~mask
+        return value
 
 
 def _xattr_entry(name: bytes, value: bytes) -> bytes:
@@ -639,11 +652,13 @@ def _xattr_entry(name: bytes, value: bytes) -> bytes:
     return raw + bytes(-len(raw) % F.XATTR_ALIGN)
 
 
-def _xattr_body(inode: _Inode, refs: list[int], name_filter: _NameFilter) -> bytes:
-    header = F.XATTR_BODY_HEADER.pack(name_filter(list(inode.xattrs)), len(inode.shared_refs))
+def _xattr_body(inode: _Inode, refs: list[int]) -> bytes:
+    header = F.XATTR_BODY_HEADER.pack(inode.xattr_filter, len(inode.shared_refs))
+    if not inode.shared_refs:
+        return header + inode.inline_xattrs
     parts = [header]
     parts.extend(F.XATTR_SHARED_REF.pack(refs[i]) for i in inode.shared_refs)
-    parts.extend(_xattr_entry(name, value) for name, value in inode.inline_xattrs)
+    parts.append(inode.inline_xattrs)
     return b"".join(parts)
 
 
@@ -793,7 +808,7 @@ def _break_cycles(order: list[_Inode]) -> None:
     """Drop the ``.``/``..`` back references so that reference counting frees the copy."""
     for inode in order:
         inode.entries = None
-        inode.dir_groups = []
+        inode.dir_groups = ()
 
 
 def _emit(lay: _Layout) -> bytearray:
@@ -808,11 +823,10 @@ def _emit(lay: _Layout) -> bytearray:
         pos += len(entry)
     base = lay.inodes_end % F.BLOCK_SIZE
     refs = [(base + off) // F.XATTR_ALIGN for off in offsets]
-    name_filter = _NameFilter()
     for inode in lay.order:
         parts = [_inode_header(inode)]
         if inode.xattr_size:
-            parts.append(_xattr_body(inode, refs, name_filter))
+            parts.append(_xattr_body(inode, refs))
         parts.append(_inline_tail(inode))
         raw = b"".join(parts)
         start = inode.nid << F.INODE_SLOT_BITS
