@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +66,9 @@ _REPRESENTABLE = frozenset(
 )
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: how os.fsencode encodes (scandir on an fd yields str names)
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
 #: directory fds the walk keeps open at most; deeper trees reopen ancestors
 MAX_OPEN_DIRS = 64
 #: a chunk of work for the pool: at most this many files or bytes
@@ -295,7 +299,7 @@ class _Walker:
         """Fill ``node.children``; returns the subdirectories still to list."""
         try:
             with os.scandir(dfd) as it:
-                entries = [(os.fsencode(e.name), e) for e in it]
+                entries = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e) for e in it]
             entries.sort()  # by name: names are unique, so entries are never compared
         except OSError as e:
             raise ScanError(path, f"cannot read directory: {e.strerror}") from e
@@ -359,6 +363,8 @@ class _Walker:
             if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
                 return {}
             raise ScanError(path, f"cannot list xattrs: {e.strerror}") from e
+        if not names:
+            return {}
         out = {}
         for name in sorted(os.fsencode(n) for n in names):
             if self.opts.user_xattrs and not name.startswith(b"user."):
