@@ -11,7 +11,6 @@ rejects malformed input with a :class:`DumpError` naming the line.
 
 from __future__ import annotations
 
-import io
 import re
 import stat
 from collections.abc import Iterable
@@ -409,35 +408,61 @@ def parse_dump(source: bytes | BinaryIO, *, strict: bool = False) -> Node:
 
 # --- printing --------------------------------------------------------------------
 
+#: PATH SIZE MODE NLINK UID GID RDEV SEC.NSEC PAYLOAD CONTENT DIGEST, then the
+#: ``" KEY=VALUE"`` fields; a hard link's line prefixes MODE with ``@``
+_LINE = b"%s %d %o %d %d %d %d %d.%d %s %s %s%s\n"
+_LINK_LINE = b"%s %d @%o %d %d %d %d %d.%d %s %s %s%s\n"
+#: bytes a path, PAYLOAD or CONTENT may hold unescaped
+_SAFE = _ESCAPE_TABLES[(False, False)][1]
+#: lines gathered before they are written out
+_FLUSH_LINES = 4096
+
 
 def _field(value: bytes | None) -> bytes:
-    return b"-" if value is None else escape(value, dash=True)
+    """PAYLOAD or CONTENT: ``-`` when absent, else escaped (checked inline: it is hot)."""
+    if value is None:
+        return b"-"
+    if value.translate(None, _SAFE) or value == b"-":
+        return escape(value, dash=True)
+    return value
+
+
+def _xattr_fields(xattrs: dict[bytes, bytes]) -> bytes:
+    return b"".join(
+        [b" " + escape(k, xattr=True) + b"=" + escape(v, xattr=True) for k, v in xattrs.items()]
+    )
 
 
 def _line(path: bytes, node: Node, first_path: bytes | None) -> bytes:
-    mode = b"%o" % node.mode
-    if first_path is not None:
-        mode = b"@" + mode
-        payload = escape(first_path, dash=True)
+    """One dump line; ``path`` is escaped, ``first_path`` the escaped first path of a hard link."""
+    if first_path is None:
+        template, payload = _LINE, _field(node.payload)
     else:
-        payload = _field(node.payload)
-    parts = [
-        escape(path),
-        b"%d" % node.size,
-        mode,
-        b"%d" % node.nlink,
-        b"%d" % node.uid,
-        b"%d" % node.gid,
-        b"%d" % node.rdev,
-        b"%d.%d" % (node.mtime_sec, node.mtime_nsec),
+        template, payload = _LINK_LINE, first_path
+    digest = node.digest
+    return template % (
+        path,
+        node.size,
+        node.mode,
+        node.nlink,
+        node.uid,
+        node.gid,
+        node.rdev,
+        node.mtime_sec,
+        node.mtime_nsec,
         payload,
         _field(node.content),
-        b"-" if node.digest is None else node.digest.hex().encode(),
-    ]
-    parts.extend(
-        escape(k, xattr=True) + b"=" + escape(v, xattr=True) for k, v in node.xattrs.items()
+        b"-" if digest is None else digest.hex().encode(),
+        _xattr_fields(node.xattrs) if node.xattrs else b"",
     )
-    return b" ".join(parts) + b"\n"
+
+
+def _sorted_children(node: Node, keep: set[bytes] | None) -> list[tuple[bytes, Node]]:
+    """(name, entry) in byte order of the names, only those in ``keep`` if given."""
+    children = sorted(node.children.items())
+    if keep is not None:
+        children = [item for item in children if item[0] in keep]
+    return children
 
 
 def format_dump(root: Node, out: BinaryIO, filters: Iterable[bytes] | None = None) -> None:
@@ -447,19 +472,30 @@ def format_dump(root: Node, out: BinaryIO, filters: Iterable[bytes] | None = Non
     which a node is met prints it in full; later paths print ``@`` lines with
     the same fields and the first path as PAYLOAD. ``filters`` keeps only
     those names at the root level.
+
+    Paths are built escaped: escaping works byte by byte and leaves ``/``
+    alone, so a directory's escaped path prefixes those of its children.
     """
     keep = None if filters is None else set(filters)
-    first_seen: dict[int, bytes] = {}
-    buf = io.BytesIO()
-    for path, entry in root.walk():
-        if keep is not None and path != b"/" and path[1:].split(b"/", 1)[0] not in keep:
-            continue
-        node = entry.resolve()
-        first = first_seen.get(id(node))
-        if first is None:
-            first_seen[id(node)] = path
-        buf.write(_line(path, node, first))
-        if buf.tell() > 1 << 20:
-            out.write(buf.getvalue())
-            buf = io.BytesIO()
-    out.write(buf.getvalue())
+    top = root.resolve()
+    first_seen: dict[int, bytes] = {id(top): b"/"}
+    lines = [_line(b"/", top, None)]
+    stack = [(b"/", iter(_sorted_children(root, keep)))] if root.is_dir else []
+    while stack:
+        base, entries = stack[-1]
+        for name, entry in entries:
+            path = base + (escape(name) if name.translate(None, _SAFE) else name)
+            node = entry if entry.link is None else entry.resolve()
+            first = first_seen.get(id(node))
+            if first is None:
+                first_seen[id(node)] = path
+            lines.append(_line(path, node, first))
+            if len(lines) >= _FLUSH_LINES:
+                out.write(b"".join(lines))
+                lines.clear()
+            if entry.link is None and stat.S_ISDIR(node.mode) and node.children:
+                stack.append((path + b"/", iter(_sorted_children(node, None))))
+                break
+        else:
+            stack.pop()
+    out.write(b"".join(lines))
