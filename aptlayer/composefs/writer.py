@@ -198,21 +198,23 @@ def _check_node(node: Node, ftype: int, path: bytes) -> None:
 
 
 def _copy(node: Node, ftype: int, path: bytes) -> _Inode:
+    """The node's private copy; arguments by position (twice as fast as by keyword)."""
+    is_reg = ftype == stat.S_IFREG
     is_lnk = ftype == stat.S_IFLNK
     return _Inode(
-        mode=node.mode,
-        ftype=ftype,
-        uid=node.uid,
-        gid=node.gid,
-        nlink=node.nlink,
-        rdev=node.rdev if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0,
-        size=len(node.payload or b"") if is_lnk else node.size,
-        mtime=(node.mtime_sec, node.mtime_nsec),
-        payload=node.payload if is_lnk or ftype == stat.S_IFREG else None,
-        content=node.content if ftype == stat.S_IFREG else None,
-        digest=node.digest if ftype == stat.S_IFREG else None,
-        xattrs=dict(node.xattrs),
-        path=path,
+        node.mode,
+        ftype,
+        node.uid,
+        node.gid,
+        node.nlink,
+        node.rdev if ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0,  # rdev
+        len(node.payload or b"") if is_lnk else node.size,  # size
+        (node.mtime_sec, node.mtime_nsec),
+        node.payload if is_lnk or is_reg else None,  # payload
+        node.content if is_reg else None,  # content
+        node.digest if is_reg else None,  # digest
+        dict(node.xattrs),
+        path,
     )
 
 
@@ -234,10 +236,10 @@ def _copy_tree(root: Node) -> _Copy:
     dfs: list[_Inode] = []
     parent: dict[int, _Inode] = {}
     has_whiteout = False
-    #: (path, node, parent copy, index of the entry in the parent)
-    stack: list[tuple[bytes, Node, _Inode | None, int]] = [(b"/", root, None, 0)]
+    #: (path, name, node, parent copy, index of the entry in the parent)
+    stack: list[tuple[bytes, bytes, Node, _Inode | None, int]] = [(b"/", b"", root, None, 0)]
     while stack:
-        path, node, up, index = stack.pop()
+        path, name, node, up, index = stack.pop()
         if id(node) in by_node:
             raise InvalidTreeError("the same Node object appears twice; use Node.hardlink", path)
         ftype = stat.S_IFMT(node.mode)
@@ -248,7 +250,7 @@ def _copy_tree(root: Node) -> _Copy:
         if up is not None:
             assert up.entries is not None
             parent[id(inode)] = up
-            up.entries[index] = (up.entries[index][0], inode, True)
+            up.entries[index] = (name, inode, True)
         if ftype == stat.S_IFCHR and node.rdev == 0:
             has_whiteout = True
         elif ftype == stat.S_IFDIR:
@@ -261,7 +263,7 @@ def _copy_entries(
     node: Node,
     inode: _Inode,
     path: bytes,
-    stack: list[tuple[bytes, Node, _Inode | None, int]],
+    stack: list[tuple[bytes, bytes, Node, _Inode | None, int]],
     links: list[tuple[_Inode, int, bytes, Node, bytes]],
 ) -> None:
     """Entries of a directory (placeholders until the children are copied)."""
@@ -269,14 +271,13 @@ def _copy_entries(
     entries: list[tuple[bytes, _Inode, bool]] = []
     inode.entries = entries
     children = []
-    for name in sorted(node.children):
-        child = node.children[name]
+    for name, child in sorted(node.children.items()):  # names are unique: nodes never compared
         child_path = base + name
         _check_name(name, child_path)
         if child.link is not None:
             links.append((inode, len(entries), name, child, child_path))
         else:
-            children.append((child_path, child, inode, len(entries)))
+            children.append((child_path, name, child, inode, len(entries)))
         entries.append((name, inode, False))
     stack.extend(reversed(children))
 
@@ -662,12 +663,15 @@ def _xattr_body(inode: _Inode, refs: list[int]) -> bytes:
     return b"".join(parts)
 
 
-def _inode_header(inode: _Inode) -> bytes:
+def _pack_inode_header(image: bytearray, start: int, inode: _Inode) -> int:
+    """Write the inode's header at ``start``; returns where its xattr body goes."""
     icount = 0 if not inode.xattr_size else (inode.xattr_size - F.XATTR_BODY_HEADER_SIZE) // 4 + 1
     i_format = inode.layout << 1
     mode = inode.mode & 0xFFFF
     if not inode.extended:
-        return F.INODE_COMPACT.pack(
+        F.INODE_COMPACT.pack_into(
+            image,
+            start,
             i_format,
             icount,
             mode,
@@ -678,7 +682,10 @@ def _inode_header(inode: _Inode) -> bytes:
             inode.uid,
             inode.gid,
         )
-    return F.INODE_EXTENDED.pack(
+        return start + F.INODE_COMPACT_SIZE
+    F.INODE_EXTENDED.pack_into(
+        image,
+        start,
         i_format | F.INODE_FORMAT_EXTENDED,
         icount,
         mode,
@@ -691,6 +698,7 @@ def _inode_header(inode: _Inode) -> bytes:
         inode.mtime[1],
         inode.nlink,
     )
+    return start + F.INODE_EXTENDED_SIZE
 
 
 def _inline_tail(inode: _Inode) -> bytes:
@@ -824,13 +832,14 @@ def _emit(lay: _Layout) -> bytearray:
     base = lay.inodes_end % F.BLOCK_SIZE
     refs = [(base + off) // F.XATTR_ALIGN for off in offsets]
     for inode in lay.order:
-        parts = [_inode_header(inode)]
+        pos = _pack_inode_header(image, inode.nid << F.INODE_SLOT_BITS, inode)
         if inode.xattr_size:
-            parts.append(_xattr_body(inode, refs))
-        parts.append(_inline_tail(inode))
-        raw = b"".join(parts)
-        start = inode.nid << F.INODE_SLOT_BITS
-        image[start : start + len(raw)] = raw
+            body = _xattr_body(inode, refs)
+            image[pos : pos + len(body)] = body
+            pos += len(body)
+        if inode.tail:
+            tail = _inline_tail(inode)
+            image[pos : pos + len(tail)] = tail
         if inode.n_blocks:
             data = _data_blocks(inode)
             start = inode.blkaddr * F.BLOCK_SIZE
