@@ -306,6 +306,8 @@ class _Walker:
         subdirs = []
         base = path.rstrip(b"/") + b"/"
         proc = f"/proc/self/fd/{dfd}/".encode()
+        skip_devices = self.opts.skip_devices
+        children = node.children
         for name, entry in entries:
             child = base + name
             if len(name) > NAME_MAX:
@@ -317,10 +319,10 @@ class _Walker:
             kind = stat.S_IFMT(st.st_mode)
             if kind not in _REPRESENTABLE:
                 raise ScanError(child, f"file type {kind:#o} cannot be represented")
-            if self.opts.skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
+            if skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
                 continue
             cnode = self._node(child, st, self._xattrs(child, proc + name))
-            node.children[name] = cnode
+            children[name] = cnode
             if kind == stat.S_IFREG:
                 self._file(dfd, name, child, st, cnode)
             elif kind == stat.S_IFDIR:
