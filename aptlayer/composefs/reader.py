@@ -24,7 +24,9 @@ proportional to the file size and the walk is iterative. Every defect raises
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import os
 import stat
 import struct
@@ -57,9 +59,31 @@ _U32 = struct.Struct("<I")
 _FORMAT_TYPES = frozenset(fmt.FT_FROM_MODE)
 _S_IFMT = 0o170000
 _XATTR_ENTRY_UNPACK = fmt.XATTR_ENTRY.unpack_from
+_COMPACT_UNPACK = fmt.INODE_COMPACT.unpack_from
+_EXTENDED_UNPACK = fmt.INODE_EXTENDED.unpack_from
+# Hot-path copies of format constants (a module global is cheaper than an attribute).
+_SLOT_BITS = fmt.INODE_SLOT_BITS
+_COMPACT_SIZE = fmt.INODE_COMPACT_SIZE
+_EXTENDED_SIZE = fmt.INODE_EXTENDED_SIZE
+_FORMAT_EXTENDED = fmt.INODE_FORMAT_EXTENDED
+_LAYOUT_MASK = fmt.INODE_LAYOUT_MASK
+_XATTR_BODY_HEADER_SIZE = fmt.XATTR_BODY_HEADER_SIZE
+_XATTR_ENTRY_SIZE = fmt.XATTR_ENTRY_SIZE
+_DIRENT_SIZE = fmt.DIRENT_SIZE
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
+_S_IFCHR = stat.S_IFCHR
+_S_IFBLK = stat.S_IFBLK
+_LAYOUT_CHUNK_BASED = fmt.LAYOUT_CHUNK_BASED
+_LAYOUT_FLAT_PLAIN = fmt.LAYOUT_FLAT_PLAIN
+_LAYOUT_FLAT_INLINE = fmt.LAYOUT_FLAT_INLINE
+_BLOCK_SIZE = fmt.BLOCK_SIZE
 #: xattr name prefixes by name index
 _PREFIXES = tuple(fmt.XATTR_PREFIXES[i] for i in range(len(fmt.XATTR_PREFIXES)))
+_PREFIX_COUNT = len(_PREFIXES)
 _DOT_NAMES = (b".", b"..")
+_BYTES_LT = bytes.__lt__
 _OVERLAY_PREFIXES = (fmt.OVERLAY_PREFIX, fmt.USER_OVERLAY_PREFIX)
 #: overlay markers the C reader drops wherever they appear
 _DROPPED_XATTRS = frozenset(
@@ -88,10 +112,14 @@ class _Inode:
     gid: int
     mtime_sec: int
     mtime_nsec: int
+    #: where the inline data starts: right after the header and the xattrs
+    tail_offset: int
 
-    @property
-    def tail_offset(self) -> int:
-        return self.offset + self.isize + self.xattr_size
+
+@functools.cache
+def _dirents_struct(count: int) -> struct.Struct:
+    """The layout of ``count`` consecutive dirents (at most 341 fit in a block)."""
+    return struct.Struct("<" + "QHBx" * count)
 
 
 def _signed64(value: int) -> int:
@@ -106,6 +134,7 @@ class _Image:
         self.size = len(data)
         #: bytes the reader may still consume (see the module docstring)
         self.budget = self.size
+        #: decoded shared xattr entries by reference
         self._shared: dict[int, tuple[bytes, bytes]] = {}
         self._parse_superblock()
 
@@ -133,41 +162,41 @@ class _Image:
         if self.budget < 0:
             raise ImageFormatError("image reuses its own regions (more data read than it holds)")
 
-    def _check_range(self, start: int, length: int, what: str) -> None:
+    def _check_range(self, start: int, length: int, what: str, nid: int) -> None:
+        """Check that ``what`` (data, inline data, ...) of inode ``nid`` lies in the image."""
         if start < 0 or length < 0 or start + length > self.size:
-            raise ImageFormatError(f"{what} at {start}+{length} is outside the image")
+            raise ImageFormatError(f"{what} of inode {nid} at {start}+{length} is outside the image")
 
     # --- inodes ---------------------------------------------------------------
 
     def inode(self, nid: int) -> _Inode:
         """Parse the inode ``nid``; its header and xattr body are in bounds."""
-        offset = self.meta_start + (nid << fmt.INODE_SLOT_BITS)
+        offset = self.meta_start + (nid << _SLOT_BITS)
         data = self.data
-        if offset + fmt.INODE_COMPACT_SIZE > self.size:
+        if offset + _COMPACT_SIZE > self.size:
             raise ImageFormatError(f"inode {nid} is outside the image")
         i_format = data[offset]  # the format bits all sit in the low byte
-        if i_format & fmt.INODE_FORMAT_EXTENDED:
-            isize = fmt.INODE_EXTENDED_SIZE
+        if i_format & _FORMAT_EXTENDED:
+            isize = _EXTENDED_SIZE
             if offset + isize > self.size:
                 raise ImageFormatError(f"inode {nid} is outside the image")
-            (_, icount, mode, size, u, _ino, uid, gid, sec, nsec, nlink) = (
-                fmt.INODE_EXTENDED.unpack_from(data, offset)
-            )
-        else:
-            isize = fmt.INODE_COMPACT_SIZE
-            (_, icount, mode, nlink, size, u, _ino, uid, gid) = fmt.INODE_COMPACT.unpack_from(
+            (_, icount, mode, size, u, _ino, uid, gid, sec, nsec, nlink) = _EXTENDED_UNPACK(
                 data, offset
             )
+        else:
+            isize = _COMPACT_SIZE
+            (_, icount, mode, nlink, size, u, _ino, uid, gid) = _COMPACT_UNPACK(data, offset)
             sec, nsec = self.build_time, self.build_time_nsec
-        xattr_size = 0 if icount == 0 else fmt.XATTR_BODY_HEADER_SIZE + 4 * (icount - 1)
-        if offset + isize + xattr_size > self.size:
+        xattr_size = 0 if icount == 0 else _XATTR_BODY_HEADER_SIZE + 4 * (icount - 1)
+        tail_offset = offset + isize + xattr_size
+        if tail_offset > self.size:
             raise ImageFormatError(f"xattrs of inode {nid} run past the end of the image")
         ftype = mode & _S_IFMT
         if ftype not in _FORMAT_TYPES:
             raise ImageFormatError(f"inode {nid} has unknown file type (mode {mode:o})")
         return _Inode(
-            nid, offset, isize, (i_format & fmt.INODE_LAYOUT_MASK) >> 1, xattr_size,
-            mode, ftype, nlink, size, u, uid, gid, sec, nsec,
+            nid, offset, isize, (i_format & _LAYOUT_MASK) >> 1, xattr_size,
+            mode, ftype, nlink, size, u, uid, gid, sec, nsec, tail_offset,
         )
 
     # --- file data ------------------------------------------------------------
@@ -180,26 +209,28 @@ class _Image:
         in bounds and have been charged to the budget.
         """
         size = ino.size
-        if ino.layout == fmt.LAYOUT_FLAT_PLAIN:
-            block_len, tail_len = size, 0
-        elif ino.layout == fmt.LAYOUT_FLAT_INLINE:
-            tail_len = size % fmt.BLOCK_SIZE
+        layout = ino.layout
+        if layout == _LAYOUT_FLAT_INLINE:
+            tail_len = size % _BLOCK_SIZE
             if tail_len == 0:
                 raise ImageFormatError(f"inode {ino.nid}: inline layout without a tail")
             block_len = size - tail_len
+        elif layout == _LAYOUT_FLAT_PLAIN:
+            block_len, tail_len = size, 0
         else:
-            raise ImageFormatError(f"inode {ino.nid}: unsupported data layout {ino.layout}")
-        block_start = ino.u * fmt.BLOCK_SIZE
+            raise ImageFormatError(f"inode {ino.nid}: unsupported data layout {layout}")
+        block_start = ino.u * _BLOCK_SIZE
         if block_len:
-            self._check_range(block_start, block_len, f"data of inode {ino.nid}")
-        self._check_range(ino.tail_offset, tail_len, f"inline data of inode {ino.nid}")
+            self._check_range(block_start, block_len, "data", ino.nid)
+        self._check_range(ino.tail_offset, tail_len, "inline data", ino.nid)
         self.spend(block_len + tail_len)
         return block_start, block_len, tail_len
 
     def content(self, ino: _Inode) -> bytes:
         block_start, block_len, tail_len = self.flat_data(ino)
         data = self.data
-        tail = data[ino.tail_offset : ino.tail_offset + tail_len]
+        tail_start = ino.tail_offset
+        tail = data[tail_start : tail_start + tail_len]
         if not block_len:
             return tail
         return data[block_start : block_start + block_len] + tail
@@ -214,8 +245,8 @@ class _Image:
         """
         block_start, block_len, tail_len = self.flat_data(ino)
         entries: list[tuple[bytes, int]] = []
-        for pos in range(block_start, block_start + block_len, fmt.BLOCK_SIZE):
-            end = min(pos + fmt.BLOCK_SIZE, block_start + block_len)
+        for pos in range(block_start, block_start + block_len, _BLOCK_SIZE):
+            end = min(pos + _BLOCK_SIZE, block_start + block_len)
             self._read_dirents(ino, self.data[pos:end], entries)
         if tail_len:
             tail = ino.tail_offset
@@ -225,67 +256,70 @@ class _Image:
     def _read_dirents(self, ino: _Inode, chunk: bytes, entries: list[tuple[bytes, int]]) -> None:
         """Parse one dirent chunk (a block or the tail) and append its entries."""
         length = len(chunk)
-        if length < fmt.DIRENT_SIZE:
+        if length < _DIRENT_SIZE:
             raise ImageFormatError(f"directory inode {ino.nid}: truncated dirent block")
         names_start = _U16.unpack_from(chunk, 8)[0]
-        if names_start % fmt.DIRENT_SIZE or not fmt.DIRENT_SIZE <= names_start <= length:
+        if names_start % _DIRENT_SIZE or not _DIRENT_SIZE <= names_start <= length:
             raise ImageFormatError(f"directory inode {ino.nid}: bad first name offset")
-        dirents = list(fmt.DIRENT.iter_unpack(chunk[:names_start]))
+        # All dirents in one unpack: (nid, nameoff, ftype) repeated.
+        fields = _dirents_struct(names_start // _DIRENT_SIZE).unpack_from(chunk)
         # Each name runs to the next one's offset; the last one to a NUL or the end.
-        offsets = [nameoff for _nid, nameoff, _ftype in dirents]
+        offsets = list(fields[1::3])
         nul = chunk.find(b"\0", offsets[-1])
         offsets.append(length if nul < 0 else nul)
-        if not all(a < b for a, b in zip(offsets, offsets[1:])):
+        names = [chunk[a:b] for a, b in zip(offsets, offsets[1:])]
+        # A slice is empty exactly when its offsets do not increase.
+        if not all(names):
             raise ImageFormatError(f"directory inode {ino.nid}: bad name offsets")
         names_area = chunk[names_start : offsets[-1]]
         if b"/" in names_area or b"\0" in names_area:
             raise ImageFormatError(f"directory inode {ino.nid}: a name holds '/' or NUL")
-        found = [
-            (chunk[a:b], dirent[0])
-            for a, b, dirent in zip(offsets, offsets[1:], dirents)
-            if b - a > 2 or chunk[a:b] not in _DOT_NAMES
-        ]
+        # A name can only be too long if all of them together are.
+        if len(names_area) > fmt.MAX_NAME_LEN and max(map(len, names)) > fmt.MAX_NAME_LEN:
+            raise ImageFormatError(f"directory inode {ino.nid}: name longer than {fmt.MAX_NAME_LEN}")
+        found = [entry for entry in zip(names, fields[0::3]) if entry[0] not in _DOT_NAMES]
         if not found:
             return
-        if max(len(name) for name, _nid in found) > fmt.MAX_NAME_LEN:
-            raise ImageFormatError(f"directory inode {ino.nid}: name longer than {fmt.MAX_NAME_LEN}")
-        if entries and found[0][0] <= entries[-1][0] or not all(
-            a[0] < b[0] for a, b in zip(found, found[1:])
-        ):
+        names = [name for name, _nid in found]
+        if entries and names[0] <= entries[-1][0] or not all(map(_BYTES_LT, names, names[1:])):
             raise ImageFormatError(f"directory inode {ino.nid}: entries not sorted or duplicated")
         entries.extend(found)
 
     # --- xattrs -----------------------------------------------------------------
 
     def xattrs(self, ino: _Inode) -> list[tuple[bytes, bytes]]:
-        """The raw (full name, value) pairs of an inode: inline entries, then shared ones."""
-        self.spend(ino.xattr_size)
+        """The raw (full name, value) pairs of an inode: inline entries, then shared ones.
+
+        The body itself was charged to the budget with the inode (see :meth:`walk`).
+        """
         data = self.data
         body = ino.offset + ino.isize
         end = body + ino.xattr_size
         shared_count = data[body + 4]
-        refs = body + fmt.XATTR_BODY_HEADER_SIZE
+        refs = body + _XATTR_BODY_HEADER_SIZE
         pos = refs + 4 * shared_count
         if pos > end:
             raise ImageFormatError(f"inode {ino.nid}: shared xattr count overflows the body")
         found = []
         # Like the C reader, stop once no more than an entry header is left.
-        while pos + fmt.XATTR_ENTRY_SIZE < end:
+        while pos + _XATTR_ENTRY_SIZE < end:
             name, value, pos = self._xattr_entry(pos, end, ino.nid)
             found.append((name, value))
-        for (ref,) in _U32.iter_unpack(data[refs : refs + 4 * shared_count]):
-            found.append(self._shared_xattr(ref, ino.nid))
+        if shared_count:
+            shared = self._shared
+            for (ref,) in _U32.iter_unpack(data[refs : refs + 4 * shared_count]):
+                found.append(shared.get(ref) or self._shared_xattr(ref, ino.nid))
         return found
 
     def _xattr_entry(self, pos: int, end: int, nid: int) -> tuple[bytes, bytes, int]:
         """Decode the entry at ``pos`` (which must end by ``end``); return it and the next position."""
         name_len, index, value_size = _XATTR_ENTRY_UNPACK(self.data, pos)
-        start = pos + fmt.XATTR_ENTRY_SIZE
+        start = pos + _XATTR_ENTRY_SIZE
         value_start = start + name_len
         value_end = value_start + value_size
         if value_end > end:
             raise ImageFormatError(f"inode {nid}: xattr entry at {pos} overruns its area")
-        if index >= len(_PREFIXES):
+        if index >= _PREFIX_COUNT:
             raise ImageFormatError(f"inode {nid}: unknown xattr name index {index}")
         name = _PREFIXES[index] + self.data[start:value_start]
         if not name or b"\0" in name:
@@ -293,14 +327,13 @@ class _Image:
         return name, self.data[value_start:value_end], (value_end + 3) & ~3
 
     def _shared_xattr(self, ref: int, nid: int) -> tuple[bytes, bytes]:
+        """Decode shared entry ``ref`` and cache it (each is charged to the budget once)."""
         offset = self.xattr_start + 4 * ref
-        cached = self._shared.get(offset)
-        if cached is None:
-            self._check_range(offset, fmt.XATTR_ENTRY_SIZE, f"shared xattr of inode {nid}")
-            name, value, next_pos = self._xattr_entry(offset, self.size, nid)
-            self.spend(next_pos - offset)
-            cached = self._shared[offset] = (name, value)
-        return cached
+        self._check_range(offset, _XATTR_ENTRY_SIZE, "shared xattr", nid)
+        name, value, next_pos = self._xattr_entry(offset, self.size, nid)
+        self.spend(next_pos - offset)
+        entry = self._shared[ref] = (name, value)
+        return entry
 
     # --- the walk -----------------------------------------------------------------
 
@@ -310,16 +343,18 @@ class _Image:
         Yields ``(depth, name, nid, inode)``: first the root at depth 0 with
         an empty name, then every entry below it, with ``inode`` None when
         ``nid`` was met before (a hard link). Stubs are skipped; ``filters``
-        keeps only those root-level names.
+        keeps only those root-level names. Each inode yielded has had its
+        header and xattr body charged to the budget.
         """
         root = self.inode(self.root_nid)
         if root.ftype != stat.S_IFDIR:
             raise ImageFormatError("the root inode is not a directory")
-        self.spend(root.isize)
+        self.spend(root.isize + root.xattr_size)
         yield 0, b"", root.nid, root
         seen: set[int] = {root.nid}
         dirs: set[int] = {root.nid}
         stubs: set[int] = set()
+        inode = self.inode
         stack: list[Iterator[tuple[bytes, int]]] = [iter(self._children(root, filters))]
         while stack:
             depth = len(stack)
@@ -329,18 +364,19 @@ class _Image:
                         raise ImageFormatError(f"directory inode {nid} is reached twice (loop)")
                     yield depth, name, nid, None
                     continue
-                ino = self.inode(nid)
-                if ino.ftype == stat.S_IFCHR and ino.u == 0:
+                ino = inode(nid)
+                ftype = ino.ftype
+                if ftype == _S_IFCHR and ino.u == 0:
                     # A whiteout stub: left out. Each has a single name, and
                     # the C reader misbehaves when one is reached again.
                     if nid in stubs:
                         raise ImageFormatError(f"whiteout stub inode {nid} is reached twice")
                     stubs.add(nid)
                     continue
-                self.spend(ino.isize)
+                self.spend(ino.isize + ino.xattr_size)
                 seen.add(nid)
                 yield depth, name, nid, ino
-                if ino.ftype == stat.S_IFDIR:
+                if ftype == _S_IFDIR:
                     if depth >= MAX_DEPTH:
                         raise ImageFormatError(f"directories nested deeper than {MAX_DEPTH}")
                     dirs.add(nid)
@@ -394,21 +430,22 @@ def _apply_overlay_xattr(node: Node, name: bytes, value: bytes) -> None:
 
 def _make_node(image: _Image, ino: _Inode) -> Node:
     ftype = ino.ftype
-    rdev = ino.u if ftype == stat.S_IFCHR or ftype == stat.S_IFBLK else 0
+    rdev = ino.u if ftype == _S_IFCHR or ftype == _S_IFBLK else 0
     # Positional, in Node's field order (mode, uid, gid, nlink, rdev, size,
     # mtime_sec, mtime_nsec): measurably faster on large images.
     node = Node(ino.mode, ino.uid, ino.gid, ino.nlink, rdev, ino.size, ino.mtime_sec, ino.mtime_nsec)
-    if ftype == stat.S_IFLNK:
+    if ftype == _S_IFREG:
+        if ino.size and ino.layout != _LAYOUT_CHUNK_BASED:
+            if ino.size > MAX_INLINE_CONTENT:
+                raise ImageFormatError(f"inode {ino.nid}: {ino.size} bytes of inline content")
+            node.content = image.content(ino)
+    elif ftype == _S_IFLNK:
         if not 0 < ino.size <= MAX_SYMLINK_TARGET:
             raise ImageFormatError(f"inode {ino.nid}: symlink target of {ino.size} bytes")
         target = image.content(ino)
         if b"\0" in target:
             raise ImageFormatError(f"inode {ino.nid}: NUL in symlink target")
         node.payload = target
-    elif ftype == stat.S_IFREG and ino.size and ino.layout != fmt.LAYOUT_CHUNK_BASED:
-        if ino.size > MAX_INLINE_CONTENT:
-            raise ImageFormatError(f"inode {ino.nid}: {ino.size} bytes of inline content")
-        node.content = image.content(ino)
     if ino.xattr_size:
         xattrs = node.xattrs
         for name, value in image.xattrs(ino):
@@ -441,6 +478,23 @@ def _guarded(func: Callable[_P, _T]) -> Callable[_P, _T]:
     return wrapper
 
 
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a tree is built.
+
+    A tree holds no reference cycles, yet the allocations of a large one set
+    off collections that traverse it again and again for nothing (about a
+    fifth of the reading time on a 64,000-entry image).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def read_image(
     data: bytes | bytearray | memoryview | str | os.PathLike[str],
     *,
@@ -461,20 +515,25 @@ def read_image(
 
 @_guarded
 def _read_tree(data: bytes, filters: frozenset[bytes] | None) -> Node:
-    image = _Image(data)
+    with _gc_paused():
+        return _build_tree(_Image(data), filters)
+
+
+def _build_tree(image: _Image, filters: frozenset[bytes] | None) -> Node:
     by_nid: dict[int, Node] = {}
-    parents: list[Node] = []
+    #: the children of the directories on the path to the current entry
+    open_dirs: list[dict[bytes, Node]] = []
     for depth, name, nid, ino in image.walk(filters):
-        del parents[depth:]
         if ino is None:
             node = Node.hardlink(by_nid[nid])
         else:
             node = by_nid[nid] = _make_node(image, ino)
-        if parents:
-            parents[-1].children[name] = node
-        if ino is not None and ino.ftype == stat.S_IFDIR:
-            parents.append(node)
-    return parents[0]
+        if depth:
+            del open_dirs[depth:]
+            open_dirs[-1][name] = node
+        if ino is not None and ino.ftype == _S_IFDIR:
+            open_dirs.append(node.children)
+    return by_nid[image.root_nid]
 
 
 def image_objects(
