@@ -648,9 +648,20 @@ class _NameFilter:
 
 
 def _xattr_entry(name: bytes, value: bytes) -> bytes:
+    head, padding = _xattr_entry_frame(name, len(value))
+    return head + value + padding
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _xattr_entry_frame(name: bytes, value_len: int) -> tuple[bytes, bytes]:
+    """What an xattr entry holds around its value: header and suffix, then padding.
+
+    Memoised: most entries are the overlay markers, whose names and value
+    lengths repeat on every external file.
+    """
     index, suffix = _xattr_key(name)
-    raw = F.XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
-    return raw + bytes(-len(raw) % F.XATTR_ALIGN)
+    head = F.XATTR_ENTRY.pack(len(suffix), index, value_len) + suffix
+    return head, bytes(-(len(head) + value_len) % F.XATTR_ALIGN)
 
 
 def _xattr_body(inode: _Inode, refs: list[int]) -> bytes:
