@@ -414,14 +414,14 @@ _LINE = b"%s %d %o %d %d %d %d %d.%d %s %s %s%s\n"
 _LINK_LINE = b"%s %d @%o %d %d %d %d %d.%d %s %s %s%s\n"
 #: bytes a path, PAYLOAD or CONTENT may hold unescaped
 _SAFE = _ESCAPE_TABLES[(False, False)][1]
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
 #: lines gathered before they are written out
 _FLUSH_LINES = 4096
 
 
-def _field(value: bytes | None) -> bytes:
-    """PAYLOAD or CONTENT: ``-`` when absent, else escaped (checked inline: it is hot)."""
-    if value is None:
-        return b"-"
+def _field(value: bytes) -> bytes:
+    """A present PAYLOAD or CONTENT, escaped (its safe bytes are checked inline: this is hot)."""
     if value.translate(None, _SAFE) or value == b"-":
         return escape(value, dash=True)
     return value
@@ -435,11 +435,12 @@ def _xattr_fields(xattrs: dict[bytes, bytes]) -> bytes:
 
 def _line(path: bytes, node: Node, first_path: bytes | None) -> bytes:
     """One dump line; ``path`` is escaped, ``first_path`` the escaped first path of a hard link."""
-    if first_path is None:
-        template, payload = _LINE, _field(node.payload)
-    else:
+    if first_path is not None:
         template, payload = _LINK_LINE, first_path
-    digest = node.digest
+    else:
+        template, payload = _LINE, node.payload
+        payload = b"-" if payload is None else _field(payload)
+    content, digest, xattrs = node.content, node.digest, node.xattrs
     return template % (
         path,
         node.size,
@@ -451,9 +452,9 @@ def _line(path: bytes, node: Node, first_path: bytes | None) -> bytes:
         node.mtime_sec,
         node.mtime_nsec,
         payload,
-        _field(node.content),
+        b"-" if content is None else _field(content),
         b"-" if digest is None else digest.hex().encode(),
-        _xattr_fields(node.xattrs) if node.xattrs else b"",
+        _xattr_fields(xattrs) if xattrs else b"",
     )
 
 
@@ -486,14 +487,15 @@ def format_dump(root: Node, out: BinaryIO, filters: Iterable[bytes] | None = Non
         for name, entry in entries:
             path = base + (escape(name) if name.translate(None, _SAFE) else name)
             node = entry if entry.link is None else entry.resolve()
-            first = first_seen.get(id(node))
+            key = id(node)
+            first = first_seen.get(key)
             if first is None:
-                first_seen[id(node)] = path
+                first_seen[key] = path
             lines.append(_line(path, node, first))
             if len(lines) >= _FLUSH_LINES:
                 out.write(b"".join(lines))
                 lines.clear()
-            if entry.link is None and stat.S_ISDIR(node.mode) and node.children:
+            if node is entry and node.mode & _S_IFMT == _S_IFDIR and node.children:
                 stack.append((path + b"/", iter(_sorted_children(node, None))))
                 break
         else:

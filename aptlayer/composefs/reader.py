@@ -79,6 +79,9 @@ _LAYOUT_CHUNK_BASED = fmt.LAYOUT_CHUNK_BASED
 _LAYOUT_FLAT_PLAIN = fmt.LAYOUT_FLAT_PLAIN
 _LAYOUT_FLAT_INLINE = fmt.LAYOUT_FLAT_INLINE
 _BLOCK_SIZE = fmt.BLOCK_SIZE
+_XATTR_REDIRECT = fmt.XATTR_REDIRECT
+_XATTR_METACOPY = fmt.XATTR_METACOPY
+_METACOPY_SIZE = fmt.METACOPY_SIZE
 #: xattr name prefixes by name index
 _PREFIXES = tuple(fmt.XATTR_PREFIXES[i] for i in range(len(fmt.XATTR_PREFIXES)))
 _PREFIX_COUNT = len(_PREFIXES)
@@ -294,7 +297,7 @@ class _Image:
         """
         data = self.data
         body = ino.offset + ino.isize
-        end = body + ino.xattr_size
+        end = ino.tail_offset
         shared_count = data[body + 4]
         refs = body + _XATTR_BODY_HEADER_SIZE
         pos = refs + 4 * shared_count
@@ -403,15 +406,15 @@ def _apply_overlay_xattr(node: Node, name: bytes, value: bytes) -> None:
     checked at each step because an escaped whiteout turns the regular file
     into a character device part way through the list.
     """
-    is_reg = stat.S_ISREG(node.mode)
-    if name == fmt.XATTR_REDIRECT:
+    is_reg = node.mode & _S_IFMT == _S_IFREG
+    if name == _XATTR_REDIRECT:
         if is_reg:
             # The C reader over-reads one byte here; the payload is value[1:].
             # Like its string copy, the payload ends at a NUL.
             payload = value[1:] if len(value) > 1 and value[:1] == b"/" else value
             node.payload = payload.partition(b"\0")[0]
-    elif name == fmt.XATTR_METACOPY:
-        if is_reg and len(value) == fmt.METACOPY_SIZE:
+    elif name == _XATTR_METACOPY:
+        if is_reg and len(value) == _METACOPY_SIZE:
             node.digest = value[4:]
     elif name == fmt.XATTR_ESCAPED_WHITEOUT and is_reg:
         node.mode = stat.S_IFCHR | stat.S_IMODE(node.mode)
