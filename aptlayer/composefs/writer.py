@@ -126,6 +126,30 @@ def _check_name(name: bytes, path: bytes) -> None:
         raise InvalidTreeError(f"invalid name '{printable(name)}'", path)
 
 
+def _check_names(children: dict[bytes, Node], base: bytes) -> None:
+    """The entry names of one directory, as :func:`_check_name` checks them.
+
+    All names are tested at once first, on their concatenation: the
+    ``in`` tests on each name made up a third of the cost of copying an
+    entry.  If that fails, the names are checked one by one, in order, to
+    report the first bad one.
+    """
+    if not children:
+        return
+    joined = b"/".join(children)
+    if (
+        b"\0" not in joined
+        and joined.count(b"/") == len(children) - 1
+        and min(map(len, children)) > 0
+        and max(map(len, children)) <= F.MAX_NAME_LEN
+        and b"." not in children
+        and b".." not in children
+    ):
+        return
+    for name in sorted(children):
+        _check_name(name, base + name)
+
+
 def _check_xattrs(node: Node, path: bytes) -> None:
     used = 0
     for name, value in node.xattrs.items():
@@ -271,9 +295,9 @@ def _copy_entries(
     entries: list[tuple[bytes, _Inode, bool]] = []
     inode.entries = entries
     children = []
+    _check_names(node.children, base)
     for name, child in sorted(node.children.items()):  # names are unique: nodes never compared
         child_path = base + name
-        _check_name(name, child_path)
         if child.link is not None:
             links.append((inode, len(entries), name, child, child_path))
         else:
