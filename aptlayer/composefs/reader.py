@@ -524,18 +524,18 @@ def _read_tree(data: bytes, filters: frozenset[bytes] | None) -> Node:
 
 def _build_tree(image: _Image, filters: frozenset[bytes] | None) -> Node:
     by_nid: dict[int, Node] = {}
-    #: the children of the directories on the path to the current entry
+    #: ``open_dirs[d]``: the children of the last directory met at depth ``d``,
+    #: which in a pre-order walk is the parent of any entry at depth ``d + 1``
     open_dirs: list[dict[bytes, Node]] = []
     for depth, name, nid, ino in image.walk(filters):
         if ino is None:
-            node = Node.hardlink(by_nid[nid])
-        else:
-            node = by_nid[nid] = _make_node(image, ino)
+            open_dirs[depth - 1][name] = Node.hardlink(by_nid[nid])
+            continue
+        node = by_nid[nid] = _make_node(image, ino)
         if depth:
-            del open_dirs[depth:]
-            open_dirs[-1][name] = node
-        if ino is not None and ino.ftype == _S_IFDIR:
-            open_dirs.append(node.children)
+            open_dirs[depth - 1][name] = node
+        if ino.ftype == _S_IFDIR:
+            open_dirs[depth:] = (node.children,)
     return by_nid[image.root_nid]
 
 
