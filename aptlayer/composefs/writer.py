@@ -615,13 +615,15 @@ def _place(order: list[_Inode]) -> int:
 
 def _dirent_chunk(group: list[tuple[bytes, _Inode]]) -> bytes:
     """Dirents first, then the names back to back."""
+    pack, file_type = F.DIRENT.pack, F.FT_FROM_MODE
     nameoff = F.DIRENT_SIZE * len(group)
     parts = []
+    names = []
     for name, child in group:
-        parts.append(F.DIRENT.pack(child.nid, nameoff, F.FT_FROM_MODE[child.ftype]))
+        parts.append(pack(child.nid, nameoff, file_type[child.ftype]))
+        names.append(name)
         nameoff += len(name)
-    parts.extend(name for name, _child in group)
-    return b"".join(parts)
+    return b"".join(parts) + b"".join(names)
 
 
 def _i_u(inode: _Inode) -> int:
