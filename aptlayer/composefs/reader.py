@@ -125,6 +125,12 @@ def _dirents_struct(count: int) -> struct.Struct:
     return struct.Struct("<" + "QHBx" * count)
 
 
+@functools.cache
+def _refs_struct(count: int) -> struct.Struct:
+    """The layout of ``count`` shared xattr references (an inode has at most 255)."""
+    return struct.Struct(f"<{count}I")
+
+
 def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
@@ -310,13 +316,14 @@ class _Image:
             found.append((name, value))
         if shared_count:
             shared = self._shared
-            for (ref,) in _U32.iter_unpack(data[refs : refs + 4 * shared_count]):
+            for ref in _refs_struct(shared_count).unpack_from(data, refs):
                 found.append(shared.get(ref) or self._shared_xattr(ref, ino.nid))
         return found
 
     def _xattr_entry(self, pos: int, end: int, nid: int) -> tuple[bytes, bytes, int]:
         """Decode the entry at ``pos`` (which must end by ``end``); return it and the next position."""
-        name_len, index, value_size = _XATTR_ENTRY_UNPACK(self.data, pos)
+        data = self.data
+        name_len, index, value_size = _XATTR_ENTRY_UNPACK(data, pos)
         start = pos + _XATTR_ENTRY_SIZE
         value_start = start + name_len
         value_end = value_start + value_size
@@ -324,10 +331,10 @@ class _Image:
             raise ImageFormatError(f"inode {nid}: xattr entry at {pos} overruns its area")
         if index >= _PREFIX_COUNT:
             raise ImageFormatError(f"inode {nid}: unknown xattr name index {index}")
-        name = _PREFIXES[index] + self.data[start:value_start]
+        name = _PREFIXES[index] + data[start:value_start]
         if not name or b"\0" in name:
             raise ImageFormatError(f"inode {nid}: invalid xattr name {name!r}")
-        return name, self.data[value_start:value_end], (value_end + 3) & ~3
+        return name, data[value_start:value_end], (value_end + 3) & ~3
 
     def _shared_xattr(self, ref: int, nid: int) -> tuple[bytes, bytes]:
         """Decode shared entry ``ref`` and cache it (each is charged to the budget once)."""
