@@ -421,13 +421,14 @@ _FLUSH_LINES = 4096
 
 
 def _field(value: bytes) -> bytes:
-    """A present PAYLOAD or CONTENT, escaped (its safe bytes are checked inline: this is hot)."""
+    """A present PAYLOAD or CONTENT, escaped; a value with only safe bytes is returned as is."""
     if value.translate(None, _SAFE) or value == b"-":
         return escape(value, dash=True)
     return value
 
 
 def _xattr_fields(xattrs: dict[bytes, bytes]) -> bytes:
+    """The `` KEY=VALUE`` fields, each with its leading space."""
     return b"".join(
         [b" " + escape(k, xattr=True) + b"=" + escape(v, xattr=True) for k, v in xattrs.items()]
     )
