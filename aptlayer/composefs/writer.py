@@ -18,10 +18,10 @@ import functools
 import gc
 import stat
 from collections import Counter
-from operator import itemgetter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import BinaryIO
 
 import xxhash
@@ -482,7 +482,7 @@ def _shared_table(order: list[_Inode]) -> list[tuple[bytes, bytes]]:
 
 
 def _plan_xattrs(order: list[_Inode], shared_index: dict[tuple[bytes, bytes], int]) -> None:
-    """Which xattrs each inode references from the shared table, the rest encoded, and the body size."""
+    """Per inode: its references into the shared table, its other xattrs encoded, the body size."""
     name_filter = _NameFilter()
     for inode in order:
         if not inode.xattrs:
@@ -498,9 +498,8 @@ def _plan_xattrs(order: list[_Inode], shared_index: dict[tuple[bytes, bytes], in
         inode.shared_refs = refs
         inode.inline_xattrs = b"".join(inline)
         inode.xattr_filter = name_filter(tuple(inode.xattrs))
-        inode.xattr_size = (
-            F.XATTR_BODY_HEADER_SIZE + F.XATTR_SHARED_REF.size * len(refs) + len(inode.inline_xattrs)
-        )
+        refs_size = F.XATTR_SHARED_REF.size * len(refs)
+        inode.xattr_size = F.XATTR_BODY_HEADER_SIZE + refs_size + len(inode.inline_xattrs)
 
 
 # --- 4. sizes, placement, bytes -------------------------------------------------
@@ -657,7 +656,7 @@ def _data_blocks(inode: _Inode) -> bytes:
 
 
 class _NameFilter:
-    """The per-inode xattr bloom filter (xxHash32 of the suffix), memoised by name set."""
+    """The per-inode xattr bloom filter (xxHash32 of the suffix), memoised by xattr name tuple."""
 
     def __init__(self) -> None:
         self.filters: dict[tuple[bytes, ...], int] = {}
