@@ -264,3 +264,27 @@ def check_store(root: Path, recovered: dict | None = None, gc: bool = True) -> l
     finally:
         store.close()
     return problems
+
+
+def populate(root: Path, trees: dict[str, Path], stray_tree: Path) -> str:
+    """Give a new store at ``root`` some history; return an open transaction's id.
+
+    Images ``img-a``..``img-d`` and ``img-x`` from ``trees``; ``img-a`` then
+    ``img-b`` deployed (so both slots are set); ``img-d`` deleted (its objects
+    are garbage); a create of ``stray_tree`` killed after writing its objects
+    (strays) and recovered. The open transaction replaces ``img-c`` by an
+    image of ``trees["r"]``, creates ``img-e`` and deploys it.
+    """
+    for n in "abcdx":
+        run_cli(root, "image", "create", str(trees[n]), f"img-{n}", "--backend", "python")
+    run_cli(root, "deploy", "img-a")
+    run_cli(root, "deploy", "img-b")
+    run_cli(root, "image", "delete", "img-d")
+    kill_at(root, "create.after-objects", 1, "image", "create", str(stray_tree), "img-g", "--backend", "python")
+    run_cli(root, "recover")
+    tx = run_cli(root, "tx", "begin").stdout.strip()
+    run_cli(root, "image", "delete", "img-c", "--tx", tx)
+    run_cli(root, "image", "create", str(trees["r"]), "img-c", "--tx", tx, "--backend", "python")
+    run_cli(root, "image", "create", str(trees["e"]), "img-e", "--tx", tx, "--backend", "python")
+    run_cli(root, "deploy", "img-e", "--tx", tx)
+    return tx

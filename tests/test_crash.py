@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from crashkit import check_store, fault_points, kill_at, make_tree, run_cli, shared_pool
+from crashkit import check_store, fault_points, kill_at, make_tree, populate, run_cli, shared_pool
 
 #: hits tried per point: the first ones, and the last
 FIRST_HITS = 2
@@ -38,18 +38,7 @@ def template(tmp_path_factory) -> dict:
     pool = shared_pool(rng)
     trees = {n: make_tree(base / "src" / n, rng, pool) for n in "abcdefgrx"}
     root = base / "template"
-    for n in "abcdx":
-        run_cli(root, "image", "create", str(trees[n]), f"img-{n}", "--backend", "python")
-    run_cli(root, "deploy", "img-a")
-    run_cli(root, "deploy", "img-b")
-    run_cli(root, "image", "delete", "img-d")
-    kill_at(root, "create.after-objects", 1, "image", "create", str(trees["g"]), "img-g", "--backend", "python")
-    run_cli(root, "recover")
-    tx = run_cli(root, "tx", "begin").stdout.strip()
-    run_cli(root, "image", "delete", "img-c", "--tx", tx)
-    run_cli(root, "image", "create", str(trees["r"]), "img-c", "--tx", tx, "--backend", "python")
-    run_cli(root, "image", "create", str(trees["e"]), "img-e", "--tx", tx, "--backend", "python")
-    run_cli(root, "deploy", "img-e", "--tx", tx)
+    tx = populate(root, trees, trees["g"])
     with closing(sqlite3.connect(root / "journal.db")) as conn:
         sizes = {r[0] for r in conn.execute(
             "SELECT size FROM images WHERE name = 'img-c' UNION ALL "

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from crashkit import check_store, kill_at, make_tree, run_cli, shared_pool
+from crashkit import check_store, kill_at, make_tree, populate, shared_pool
 
 from aptlayer.composefs import fsops, objectstore
 from aptlayer.journal import Journal
@@ -232,18 +232,7 @@ def template(tmp_path_factory) -> dict:
     trees = {n: make_tree(base / "src" / n, rng, pool, files=4) for n in "abcdefrx"}
     trees["fresh"] = make_tree(base / "src" / "fresh", rng, shared_pool(rng, 6), files=6)
     root = base / "template"
-    for n in "abcdx":
-        run_cli(root, "image", "create", str(trees[n]), f"img-{n}", "--backend", "python")
-    run_cli(root, "deploy", "img-a")
-    run_cli(root, "deploy", "img-b")
-    run_cli(root, "image", "delete", "img-d")
-    kill_at(root, "create.after-objects", 1, "image", "create", str(trees["e"]), "img-g", "--backend", "python")
-    run_cli(root, "recover")
-    tx = run_cli(root, "tx", "begin").stdout.strip()
-    run_cli(root, "image", "delete", "img-c", "--tx", tx)
-    run_cli(root, "image", "create", str(trees["r"]), "img-c", "--tx", tx, "--backend", "python")
-    run_cli(root, "image", "create", str(trees["e"]), "img-e", "--tx", tx, "--backend", "python")
-    run_cli(root, "deploy", "img-e", "--tx", tx)
+    tx = populate(root, trees, trees["e"])
     crashed = base / "crashed"
     shutil.copytree(root, crashed, symlinks=True)
     kill_at(crashed, "commit.after-commit", 1, "tx", "commit", tx)
