@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -150,7 +151,25 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     The connection is in autocommit mode (``isolation_level=None``): callers
     issue ``BEGIN IMMEDIATE`` themselves, so that a writer takes the lock up
     front and waits up to ``BUSY_TIMEOUT_S`` for another writer.
+
+    Opening is retried while SQLite answers BUSY, within the same budget:
+    SQLite can refuse a new WAL connection at once, without calling the busy
+    handler (for instance while the last other connection checkpoints and
+    removes the WAL under an exclusive lock). The concurrency test met it
+    once in CI-like runs: a create exited 4 on opening the journal.
     """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            return _connect_once(path)
+        except sqlite3.OperationalError as e:
+            busy = getattr(e, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _connect_once(path: str | os.PathLike) -> sqlite3.Connection:
     # No peeking at the file's header with open(): closing any descriptor of
     # the database drops every POSIX lock this process holds on it, which
     # breaks another connection the process may have open. SQLite itself
