@@ -155,8 +155,9 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
     Opening is retried while SQLite answers BUSY, within the same budget:
     SQLite can refuse a new WAL connection at once, without calling the busy
     handler (for instance while the last other connection checkpoints and
-    removes the WAL under an exclusive lock). The concurrency test met it
-    once in CI-like runs: a create exited 4 on opening the journal.
+    removes the WAL under an exclusive lock). Seen once: of four creates
+    started together on a fresh store, one exited 4 with "journal is busy";
+    240 repeats of that race did not show it again.
     """
     deadline = time.monotonic() + BUSY_TIMEOUT_S
     while True:
