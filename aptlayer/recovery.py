@@ -140,7 +140,7 @@ class Recovery:
         for name, (digest, size, created_seq) in sorted(live.items()):
             rel = self._staged_rel(created_seq) if staged else None
             if rel is not None and rel in staged:
-                s.place_image(name, digest, staged[rel])
+                s.place_image(name, staged[rel])
                 fault("recover.after-place")
                 self._record("recover.image-placed", name, {"digest": digest, "from": rel})
                 continue

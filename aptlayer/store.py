@@ -214,7 +214,7 @@ class Store:
         if row is not None:
             raise errors.Conflict(f"an image named {name!r} is staged in open transaction {row[0]}")
 
-    def _in_use(self, name: str, tx: str | None = None) -> None:
+    def _in_use(self, name: str) -> None:
         for slot, dep in self.journal.deployments().items():
             if dep["image"] == name:
                 raise errors.Conflict(f"image {name!r} is the {slot} deployment; deploy another image first")
@@ -274,7 +274,7 @@ class Store:
                 self._abort(txid, reason=str(e))
                 raise errors.Conflict(str(e)) from None
             fault("create.after-commit")
-            self.place_image(name, digest, staged)
+            self.place_image(name, staged)
             fault("create.after-place")
             self._clear_staging(txid)
             return self._created_info(name, data, txid, stats, staged=False)
@@ -362,7 +362,7 @@ class Store:
 
     # --- effects (idempotent; recovery redoes them) ---------------------------------
 
-    def place_image(self, name: str, digest: str, staged: Path) -> bool:
+    def place_image(self, name: str, staged: Path) -> bool:
         """Move a committed image from staging into ``images/``; False if already there."""
         dest = self.image_path(name)
         if not staged.exists():
@@ -440,7 +440,7 @@ class Store:
         deploys = False
         for ev in events:
             if ev.kind == "image.created":
-                self.place_image(ev.subject, ev.data["digest"], self.root / ev.data["staged"])
+                self.place_image(ev.subject, self.root / ev.data["staged"])
                 fault("effects.after-place")
             elif ev.kind == "image.deleted":
                 self.remove_image_file(ev.subject)
