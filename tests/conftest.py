@@ -58,6 +58,16 @@ mount_composefs = _tool_fixture("mount.composefs")
 
 
 @pytest.fixture
+def store(tmp_path: Path):
+    """A new, empty apt-layer store, closed after the test."""
+    from aptlayer.store import Store
+
+    s = Store.open(tmp_path / "store")
+    yield s
+    s.close()
+
+
+@pytest.fixture
 def as_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")

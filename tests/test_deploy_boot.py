@@ -47,9 +47,11 @@ def env(tmp_path, as_root):
         subprocess.run(["umount", "-l", m], check=False)
 
 
-def cli(env, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def cli(env, *args: str, check: bool = True, fault: str | None = None) -> subprocess.CompletedProcess:
+    """Run apt-layer with the test's config; ``fault`` kills it at that point (APT_LAYER_FAULT)."""
+    extra = {"APT_LAYER_FAULT": fault} if fault else {}
     r = subprocess.run([sys.executable, "-m", "aptlayer", "--config", str(env["config"]), *args],
-                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO), **extra})
     if check:
         assert r.returncode == 0, r.stderr
     return r
@@ -158,9 +160,7 @@ def test_mount_killed_before_the_kernel_call_is_marked_lost(env):
     cli(env, "image", "create", str(env["trees"]["1"]), "one")
     target = env["tmp"] / "m"
     target.mkdir()
-    r = subprocess.run([sys.executable, "-m", "aptlayer", "--config", str(env["config"]), "image", "mount",
-                        "one", str(target)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "APT_LAYER_FAULT": "mount.after-event"})
+    r = cli(env, "image", "mount", "one", str(target), check=False, fault="mount.after-event")
     assert r.returncode == -9
     assert not is_mounted(target)
     report = json.loads(cli(env, "recover", "--json").stdout)
@@ -173,9 +173,7 @@ def test_mount_killed_after_the_kernel_call_still_protects_its_objects(env):
     objects = cli(env, "image", "objects", "one").stdout.split()
     target = env["tmp"] / "m"
     target.mkdir()
-    r = subprocess.run([sys.executable, "-m", "aptlayer", "--config", str(env["config"]), "image", "mount",
-                        "one", str(target)], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(REPO), "APT_LAYER_FAULT": "mount.after-kernel"})
+    r = cli(env, "image", "mount", "one", str(target), check=False, fault="mount.after-kernel")
     assert r.returncode == -9
     try:
         assert is_mounted(target)

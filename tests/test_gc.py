@@ -40,13 +40,6 @@ def stored(store: Store) -> set[str]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store.open(tmp_path / "store")
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def two(store: Store, tmp_path: Path) -> Store:
     """Images 'keep' (shared, k) and 'drop' (shared, d1, d2): shared is in both."""
     store.create(make_tree(tmp_path / "keep", {"shared": blob("s"), "k": blob("k")}), "keep", PY)

@@ -36,13 +36,6 @@ def blob(tag: str, size: int = 200) -> bytes:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store.open(tmp_path / "store")
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def src(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "src", {"etc/os-release": b"ID=debian\n", "usr/bin/a": blob("a"),
                                         "usr/bin/b": blob("b", 5000), "usr/lib/c": blob("c", 70)})
