@@ -35,13 +35,13 @@ class Maintenance:
                 result["objects"] = [{"object": o, "size": n} for o, n in gc_plan.objects]
                 return result
             txid = new_tx_id()
-            s._append("gc.begun", "store", {"full": full, "marked": gc_plan.marked,
+            s.record("gc.begun", "store", {"full": full, "marked": gc_plan.marked,
                                             "candidates": len(gc_plan.objects),
                                             "candidate_bytes": gc_plan.bytes}, txid)
             fault("gc.after-begun")
             removed, freed = collect.sweep(gc_plan, s.objects_dir, s.trash_dir, progress)
             fault("gc.after-sweep")
-            s._append("gc.swept", "store", {"removed": removed, "bytes": freed,
+            s.record("gc.swept", "store", {"removed": removed, "bytes": freed,
                                             "temp_files": len(gc_plan.temp_files)}, txid)
             result.update(removed=removed, bytes_freed=freed)
             return result

@@ -52,7 +52,7 @@ class Recovery:
         self._tx = new_tx_id()
 
     def _record(self, kind: str, subject: str, data: dict) -> None:
-        self.store._append(kind, subject, data, self._tx)
+        self.store.record(kind, subject, data, self._tx)
         self.actions.append({"kind": kind, "subject": subject, **data})
 
     def run(self) -> dict:
@@ -202,10 +202,10 @@ class Recovery:
             if explicit and boot == s.boot_id:
                 continue
             why = "interrupted" if not explicit else "left open by an earlier boot"
-            s._append("tx.aborted", txid, {"reason": f"recovery: transaction {why}"}, txid)
+            s.record("tx.aborted", txid, {"reason": f"recovery: transaction {why}"}, txid)
             self.actions.append({"kind": "tx.aborted", "subject": txid, "reason": why})
             fault("recover.after-abort")
-            s._clear_staging(txid)
+            s.clear_staging(txid)
 
     def _clear_staging_leftovers(self) -> None:
         """Remove staging no open transaction owns, and files an open one never staged."""
@@ -259,7 +259,7 @@ class Recovery:
         for mountpoint, image, boot in rows:
             if boot == self.store.boot_id and mountpoint in present:
                 continue
-            self.store._append("mount.lost", image, {"mountpoint": mountpoint,
+            self.store.record("mount.lost", image, {"mountpoint": mountpoint,
                                                      "reason": "not mounted" if boot == self.store.boot_id
                                                      else "mounted in an earlier boot"}, self._tx)
             self.actions.append({"kind": "mount.lost", "subject": image, "mountpoint": mountpoint})

@@ -182,7 +182,10 @@ class Store:
 
     # --- small helpers ----------------------------------------------------------
 
-    def _append(self, kind: str, subject: str, data: dict, tx: str | None = None, manifest=None):
+    def record(self, kind: str, subject: str, data: dict, tx: str | None = None, manifest=None):
+        """Append one event in its own SQLite transaction, under apt-layer
+        transaction ``tx`` (a fresh id if None); an event the projection
+        refuses is a Conflict."""
         try:
             return self.journal.append(kind, subject, data, tx or new_tx_id(), manifest=manifest)
         except ProjectionError as e:
@@ -247,7 +250,7 @@ class Store:
             implicit = tx is None
             txid = tx or new_tx_id()
             if implicit:
-                self._append("tx.begun", txid, {"explicit": False, "boot_id": self.boot_id,
+                self.record("tx.begun", txid, {"explicit": False, "boot_id": self.boot_id,
                                                  "op": "create", "name": name}, txid)
             fault("create.after-begin")
             staging = self.staging_path(txid)
@@ -262,7 +265,7 @@ class Store:
             data = {"digest": digest, "size": size, "staged": str(staged.relative_to(self.root)),
                     "source": os.path.abspath(source), "objects": len(manifest)}
             if not implicit:
-                self._append("image.staged", name, data, txid, manifest=manifest)
+                self.record("image.staged", name, data, txid, manifest=manifest)
                 fault("create.after-stage")
                 return self._created_info(name, data, txid, stats, staged=True)
             try:
@@ -276,7 +279,7 @@ class Store:
             fault("create.after-commit")
             self.place_image(name, staged)
             fault("create.after-place")
-            self._clear_staging(txid)
+            self.clear_staging(txid)
             return self._created_info(name, data, txid, stats, staged=False)
 
     def _created_info(self, name, data, txid, stats, staged) -> dict:
@@ -413,7 +416,7 @@ class Store:
             fsops.fsync_dir(str(self.deploy_dir))
         return changed
 
-    def _clear_staging(self, tx: str) -> None:
+    def clear_staging(self, tx: str) -> None:
         for path in self.staging_dir.glob(f"*-{tx}"):
             fsops.remove_tree(str(path))
         fsops.fsync_dir(str(self.staging_dir))
@@ -426,14 +429,14 @@ class Store:
         if self.journal.transaction_state(tx) == "open":
             data = {"reason": reason[:500]}
             try:
-                self._append("tx.aborted", tx, data, tx)
+                self.record("tx.aborted", tx, data, tx)
             except sqlite3.OperationalError as e:
                 if not getattr(e, "sqlite_errorname", "").startswith("SQLITE_FULL"):
                     raise
-                self._clear_staging(tx)
-                self._append("tx.aborted", tx, data, tx)
+                self.clear_staging(tx)
+                self.record("tx.aborted", tx, data, tx)
         fault("abort.after-event")
-        self._clear_staging(tx)
+        self.clear_staging(tx)
 
     def apply_effects(self, events) -> None:
         """Carry out the file effects of committed events (in order)."""
@@ -460,7 +463,7 @@ class Store:
             self._in_use(name)
             if tx is not None:
                 self._open_tx(tx)
-                self._append("delete.staged", name, {"digest": image["digest"]}, tx)
+                self.record("delete.staged", name, {"digest": image["digest"]}, tx)
                 fault("delete.after-stage")
                 return {"name": name, "digest": image["digest"], "tx": tx, "staged": True}
             # Checked again inside the write transaction: a deploy or mount
@@ -501,7 +504,7 @@ class Store:
                 staged = [op for op in self.journal.staged_ops(tx)
                           if op["op"] == "create" and op["name"] == name and op["effective_seq"] is None]
                 digest = staged[-1]["digest"] if staged else self._live(name)["digest"]
-                self._append("deploy.staged", name, {"digest": digest}, tx)
+                self.record("deploy.staged", name, {"digest": digest}, tx)
                 fault("deploy.after-stage")
                 return {"current": name, "digest": digest, "tx": tx, "staged": True}
             image = self._live(name)
@@ -532,7 +535,7 @@ class Store:
     def tx_begin(self) -> str:
         txid = new_tx_id()
         with self.writing():
-            self._append("tx.begun", txid, {"explicit": True, "boot_id": self.boot_id}, txid)
+            self.record("tx.begun", txid, {"explicit": True, "boot_id": self.boot_id}, txid)
         return txid
 
     def tx_commit(self, tx: str) -> dict:
@@ -548,7 +551,7 @@ class Store:
             fault("commit.after-commit")
             self.apply_effects(events)
             fault("commit.after-effects")
-            self._clear_staging(tx)
+            self.clear_staging(tx)
             ops = [e for e in events if e.kind != "tx.committed"]
             return {"tx": tx, "ops": [{"kind": e.kind, "subject": e.subject} for e in ops]}
 
@@ -653,7 +656,7 @@ class Store:
             # mount, its objects must already be protected from gc. A mount
             # that then fails is recorded as undone; one that never happened
             # because we were killed is marked lost by the next recovery.
-            event = self._append("mounted", name, {"mountpoint": target, "digest": image["digest"],
+            event = self.record("mounted", name, {"mountpoint": target, "digest": image["digest"],
                                                    "boot_id": self.boot_id, "writable": upperdir is not None,
                                                    "backend": backend})
             fault("mount.after-event")
@@ -661,7 +664,7 @@ class Store:
                 do_mount(str(path), target, [str(self.objects_dir), *basedirs], upperdir=upperdir,
                          workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
             except BaseException as e:
-                self._append("unmounted", name, {"mountpoint": target,
+                self.record("unmounted", name, {"mountpoint": target,
                                                  "reason": f"mount failed: {e}"[:500]}, event.tx)
                 if isinstance(e, cfsmount.MountError):
                     raise _mount_error(e) from None
@@ -685,7 +688,7 @@ class Store:
                 raise errors.NotFound(f"{target} is not mounted")
             fault("unmount.after-kernel")
             if row is not None:
-                self._append("unmounted", row[0], {"mountpoint": target})
+                self.record("unmounted", row[0], {"mountpoint": target})
         return {"mountpoint": target, "image": row[0] if row else None}
 
     def mounts(self) -> list[dict]:
