@@ -255,7 +255,8 @@ class Store:
             fault("create.after-begin")
             staging = self.staging_path(txid)
             try:
-                staged, digest, size, manifest, stats = self._build(source, name, staging, options, progress)
+                staged, digest, size, manifest, stats, reused = self._build(
+                    source, name, staging, options, progress)
             except BaseException as e:
                 if implicit:
                     self._abort(txid, reason=str(e) or type(e).__name__)
@@ -264,6 +265,8 @@ class Store:
                 raise
             data = {"digest": digest, "size": size, "staged": str(staged.relative_to(self.root)),
                     "source": os.path.abspath(source), "objects": len(manifest)}
+            if reused is not None:
+                data["reused"] = reused
             if not implicit:
                 self.record("image.staged", name, data, txid, manifest=manifest)
                 fault("create.after-stage")
@@ -284,7 +287,7 @@ class Store:
 
     def _created_info(self, name, data, txid, stats, staged) -> dict:
         info = {"name": name, "digest": data["digest"], "size": data["size"],
-                "objects": data["objects"], "tx": txid, "staged": staged}
+                "objects": data["objects"], "tx": txid, "staged": staged, "reused": data.get("reused")}
         if stats is not None:
             info.update(files=stats.files, bytes=stats.bytes,
                         objects_created=stats.objects_created, objects_deduped=stats.objects_deduped)
@@ -292,9 +295,7 @@ class Store:
 
     def _build(self, source, name, staging: Path, options: CreateOptions, progress):
         """Objects into the store, image into staging; returns what the event records."""
-        from .composefs import build, upstream
-        from .composefs.digestcache import DigestCache
-        from .composefs.objectstore import ObjectStore
+        from .composefs import upstream
 
         if not staging.is_dir():
             fsops.mkdir(str(staging), 0o755)
@@ -304,34 +305,97 @@ class Store:
         backend = options.backend
         if backend == "auto":
             backend = "upstream" if upstream.find_tool("mkcomposefs") else "python"
-        stats = None
+        stats = reused = None
         try:
             if backend == "upstream":
-                root = self._build_upstream(source, staged, options)
-                image = staged.read_bytes()
                 from .composefs import fsverity
 
-                digest = fsverity.digest_bytes(image)
+                root = self._build_upstream(source, staged, options)
+                image = staged.read_bytes()
+                size, digest, manifest = len(image), fsverity.digest_bytes(image), manifest_of(root)
             else:
-                store = ObjectStore(self.objects_dir, batch=True)
-                cache = None if options.from_file else DigestCache(self.root / "cache" / "digests")
-                root, stats = build.load_tree(
-                    source, from_file=options.from_file, store=store, use_epoch=options.use_epoch,
-                    skip_devices=options.skip_devices, skip_xattrs=options.skip_xattrs,
-                    user_xattrs=options.user_xattrs, threads=options.threads, progress=progress,
-                    cache=cache)
-                store.sync()
-                fault("create.after-objects")
-                image, digest = build.render(root, min_version=options.min_version,
-                                             max_version=options.max_version)
-                build.write_file_atomic(staged, image)
-        except build.BuildError as e:
+                size, digest, manifest, stats, reused = self._build_python(source, staged, options, progress)
+        except Exception as e:
+            from .composefs.build import BuildError  # not before: an unchanged tree never needs it
+
+            if not isinstance(e, BuildError):
+                raise
             cause = _os_error_behind(e)
             if cause is not None and cause.errno in _STORE_ERRNOS:
                 raise _map_os_error(cause, f"creating image {name!r}") from None
             raise errors.InvalidInput(str(e)) from None
         fault("create.after-image")
-        return staged, digest.hex(), len(image), manifest_of(root), stats
+        return staged, digest.hex(), size, manifest, stats, reused
+
+    def _build_python(self, source, staged: Path, options: CreateOptions, progress):
+        """The pure-Python build: (size, digest, manifest, stats, reused image or None).
+
+        An unchanged tree is recognised before it is read: ``cache/trees``
+        remembers the image each tree fingerprint (plus the version options)
+        gave, and when a fingerprint taken with ``lstat`` alone comes back,
+        a live image with that digest is copied instead of scanning and
+        rendering again, provided its bytes still hash to that digest.  Its
+        manifest is the one the journal holds for that digest, and its
+        objects are present as those of any live image are.
+        """
+        from .composefs.digestcache import DigestCache, TreeResults
+        from .composefs.scan import ScanStats, fingerprint
+
+        trees = cache = None
+        versions = f"v{options.min_version}-{options.max_version}".encode()
+        if not options.from_file:
+            trees = TreeResults(self.root / "cache" / "trees")
+            fp = fingerprint(source, trees.loaded_ns - trees.settle_ns, use_epoch=options.use_epoch,
+                             skip_xattrs=options.skip_xattrs, user_xattrs=options.user_xattrs,
+                             skip_devices=options.skip_devices)
+            known = trees.recall(fp + versions) if fp is not None else None
+            copied = self._copy_live_image(known[0], staged) if _is_tree_result(known) else None
+            if copied is not None:
+                fault("create.after-objects")
+                name, size = copied
+                digest, entries, files, nbytes, external = known
+                stats = ScanStats(entries=entries, files=files, bytes=nbytes, external=external,
+                                  objects_created=0, objects_deduped=external)
+                return size, digest, self.journal.manifest(digest.hex()), stats, name
+            cache = DigestCache(self.root / "cache" / "digests")
+        from .composefs import build
+        from .composefs.objectstore import ObjectStore
+
+        # No refreshing of dedupe hits: gc cannot run while this writer holds the lock.
+        store = ObjectStore(self.objects_dir, batch=True, refresh_hits=False)
+        root, stats, fp = build.load_tree(
+            source, from_file=options.from_file, store=store, use_epoch=options.use_epoch,
+            skip_devices=options.skip_devices, skip_xattrs=options.skip_xattrs,
+            user_xattrs=options.user_xattrs, threads=options.threads, progress=progress, cache=cache)
+        store.sync()
+        fault("create.after-objects")
+        image, digest = build.render(root, min_version=options.min_version, max_version=options.max_version)
+        fsops.write_file_atomic(staged, image)
+        if cache is not None and trees is not None:
+            cache.save()
+            if fp is not None:
+                trees.remember(fp + versions, (digest, stats.entries, stats.files, stats.bytes,
+                                                  stats.external))
+                trees.save()
+        return len(image), digest, manifest_of(root), stats, None
+
+    def _copy_live_image(self, digest: bytes, staged: Path) -> tuple[str, int] | None:
+        """Write a live image recorded with ``digest`` to ``staged`` if one still hashes to it.
+
+        Returns the image's name and size, or None.
+        """
+        from .composefs import fsverity
+
+        for (name,) in self.journal.conn.execute(
+                "SELECT name FROM images WHERE digest = ? ORDER BY name", (digest.hex(),)):
+            try:
+                image = self.image_path(name).read_bytes()
+            except OSError:
+                continue
+            if fsverity.digest_bytes(image) == digest:
+                fsops.write_file_atomic(staged, image)
+                return name, len(image)
+        return None
 
     def _build_upstream(self, source, staged: Path, options: CreateOptions):
         """Run the upstream mkcomposefs; its output is read back for the manifest."""
@@ -708,6 +772,12 @@ def _mount_error(e: OSError) -> errors.AptLayerError:
     if e.errno in (errno.EBUSY, errno.EEXIST):
         return errors.Conflict(message)
     return errors.AptLayerError(message)
+
+
+def _is_tree_result(value) -> bool:
+    """Whether a remembered tree result has the shape ``_build_python`` stores (the file is only a cache)."""
+    return (isinstance(value, tuple) and len(value) == 5 and isinstance(value[0], bytes)
+            and len(value[0]) == 32 and all(isinstance(v, int) for v in value[1:]))
 
 
 def manifest_of(root) -> list[tuple[str, int]]:

@@ -1,8 +1,8 @@
-"""The digest cache: unchanged files are not read, and the cache is never trusted blindly.
+"""The digest cache: unchanged entries are not read, and the cache is never trusted blindly.
 
 Real files throughout.  A hit is proved to skip reading by planting a wrong
-digest for a file's exact stat key: if the scan read the file it would
-compute the right one.
+value (digest, xattrs, symlink target, inline content) for an entry's exact
+key: had the scan read the entry it would have found the right one.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 
 from aptlayer.composefs import fsverity, reader
 from aptlayer.composefs.build import render
-from aptlayer.composefs.digestcache import DigestCache
+from aptlayer.composefs.digestcache import DigestCache, key_of
 from aptlayer.composefs.objectstore import ObjectStore
-from aptlayer.composefs.scan import scan
+from aptlayer.composefs.scan import fingerprint, scan
 from aptlayer.store import CreateOptions, Store
 
 FAKE = bytes(range(32))
@@ -30,6 +30,7 @@ def make_tree(root: Path, n: int = 40) -> Path:
         (root / "sub" / f"same{i:02}").write_bytes(b"shared content\n" * 20)
         (root / "sub" / f"tiny{i:02}").write_bytes(b"x" * (i % 60))
     os.symlink("f00", root / "link")
+    os.setxattr(root / "f01", "user.label", b"one")
     return root
 
 
@@ -37,8 +38,8 @@ def digests(root) -> dict[bytes, bytes]:
     return {p: n.digest for p, n in root.walk() if n.digest is not None}
 
 
-def image(source: Path, **kw) -> bytes:
-    return render(scan(source, **kw).root)[0]
+def nodes(root) -> dict[bytes, object]:
+    return dict(root.walk())
 
 
 @pytest.fixture
@@ -51,30 +52,61 @@ def cache_at(tmp_path: Path) -> DigestCache:
     return DigestCache(tmp_path / "cache" / "digests", settle_ns=0)
 
 
-def test_round_trip(tree: Path, tmp_path: Path) -> None:
-    first = scan(tree, cache=cache_at(tmp_path))
+def cached_scan(source: Path, tmp_path: Path, **kw):
+    """Scan with the cache at ``tmp_path`` and save it, as the Store does."""
     cache = cache_at(tmp_path)
-    assert len(cache) == first.stats.external == 80
-    assert cache.get(os.lstat(tree / "f05")) == fsverity.digest_file(tree / "f05")
-
-
-def test_hit_skips_reading(tree: Path, tmp_path: Path) -> None:
-    cache = cache_at(tmp_path)
-    cache.put(os.lstat(tree / "f07"), FAKE)
+    result = scan(source, cache=cache, **kw)
     cache.save()
-    got = digests(scan(tree, cache=cache_at(tmp_path)).root)
+    return result
+
+
+def plant(tmp_path: Path, path: Path, digest=None, xattrs=(), data=None) -> None:
+    cache = cache_at(tmp_path)
+    cache.put(os.lstat(path), (digest, xattrs, data))
+    cache.save()
+
+
+def test_round_trip_keeps_every_entry(tree: Path, tmp_path: Path) -> None:
+    first = cached_scan(tree, tmp_path)
+    cache = cache_at(tmp_path)
+    assert len(cache) == first.stats.entries == 123
+    digest, xattrs, data = cache.get(key_of(os.lstat(tree / "f05")))
+    assert digest == fsverity.digest_file(tree / "f05") and xattrs == () and data is None
+    assert cache.get(key_of(os.lstat(tree / "f01")))[1] == ((b"user.label", b"one"),)
+    assert cache.get(key_of(os.lstat(tree / "link")))[2] == b"f00"
+    assert cache.get(key_of(os.lstat(tree / "sub" / "tiny07")))[2] == b"x" * 7
+
+
+def test_digest_hit_skips_reading(tree: Path, tmp_path: Path) -> None:
+    plant(tmp_path, tree / "f07", digest=FAKE)
+    got = digests(cached_scan(tree, tmp_path).root)
     assert got[b"/f07"] == FAKE  # taken from the cache: the file was not read
     assert got[b"/f08"] == fsverity.digest_file(tree / "f08")
 
 
+@pytest.mark.parametrize("what", ["xattrs", "symlink", "inline"])
+def test_other_hits_skip_reading(tree: Path, tmp_path: Path, what: str) -> None:
+    path, entry, check = {
+        "xattrs": (tree / "f02", (None, ((b"user.planted", b"p"),), None),
+                   lambda n: n.xattrs == {b"user.planted": b"p"}),
+        "symlink": (tree / "link", (None, (), b"elsewhere"), lambda n: n.payload == b"elsewhere"),
+        "inline": (tree / "sub" / "tiny09", (None, (), b"y" * 9), lambda n: n.content == b"y" * 9),
+    }[what]
+    if what == "xattrs":  # the digest is needed too, or the file is read again
+        entry = (fsverity.digest_file(path), *entry[1:])
+    plant(tmp_path, path, *entry)
+    got = nodes(cached_scan(tree, tmp_path).root)
+    assert check(got[b"/" + str(path.relative_to(tree)).encode()])
+
+
 def test_hit_whose_object_is_missing_is_reimported(tree: Path, tmp_path: Path) -> None:
     store = ObjectStore(tmp_path / "store", batch=True)
-    scan(tree, store=store, cache=cache_at(tmp_path))
+    cached_scan(tree, tmp_path, store=store)
     store.sync()
     lost = ObjectStore(tmp_path / "store").path_of(fsverity.digest_file(tree / "f09"))
     os.unlink(lost)
     store = ObjectStore(tmp_path / "store", batch=True)
-    again = scan(tree, store=store, cache=cache_at(tmp_path))
+    again = cached_scan(tree, tmp_path, store=store)
     store.sync()
     assert (again.stats.objects_created, again.stats.objects_deduped) == (1, 79)
     assert Path(lost).read_bytes() == (tree / "f09").read_bytes()
@@ -82,19 +114,17 @@ def test_hit_whose_object_is_missing_is_reimported(tree: Path, tmp_path: Path) -
 
 def test_wrong_entry_with_missing_object_is_corrected(tree: Path, tmp_path: Path) -> None:
     """A hit is checked against the store; a re-import hashes the file and the computed digest wins."""
-    cache = cache_at(tmp_path)
-    cache.put(os.lstat(tree / "f07"), FAKE)
-    cache.save()
+    plant(tmp_path, tree / "f07", digest=FAKE)
     store = ObjectStore(tmp_path / "store", batch=True)
-    got = digests(scan(tree, store=store, cache=cache_at(tmp_path)).root)
+    got = digests(cached_scan(tree, tmp_path, store=store).root)
     store.sync()
     real = fsverity.digest_file(tree / "f07")
     assert got[b"/f07"] == real and store.has(real)
-    assert cache_at(tmp_path).get(os.lstat(tree / "f07")) == real
+    assert cache_at(tmp_path).get(key_of(os.lstat(tree / "f07")))[0] == real
 
 
 def test_changed_ctime_misses(tree: Path, tmp_path: Path) -> None:
-    scan(tree, cache=cache_at(tmp_path))
+    cached_scan(tree, tmp_path)
     path = tree / "f11"
     before = os.lstat(path)
     new = os.urandom(before.st_size)
@@ -103,8 +133,14 @@ def test_changed_ctime_misses(tree: Path, tmp_path: Path) -> None:
     after = os.lstat(path)
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     assert after.st_ctime_ns != before.st_ctime_ns
-    got = digests(scan(tree, cache=cache_at(tmp_path)).root)
+    got = digests(cached_scan(tree, tmp_path).root)
     assert got[b"/f11"] == fsverity.digest_bytes(new)
+
+
+def test_changed_xattr_is_seen(tree: Path, tmp_path: Path) -> None:
+    cached_scan(tree, tmp_path)
+    os.setxattr(tree / "f01", "user.label", b"two")
+    assert nodes(cached_scan(tree, tmp_path).root)[b"/f01"].xattrs == {b"user.label": b"two"}
 
 
 def test_racy_entries_are_not_saved(tmp_path: Path) -> None:
@@ -115,15 +151,16 @@ def test_racy_entries_are_not_saved(tmp_path: Path) -> None:
     time.sleep(0.05)
     cache = DigestCache(tmp_path / "digests", settle_ns=20_000_000)
     (src / "new").write_bytes(b"n" * 100)
-    scan(src, cache=cache)
+    assert scan(src, cache=cache).fingerprint is None
+    cache.save()
     saved = DigestCache(tmp_path / "digests")
-    assert saved.get(os.lstat(src / "old")) is not None
-    assert saved.get(os.lstat(src / "new")) is None
+    assert saved.get(key_of(os.lstat(src / "old"))) is not None
+    assert saved.get(key_of(os.lstat(src / "new"))) is None
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
 def test_damaged_cache_is_ignored_and_rebuilt(tree: Path, tmp_path: Path, damage: str) -> None:
-    scan(tree, cache=cache_at(tmp_path))
+    cached_scan(tree, tmp_path)
     path = tmp_path / "cache" / "digests"
     data = bytearray(path.read_bytes())
     if damage == "truncate":
@@ -136,27 +173,90 @@ def test_damaged_cache_is_ignored_and_rebuilt(tree: Path, tmp_path: Path, damage
         data = bytearray()
     path.write_bytes(bytes(data))
     assert len(cache_at(tmp_path)) == 0
-    got = digests(scan(tree, cache=cache_at(tmp_path)).root)
+    got = digests(cached_scan(tree, tmp_path).root)
     assert got == digests(scan(tree).root)
-    assert len(cache_at(tmp_path)) == 80
+    assert len(cache_at(tmp_path)) == 123
 
 
-def test_only_the_files_of_the_last_scan_are_kept(tree: Path, tmp_path: Path) -> None:
-    scan(tree, cache=cache_at(tmp_path))
+def test_only_the_entries_of_the_last_scan_are_kept(tree: Path, tmp_path: Path) -> None:
+    cached_scan(tree, tmp_path)
     gone = os.lstat(tree / "f03")
     os.unlink(tree / "f03")
-    scan(tree, cache=cache_at(tmp_path))
+    cached_scan(tree, tmp_path)
     cache = cache_at(tmp_path)
-    assert len(cache) == 79 and cache.get(gone) is None
+    assert len(cache) == 122 and cache.get(key_of(gone)) is None
 
 
 def test_images_identical_with_and_without_cache_and_threads(tree: Path, tmp_path: Path) -> None:
-    plain = image(tree)
-    for n, threads in enumerate((1, 4, 2, 1)):  # cold cache, then warm
+    plain = render(scan(tree).root)[0]
+    for threads in (1, 4, 2, 1):  # cold cache, then warm
         store = ObjectStore(tmp_path / f"store{threads}", batch=True)
-        assert image(tree, store=store, cache=cache_at(tmp_path), threads=threads) == plain
+        assert render(cached_scan(tree, tmp_path, store=store, threads=threads).root)[0] == plain
         store.sync()
-    assert image(tree, threads=3) == plain
+    assert render(scan(tree, threads=3).root)[0] == plain
+
+
+def test_xattr_options_with_a_shared_cache(tree: Path, tmp_path: Path) -> None:
+    """What one option set cached never leaks into another's tree."""
+    os.setxattr(tree / "f04", "trusted.other", b"t")
+    want = {tuple(o): render(scan(tree, **o).root)[0] for o in ({}, {"user_xattrs": True}, {"skip_xattrs": True})}
+    for order in (("skip", "all", "user"), ("user", "skip", "all"), ("all", "user", "skip")):
+        (tmp_path / "cache" / "digests").unlink(missing_ok=True)
+        for name in order:
+            opt = {"all": {}, "user": {"user_xattrs": True}, "skip": {"skip_xattrs": True}}[name]
+            assert render(cached_scan(tree, tmp_path, **opt).root)[0] == want[tuple(opt)], (order, name)
+
+
+def test_fingerprint_names_the_tree(tree: Path, tmp_path: Path) -> None:
+    """Every kind of change gives a new fingerprint, and lstat alone gives the scan's value."""
+    fp = cached_scan(tree, tmp_path).fingerprint
+    assert fp is not None and cached_scan(tree, tmp_path).fingerprint == fp
+    assert fingerprint(tree, time.time_ns()) == fp
+    assert cached_scan(tree, tmp_path, use_epoch=True).fingerprint != fp
+    assert fingerprint(tree, time.time_ns(), use_epoch=True) == cached_scan(tree, tmp_path, use_epoch=True).fingerprint
+    assert fingerprint(tree, os.lstat(tree / "f09").st_ctime_ns) is None  # f09 has not settled by then
+    seen = {fp}
+    for change in (
+        lambda: (tree / "f05").write_bytes(b"new content" * 20),
+        lambda: os.chmod(tree / "f06", 0o600),
+        lambda: os.setxattr(tree / "sub", "user.x", b"1"),
+        lambda: os.rename(tree / "f07", tree / "f07b"),
+        lambda: (tree / "sub" / "added").write_bytes(b""),
+        lambda: os.unlink(tree / "sub" / "tiny03"),
+        lambda: os.utime(tree / "f08", ns=(0, 0)),
+    ):
+        time.sleep(0.01)
+        change()
+        fp = cached_scan(tree, tmp_path).fingerprint
+        assert fp is not None and fp not in seen
+        assert fingerprint(tree, time.time_ns()) == fp
+        seen.add(fp)
+
+
+def test_store_reuses_the_image_of_an_unchanged_tree(tmp_path: Path) -> None:
+    """Same fingerprint: the live image with the remembered digest is copied, once its bytes check out."""
+    src = make_tree(tmp_path / "src", n=10)
+    time.sleep(2.1)  # past the cache's settling time, so the tree gets a fingerprint
+    store = Store.open(tmp_path / "root")
+    try:
+        opts = CreateOptions(backend="python")
+        first = store.create(str(src), "one", opts)
+        assert first["reused"] is None
+        second = store.create(str(src), "two", opts)
+        assert second["reused"] == "one" and second["digest"] == first["digest"]
+        good = store.image_path("one").read_bytes()
+        assert store.image_path("two").read_bytes() == good
+        # A live image whose bytes no longer match is not copied: the tree is rendered again.
+        store.delete("one")
+        store.image_path("two").write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+        third = store.create(str(src), "three", opts)
+        assert third["reused"] is None and third["digest"] == first["digest"]
+        assert store.image_path("three").read_bytes() == good
+        # A different version option is a different image: not the remembered one.
+        fourth = store.create(str(src), "four", CreateOptions(backend="python", min_version=1))
+        assert fourth["reused"] is None and fourth["digest"] != first["digest"]
+    finally:
+        store.close()
 
 
 def test_store_create_uses_the_cache(tmp_path: Path) -> None:
@@ -167,7 +267,7 @@ def test_store_create_uses_the_cache(tmp_path: Path) -> None:
         opts = CreateOptions(backend="python", threads=2)
         first = store.create(str(src), "one", opts)
         planted = DigestCache(tmp_path / "root" / "cache" / "digests", settle_ns=0)
-        planted.put(os.lstat(src / "f04"), FAKE)
+        planted.put(os.lstat(src / "f04"), (FAKE, (), None))
         planted.save()
         fake_object = Path(ObjectStore(store.objects_dir).path_of(FAKE))
         fake_object.parent.mkdir(exist_ok=True)

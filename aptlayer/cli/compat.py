@@ -133,7 +133,7 @@ def mkcomposefs_main(argv: list[str]) -> int:
     min_version = min_version or 0
     max_version = max(max_version or 0, min_version)
 
-    from ..composefs import build
+    from ..composefs import build, fsops
 
     try:
         built = build.make_image(
@@ -146,7 +146,7 @@ def mkcomposefs_main(argv: list[str]) -> int:
             sys.stdout.buffer.write(built.image)
             sys.stdout.buffer.flush()
         elif dst is not None:
-            build.write_file_atomic(dst, built.image)
+            fsops.write_file_atomic(dst, built.image)
     except build.BuildError as e:
         raise Fail(_err("mkcomposefs", str(e))) from None
     except OSError as e:

@@ -75,6 +75,12 @@ def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, u
     becomes visible only when its event is committed: a crash leaves
     nothing half-made.
 
+    Rebuilding from nearly the same tree is fast: entries whose lstat is
+    unchanged are not read again (ROOT/cache/digests), and a tree in which
+    nothing changed reuses the bytes of the live image it gave last time
+    (ROOT/cache/trees), once they are checked against its digest. Entries
+    changed less than 2 s before a build are read again the next time.
+
     \b
     Example:
       apt-layer image create /srv/rootfs base
@@ -98,8 +104,9 @@ def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, u
         print_json(result)
     else:
         where = f" (staged in transaction {result['tx']})" if result["staged"] else ""
+        same = f", tree unchanged since image {result['reused']}" if result["reused"] else ""
         click.echo(f"{result['name']}  {result['digest']}  {human_bytes(result['size'])}, "
-                   f"{result['objects']} objects{where}")
+                   f"{result['objects']} objects{same}{where}")
 
 
 @image.command("list")

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import fsops, fsverity
+from . import fsverity
 from .digestcache import DigestCache
 from .dumpfile import DumpError, parse_dump
 from .objectstore import ObjectStore, ObjectStoreError
@@ -58,14 +58,16 @@ def load_tree(
     strict: bool = False,
     progress: Callable[[ScanStats], None] | None = None,
     cache: DigestCache | None = None,
-) -> tuple[Node, ScanStats | None]:
+) -> tuple[Node, ScanStats | None, bytes | None]:
     """The tree of a directory (importing external files into ``store``) or of a dump.
 
-    ``cache`` (directories only) spares re-reading unchanged files; see :mod:`.digestcache`.
+    Also returns the scan's stats and the tree's fingerprint (both None for
+    a dump).  ``cache`` (directories only) spares re-reading unchanged
+    entries and yields the fingerprint; see :mod:`.scan`.  The caller saves it.
     """
     if from_file:
         try:
-            return parse_dump(_read_dump(src), strict=strict), None
+            return parse_dump(_read_dump(src), strict=strict), None, None
         except DumpError as e:
             raise BuildError(f"{'<stdin>' if src == '-' else src}: {e}") from None
     if skip_xattrs and user_xattrs:
@@ -82,7 +84,7 @@ def load_tree(
         raise BuildError(f"{os.path.join(src, os.fsdecode(e.path).lstrip('/'))}: {e.reason}") from None
     except ObjectStoreError as e:
         raise BuildError(f"digest store: {e}") from None
-    return result.root, result.stats
+    return result
 
 
 def render(root: Node, *, min_version: int = 0, max_version: int = 1) -> tuple[bytes, bytes]:
@@ -108,38 +110,8 @@ def make_image(
     As upstream, ``digest_store`` is ignored for a dump source.
     """
     store = ObjectStore(digest_store, batch=True) if digest_store and not from_file else None
-    root, stats = load_tree(src, from_file=from_file, store=store, **options)
+    root, stats, _ = load_tree(src, from_file=from_file, store=store, **options)
     if store is not None:
         store.sync()
     image, digest = render(root, min_version=min_version, max_version=max_version)
     return Built(image, digest, root, stats)
-
-
-def write_file_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
-    """Write ``path`` so that it is either absent/old or complete: never half-written.
-
-    A temp file next to it is filled, fsynced and renamed over it; the
-    directory is then fsynced so the new name survives a power loss.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    fd = fsops.create(tmp, mode)
-    try:
-        view = memoryview(data)
-        offset = 0
-        while offset < len(view):
-            offset += fsops.write(fd, view[offset:], offset)
-        fsops.fchmod(fd, mode)
-        fsops.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp)
-        raise
-    os.close(fd)
-    try:
-        fsops.rename(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    fsops.fsync_dir(directory)

@@ -1,9 +1,13 @@
-"""A cache of fs-verity digests, so an unchanged source file is not read again.
+"""A cache of what a scan read from each source entry, so an unchanged one is not read again.
 
-Keyed by what ``lstat`` says of the file: device, inode, size, mtime and
-ctime (in ns).  Any write to a file, and any chmod, rename or xattr change,
-moves its ctime, and no user can set a ctime back, so the same key means
-the same content.  Two limits of that rule are handled here:
+Keyed by what ``lstat`` says of the entry: device, inode, mode, uid, gid,
+nlink, rdev, size, mtime and ctime (in ns).  Any write to a file, and any
+chmod, chown, rename, link or xattr change, moves its ctime, and no user can
+set a ctime back, so the same key means the same content.  An entry holds
+what the scanner would otherwise read: the fs-verity digest of an external
+file, the xattrs, and a symlink's target or a small file's inline content.
+
+Two limits of that rule are handled here:
 
 * timestamps come from a coarse clock, so a file changed twice within one
   tick keeps its ctime: an entry whose ctime is within ``settle_ns`` of the
@@ -13,42 +17,60 @@ the same content.  Two limits of that rule are handled here:
   that a hit's object is there, and imports the file again (reading and
   hashing it) when it is not.
 
-The file (``cache/digests`` in the store root) is a header, then fixed-size
-records sorted by key, then a SHA-256 of everything before it.  A file that
-is missing, truncated or fails its checksum is ignored: the cache starts
-empty and is rewritten.  It is replaced atomically (temp file, rename) after
-a successful scan and holds only the files that scan saw; it is not
-fsynced, since losing it costs time, never correctness (a torn file fails
-its checksum).
+Beside it, :class:`TreeResults` remembers what recent whole trees gave: a
+scan fingerprints every key it saw (see :mod:`.scan`), and a caller may
+:meth:`~TreeResults.remember` what it made of that tree (an image digest)
+to :meth:`~TreeResults.recall` it when the same fingerprint comes back.
+What a recalled result names must still be checked by the caller; the file
+only says which result to check.  It is small and separate, so that a
+caller can ask it before loading the entries.
+
+Both files (``cache/digests`` and ``cache/trees`` in the store root) are a
+magic line, a ``marshal`` blob and a SHA-256 of both.  A file that is
+missing, truncated or fails its checksum is ignored: the cache starts empty
+and is rewritten.  It is replaced atomically (temp file, rename), and the
+entries file holds only the entries the last scan saw; neither is fsynced,
+since losing them costs time, never correctness (a torn file fails its
+checksum).
 """
 
 from __future__ import annotations
 
 import hashlib
+import marshal
 import os
 import secrets
 import struct
 import time
-
 from aptlayer.composefs import fsops
-from aptlayer.composefs.fsverity import DIGEST_SIZE, RawDigest
+from aptlayer.composefs.fsverity import RawDigest
 
-MAGIC = b"apt-layer digest cache 1\n"
-_KEY = struct.Struct("<QQQqq")
-_RECORD = _KEY.size + DIGEST_SIZE
+MAGIC = b"apt-layer entry cache 2\n"
+TREES_MAGIC = b"apt-layer tree results 1\n"
+_KEY = struct.Struct("<QQIIIQQQqq")
 #: entries changed this recently (ns) before the cache was loaded are not saved
 SETTLE_NS = 2_000_000_000
+#: tree results kept (the most recently remembered)
+MAX_TREES = 32
 
 Key = bytes
 
 
+#: What a scan read from one source entry, as a plain tuple (it is stored with marshal):
+#: (fs-verity digest of an external regular file or None,
+#:  sorted (name, value) xattr pairs or None if the scan did not read them,
+#:  a symlink's target or a small regular file's content, or None)
+Entry = tuple[RawDigest | None, tuple[tuple[bytes, bytes], ...] | None, bytes | None]
+
+
 def key_of(st: os.stat_result) -> Key:
-    """The cache key of a file's ``stat`` result."""
-    return _KEY.pack(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    """The cache key of an entry's ``lstat`` result: everything a scan takes from it."""
+    return _KEY.pack(st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_nlink,
+                     st.st_rdev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class DigestCache:
-    """Digests by file identity; :meth:`get` during a scan, :meth:`put` what was hashed, then :meth:`save`.
+    """Entries by file identity: :meth:`get` during a scan, :meth:`put` what was read, then :meth:`save`.
 
     Safe to share between a scan's threads (each call is one dict operation).
     """
@@ -56,71 +78,113 @@ class DigestCache:
     def __init__(self, path: str | os.PathLike[str], *, settle_ns: int = SETTLE_NS) -> None:
         self.path = os.fspath(path)
         self.settle_ns = settle_ns
-        #: time of the load: ctimes from then on (less settle_ns) are too fresh to save
+        #: time of the load: ctimes from then on (less settle_ns) are too fresh to trust
         self.loaded_ns = time.time_ns()
-        self._old = _read(self.path)
-        self._new: dict[Key, RawDigest] = {}
+        self._old = _read(self.path, MAGIC)
+        self._new: dict[Key, Entry] = {}
 
     def __len__(self) -> int:
         return len(self._old)
 
-    def get(self, st: os.stat_result) -> RawDigest | None:
-        """The digest recorded for this exact file state, or None; a hit is kept for the next save."""
-        key = key_of(st)
-        digest = self._old.get(key)
-        if digest is not None:
-            self._new[key] = digest
-        return digest
+    def settled(self, st: os.stat_result) -> bool:
+        """Whether the entry last changed long enough before the load to be trusted later."""
+        return st.st_ctime_ns < self.loaded_ns - self.settle_ns
 
-    def put(self, st: os.stat_result, digest: RawDigest) -> None:
-        """Record the digest of the content read from a file whose ``fstat`` was ``st``."""
-        if st.st_ctime_ns < self.loaded_ns - self.settle_ns:
-            self._new[key_of(st)] = digest
+    def get(self, key: Key) -> Entry | None:
+        """The entry recorded for this exact key, or None; a hit is kept for the next save."""
+        entry = self._old.get(key)
+        if entry is not None:
+            self._new[key] = entry
+        return entry
+
+    def put(self, st: os.stat_result, entry: Entry) -> None:
+        """Record what was read from an entry whose ``lstat`` (or ``fstat``) was ``st``."""
+        if self.settled(st):
+            self._new[key_of(st)] = entry
 
     def save(self) -> None:
         """Replace the file with the entries seen since the load (unless they are the same)."""
         if self._new == self._old:
             return
-        directory = os.path.dirname(self.path)
-        try:
-            fsops.mkdir(directory, 0o755)
-        except FileExistsError:
-            pass
-        body = bytearray(MAGIC)
-        body += struct.pack("<Q", len(self._new))
-        for key in sorted(self._new):
-            body += key
-            body += self._new[key]
-        body += hashlib.sha256(body).digest()
-        tmp = f"{self.path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        fd = fsops.create(tmp, 0o644)
-        try:
-            view = memoryview(body)
-            done = 0
-            while done < len(view):
-                done += fsops.write(fd, view[done:], done)
-        except BaseException:
-            os.close(fd)
-            fsops.unlink(tmp)
-            raise
-        os.close(fd)
-        fsops.rename(tmp, self.path)
+        _write(self.path, MAGIC, self._new)
         self._old = dict(self._new)
 
 
-def _read(path: str) -> dict[Key, RawDigest]:
-    """The entries of a cache file; empty if it is missing or damaged in any way."""
+class TreeResults:
+    """Results by tree fingerprint: :meth:`recall`, :meth:`remember`, then :meth:`save`."""
+
+    def __init__(self, path: str | os.PathLike[str], *, settle_ns: int = SETTLE_NS) -> None:
+        self.path = os.fspath(path)
+        self.settle_ns = settle_ns
+        #: time of the load, the clock a fingerprint's settling is judged by
+        self.loaded_ns = time.time_ns()
+        self._results: dict[bytes, object] = _read(self.path, TREES_MAGIC)
+        self._changed = False
+
+    def recall(self, fingerprint: bytes) -> object | None:
+        """The result remembered for a tree fingerprint, or None."""
+        return self._results.get(fingerprint)
+
+    def remember(self, fingerprint: bytes, result: object) -> None:
+        """Keep ``result`` (any value ``marshal`` stores) for the tree ``fingerprint``.
+
+        The oldest of MAX_TREES results is dropped.
+        """
+        if self._results.get(fingerprint) == result:
+            return
+        self._results.pop(fingerprint, None)
+        self._results[fingerprint] = result
+        while len(self._results) > MAX_TREES:
+            del self._results[next(iter(self._results))]
+        self._changed = True
+
+    def save(self) -> None:
+        if self._changed:
+            _write(self.path, TREES_MAGIC, self._results)
+            self._changed = False
+
+
+def _write(path: str, magic: bytes, value: dict) -> None:
+    """Replace ``path`` atomically with ``value`` (not fsynced: see the module docstring)."""
+    try:
+        fsops.mkdir(os.path.dirname(path), 0o755)
+    except FileExistsError:
+        pass
+    body = magic + marshal.dumps(value)
+    body += hashlib.sha256(body).digest()
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    fd = fsops.create(tmp, 0o644)
+    try:
+        view = memoryview(body)
+        done = 0
+        while done < len(view):
+            done += fsops.write(fd, view[done:], done)
+    except BaseException:
+        os.close(fd)
+        fsops.unlink(tmp)
+        raise
+    os.close(fd)
+    fsops.rename(tmp, path)
+
+
+def _read(path: str, magic: bytes) -> dict:
+    """The dict a file holds; empty if it is missing or damaged in any way.
+
+    The checksum is verified before ``marshal`` sees a byte, so only a file
+    this module wrote completely is decoded.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
         return {}
-    head = len(MAGIC) + 8
-    if len(data) < head + DIGEST_SIZE or not data.startswith(MAGIC):
+    end = len(data) - hashlib.sha256().digest_size
+    if end < len(magic) or not data.startswith(magic):
         return {}
-    (count,) = struct.unpack_from("<Q", data, len(MAGIC))
-    end = head + count * _RECORD
-    if len(data) != end + DIGEST_SIZE or hashlib.sha256(memoryview(data)[:end]).digest() != data[end:]:
+    if hashlib.sha256(memoryview(data)[:end]).digest() != data[end:]:
         return {}
-    k = _KEY.size
-    return {data[i : i + k]: data[i + k : i + _RECORD] for i in range(head, end, _RECORD)}
+    try:
+        value = marshal.loads(memoryview(data)[len(magic) : end])
+    except (ValueError, TypeError, EOFError):
+        return {}
+    return value if isinstance(value, dict) else {}

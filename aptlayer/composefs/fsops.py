@@ -173,3 +173,33 @@ def touch(path: Path) -> None:
     os.utime(path, follow_symlinks=False)
     if recorder is not None:
         recorder("utime", (path,))
+
+
+def write_file_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Write ``path`` so that it is either absent/old or complete: never half-written.
+
+    A temp file next to it is filled, fsynced and renamed over it; the
+    directory is then fsynced so the new name survives a power loss.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    fd = create(tmp, mode)
+    try:
+        view = memoryview(data)
+        offset = 0
+        while offset < len(view):
+            offset += write(fd, view[offset:], offset)
+        fchmod(fd, mode)
+        fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    try:
+        rename(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    fsync_dir(directory)

@@ -17,6 +17,9 @@ copy every temp file, one ``syncfs``, every rename, one ``syncfs``.
 An object that already exists is a dedupe hit: it is not read or checked
 (like mkcomposefs), but its mtime is refreshed so that a garbage collector
 with a grace period spares it while the image that needs it is being made.
+A caller whose collector cannot run meanwhile (the Store holds its lock)
+turns that off with ``refresh_hits=False``: one ``utime`` per hit is most
+of what an unchanged rebuild costs the file system.
 
 Every change to disk goes through :mod:`aptlayer.composefs.fsops`.
 Removing objects is the garbage collector's job; this module only lists them.
@@ -179,9 +182,12 @@ class ObjectStore:
     threads.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, batch: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, batch: bool = False, refresh_hits: bool = True
+    ) -> None:
         self.path = os.path.abspath(os.fspath(path))
         self.batch = batch
+        self.refresh_hits = refresh_hits
         self._lock = threading.Lock()
         self._commit_lock = threading.Lock()
         self._dirs_made: set[str] = set()
@@ -288,10 +294,11 @@ class ObjectStore:
             return True
         if not _is_object(dest):
             return False
-        try:
-            fsops.touch(dest)
-        except FileNotFoundError:  # collected just now
-            return False
+        if self.refresh_hits:
+            try:
+                fsops.touch(dest)
+            except FileNotFoundError:  # collected just now
+                return False
         return True
 
     def _import_fd(
@@ -444,10 +451,11 @@ class ObjectStore:
         """A dedupe hit's result after refreshing its mtime, or None if absent."""
         if not _is_object(dest):
             return None
-        try:
-            fsops.touch(dest)
-        except FileNotFoundError:  # collected just now: write it again
-            return None
+        if self.refresh_hits:
+            try:
+                fsops.touch(dest)
+            except FileNotFoundError:  # collected just now: write it again
+                return None
         try:
             ofd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -34,29 +34,38 @@ small file costs no thread round trip of its own, and content already in
 the store (checked in the calling thread) costs none at all.  The tree
 never depends on the thread count.
 
-Digest cache: with ``cache``, a file whose ``lstat`` matches an entry
-(device, inode, size, mtime, ctime) takes the digest from it unread, as
-long as the store still has its object; otherwise the file is read,
-hashed and imported, and its entry refreshed.  The cache is saved at the
-end of a successful scan.
+Digest cache: with ``cache``, an entry whose ``lstat`` matches a cached
+one (:func:`.digestcache.key_of`) takes its xattrs, symlink target, inline
+content and digest from it unread; an external file's digest counts only
+as long as the store still has its object, otherwise the file is read,
+hashed and imported, and its entry refreshed.  The scan also returns a
+fingerprint of the tree: a hash of the options and of every path with its
+key, sorted by path.  Two scans with the same fingerprint read the same
+tree, provided no entry changed within the cache's settling time before
+the scan; if one did, the fingerprint is None.  The caller saves the cache.
+:func:`fingerprint` computes the same value with ``lstat`` alone, so a
+caller that remembers what a tree gave can skip the scan altogether.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 import sys
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from aptlayer.composefs import fsverity
-from aptlayer.composefs.digestcache import DigestCache
+from aptlayer.composefs.digestcache import DigestCache, Entry, key_of
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future, ThreadPoolExecutor
 
 #: largest regular file whose content is inlined in the image
 INLINE_MAX = 64
@@ -110,6 +119,8 @@ class ScanStats:
 class ScanResult(NamedTuple):
     root: Node
     stats: ScanStats
+    #: with a cache: what identifies the tree read (see the module docstring), or None
+    fingerprint: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +148,8 @@ def scan(
     With ``store``, every external file is imported into it (mkcomposefs
     ``--digest-store``); if the scan fails, what it staged in a batch store
     is discarded.  ``threads`` > 1 copies new objects in worker threads, and
-    ``cache`` lets unchanged files skip reading (see the module docstring).
+    ``cache`` lets unchanged entries skip reading (see the module docstring);
+    the caller saves it.
     ``progress``, if given, is called from the calling thread with the
     running stats after each regular file.  Raises
     ``ScanError`` for an entry that cannot be read or represented (the
@@ -156,9 +168,108 @@ def scan(
         if store is not None:
             store.discard()
         raise
-    if cache is not None:
-        cache.save()
-    return ScanResult(root, walker.stats)
+    return ScanResult(root, walker.stats, walker.fingerprint())
+
+
+def fingerprint(
+    source: str | bytes | os.PathLike,
+    settled_before_ns: int,
+    *,
+    use_epoch: bool = False,
+    skip_xattrs: bool = False,
+    user_xattrs: bool = False,
+    skip_devices: bool = False,
+) -> bytes | None:
+    """The fingerprint :func:`scan` would give ``source``, from ``lstat`` alone.
+
+    ``settled_before_ns`` is the cache's settling limit: an entry whose ctime
+    is not before it makes the result None.  None also for anything the scan
+    would stop at (an unreadable directory, a name too long, a file type
+    composefs cannot hold, a directory replaced while walked): the scan
+    reports those.  Directories are opened relative to their parent with
+    ``O_NOFOLLOW`` and checked against their listing, as in the scan; at
+    most one fd per level is open.
+    """
+    opts = _Options(use_epoch, skip_xattrs, user_xattrs, skip_devices)
+    try:
+        root_fd = os.open(os.fsencode(source), _OPEN_DIR)
+    except OSError:
+        return None
+    pieces: list[bytes] = []
+    #: (fd, path with a trailing slash, subdirectories still to walk as (name, (dev, ino)))
+    stack: list[tuple[int, bytes, list[tuple[bytes, tuple[int, int]]]]] = []
+    try:
+        st = os.fstat(root_fd)
+        if st.st_ctime_ns >= settled_before_ns:
+            return None
+        pieces.append(b"/\0" + key_of(st))
+        stack.append((root_fd, b"/", []))
+        root_fd = -1  # the stack closes it
+        todo = _fingerprint_list(stack[0][0], b"/", opts, settled_before_ns, pieces)
+        if todo is None:
+            return None
+        stack[0][2].extend(todo)
+        while stack:
+            fd, base, todo = stack[-1]
+            if not todo:
+                os.close(fd)
+                stack.pop()
+                continue
+            name, ident = todo.pop()
+            try:
+                cfd = os.open(name, _OPEN_DIR, dir_fd=fd)
+            except OSError:
+                return None
+            stack.append((cfd, base + name + b"/", []))
+            cst = os.fstat(cfd)
+            if (cst.st_dev, cst.st_ino) != ident:
+                return None
+            sub = _fingerprint_list(cfd, base + name + b"/", opts, settled_before_ns, pieces)
+            if sub is None:
+                return None
+            stack[-1][2].extend(sub)
+    finally:
+        if root_fd >= 0:
+            os.close(root_fd)
+        for fd, _, _ in stack:
+            os.close(fd)
+    return _fingerprint(opts, pieces)
+
+
+def _fingerprint_list(
+    fd: int, base: bytes, opts: _Options, settled_before_ns: int, pieces: list[bytes]
+) -> list[tuple[bytes, tuple[int, int]]] | None:
+    """Add a directory's entries to ``pieces``; its subdirectories, or None if the scan would differ."""
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e) for e in it]
+    except OSError:
+        return None
+    subdirs = []
+    for name, entry in entries:
+        if len(name) > NAME_MAX:
+            return None
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            return None
+        kind = stat.S_IFMT(st.st_mode)
+        if kind not in _REPRESENTABLE:
+            return None
+        if opts.skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
+            continue
+        if st.st_ctime_ns >= settled_before_ns:
+            return None
+        pieces.append(base + name + b"\0" + key_of(st))
+        if kind == stat.S_IFDIR:
+            subdirs.append((name, (st.st_dev, st.st_ino)))
+    return subdirs
+
+
+def _fingerprint(opts: _Options, pieces: list[bytes]) -> bytes:
+    h = hashlib.sha256(repr(opts).encode())
+    h.update(b"".join(sorted(pieces)))
+    return h.digest()
 
 
 class _Job(NamedTuple):
@@ -215,6 +326,24 @@ class _Walker:
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
         self.inflight: deque[tuple[Future[None], list[_Job]]] = deque()
+        #: with a cache: every path and its key, for the fingerprint; None once an entry is unsettled
+        self.seen: list[bytes] | None = [] if cache is not None else None
+
+    def fingerprint(self) -> bytes | None:
+        return None if self.seen is None else _fingerprint(self.opts, self.seen)
+
+    def _lookup(self, path: bytes, st: os.stat_result) -> Entry | None:
+        """The cached entry for ``st`` (None without a cache); notes the key for the fingerprint."""
+        cache = self.cache
+        if cache is None:
+            return None
+        key = key_of(st)
+        if self.seen is not None:
+            if cache.settled(st):
+                self.seen.append(path + b"\0" + key)
+            else:
+                self.seen = None
+        return cache.get(key)
 
     def run(self, source: bytes) -> Node:
         try:
@@ -223,12 +352,17 @@ class _Walker:
             reason = "Not a directory" if e.errno in (errno.ENOTDIR, errno.ELOOP) else e.strerror
             raise ScanError(b"/", f"cannot open source {os.fsdecode(source)}: {reason}") from e
         if self.threads > 1 and self.store is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
             self.pool = ThreadPoolExecutor(self.threads)
         stack: list[_Dir] = []
         try:
             st = os.fstat(root_fd)
-            root = self._node(b"/", st, self._xattrs(b"/", root_fd))
+            hit = self._lookup(b"/", st)
+            xattrs, pairs = self._xattrs(b"/", root_fd, hit)
+            root = self._node(b"/", st, xattrs)
             root.nlink = st.st_nlink
+            self._keep(st, hit, (None, pairs, None))
             stack.append(_Dir(b"", b"/", (st.st_dev, st.st_ino), root_fd))
             stack[0].pending = self._list(root_fd, b"/", root)
             while stack:
@@ -321,19 +455,31 @@ class _Walker:
                 raise ScanError(child, f"file type {kind:#o} cannot be represented")
             if skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
                 continue
-            cnode = self._node(child, st, self._xattrs(child, proc + name))
+            hit = self._lookup(child, st)
+            xattrs, pairs = self._xattrs(child, proc + name, hit)
+            cnode = self._node(child, st, xattrs)
             children[name] = cnode
             if kind == stat.S_IFREG:
-                self._file(dfd, name, child, st, cnode)
+                self._file(dfd, name, child, st, cnode, hit)
+                data = cnode.content
             elif kind == stat.S_IFDIR:
                 cnode.nlink = st.st_nlink
                 subdirs.append((name, cnode, st))
+                data = None
             elif kind == stat.S_IFLNK:
-                try:
-                    cnode.payload = os.readlink(name, dir_fd=dfd)
-                except OSError as e:
-                    raise ScanError(child, f"cannot read symlink: {e.strerror}") from e
+                if hit is not None and hit[2] is not None:
+                    cnode.payload = hit[2]
+                else:
+                    try:
+                        cnode.payload = os.readlink(name, dir_fd=dfd)
+                    except OSError as e:
+                        raise ScanError(child, f"cannot read symlink: {e.strerror}") from e
                 cnode.size = len(cnode.payload)
+                data = cnode.payload
+            else:
+                data = None
+            if self.cache is not None:
+                self._keep(st, hit, (cnode.digest, pairs, data))
         subdirs.reverse()
         return subdirs
 
@@ -354,30 +500,57 @@ class _Walker:
             xattrs=xattrs,
         )
 
-    def _xattrs(self, path: bytes, target: bytes | int) -> dict[bytes, bytes]:
-        """The entry's xattrs (``target``: an fd, or a path whose last part is not followed)."""
-        if self.opts.skip_xattrs:
-            return {}
+    def _keep(self, st: os.stat_result, hit: Entry | None, entry: Entry) -> None:
+        """Record what the scan now knows of an entry, unless the cache already has exactly that."""
+        if self.cache is not None and entry != hit:
+            self.cache.put(st, entry)
+
+    def _xattrs(
+        self, path: bytes, target: bytes | int, hit: Entry | None
+    ) -> tuple[dict[bytes, bytes], tuple[tuple[bytes, bytes], ...] | None]:
+        """The entry's xattrs as the options select them, and all of them for the cache.
+
+        ``target`` is an fd, or a path whose last part is not followed.  The
+        second value is None when they were not read (``skip_xattrs`` and no
+        cached ones).
+        """
+        opts = self.opts
+        if hit is not None and hit[1] is not None:
+            pairs = hit[1]
+        elif opts.skip_xattrs:
+            return {}, None
+        else:
+            # Without a cache only the selected ones are read; the cache wants all of them.
+            pairs = self._read_xattrs(path, target, opts.user_xattrs and self.cache is None)
+        if not pairs or opts.skip_xattrs:
+            return {}, pairs
+        if opts.user_xattrs:
+            return {n: v for n, v in pairs if n.startswith(b"user.")}, pairs
+        return dict(pairs), pairs
+
+    def _read_xattrs(
+        self, path: bytes, target: bytes | int, only_user: bool
+    ) -> tuple[tuple[bytes, bytes], ...]:
         follow = isinstance(target, int)
         try:
             names = os.listxattr(target, follow_symlinks=follow)
         except OSError as e:
             if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
-                return {}
+                return ()
             raise ScanError(path, f"cannot list xattrs: {e.strerror}") from e
         if not names:
-            return {}
-        out = {}
+            return ()
+        out = []
         for name in sorted(os.fsencode(n) for n in names):
-            if self.opts.user_xattrs and not name.startswith(b"user."):
+            if only_user and not name.startswith(b"user."):
                 continue
             try:
-                out[name] = os.getxattr(target, name, follow_symlinks=follow)
+                out.append((name, os.getxattr(target, name, follow_symlinks=follow)))
             except OSError as e:
                 if e.errno == errno.ENODATA:  # removed since it was listed
                     continue
                 raise ScanError(path, f"cannot read xattr {os.fsdecode(name)}: {e.strerror}") from e
-        return out
+        return tuple(out)
 
     def _open(
         self, dfd: int, name: bytes, path: bytes, st: os.stat_result, flags: int
@@ -399,15 +572,20 @@ class _Walker:
             raise ScanError(path, "changed during the scan")
         return fd, now
 
-    def _file(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, node: Node) -> None:
+    def _file(
+        self, dfd: int, name: bytes, path: bytes, st: os.stat_result, node: Node, hit: Entry | None
+    ) -> None:
         self.stats.files += 1
         self.stats.bytes += st.st_size
         if st.st_size > INLINE_MAX:
             self.stats.external += 1
-            if not self._cached(st, node):
+            if not self._cached(hit, node):
                 self._hash(dfd, name, path, st, node)
         elif st.st_size:
-            node.content = self._read_inline(dfd, name, path, st)
+            if hit is not None and hit[2] is not None:
+                node.content = hit[2]
+            else:
+                node.content = self._read_inline(dfd, name, path, st)
         if self.progress is not None:
             self.progress(self.stats)
 
@@ -423,9 +601,9 @@ class _Walker:
             raise ScanError(path, "changed during the scan")
         return data
 
-    def _cached(self, st: os.stat_result, node: Node) -> bool:
-        """Take the digest from the cache if it has one and the store its object."""
-        digest = self.cache.get(st) if self.cache is not None else None
+    def _cached(self, hit: Entry | None, node: Node) -> bool:
+        """Take the digest from the cache entry if it has one and the store its object."""
+        digest = hit[0] if hit is not None else None
         if digest is None or (self.store is not None and not self.store.claim(digest)):
             return False
         node.digest = digest
@@ -442,8 +620,6 @@ class _Walker:
             raise ScanError(path, f"cannot hash: {e}") from e
         node.digest = digest
         node.payload = fsverity.object_path(digest).encode()
-        if self.cache is not None:
-            self.cache.put(opened, digest)
         if self.store is None or self.store.claim(digest):
             os.close(fd)
         else:
