@@ -341,13 +341,14 @@ class Store:
         from .composefs.digestcache import DigestCache, TreeResults
         from .composefs.scan import ScanStats, fingerprint
 
-        trees = cache = None
+        trees = cache = listings = None
         versions = f"v{options.min_version}-{options.max_version}".encode()
         if not options.from_file:
             trees = TreeResults(self.root / "cache" / "trees")
+            listings = {}  # the scan below need not list the tree again
             fp = fingerprint(source, trees.loaded_ns - trees.settle_ns, use_epoch=options.use_epoch,
                              skip_xattrs=options.skip_xattrs, user_xattrs=options.user_xattrs,
-                             skip_devices=options.skip_devices)
+                             skip_devices=options.skip_devices, listings=listings)
             known = trees.recall(fp + versions) if fp is not None else None
             copied = self._copy_live_image(known[0], staged) if _is_tree_result(known) else None
             if copied is not None:
@@ -366,7 +367,8 @@ class Store:
         root, stats, fp = build.load_tree(
             source, from_file=options.from_file, store=store, use_epoch=options.use_epoch,
             skip_devices=options.skip_devices, skip_xattrs=options.skip_xattrs,
-            user_xattrs=options.user_xattrs, threads=options.threads, progress=progress, cache=cache)
+            user_xattrs=options.user_xattrs, threads=options.threads, progress=progress, cache=cache,
+            listings=listings)
         store.sync()
         fault("create.after-objects")
         image, digest = build.render(root, min_version=options.min_version, max_version=options.max_version)

@@ -233,6 +233,17 @@ def test_fingerprint_names_the_tree(tree: Path, tmp_path: Path) -> None:
         seen.add(fp)
 
 
+def test_scan_takes_the_fingerprint_walks_listings(tree: Path, tmp_path: Path) -> None:
+    """The walk lists every directory, settled or not, and a scan given its listings reads the same tree."""
+    plain = render(scan(tree).root)[0]
+    for limit in (time.time_ns(), 0):  # settled, then nothing settled: the walk goes on for the listings
+        listings: dict = {}
+        fp = fingerprint(tree, limit, listings=listings)
+        assert (fp is None) == (limit == 0)
+        assert set(listings) == {b"/", b"/sub/"} and len(listings[b"/sub/"]) == 80
+        assert render(scan(tree, listings=listings).root)[0] == plain
+
+
 def test_store_reuses_the_image_of_an_unchanged_tree(tmp_path: Path) -> None:
     """Same fingerprint: the live image with the remembered digest is copied, once its bytes check out."""
     src = make_tree(tmp_path / "src", n=10)

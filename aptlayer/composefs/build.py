@@ -58,12 +58,14 @@ def load_tree(
     strict: bool = False,
     progress: Callable[[ScanStats], None] | None = None,
     cache: DigestCache | None = None,
+    listings: dict | None = None,
 ) -> tuple[Node, ScanStats | None, bytes | None]:
     """The tree of a directory (importing external files into ``store``) or of a dump.
 
     Also returns the scan's stats and the tree's fingerprint (both None for
     a dump).  ``cache`` (directories only) spares re-reading unchanged
     entries and yields the fingerprint; see :mod:`.scan`.  The caller saves it.
+    ``listings`` are those of a :func:`.scan.fingerprint` walk of ``src``.
     """
     if from_file:
         try:
@@ -79,7 +81,7 @@ def load_tree(
     try:
         result = scan(src, store=store, use_epoch=use_epoch, skip_devices=skip_devices,
                       skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, threads=threads,
-                      progress=progress, cache=cache)
+                      progress=progress, cache=cache, listings=listings)
     except ScanError as e:
         raise BuildError(f"{os.path.join(src, os.fsdecode(e.path).lstrip('/'))}: {e.reason}") from None
     except ObjectStoreError as e:

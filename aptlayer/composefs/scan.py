@@ -142,6 +142,7 @@ def scan(
     threads: int = 1,
     progress: Callable[[ScanStats], None] | None = None,
     cache: DigestCache | None = None,
+    listings: dict[bytes, list[tuple[bytes, os.stat_result]]] | None = None,
 ) -> ScanResult:
     """Read the directory ``source`` into a tree, like ``mkcomposefs`` does.
 
@@ -149,7 +150,8 @@ def scan(
     ``--digest-store``); if the scan fails, what it staged in a batch store
     is discarded.  ``threads`` > 1 copies new objects in worker threads, and
     ``cache`` lets unchanged entries skip reading (see the module docstring);
-    the caller saves it.
+    the caller saves it.  ``listings`` are directory listings a
+    :func:`fingerprint` walk just made, used instead of listing again.
     ``progress``, if given, is called from the calling thread with the
     running stats after each regular file.  Raises
     ``ScanError`` for an entry that cannot be read or represented (the
@@ -161,7 +163,7 @@ def scan(
     if threads < 1:
         raise ValueError(f"invalid thread count {threads}")
     opts = _Options(use_epoch, skip_xattrs, user_xattrs, skip_devices)
-    walker = _Walker(opts, store, cache, threads, progress)
+    walker = _Walker(opts, store, cache, threads, progress, listings)
     try:
         root = walker.run(os.fsencode(source))
     except BaseException:
@@ -179,6 +181,7 @@ def fingerprint(
     skip_xattrs: bool = False,
     user_xattrs: bool = False,
     skip_devices: bool = False,
+    listings: dict[bytes, list[tuple[bytes, os.stat_result]]] | None = None,
 ) -> bytes | None:
     """The fingerprint :func:`scan` would give ``source``, from ``lstat`` alone.
 
@@ -188,82 +191,97 @@ def fingerprint(
     composefs cannot hold, a directory replaced while walked): the scan
     reports those.  Directories are opened relative to their parent with
     ``O_NOFOLLOW`` and checked against their listing, as in the scan; at
-    most one fd per level is open.
+    most one fd per level is open.  With ``listings``, every directory
+    listed completely is stored in it (by path, with a trailing slash) as
+    (name, lstat) pairs, for :func:`scan` to use instead of listing again.
     """
-    opts = _Options(use_epoch, skip_xattrs, user_xattrs, skip_devices)
-    try:
-        root_fd = os.open(os.fsencode(source), _OPEN_DIR)
-    except OSError:
-        return None
-    pieces: list[bytes] = []
-    #: (fd, path with a trailing slash, subdirectories still to walk as (name, (dev, ino)))
-    stack: list[tuple[int, bytes, list[tuple[bytes, tuple[int, int]]]]] = []
-    try:
-        st = os.fstat(root_fd)
-        if st.st_ctime_ns >= settled_before_ns:
-            return None
-        pieces.append(b"/\0" + key_of(st))
-        stack.append((root_fd, b"/", []))
-        root_fd = -1  # the stack closes it
-        todo = _fingerprint_list(stack[0][0], b"/", opts, settled_before_ns, pieces)
-        if todo is None:
-            return None
-        stack[0][2].extend(todo)
-        while stack:
-            fd, base, todo = stack[-1]
-            if not todo:
-                os.close(fd)
-                stack.pop()
-                continue
-            name, ident = todo.pop()
-            try:
-                cfd = os.open(name, _OPEN_DIR, dir_fd=fd)
-            except OSError:
-                return None
-            stack.append((cfd, base + name + b"/", []))
-            cst = os.fstat(cfd)
-            if (cst.st_dev, cst.st_ino) != ident:
-                return None
-            sub = _fingerprint_list(cfd, base + name + b"/", opts, settled_before_ns, pieces)
-            if sub is None:
-                return None
-            stack[-1][2].extend(sub)
-    finally:
-        if root_fd >= 0:
-            os.close(root_fd)
-        for fd, _, _ in stack:
-            os.close(fd)
-    return _fingerprint(opts, pieces)
+    walk = _FingerprintWalk(_Options(use_epoch, skip_xattrs, user_xattrs, skip_devices),
+                            settled_before_ns, {} if listings is None else listings)
+    return walk.run(os.fsencode(source))
 
 
-def _fingerprint_list(
-    fd: int, base: bytes, opts: _Options, settled_before_ns: int, pieces: list[bytes]
-) -> list[tuple[bytes, tuple[int, int]]] | None:
-    """Add a directory's entries to ``pieces``; its subdirectories, or None if the scan would differ."""
-    try:
-        with os.scandir(fd) as it:
-            entries = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e) for e in it]
-    except OSError:
-        return None
-    subdirs = []
-    for name, entry in entries:
-        if len(name) > NAME_MAX:
-            return None
+class _FingerprintWalk:
+    """The walk of :func:`fingerprint`: it goes on past an unsettled entry, for the listings."""
+
+    def __init__(self, opts: _Options, settled_before_ns: int,
+                 listings: dict[bytes, list[tuple[bytes, os.stat_result]]]) -> None:
+        self.opts = opts
+        self.limit = settled_before_ns
+        self.listings = listings
+        self.pieces: list[bytes] = []
+        self.settled = True
+
+    def run(self, source: bytes) -> bytes | None:
         try:
-            st = entry.stat(follow_symlinks=False)
+            root_fd = os.open(source, _OPEN_DIR)
         except OSError:
             return None
-        kind = stat.S_IFMT(st.st_mode)
-        if kind not in _REPRESENTABLE:
+        #: (fd, path with a trailing slash, subdirectories still to walk as (name, (dev, ino)))
+        stack: list[tuple[int, bytes, list[tuple[bytes, tuple[int, int]]]]] = [(root_fd, b"/", [])]
+        try:
+            st = os.fstat(root_fd)
+            self._add(b"/", st)
+            todo = self._list(root_fd, b"/")
+            if todo is None:
+                return None
+            stack[0][2].extend(todo)
+            while stack:
+                fd, base, todo = stack[-1]
+                if not todo:
+                    os.close(fd)
+                    stack.pop()
+                    continue
+                name, ident = todo.pop()
+                try:
+                    cfd = os.open(name, _OPEN_DIR, dir_fd=fd)
+                except OSError:
+                    return None
+                stack.append((cfd, base + name + b"/", []))
+                cst = os.fstat(cfd)
+                if (cst.st_dev, cst.st_ino) != ident:
+                    return None
+                sub = self._list(cfd, base + name + b"/")
+                if sub is None:
+                    return None
+                stack[-1][2].extend(sub)
+        finally:
+            for fd, _, _ in stack:
+                os.close(fd)
+        return _fingerprint(self.opts, self.pieces) if self.settled else None
+
+    def _add(self, path: bytes, st: os.stat_result) -> None:
+        if st.st_ctime_ns >= self.limit:
+            self.settled = False
+        self.pieces.append(path + b"\0" + key_of(st))
+
+    def _list(self, fd: int, base: bytes) -> list[tuple[bytes, tuple[int, int]]] | None:
+        """Add a directory's entries; its subdirectories, or None where the scan would stop."""
+        try:
+            with os.scandir(fd) as it:
+                entries = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e) for e in it]
+        except OSError:
             return None
-        if opts.skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
-            continue
-        if st.st_ctime_ns >= settled_before_ns:
-            return None
-        pieces.append(base + name + b"\0" + key_of(st))
-        if kind == stat.S_IFDIR:
-            subdirs.append((name, (st.st_dev, st.st_ino)))
-    return subdirs
+        subdirs = []
+        listing = []
+        skip_devices = self.opts.skip_devices
+        for name, entry in entries:
+            if len(name) > NAME_MAX:
+                return None
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                return None
+            listing.append((name, st))
+            kind = stat.S_IFMT(st.st_mode)
+            if kind not in _REPRESENTABLE:
+                return None
+            if skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
+                continue
+            self._add(base + name, st)
+            if kind == stat.S_IFDIR:
+                subdirs.append((name, (st.st_dev, st.st_ino)))
+        self.listings[base] = listing
+        return subdirs
 
 
 def _fingerprint(opts: _Options, pieces: list[bytes]) -> bytes:
@@ -313,8 +331,10 @@ class _Walker:
         cache: DigestCache | None,
         threads: int,
         progress: Callable[[ScanStats], None] | None,
+        listings: dict[bytes, list[tuple[bytes, os.stat_result]]] | None = None,
     ) -> None:
         self.opts = opts
+        self.listings = listings
         self.store = store
         self.cache = cache
         self.threads = threads
@@ -431,14 +451,19 @@ class _Walker:
 
     def _list(self, dfd: int, path: bytes, node: Node) -> list[tuple[bytes, Node, os.stat_result]]:
         """Fill ``node.children``; returns the subdirectories still to list."""
-        try:
-            with os.scandir(dfd) as it:
-                entries = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e) for e in it]
-            entries.sort()  # by name: names are unique, so entries are never compared
-        except OSError as e:
-            raise ScanError(path, f"cannot read directory: {e.strerror}") from e
-        subdirs = []
         base = path.rstrip(b"/") + b"/"
+        listed = self.listings.get(base) if self.listings is not None else None
+        entries: list[tuple[bytes, os.DirEntry | os.stat_result]]
+        if listed is not None:
+            entries = sorted(listed)  # by name: names are unique, so entries are never compared
+        else:
+            try:
+                with os.scandir(dfd) as it:
+                    entries = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e) for e in it]
+                entries.sort()
+            except OSError as e:
+                raise ScanError(path, f"cannot read directory: {e.strerror}") from e
+        subdirs = []
         proc = f"/proc/self/fd/{dfd}/".encode()
         skip_devices = self.opts.skip_devices
         children = node.children
@@ -446,10 +471,13 @@ class _Walker:
             child = base + name
             if len(name) > NAME_MAX:
                 raise ScanError(child, f"name longer than {NAME_MAX} bytes")
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError as e:
-                raise ScanError(child, f"cannot stat: {e.strerror}") from e
+            if listed is None:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError as e:
+                    raise ScanError(child, f"cannot stat: {e.strerror}") from e
+            else:
+                st = entry
             kind = stat.S_IFMT(st.st_mode)
             if kind not in _REPRESENTABLE:
                 raise ScanError(child, f"file type {kind:#o} cannot be represented")
