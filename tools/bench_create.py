@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
 """Image creation and reading: apt-layer against upstream composefs, same run.
 
-Generates a rootfs-like tree (default 24,000 entries, about 300 MB: many
-small files, some large ones, duplicates, symlinks, nested dirs), then
-times, each best of --repeat runs, apt-layer against the upstream tools when
-they are installed (APT_LAYER_COMPOSEFS_BIN or PATH):
+Generates a source tree, then times, each best of --repeat runs, apt-layer
+against the upstream tools when they are installed (APT_LAYER_COMPOSEFS_BIN
+or PATH).  Two trees:
+
+  --tree synthetic  (default) 24,000 entries, about 376 MB: many small
+                    files, some large ones, duplicates, symlinks, nested dirs
+                    (16 KB per entry, much less than a real root file system)
+  --tree rootfs     CentOS Stream 9 minimal as upstream's test dump lists it:
+                    22,010 entries, 868 MB, its real paths, sizes, modes and
+                    duplicates, with synthesized content (tools/rootfs_tree.py)
+
+The rows:
 
   cold create     composefs mkcomposefs --digest-store=EMPTY tree img
   warm create     the same into the store the cold run filled
   dump            composefs info dump img
   store cold      apt-layer --root R image create --backend python tree NAME,
                   R empty (upstream: mkcomposefs --digest-store=EMPTY)
-  store warm      the same into the full store under a new name, digest
-                  cache removed first (upstream: mkcomposefs into its full store)
-  store unchanged the same with the digest cache warm: nothing is read
+  store warm      the same into the full store under a new name, caches
+                  removed first (upstream: mkcomposefs into its full store)
+  store unchanged the same tree again, unchanged since the last image: an
+                  lstat walk recognises it and the live image is reused
   store 1% chg    1% of the files rewritten with new content before each run
                   (upstream: mkcomposefs of the same changed tree)
 
@@ -22,7 +31,8 @@ identical: compat cold, store cold and the 1%-changed tree's image are
 compared with upstream's.  Goals: cold <= 1.25x, warm <= 1.0x, dump <= 3x,
 unchanged <= 0.3x, 1% changed <= 0.35x.
 
-Usage: tools/bench_create.py [--entries N] [--mbytes N] [--repeat N] [--workdir DIR]
+Usage: tools/bench_create.py [--tree synthetic|rootfs] [--entries N] [--mbytes N] [--repeat N]
+                             [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -96,7 +106,7 @@ def make_tree(root: Path, entries: int, mbytes: int, seed: int = 1) -> tuple[int
 def change_files(root: Path, fraction: float, seed: int) -> int:
     """Rewrite ``fraction`` of the regular files with new content of the same size; returns how many."""
     rng = random.Random(seed)
-    files = sorted(p for p in root.rglob("*.dat") if not p.is_symlink())
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
     picked = rng.sample(files, max(1, round(len(files) * fraction)))
     for path in picked:
         path.write_bytes(rng.randbytes(path.stat().st_size))
@@ -171,7 +181,7 @@ def store_rows(w: Path, mk: str | None, repeat: int) -> tuple[dict, dict[str, bo
         os.sync()
 
     def no_cache() -> None:
-        (root / "cache" / "digests").unlink(missing_ok=True)
+        shutil.rmtree(root / "cache", ignore_errors=True)
 
     results, same = {}, {}
     results["store cold"] = row(empty)
@@ -189,6 +199,9 @@ def store_rows(w: Path, mk: str | None, repeat: int) -> tuple[dict, dict[str, bo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tree", choices=["synthetic", "rootfs"], default="synthetic")
+    ap.add_argument("--dump", type=Path, default=REPO.parent / "shared" / "upstream-tests" / "cs9-x86_64-minimal.dump.gz",
+                    help="the dump --tree rootfs recreates")
     ap.add_argument("--entries", type=int, default=24_000)
     ap.add_argument("--mbytes", type=int, default=300)
     ap.add_argument("--repeat", type=int, default=3)
@@ -203,7 +216,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         w = Path(tmp)
         t = time.perf_counter()
-        entries, size = make_tree(w / "tree", args.entries, args.mbytes)
+        if args.tree == "rootfs":
+            from rootfs_tree import make_rootfs_tree
+
+            entries, size = make_rootfs_tree(args.dump, w / "tree")
+        else:
+            entries, size = make_tree(w / "tree", args.entries, args.mbytes)
         print(f"tree: {entries} entries, {size / 1e6:.0f} MB (made in {time.perf_counter() - t:.1f} s)")
         tools = [("apt-layer", ours + ["mkcomposefs"], ours + ["info"])]
         if mk and info:
