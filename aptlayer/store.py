@@ -346,7 +346,7 @@ class Store:
         if not options.from_file:
             trees = TreeResults(self.root / "cache" / "trees")
             listings = {}  # the scan below need not list the tree again
-            fp = fingerprint(source, trees.loaded_ns - trees.settle_ns, use_epoch=options.use_epoch,
+            fp = fingerprint(source, trees.settled_before_ns, use_epoch=options.use_epoch,
                              skip_xattrs=options.skip_xattrs, user_xattrs=options.user_xattrs,
                              skip_devices=options.skip_devices, listings=listings)
             known = trees.recall(fp + versions) if fp is not None else None

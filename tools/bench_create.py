@@ -217,9 +217,10 @@ def main() -> None:
         w = Path(tmp)
         t = time.perf_counter()
         if args.tree == "rootfs":
-            from rootfs_tree import make_rootfs_tree
+            from rootfs_tree import build_rootfs_tree
 
-            entries, size = make_rootfs_tree(args.dump, w / "tree")
+            built = build_rootfs_tree(args.dump, w / "tree")
+            entries, size = built.entries, built.file_bytes
         else:
             entries, size = make_tree(w / "tree", args.entries, args.mbytes)
         print(f"tree: {entries} entries, {size / 1e6:.0f} MB (made in {time.perf_counter() - t:.1f} s)")

@@ -154,12 +154,6 @@ def build_rootfs_tree(dump_gz: Path, dest: Path, seed: int = 1) -> TreeStats:
     return _Builder(os.fsencode(dest), seed).build(root)
 
 
-def make_rootfs_tree(dump_gz: Path, dest: Path, seed: int = 1) -> tuple[int, int]:
-    """Recreate ``dump_gz`` under ``dest``; returns (entries created, regular-file bytes written)."""
-    stats = build_rootfs_tree(dump_gz, dest, seed)
-    return stats.entries, stats.file_bytes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dump_gz", type=Path, help="gzipped composefs dump, e.g. cs9-x86_64-minimal.dump.gz")

@@ -69,26 +69,32 @@ def key_of(st: os.stat_result) -> Key:
                      st.st_rdev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-class DigestCache:
+class _CacheFile:
+    """What both files share: where they are, and the clock that says what has settled."""
+
+    def __init__(self, path: str | os.PathLike[str], settle_ns: int) -> None:
+        self.path = os.fspath(path)
+        #: the load time less ``settle_ns``: ctimes from then on are too fresh to trust
+        self.settled_before_ns = time.time_ns() - settle_ns
+
+    def settled(self, st: os.stat_result) -> bool:
+        """Whether the entry last changed long enough before the load to be trusted later."""
+        return st.st_ctime_ns < self.settled_before_ns
+
+
+class DigestCache(_CacheFile):
     """Entries by file identity: :meth:`get` during a scan, :meth:`put` what was read, then :meth:`save`.
 
     Safe to share between a scan's threads (each call is one dict operation).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, settle_ns: int = SETTLE_NS) -> None:
-        self.path = os.fspath(path)
-        self.settle_ns = settle_ns
-        #: time of the load: ctimes from then on (less settle_ns) are too fresh to trust
-        self.loaded_ns = time.time_ns()
+        super().__init__(path, settle_ns)
         self._old = _read(self.path, MAGIC)
         self._new: dict[Key, Entry] = {}
 
     def __len__(self) -> int:
         return len(self._old)
-
-    def settled(self, st: os.stat_result) -> bool:
-        """Whether the entry last changed long enough before the load to be trusted later."""
-        return st.st_ctime_ns < self.loaded_ns - self.settle_ns
 
     def get(self, key: Key) -> Entry | None:
         """The entry recorded for this exact key, or None; a hit is kept for the next save."""
@@ -110,14 +116,14 @@ class DigestCache:
         self._old = dict(self._new)
 
 
-class TreeResults:
-    """Results by tree fingerprint: :meth:`recall`, :meth:`remember`, then :meth:`save`."""
+class TreeResults(_CacheFile):
+    """Results by tree fingerprint: :meth:`recall`, :meth:`remember`, then :meth:`save`.
+
+    ``settled_before_ns`` is the limit to take a fingerprint with.
+    """
 
     def __init__(self, path: str | os.PathLike[str], *, settle_ns: int = SETTLE_NS) -> None:
-        self.path = os.fspath(path)
-        self.settle_ns = settle_ns
-        #: time of the load, the clock a fingerprint's settling is judged by
-        self.loaded_ns = time.time_ns()
+        super().__init__(path, settle_ns)
         self._results: dict[bytes, object] = _read(self.path, TREES_MAGIC)
         self._changed = False
 

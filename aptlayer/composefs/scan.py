@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from aptlayer.composefs import fsverity
-from aptlayer.composefs.digestcache import DigestCache, Entry, key_of
+from aptlayer.composefs.digestcache import DigestCache, Entry, Key, key_of
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
 
@@ -195,21 +195,17 @@ def fingerprint(
     listed completely is stored in it (by path, with a trailing slash) as
     (name, lstat) pairs, for :func:`scan` to use instead of listing again.
     """
-    walk = _FingerprintWalk(_Options(use_epoch, skip_xattrs, user_xattrs, skip_devices),
-                            settled_before_ns, {} if listings is None else listings)
+    walk = _FingerprintWalk(_Fingerprint(_Options(use_epoch, skip_xattrs, user_xattrs, skip_devices),
+                                         settled_before_ns), {} if listings is None else listings)
     return walk.run(os.fsencode(source))
 
 
 class _FingerprintWalk:
     """The walk of :func:`fingerprint`: it goes on past an unsettled entry, for the listings."""
 
-    def __init__(self, opts: _Options, settled_before_ns: int,
-                 listings: dict[bytes, list[tuple[bytes, os.stat_result]]]) -> None:
-        self.opts = opts
-        self.limit = settled_before_ns
+    def __init__(self, fp: _Fingerprint, listings: dict[bytes, list[tuple[bytes, os.stat_result]]]) -> None:
+        self.fp = fp
         self.listings = listings
-        self.pieces: list[bytes] = []
-        self.settled = True
 
     def run(self, source: bytes) -> bytes | None:
         try:
@@ -219,8 +215,7 @@ class _FingerprintWalk:
         #: (fd, path with a trailing slash, subdirectories still to walk as (name, (dev, ino)))
         stack: list[tuple[int, bytes, list[tuple[bytes, tuple[int, int]]]]] = [(root_fd, b"/", [])]
         try:
-            st = os.fstat(root_fd)
-            self._add(b"/", st)
+            self.fp.add(b"/", os.fstat(root_fd))
             todo = self._list(root_fd, b"/")
             if todo is None:
                 return None
@@ -247,12 +242,7 @@ class _FingerprintWalk:
         finally:
             for fd, _, _ in stack:
                 os.close(fd)
-        return _fingerprint(self.opts, self.pieces) if self.settled else None
-
-    def _add(self, path: bytes, st: os.stat_result) -> None:
-        if st.st_ctime_ns >= self.limit:
-            self.settled = False
-        self.pieces.append(path + b"\0" + key_of(st))
+        return self.fp.digest()
 
     def _list(self, fd: int, base: bytes) -> list[tuple[bytes, tuple[int, int]]] | None:
         """Add a directory's entries; its subdirectories, or None where the scan would stop."""
@@ -263,7 +253,7 @@ class _FingerprintWalk:
             return None
         subdirs = []
         listing = []
-        skip_devices = self.opts.skip_devices
+        skip_devices = self.fp.opts.skip_devices
         for name, entry in entries:
             if len(name) > NAME_MAX:
                 return None
@@ -277,17 +267,37 @@ class _FingerprintWalk:
                 return None
             if skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
                 continue
-            self._add(base + name, st)
+            self.fp.add(base + name, st)
             if kind == stat.S_IFDIR:
                 subdirs.append((name, (st.st_dev, st.st_ino)))
         self.listings[base] = listing
         return subdirs
 
 
-def _fingerprint(opts: _Options, pieces: list[bytes]) -> bytes:
-    h = hashlib.sha256(repr(opts).encode())
-    h.update(b"".join(sorted(pieces)))
-    return h.digest()
+class _Fingerprint:
+    """A fingerprint being taken: the options, every path with its key, and whether all settled."""
+
+    def __init__(self, opts: _Options, settled_before_ns: int) -> None:
+        self.opts = opts
+        self.limit = settled_before_ns
+        self.pieces: list[bytes] = []
+        self.settled = True
+
+    def add(self, path: bytes, st: os.stat_result) -> Key:
+        """Note an entry; returns its cache key."""
+        key = key_of(st)
+        if st.st_ctime_ns >= self.limit:
+            self.settled = False
+        self.pieces.append(path + b"\0" + key)
+        return key
+
+    def digest(self) -> bytes | None:
+        """The fingerprint, or None if some entry had not settled."""
+        if not self.settled:
+            return None
+        h = hashlib.sha256(repr(self.opts).encode())
+        h.update(b"".join(sorted(self.pieces)))  # by path: the walk order does not matter
+        return h.digest()
 
 
 class _Job(NamedTuple):
@@ -346,24 +356,17 @@ class _Walker:
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
         self.inflight: deque[tuple[Future[None], list[_Job]]] = deque()
-        #: with a cache: every path and its key, for the fingerprint; None once an entry is unsettled
-        self.seen: list[bytes] | None = [] if cache is not None else None
+        #: with a cache: the fingerprint of what the walk sees
+        self.fp = _Fingerprint(opts, cache.settled_before_ns) if cache is not None else None
 
     def fingerprint(self) -> bytes | None:
-        return None if self.seen is None else _fingerprint(self.opts, self.seen)
+        return self.fp.digest() if self.fp is not None else None
 
     def _lookup(self, path: bytes, st: os.stat_result) -> Entry | None:
         """The cached entry for ``st`` (None without a cache); notes the key for the fingerprint."""
-        cache = self.cache
-        if cache is None:
+        if self.fp is None:
             return None
-        key = key_of(st)
-        if self.seen is not None:
-            if cache.settled(st):
-                self.seen.append(path + b"\0" + key)
-            else:
-                self.seen = None
-        return cache.get(key)
+        return self.cache.get(self.fp.add(path, st))
 
     def run(self, source: bytes) -> Node:
         try:
