@@ -30,7 +30,7 @@ from pathlib import Path
 from . import errors, names
 from .composefs import fsops
 from .fault import fault
-from .journal import Journal, JournalCorruptError, JournalVersionError, ProjectionError
+from .journal import RECORDED, Journal, JournalCorruptError, JournalVersionError, ProjectionError
 from .lock import LockTimeout, locked
 
 IMAGE_SUFFIX = ".composefs"
@@ -255,35 +255,34 @@ class Store:
             fault("create.after-begin")
             staging = self.staging_path(txid)
             try:
-                staged, digest, size, manifest, stats, reused = self._build(
-                    source, name, staging, options, progress)
+                built = self._build(source, name, staging, options, progress)
             except BaseException as e:
                 if implicit:
                     self._abort(txid, reason=str(e) or type(e).__name__)
                 if isinstance(e, OSError):
                     raise _map_os_error(e, f"creating image {name!r}") from None
                 raise
-            data = {"digest": digest, "size": size, "staged": str(staged.relative_to(self.root)),
-                    "source": os.path.abspath(source), "objects": len(manifest)}
-            if reused is not None:
-                data["reused"] = reused
+            data = {"digest": built.digest, "size": built.size, "staged": str(built.staged.relative_to(self.root)),
+                    "source": os.path.abspath(source), "objects": built.objects}
+            if built.reused is not None:
+                data["reused"] = built.reused
             if not implicit:
-                self.record("image.staged", name, data, txid, manifest=manifest)
+                self.record("image.staged", name, data, txid, manifest=built.manifest)
                 fault("create.after-stage")
-                return self._created_info(name, data, txid, stats, staged=True)
+                return self._created_info(name, data, txid, built.stats, staged=True)
             try:
                 with self.journal.transaction() as w:
-                    w.append("image.created", name, data, txid, manifest=manifest)
+                    w.append("image.created", name, data, txid, manifest=built.manifest)
                     fault("create.mid-commit")
                     w.append("tx.committed", txid, {"ops": 1}, txid)
             except ProjectionError as e:
                 self._abort(txid, reason=str(e))
                 raise errors.Conflict(str(e)) from None
             fault("create.after-commit")
-            self.place_image(name, staged)
+            self.place_image(name, built.staged)
             fault("create.after-place")
             self.clear_staging(txid)
-            return self._created_info(name, data, txid, stats, staged=False)
+            return self._created_info(name, data, txid, built.stats, staged=False)
 
     def _created_info(self, name, data, txid, stats, staged) -> dict:
         info = {"name": name, "digest": data["digest"], "size": data["size"],
@@ -293,7 +292,7 @@ class Store:
                         objects_created=stats.objects_created, objects_deduped=stats.objects_deduped)
         return info
 
-    def _build(self, source, name, staging: Path, options: CreateOptions, progress):
+    def _build(self, source, name, staging: Path, options: CreateOptions, progress) -> _Built:
         """Objects into the store, image into staging; returns what the event records."""
         from .composefs import upstream
 
@@ -305,16 +304,16 @@ class Store:
         backend = options.backend
         if backend == "auto":
             backend = "upstream" if upstream.find_tool("mkcomposefs") else "python"
-        stats = reused = None
         try:
             if backend == "upstream":
                 from .composefs import fsverity
 
                 root = self._build_upstream(source, staged, options)
                 image = staged.read_bytes()
-                size, digest, manifest = len(image), fsverity.digest_bytes(image), manifest_of(root)
+                manifest = manifest_of(root)
+                built = _Built(staged, fsverity.digest_bytes(image).hex(), len(image), manifest, len(manifest))
             else:
-                size, digest, manifest, stats, reused = self._build_python(source, staged, options, progress)
+                built = self._build_python(source, staged, options, progress)
         except Exception as e:
             from .composefs.build import BuildError  # not before: an unchanged tree never needs it
 
@@ -325,17 +324,17 @@ class Store:
                 raise _map_os_error(cause, f"creating image {name!r}") from None
             raise errors.InvalidInput(str(e)) from None
         fault("create.after-image")
-        return staged, digest.hex(), size, manifest, stats, reused
+        return built
 
-    def _build_python(self, source, staged: Path, options: CreateOptions, progress):
-        """The pure-Python build: (size, digest, manifest, stats, reused image or None).
+    def _build_python(self, source, staged: Path, options: CreateOptions, progress) -> _Built:
+        """The pure-Python build.
 
         An unchanged tree is recognised before it is read: ``cache/trees``
         remembers the image each tree fingerprint (plus the version options)
         gave, and when a fingerprint taken with ``lstat`` alone comes back,
         a live image with that digest is copied instead of scanning and
         rendering again, provided its bytes still hash to that digest.  Its
-        manifest is the one the journal holds for that digest, and its
+        manifest is the one the journal recorded for that digest, and its
         objects are present as those of any live image are.
         """
         from .composefs.digestcache import DigestCache, TreeResults
@@ -357,7 +356,8 @@ class Store:
                 digest, entries, files, nbytes, external = known
                 stats = ScanStats(entries=entries, files=files, bytes=nbytes, external=external,
                                   objects_created=0, objects_deduped=external)
-                return size, digest, self.journal.manifest(digest.hex()), stats, name
+                objects, _ = self.journal.manifest_summary(digest.hex())
+                return _Built(staged, digest.hex(), size, RECORDED, objects, stats, name)
             cache = DigestCache(self.root / "cache" / "digests")
         from .composefs import build
         from .composefs.objectstore import ObjectStore
@@ -373,13 +373,14 @@ class Store:
         fault("create.after-objects")
         image, digest = build.render(root, min_version=options.min_version, max_version=options.max_version)
         fsops.write_file_atomic(staged, image)
-        if cache is not None and trees is not None:
+        if cache is not None:  # and trees: both or neither
             cache.save()
             if fp is not None:
                 trees.remember(fp + versions, (digest, stats.entries, stats.files, stats.bytes,
                                                   stats.external))
                 trees.save()
-        return len(image), digest, manifest_of(root), stats, None
+        manifest = manifest_of(root)
+        return _Built(staged, digest.hex(), len(image), manifest, len(manifest), stats)
 
     def _copy_live_image(self, digest: bytes, staged: Path) -> tuple[str, int] | None:
         """Write a live image recorded with ``digest`` to ``staged`` if one still hashes to it.
@@ -672,8 +673,7 @@ class Store:
     def image_info(self, name: str) -> dict:
         image = self._live(name)
         info = {"name": name, **image, "path": str(self.image_path(name))}
-        info["objects"] = len(self.journal.manifest(image["digest"]))
-        info["content_bytes"] = sum(s for _, s in self.journal.manifest(image["digest"]))
+        info["objects"], info["content_bytes"] = self.journal.manifest_summary(image["digest"]) or (0, 0)
         info["deployed"] = [slot for slot, d in self.journal.deployments().items() if d["image"] == name]
         info["mounts"] = [r[0] for r in self.journal.conn.execute(
             "SELECT mountpoint FROM mounts WHERE image = ? AND state = 'mounted'", (name,))]
@@ -774,6 +774,21 @@ def _mount_error(e: OSError) -> errors.AptLayerError:
     if e.errno in (errno.EBUSY, errno.EEXIST):
         return errors.Conflict(message)
     return errors.AptLayerError(message)
+
+
+@dataclass
+class _Built:
+    """What a build gives the event that records it."""
+
+    staged: Path
+    digest: str
+    size: int
+    #: the rows, or RECORDED when the journal has this digest's already
+    manifest: list[tuple[str, int]] | object
+    objects: int
+    stats: object = None
+    #: the live image whose bytes were reused
+    reused: str | None = None
 
 
 def _is_tree_result(value) -> bool:

@@ -270,6 +270,25 @@ def test_store_reuses_the_image_of_an_unchanged_tree(tmp_path: Path) -> None:
         store.close()
 
 
+def test_reused_image_in_a_transaction_keeps_the_journal_whole(tmp_path: Path) -> None:
+    """A reused image's event takes the manifest already recorded; the chain and the projection verify."""
+    src = make_tree(tmp_path / "src", n=10)
+    time.sleep(2.1)
+    store = Store.open(tmp_path / "root")
+    try:
+        opts = CreateOptions(backend="python")
+        first = store.create(str(src), "one", opts)
+        tx = store.tx_begin()
+        staged = store.create(str(src), "two", opts, tx=tx)
+        assert staged["reused"] == "one" and staged["objects"] == first["objects"]
+        store.tx_commit(tx)
+        assert store.journal.manifest(first["digest"]) and store.journal.verify() > 0
+        assert store.journal.check() == []
+        assert store.image_info("two")["objects"] == first["objects"]
+    finally:
+        store.close()
+
+
 def test_store_create_uses_the_cache(tmp_path: Path) -> None:
     """The Store keeps its cache in ROOT/cache/digests: a planted entry whose object exists is used."""
     src = make_tree(tmp_path / "src", n=10)

@@ -18,12 +18,13 @@ from .errors import (
 )
 from .invariants import check_invariants
 from .event import Event
-from .log import Journal, Writer, canonical, chain_hash, default_actor
+from .log import RECORDED, Journal, Writer, canonical, chain_hash, default_actor
 from .projection import APPLY, known_kind
 from .schema import SCHEMA_VERSION
 
 __all__ = [
     "APPLY",
+    "RECORDED",
     "SCHEMA_VERSION",
     "AuditQueryError",
     "AuditRefused",

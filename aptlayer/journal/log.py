@@ -39,6 +39,16 @@ GENESIS = "00" * 32
 Manifest = Iterable[tuple[str, int]]
 
 
+class _Recorded:
+    def __repr__(self) -> str:
+        return "RECORDED"
+
+
+#: ``manifest=RECORDED``: the image ``data["digest"]`` names has a manifest recorded
+#: already; the event takes its hash instead of being given the rows again.
+RECORDED = _Recorded()
+
+
 def canonical(value: object) -> str:
     """The canonical JSON text of a value: compact, sorted keys, UTF-8."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
@@ -96,13 +106,14 @@ class Writer:
         data: dict,
         tx: str,
         actor: dict | None = None,
-        manifest: Manifest | None = None,
+        manifest: Manifest | _Recorded | None = None,
     ) -> Event:
         """Record one event (and its manifest) and apply it to the projection.
 
         With ``manifest``, ``data["digest"]`` names the image and
         ``data["manifest"]`` is set to the manifest's hash, so the chain also
-        protects the manifest rows. An object id is a content digest, so it
+        protects the manifest rows (``RECORDED``: the rows recorded for
+        that digest before; a JournalError if there are none). An object id is a content digest, so it
         has one size in every manifest; a different one is a ManifestConflict.
         A refused event leaves no trace, even if the caller catches the error
         and goes on with the transaction (each append is a savepoint).
@@ -120,13 +131,19 @@ class Writer:
         return event
 
     def _append(
-        self, kind: str, subject: str, data: dict, tx: str, actor: dict | None, manifest: Manifest | None
+        self, kind: str, subject: str, data: dict, tx: str, actor: dict | None,
+        manifest: Manifest | _Recorded | None,
     ) -> Event:
         conn = self._conn
         last = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
         rows: list[tuple[str, int]] | None = None
-        if manifest is not None:
+        if manifest is RECORDED:
+            known = conn.execute("SELECT hash FROM images_manifest WHERE digest = ?", (data.get("digest"),)).fetchone()
+            if known is None:
+                raise JournalError(f"no manifest recorded for image {data.get('digest')}")
+            data = {**data, "manifest": known[0]}
+        elif manifest is not None:
             rows, mhash = manifest_rows(manifest)
             data = {**data, "manifest": mhash}
         at = utc_now()
@@ -236,7 +253,7 @@ class Journal:
         data: dict,
         tx: str,
         actor: dict | None = None,
-        manifest: Manifest | None = None,
+        manifest: Manifest | _Recorded | None = None,
     ) -> Event:
         """Append one event in its own SQLite transaction (see Writer.append)."""
         with self.transaction() as w:
@@ -391,6 +408,11 @@ class Journal:
                 "SELECT seq, op, name, digest, data, effective_seq FROM tx_ops WHERE tx = ? ORDER BY seq", (tx,)
             )
         ]
+
+    def manifest_summary(self, digest: str) -> tuple[int, int] | None:
+        """(objects, total size) of the manifest recorded for an image digest, or None."""
+        return self.conn.execute(
+            "SELECT objects, size FROM images_manifest WHERE digest = ?", (digest,)).fetchone()
 
     def manifest(self, digest: str) -> list[tuple[str, int]]:
         """The (object, size) rows recorded for an image digest, sorted."""
