@@ -170,7 +170,8 @@ def _chunk_bits(size: int) -> int:
     return min(max(F.BLOCK_BITS, (size - 1).bit_length()), F.CHUNK_MAX_BITS)
 
 
-def _chunk_count(size: int) -> int:
+def chunk_count(size: int) -> int:
+    """How many chunk indexes an external file of ``size`` bytes has."""
     if 0 < size <= _MAX_CHUNK_SIZE:  # the chunk grows with the file up to this size
         return 1
     return -(-size // (1 << _chunk_bits(size)))
@@ -211,7 +212,7 @@ def _check_node(node: Node, ftype: int, path: bytes) -> None:
                 raise InvalidTreeError(
                     f"content length {len(node.content)} != size {node.size}", path
                 )
-        elif node.size > 0 and _chunk_count(node.size) > F.MAX_CHUNKS:
+        elif node.size > 0 and chunk_count(node.size) > F.MAX_CHUNKS:
             raise InvalidTreeError(
                 f"file too big ({node.size} bytes, > {F.MAX_CHUNKS} chunks)", path
             )
@@ -400,6 +401,27 @@ def _rewrite(inode: _Inode, parents: dict[int, _Inode], version: int) -> None:
             _set_xattr(parent, F.XATTR_USER_OPAQUE, b"x")
 
 
+def rewritten(node: Node, path: bytes, version: int) -> _Inode:
+    """One node as the writer stores it (overlay rewrite done), apart from its place in the tree.
+
+    For :mod:`.patch`, which compares it with the inode an image holds.  A
+    whiteout changes its parent too, so it is refused here, as is anything
+    :func:`build_image` would refuse (:class:`ImageError`).
+    """
+    ftype = stat.S_IFMT(node.mode)
+    _check_node(node, ftype, path)
+    if ftype == stat.S_IFCHR and node.rdev == 0:
+        raise ImageError("a whiteout changes its parent directory", path)
+    inode = _copy(node, ftype, path)
+    _rewrite(inode, {}, version)
+    return inode
+
+
+def chunk_format(size: int) -> int:
+    """The chunk format (low bits of i_u) of an external file of ``size`` bytes."""
+    return _chunk_bits(size) - F.BLOCK_BITS
+
+
 def _add_stubs(root: _Inode) -> None:
     """The 256 ``00``..``ff`` whiteout chardevs every image root carries."""
     assert root.entries is not None
@@ -541,7 +563,7 @@ def _size_inode(inode: _Inode) -> None:
         inode.tail = content[len(content) - tail_len :] if tail_len else b""
         inode.i_size = len(content)
     elif ftype == stat.S_IFREG and inode.size > 0:
-        inode.tail = b"\xff" * (F.CHUNK_ENTRY_SIZE * _chunk_count(inode.size))
+        inode.tail = b"\xff" * (F.CHUNK_ENTRY_SIZE * chunk_count(inode.size))
         inode.i_size = inode.size
     elif ftype == stat.S_IFLNK:
         assert inode.payload is not None
@@ -634,8 +656,8 @@ def _i_u(inode: _Inode) -> int:
     """
     ftype = inode.ftype
     if inode.layout == F.LAYOUT_CHUNK_BASED:
-        chunk_format = _chunk_bits(inode.size) - F.BLOCK_BITS
-        return (inode.blkaddr & 0xFFFF0000) | chunk_format if inode.n_blocks else chunk_format
+        chunk = chunk_format(inode.size)
+        return (inode.blkaddr & 0xFFFF0000) | chunk if inode.n_blocks else chunk
     if ftype in (stat.S_IFCHR, stat.S_IFBLK):
         return inode.rdev
     return inode.blkaddr if inode.n_blocks else 0
