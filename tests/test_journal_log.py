@@ -12,6 +12,7 @@ import blake3
 import pytest
 
 from aptlayer.journal import (
+    Derived,
     Journal,
     JournalError,
     ManifestConflict,
@@ -27,7 +28,7 @@ def journal(tmp_path: Path):
         yield j
 
 
-def create(j: Journal, name: str, digest: str, objects: list[tuple[str, int]], tx: str | None = None) -> None:
+def create(j: Journal, name: str, digest: str, objects, tx: str | None = None) -> None:
     tx = tx or f"tx-{name}-{digest}"
     j.append("tx.begun", tx, {}, tx)
     with j.transaction() as w:
@@ -72,6 +73,24 @@ def test_manifest_recorded_once_with_hash_in_event(journal: Journal) -> None:
         create(journal, "five", "D3", [("a" * 64, 6)])
     assert journal.image("three") is None and journal.image("five") is None
     assert journal.verify() == journal.last_seq()
+
+
+def test_derived_manifest_is_the_full_one(journal: Journal) -> None:
+    """Derived(base, removed, added) records exactly the rows and hash the full list would."""
+    base = [("a" * 64, 1), ("b" * 64, 2), ("c" * 64, 3)]
+    create(journal, "one", "D1", base)
+    create(journal, "two", "D2", Derived("D1", frozenset({"b" * 64}), (("d" * 64, 4), ("a" * 64, 1))))
+    full = [("a" * 64, 1), ("c" * 64, 3), ("d" * 64, 4)]
+    assert journal.manifest("D2") == full
+    create(journal, "three", "D3", full)
+    hashes = {e.subject: e.data["manifest"] for e in journal.events(kind="image.created")}
+    assert hashes["two"] == hashes["three"]
+    assert journal.verify() == journal.last_seq() and journal.check() == []
+    with pytest.raises(ManifestConflict, match="size"):  # an added object is checked against the others
+        create(journal, "four", "D4", Derived("D1", frozenset(), (("d" * 64, 5),)))
+    with pytest.raises(JournalError, match="no manifest"):
+        create(journal, "five", "D5", Derived("D9", frozenset(), ()))
+    assert journal.image("four") is None and journal.image("five") is None
 
 
 def test_transaction_is_all_or_nothing(journal: Journal) -> None:

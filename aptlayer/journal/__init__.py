@@ -18,7 +18,7 @@ from .errors import (
 )
 from .invariants import check_invariants
 from .event import Event
-from .log import RECORDED, Journal, Writer, canonical, chain_hash, default_actor
+from .log import RECORDED, Derived, Journal, Writer, canonical, chain_hash, default_actor
 from .projection import APPLY, known_kind
 from .schema import SCHEMA_VERSION
 
@@ -30,6 +30,7 @@ __all__ = [
     "AuditRefused",
     "AuditResult",
     "ChainBroken",
+    "Derived",
     "Event",
     "Journal",
     "JournalCorruptError",

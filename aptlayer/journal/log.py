@@ -25,6 +25,7 @@ import sqlite3
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import blake3
@@ -47,6 +48,21 @@ class _Recorded:
 #: ``manifest=RECORDED``: the image ``data["digest"]`` names has a manifest recorded
 #: already; the event takes its hash instead of being given the rows again.
 RECORDED = _Recorded()
+
+
+@dataclass(frozen=True)
+class Derived:
+    """``manifest=Derived(...)``: the manifest recorded for image ``base``, less ``removed``, plus ``added``.
+
+    For an image made by changing a few files of another: the rows are
+    copied inside SQLite instead of being handed over and inserted one by
+    one, and only the added objects are checked against other manifests.
+    The manifest and its hash are exactly those of the full list.
+    """
+
+    base: str
+    removed: frozenset[str]
+    added: tuple[tuple[str, int], ...]
 
 
 def canonical(value: object) -> str:
@@ -106,14 +122,15 @@ class Writer:
         data: dict,
         tx: str,
         actor: dict | None = None,
-        manifest: Manifest | _Recorded | None = None,
+        manifest: Manifest | _Recorded | Derived | None = None,
     ) -> Event:
         """Record one event (and its manifest) and apply it to the projection.
 
         With ``manifest``, ``data["digest"]`` names the image and
         ``data["manifest"]`` is set to the manifest's hash, so the chain also
         protects the manifest rows (``RECORDED``: the rows recorded for
-        that digest before; a JournalError if there are none). An object id is a content digest, so it
+        that digest before, a JournalError if there are none; :class:`Derived`:
+        another image's rows changed by a few). An object id is a content digest, so it
         has one size in every manifest; a different one is a ManifestConflict.
         A refused event leaves no trace, even if the caller catches the error
         and goes on with the transaction (each append is a savepoint).
@@ -132,7 +149,7 @@ class Writer:
 
     def _append(
         self, kind: str, subject: str, data: dict, tx: str, actor: dict | None,
-        manifest: Manifest | _Recorded | None,
+        manifest: Manifest | _Recorded | Derived | None,
     ) -> Event:
         conn = self._conn
         last = conn.execute("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1").fetchone()
@@ -143,6 +160,9 @@ class Writer:
             if known is None:
                 raise JournalError(f"no manifest recorded for image {data.get('digest')}")
             data = {**data, "manifest": known[0]}
+        elif isinstance(manifest, Derived):
+            rows, mhash = manifest_rows(self._derive(manifest))
+            data = {**data, "manifest": mhash}
         elif manifest is not None:
             rows, mhash = manifest_rows(manifest)
             data = {**data, "manifest": mhash}
@@ -156,12 +176,21 @@ class Writer:
             (seq, at, tx, kind, subject, data_text, actor_text, digest),
         )
         if rows is not None:
-            self._record_manifest(data, rows, seq)
+            self._record_manifest(data, rows, seq, manifest if isinstance(manifest, Derived) else None)
         event = Event(seq, at, tx, kind, subject, json.loads(data_text), actor_value, digest)
         projection.apply(conn, event)
         return event
 
-    def _record_manifest(self, data: dict, rows: list[tuple[str, int]], seq: int) -> None:
+    def _derive(self, derived: Derived) -> list[tuple[str, int]]:
+        """The full rows of a derived manifest."""
+        base = self._conn.execute(
+            "SELECT object, size FROM image_objects WHERE digest = ?", (derived.base,)).fetchall()
+        if not base:
+            raise JournalError(f"no manifest recorded for image {derived.base}")
+        removed = derived.removed
+        return [row for row in base if row[0] not in removed] + list(derived.added)
+
+    def _record_manifest(self, data: dict, rows: list[tuple[str, int]], seq: int, derived: Derived | None) -> None:
         image = data.get("digest")
         if not isinstance(image, str):
             raise JournalError("an event with a manifest needs data['digest']")
@@ -174,14 +203,29 @@ class Writer:
             "INSERT INTO images_manifest (digest, seq, objects, size, hash) VALUES (?, ?, ?, ?, ?)",
             (image, seq, len(rows), sum(size for _, size in rows), data["manifest"]),
         )
-        self._conn.executemany(
-            "INSERT INTO image_objects (digest, object, size) VALUES (?, ?, ?)",
-            ((image, obj, size) for obj, size in rows),
-        )
+        if derived is None:
+            self._conn.executemany(
+                "INSERT INTO image_objects (digest, object, size) VALUES (?, ?, ?)",
+                ((image, obj, size) for obj, size in rows),
+            )
+            checked = "n.digest = ?"
+            args: tuple = (image,)
+        else:  # the base's rows agree with every manifest already; only the added ones are new
+            self._conn.execute(
+                "INSERT INTO image_objects (digest, object, size) SELECT ?, object, size FROM image_objects "
+                "WHERE digest = ? AND object NOT IN (SELECT value FROM json_each(?))",
+                (image, derived.base, json.dumps(sorted(derived.removed | {obj for obj, _ in derived.added}))),
+            )
+            self._conn.executemany(
+                "INSERT INTO image_objects (digest, object, size) VALUES (?, ?, ?)",
+                ((image, obj, size) for obj, size in derived.added),
+            )
+            checked = "n.digest = ? AND n.object IN (SELECT value FROM json_each(?))"
+            args = (image, json.dumps([obj for obj, _ in derived.added]))
         clash = self._conn.execute(
             "SELECT n.object, n.size, o.size FROM image_objects AS n JOIN image_objects AS o "
-            "ON o.object = n.object AND o.digest != n.digest AND o.size != n.size WHERE n.digest = ? LIMIT 1",
-            (image,),
+            f"ON o.object = n.object AND o.digest != n.digest AND o.size != n.size WHERE {checked} LIMIT 1",
+            args,
         ).fetchone()
         if clash is not None:
             raise ManifestConflict(f"object {clash[0]} has size {clash[1]} here but {clash[2]} in another manifest")
@@ -253,7 +297,7 @@ class Journal:
         data: dict,
         tx: str,
         actor: dict | None = None,
-        manifest: Manifest | _Recorded | None = None,
+        manifest: Manifest | _Recorded | Derived | None = None,
     ) -> Event:
         """Append one event in its own SQLite transaction (see Writer.append)."""
         with self.transaction() as w:
