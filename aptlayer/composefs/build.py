@@ -17,7 +17,7 @@ from . import fsverity
 from .digestcache import DigestCache
 from .dumpfile import DumpError, parse_dump
 from .objectstore import ObjectStore, ObjectStoreError
-from .scan import ScanError, ScanStats, scan
+from .scan import ScanError, ScanStats, TreeWalk, scan, scan_entries
 from .tree import Node
 from .writer import ImageError, build_image
 
@@ -87,6 +87,16 @@ def load_tree(
     except ObjectStoreError as e:
         raise BuildError(f"digest store: {e}") from None
     return result
+
+
+def read_entries(src: str, walked: TreeWalk, paths: list[bytes], **options) -> tuple[dict[bytes, Node], ScanStats]:
+    """Some entries of a walked directory (see :func:`.scan.scan_entries`), failures as BuildError."""
+    try:
+        return scan_entries(src, walked, paths, **options)
+    except ScanError as e:
+        raise BuildError(f"{os.path.join(src, os.fsdecode(e.path).lstrip('/'))}: {e.reason}") from None
+    except ObjectStoreError as e:
+        raise BuildError(f"digest store: {e}") from None
 
 
 def render(root: Node, *, min_version: int = 0, max_version: int = 1) -> tuple[bytes, bytes]:

@@ -173,7 +173,24 @@ def scan(
     return ScanResult(root, walker.stats, walker.fingerprint())
 
 
-def fingerprint(
+class TreeWalk(NamedTuple):
+    """What an ``lstat`` walk of a tree saw (see :func:`walk`)."""
+
+    #: the fingerprint :func:`scan` would give: None if some entry had not settled
+    fingerprint: bytes | None
+    #: every entry's cache key by path (``/``, ``/a/b``); b"" for an entry that
+    #: had not settled: its key does not vouch for its content
+    keys: dict[bytes, Key]
+    #: complete directory listings by path with a trailing slash, as
+    #: (name, lstat) pairs, for :func:`scan` and :func:`scan_entries`
+    listings: dict[bytes, list[tuple[bytes, os.stat_result]]]
+    #: entries, files, bytes and external files, as a scan would count them
+    stats: ScanStats
+    #: the options the keys were taken under (part of the fingerprint)
+    options: bytes
+
+
+def walk(
     source: str | bytes | os.PathLike,
     settled_before_ns: int,
     *,
@@ -181,44 +198,125 @@ def fingerprint(
     skip_xattrs: bool = False,
     user_xattrs: bool = False,
     skip_devices: bool = False,
-    listings: dict[bytes, list[tuple[bytes, os.stat_result]]] | None = None,
-) -> bytes | None:
-    """The fingerprint :func:`scan` would give ``source``, from ``lstat`` alone.
+) -> TreeWalk | None:
+    """Walk ``source`` with ``lstat`` alone: the fingerprint :func:`scan` would give, and more.
 
     ``settled_before_ns`` is the cache's settling limit: an entry whose ctime
-    is not before it makes the result None.  None also for anything the scan
-    would stop at (an unreadable directory, a name too long, a file type
-    composefs cannot hold, a directory replaced while walked): the scan
-    reports those.  Directories are opened relative to their parent with
-    ``O_NOFOLLOW`` and checked against their listing, as in the scan; at
-    most one fd per level is open.  With ``listings``, every directory
-    listed completely is stored in it (by path, with a trailing slash) as
-    (name, lstat) pairs, for :func:`scan` to use instead of listing again.
+    is not before it makes the fingerprint None (and its key b"").  The
+    result is None for anything the scan would stop at (an unreadable
+    directory, a name too long, a file type composefs cannot hold, a
+    directory replaced while walked): the scan reports those.  Directories
+    are opened relative to their parent with ``O_NOFOLLOW`` and checked
+    against their listing, as in the scan; at most one fd per level is open.
     """
-    walk = _FingerprintWalk(_Fingerprint(_Options(use_epoch, skip_xattrs, user_xattrs, skip_devices),
-                                         settled_before_ns), {} if listings is None else listings)
-    return walk.run(os.fsencode(source))
+    opts = _Options(use_epoch, skip_xattrs, user_xattrs, skip_devices)
+    fp = _Fingerprint(opts, settled_before_ns)
+    listings: dict[bytes, list[tuple[bytes, os.stat_result]]] = {}
+    stats = ScanStats()
+    if not _FingerprintWalk(fp, listings, stats).run(os.fsencode(source)):
+        return None
+    return TreeWalk(fp.digest(), fp.keys, listings, stats, fp.options)
+
+
+def fingerprint(source: str | bytes | os.PathLike, settled_before_ns: int, **options: bool) -> bytes | None:
+    """The fingerprint :func:`scan` would give ``source``, from ``lstat`` alone (see :func:`walk`)."""
+    walked = walk(source, settled_before_ns, **options)
+    return None if walked is None else walked.fingerprint
+
+
+def changed_paths(old: dict[bytes, Key], new: dict[bytes, Key]) -> list[bytes] | None:
+    """The paths whose key differs between two walks' ``keys``; None if a path came or went.
+
+    An entry whose key is b"" (not settled) counts as changed.
+    """
+    if len(old) != len(new):
+        return None
+    changed = []
+    for path, key in new.items():
+        was = old.get(path)
+        if was is None:
+            return None
+        if was != key or not key:
+            changed.append(path)
+    return changed
+
+
+def scan_entries(
+    source: str | bytes | os.PathLike,
+    walked: TreeWalk,
+    paths: list[bytes],
+    *,
+    store: ObjectStore | None = None,
+    use_epoch: bool = False,
+    skip_xattrs: bool = False,
+    user_xattrs: bool = False,
+    threads: int = 1,
+) -> tuple[dict[bytes, Node], ScanStats]:
+    """Read some entries of ``source`` as :func:`scan` reads them, by path (``/a/b``, not the root).
+
+    ``walked`` is the :func:`walk` that saw them: each entry must still be
+    the file its listing describes, and each directory on the way the one
+    walked (both are checked: ``ScanError`` "changed during the scan").  A
+    directory's node comes without children.  External files go into
+    ``store`` as in a scan; on failure what a batch store staged is discarded.
+    Returns the nodes by path and the stats of these entries alone.
+    """
+    if skip_xattrs and user_xattrs:
+        raise ValueError("skip_xattrs and user_xattrs conflict")
+    by_dir: dict[bytes, dict[bytes, os.stat_result]] = {}
+
+    def lstat(path: bytes) -> os.stat_result | None:
+        """The entry's lstat in the walk, by way of its parent's listing."""
+        parent, name = path.rsplit(b"/", 1)
+        names = by_dir.get(parent)
+        if names is None:
+            names = by_dir[parent] = dict(walked.listings.get(parent + b"/", ()))
+        return names.get(name)
+
+    def ident(path: bytes) -> tuple[int, int] | None:
+        st = lstat(path)
+        return None if st is None else (st.st_dev, st.st_ino)
+
+    listed = []
+    for path in paths:
+        st = lstat(path)
+        if st is None:
+            raise ScanError(path, "not in the walk")
+        listed.append((path, st))
+    walker = _Walker(_Options(use_epoch, skip_xattrs, user_xattrs), store, None, threads, None)
+    try:
+        nodes = walker.entries(os.fsencode(source), listed, ident)
+    except BaseException:
+        if store is not None:
+            store.discard()
+        raise
+    return nodes, walker.stats
 
 
 class _FingerprintWalk:
     """The walk of :func:`fingerprint`: it goes on past an unsettled entry, for the listings."""
 
-    def __init__(self, fp: _Fingerprint, listings: dict[bytes, list[tuple[bytes, os.stat_result]]]) -> None:
+    def __init__(
+        self, fp: _Fingerprint, listings: dict[bytes, list[tuple[bytes, os.stat_result]]], stats: ScanStats
+    ) -> None:
         self.fp = fp
         self.listings = listings
+        self.stats = stats
 
-    def run(self, source: bytes) -> bytes | None:
+    def run(self, source: bytes) -> bool:
+        """Walk the tree; False where the scan would stop."""
         try:
             root_fd = os.open(source, _OPEN_DIR)
         except OSError:
-            return None
+            return False
         #: (fd, path with a trailing slash, subdirectories still to walk as (name, (dev, ino)))
         stack: list[tuple[int, bytes, list[tuple[bytes, tuple[int, int]]]]] = [(root_fd, b"/", [])]
         try:
             self.fp.add(b"/", os.fstat(root_fd))
+            self.stats.entries += 1
             todo = self._list(root_fd, b"/")
             if todo is None:
-                return None
+                return False
             stack[0][2].extend(todo)
             while stack:
                 fd, base, todo = stack[-1]
@@ -230,19 +328,19 @@ class _FingerprintWalk:
                 try:
                     cfd = os.open(name, _OPEN_DIR, dir_fd=fd)
                 except OSError:
-                    return None
+                    return False
                 stack.append((cfd, base + name + b"/", []))
                 cst = os.fstat(cfd)
                 if (cst.st_dev, cst.st_ino) != ident:
-                    return None
+                    return False
                 sub = self._list(cfd, base + name + b"/")
                 if sub is None:
-                    return None
+                    return False
                 stack[-1][2].extend(sub)
         finally:
             for fd, _, _ in stack:
                 os.close(fd)
-        return self.fp.digest()
+        return True
 
     def _list(self, fd: int, base: bytes) -> list[tuple[bytes, tuple[int, int]]] | None:
         """Add a directory's entries; its subdirectories, or None where the scan would stop."""
@@ -253,6 +351,7 @@ class _FingerprintWalk:
             return None
         subdirs = []
         listing = []
+        stats = self.stats
         skip_devices = self.fp.opts.skip_devices
         for name, entry in entries:
             if len(name) > NAME_MAX:
@@ -268,8 +367,14 @@ class _FingerprintWalk:
             if skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
                 continue
             self.fp.add(base + name, st)
+            stats.entries += 1
             if kind == stat.S_IFDIR:
                 subdirs.append((name, (st.st_dev, st.st_ino)))
+            elif kind == stat.S_IFREG:
+                stats.files += 1
+                stats.bytes += st.st_size
+                if st.st_size > INLINE_MAX:
+                    stats.external += 1
         self.listings[base] = listing
         return subdirs
 
@@ -279,24 +384,25 @@ class _Fingerprint:
 
     def __init__(self, opts: _Options, settled_before_ns: int) -> None:
         self.opts = opts
+        self.options = repr(opts).encode()
         self.limit = settled_before_ns
-        self.pieces: list[bytes] = []
-        self.settled = True
+        #: by path; b"" for an entry not settled
+        self.keys: dict[bytes, Key] = {}
 
     def add(self, path: bytes, st: os.stat_result) -> Key:
         """Note an entry; returns its cache key."""
         key = key_of(st)
-        if st.st_ctime_ns >= self.limit:
-            self.settled = False
-        self.pieces.append(path + b"\0" + key)
+        self.keys[path] = key if st.st_ctime_ns < self.limit else b""
         return key
 
     def digest(self) -> bytes | None:
         """The fingerprint, or None if some entry had not settled."""
-        if not self.settled:
+        keys = self.keys
+        if b"" in keys.values():
             return None
-        h = hashlib.sha256(repr(self.opts).encode())
-        h.update(b"".join(sorted(self.pieces)))  # by path: the walk order does not matter
+        h = hashlib.sha256(self.options)
+        # by path: the walk order does not matter
+        h.update(b"".join(sorted([path + b"\0" + key for path, key in keys.items()])))
         return h.digest()
 
 
@@ -331,6 +437,34 @@ def _limit_open_dirs(stack: list[_Dir]) -> None:
         assert d.fd is not None
         os.close(d.fd)
         d.fd = None
+
+
+def _descend(open_dirs: list[tuple[bytes, int]], path: bytes,
+             idents: Callable[[bytes], tuple[int, int] | None]) -> int:
+    """The fd of the directory ``path``, from the open directories of the last one.
+
+    Those not on the way are closed; the rest of the way is opened name by
+    name with ``O_NOFOLLOW``, each step checked against the walk's (device,
+    inode).  At most MAX_OPEN_DIRS levels.
+    """
+    while open_dirs[-1][0] and path != open_dirs[-1][0] and not path.startswith(open_dirs[-1][0] + b"/"):
+        os.close(open_dirs.pop()[1])
+    here, fd = open_dirs[-1]
+    if here == path:
+        return fd
+    for name in path[len(here) + 1 :].split(b"/"):
+        here += b"/" + name
+        if len(open_dirs) >= MAX_OPEN_DIRS:
+            raise ScanError(here, f"more than {MAX_OPEN_DIRS} levels deep")
+        try:
+            fd = os.open(name, _OPEN_DIR, dir_fd=fd)
+        except OSError as e:
+            raise ScanError(here, f"cannot open: {e.strerror}") from e
+        open_dirs.append((here, fd))
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != idents(here):
+            raise ScanError(here, "changed during the scan")
+    return fd
 
 
 class _Walker:
@@ -374,10 +508,7 @@ class _Walker:
         except OSError as e:
             reason = "Not a directory" if e.errno in (errno.ENOTDIR, errno.ELOOP) else e.strerror
             raise ScanError(b"/", f"cannot open source {os.fsdecode(source)}: {reason}") from e
-        if self.threads > 1 and self.store is not None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(self.threads)
+        self._start_pool()
         stack: list[_Dir] = []
         try:
             st = os.fstat(root_fd)
@@ -401,18 +532,55 @@ class _Walker:
                 stack.append(_Dir(name, child, (st.st_dev, st.st_ino), cfd))
                 stack[-1].pending = self._list(cfd, child, node)
                 _limit_open_dirs(stack)
-            self._submit()
-            while self.inflight:
-                self.inflight.popleft()[0].result()
+            self._finish_jobs()
         finally:
             for d in stack:
                 if d.fd is not None:
                     os.close(d.fd)
             self._shutdown()
+        self._count_objects()
+        return root
+
+    def entries(self, source: bytes, entries: list[tuple[bytes, os.stat_result]],
+                idents: Callable[[bytes], tuple[int, int] | None]) -> dict[bytes, Node]:
+        """The nodes of single entries below the root of ``source``; see :func:`scan_entries`."""
+        try:
+            root_fd = os.open(source, _OPEN_DIR)
+        except OSError as e:
+            raise ScanError(b"/", f"cannot open source {os.fsdecode(source)}: {e.strerror}") from e
+        self._start_pool()
+        nodes: dict[bytes, Node] = {}
+        #: the open directories from the root down to the last one used, as (path, fd)
+        open_dirs: list[tuple[bytes, int]] = [(b"", root_fd)]
+        try:
+            for path, st in sorted(entries):  # siblings together: each directory is opened once
+                parent, name = path.rsplit(b"/", 1)
+                dfd = _descend(open_dirs, parent, idents)
+                nodes[path] = self._entry(dfd, f"/proc/self/fd/{dfd}/".encode(), name, path, st)
+            self._finish_jobs()
+        finally:
+            for _, fd in open_dirs:
+                os.close(fd)
+            self._shutdown()
+        self._count_objects()
+        return nodes
+
+    def _start_pool(self) -> None:
+        if self.threads > 1 and self.store is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(self.threads)
+
+    def _finish_jobs(self) -> None:
+        """Hand over the last chunk and wait for every copy."""
+        self._submit()
+        while self.inflight:
+            self.inflight.popleft()[0].result()
+
+    def _count_objects(self) -> None:
         if self.store is not None:
             self.stats.objects_created = len(self.created)
             self.stats.objects_deduped = self.stats.external - self.stats.objects_created
-        return root
 
     def _shutdown(self) -> None:
         """Stop the pool; close the fds of jobs that never ran (after a failure)."""
@@ -486,33 +654,40 @@ class _Walker:
                 raise ScanError(child, f"file type {kind:#o} cannot be represented")
             if skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
                 continue
-            hit = self._lookup(child, st)
-            xattrs, pairs = self._xattrs(child, proc + name, hit)
-            cnode = self._node(child, st, xattrs)
-            children[name] = cnode
-            if kind == stat.S_IFREG:
-                self._file(dfd, name, child, st, cnode, hit)
-                data = cnode.content
-            elif kind == stat.S_IFDIR:
-                cnode.nlink = st.st_nlink
+            cnode = children[name] = self._entry(dfd, proc, name, child, st)
+            if kind == stat.S_IFDIR:
                 subdirs.append((name, cnode, st))
-                data = None
-            elif kind == stat.S_IFLNK:
-                if hit is not None and hit[2] is not None:
-                    cnode.payload = hit[2]
-                else:
-                    try:
-                        cnode.payload = os.readlink(name, dir_fd=dfd)
-                    except OSError as e:
-                        raise ScanError(child, f"cannot read symlink: {e.strerror}") from e
-                cnode.size = len(cnode.payload)
-                data = cnode.payload
-            else:
-                data = None
-            if self.cache is not None:
-                self._keep(st, hit, (cnode.digest, pairs, data))
         subdirs.reverse()
         return subdirs
+
+    def _entry(self, dfd: int, proc: bytes, name: bytes, path: bytes, st: os.stat_result) -> Node:
+        """The node of entry ``name`` of the open directory ``dfd`` (``proc``: its /proc/self/fd path).
+
+        A directory's children are not listed here.
+        """
+        kind = stat.S_IFMT(st.st_mode)
+        hit = self._lookup(path, st)
+        xattrs, pairs = self._xattrs(path, proc + name, hit)
+        node = self._node(path, st, xattrs)
+        data = None
+        if kind == stat.S_IFREG:
+            self._file(dfd, name, path, st, node, hit)
+            data = node.content
+        elif kind == stat.S_IFDIR:
+            node.nlink = st.st_nlink
+        elif kind == stat.S_IFLNK:
+            if hit is not None and hit[2] is not None:
+                node.payload = hit[2]
+            else:
+                try:
+                    node.payload = os.readlink(name, dir_fd=dfd)
+                except OSError as e:
+                    raise ScanError(path, f"cannot read symlink: {e.strerror}") from e
+            node.size = len(node.payload)
+            data = node.payload
+        if self.cache is not None:
+            self._keep(st, hit, (node.digest, pairs, data))
+        return node
 
     def _node(self, path: bytes, st: os.stat_result, xattrs: dict[bytes, bytes]) -> Node:
         if st.st_rdev > 0xFFFFFFFF:
