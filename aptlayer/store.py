@@ -19,6 +19,7 @@ Layout of a store root::
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import sqlite3
@@ -30,10 +31,13 @@ from pathlib import Path
 from . import errors, names
 from .composefs import fsops
 from .fault import fault
-from .journal import RECORDED, Journal, JournalCorruptError, JournalVersionError, ProjectionError
+from .journal import RECORDED, Derived, Journal, JournalCorruptError, JournalVersionError, ProjectionError
 from .lock import LockTimeout, locked
 
 IMAGE_SUFFIX = ".composefs"
+#: a build patches the last image only if at most 1/PATCH_MAX_SHARE of the entries changed;
+#: past that, reading them one by one costs more than a scan that skips unchanged ones
+PATCH_MAX_SHARE = 10
 
 
 def new_tx_id() -> str:
@@ -266,6 +270,8 @@ class Store:
                     "source": os.path.abspath(source), "objects": built.objects}
             if built.reused is not None:
                 data["reused"] = built.reused
+            if built.patched_from is not None:
+                data["patched"] = {"from": built.patched_from, "changed": built.changed}
             if not implicit:
                 self.record("image.staged", name, data, txid, manifest=built.manifest)
                 fault("create.after-stage")
@@ -286,7 +292,8 @@ class Store:
 
     def _created_info(self, name, data, txid, stats, staged) -> dict:
         info = {"name": name, "digest": data["digest"], "size": data["size"],
-                "objects": data["objects"], "tx": txid, "staged": staged, "reused": data.get("reused")}
+                "objects": data["objects"], "tx": txid, "staged": staged, "reused": data.get("reused"),
+                "patched": data.get("patched")}
         if stats is not None:
             info.update(files=stats.files, bytes=stats.bytes,
                         objects_created=stats.objects_created, objects_deduped=stats.objects_deduped)
@@ -327,66 +334,121 @@ class Store:
         return built
 
     def _build_python(self, source, staged: Path, options: CreateOptions, progress) -> _Built:
-        """The pure-Python build.
+        """The pure-Python build: reuse, patch or render, cheapest first.
 
-        An unchanged tree is recognised before it is read: ``cache/trees``
-        remembers the image each tree fingerprint (plus the version options)
-        gave, and when a fingerprint taken with ``lstat`` alone comes back,
-        a live image with that digest is copied instead of scanning and
-        rendering again, provided its bytes still hash to that digest.  Its
-        manifest is the one the journal recorded for that digest, and its
-        objects are present as those of any live image are.
+        A directory is first walked with ``lstat`` alone.  An unchanged tree
+        is recognised by its fingerprint: ``cache/trees`` remembers the image
+        each fingerprint (plus the version options) gave, and a live image
+        with that digest is copied, provided its bytes still hash to it; its
+        manifest is the one the journal recorded for that digest.  A tree
+        that changed in a few entries since the last build (``cache/last``)
+        has just those entries read, and the last image patched
+        (:mod:`.composefs.patch`) when the layout allows it.  Anything else
+        is scanned and rendered.
         """
-        from .composefs.digestcache import DigestCache, TreeResults
-        from .composefs.scan import ScanStats, fingerprint
+        from .composefs.digestcache import LastBuilds, TreeResults
+        from .composefs.scan import walk
 
-        trees = cache = listings = None
+        if options.from_file:
+            return self._render(source, staged, options, progress, None)
         versions = f"v{options.min_version}-{options.max_version}".encode()
-        if not options.from_file:
-            trees = TreeResults(self.root / "cache" / "trees")
-            listings = {}  # the scan below need not list the tree again
-            fp = fingerprint(source, trees.settled_before_ns, use_epoch=options.use_epoch,
-                             skip_xattrs=options.skip_xattrs, user_xattrs=options.user_xattrs,
-                             skip_devices=options.skip_devices, listings=listings)
-            known = trees.recall(fp + versions) if fp is not None else None
-            copied = self._copy_live_image(known[0], staged) if _is_tree_result(known) else None
-            if copied is not None:
-                fault("create.after-objects")
-                name, size = copied
-                digest, entries, files, nbytes, external = known
-                stats = ScanStats(entries=entries, files=files, bytes=nbytes, external=external,
-                                  objects_created=0, objects_deduped=external)
-                objects, _ = self.journal.manifest_summary(digest.hex())
-                return _Built(staged, digest.hex(), size, RECORDED, objects, stats, name)
-            cache = DigestCache(self.root / "cache" / "digests")
+        trees = TreeResults(self.root / "cache" / "trees")
+        walked = walk(source, trees.settled_before_ns, use_epoch=options.use_epoch,
+                      skip_xattrs=options.skip_xattrs, user_xattrs=options.user_xattrs,
+                      skip_devices=options.skip_devices)
+        if walked is None:  # the scan says what is wrong
+            return self._render(source, staged, options, progress, None)
+        if walked.fingerprint is not None:
+            known = trees.recall(walked.fingerprint + versions)
+            if isinstance(known, bytes) and len(known) == 32:
+                copied = self._copy_live_image(known, staged)
+                if copied is not None:
+                    fault("create.after-objects")
+                    copied.stats = dataclasses.replace(walked.stats, objects_deduped=walked.stats.external)
+                    return copied
+        last = LastBuilds(self.root / "cache" / "last")
+        scope = walked.options + versions
+        built = self._patch(source, staged, options, walked, last.get(scope))
+        if built is None:
+            built = self._render(source, staged, options, progress, walked)
+        digest = bytes.fromhex(built.digest)
+        last.put(scope, digest, walked.keys)
+        last.save()
+        if walked.fingerprint is not None:
+            trees.remember(walked.fingerprint + versions, digest)
+            trees.save()
+        return built
+
+    def _render(self, source, staged: Path, options: CreateOptions, progress, walked) -> _Built:
+        """Scan (unchanged entries from the digest cache) and render the whole tree."""
         from .composefs import build
+        from .composefs.digestcache import DigestCache
         from .composefs.objectstore import ObjectStore
 
+        cache = None if walked is None else DigestCache(self.root / "cache" / "digests")
         # No refreshing of dedupe hits: gc cannot run while this writer holds the lock.
         store = ObjectStore(self.objects_dir, batch=True, refresh_hits=False)
-        root, stats, fp = build.load_tree(
+        root, stats, _ = build.load_tree(
             source, from_file=options.from_file, store=store, use_epoch=options.use_epoch,
             skip_devices=options.skip_devices, skip_xattrs=options.skip_xattrs,
             user_xattrs=options.user_xattrs, threads=options.threads, progress=progress, cache=cache,
-            listings=listings)
+            listings=None if walked is None else walked.listings)
         store.sync()
         fault("create.after-objects")
         image, digest = build.render(root, min_version=options.min_version, max_version=options.max_version)
         fsops.write_file_atomic(staged, image)
-        if cache is not None:  # and trees: both or neither
+        if cache is not None:
             cache.save()
-            if fp is not None:
-                trees.remember(fp + versions, (digest, stats.entries, stats.files, stats.bytes,
-                                                  stats.external))
-                trees.save()
         manifest = manifest_of(root)
         return _Built(staged, digest.hex(), len(image), manifest, len(manifest), stats)
 
-    def _copy_live_image(self, digest: bytes, staged: Path) -> tuple[str, int] | None:
-        """Write a live image recorded with ``digest`` to ``staged`` if one still hashes to it.
+    def _patch(self, source, staged: Path, options: CreateOptions, walked, last) -> _Built | None:
+        """Read the entries changed since the last build and patch its image; None if that cannot be done."""
+        from .composefs import build, fsverity
+        from .composefs.objectstore import ObjectStore
+        from .composefs.patch import patch_image
+        from .composefs.scan import changed_paths
 
-        Returns the image's name and size, or None.
-        """
+        if last is None:
+            return None
+        base_digest, base_keys = last
+        changed = changed_paths(base_keys, walked.keys)
+        if changed is None or len(changed) > max(1, len(walked.keys) // PATCH_MAX_SHARE):
+            return None
+        base = self._live_image(base_digest)
+        if base is None:
+            return None
+        base_hex = base_digest.hex()
+
+        def in_base(digest: bytes) -> bool:
+            return self.journal.conn.execute(
+                "SELECT 1 FROM image_objects WHERE digest = ? AND object = ?",
+                (base_hex, fsverity.object_path(digest))).fetchone() is not None
+
+        store = ObjectStore(self.objects_dir, batch=True, refresh_hits=False)
+        try:
+            nodes, read = build.read_entries(source, walked, changed, store=store, use_epoch=options.use_epoch,
+                                             skip_xattrs=options.skip_xattrs, user_xattrs=options.user_xattrs,
+                                             threads=options.threads)
+        except build.BuildError:
+            return None  # the full scan reports what is wrong, or finds it right by then
+        patched = patch_image(base[1], nodes, in_base)
+        store.sync()  # kept either way: a render would import the same files
+        if patched is None:
+            return None
+        fault("create.after-objects")
+        image = bytes(patched.image)
+        fsops.write_file_atomic(staged, image)
+        manifest = Derived(base_hex, frozenset(fsverity.object_path(d) for d in patched.removed),
+                           tuple((fsverity.object_path(d), size) for d, size in patched.added.items()))
+        objects = self.journal.manifest_summary(base_hex)[0] - len(manifest.removed) + len(manifest.added)
+        stats = dataclasses.replace(walked.stats, objects_created=read.objects_created,
+                                    objects_deduped=walked.stats.external - read.objects_created)
+        return _Built(staged, fsverity.digest_bytes(image).hex(), len(image), manifest, objects, stats,
+                      patched_from=base[0], changed=len(changed))
+
+    def _live_image(self, digest: bytes) -> tuple[str, bytes] | None:
+        """(name, bytes) of a live image recorded with ``digest`` whose bytes still hash to it."""
         from .composefs import fsverity
 
         for (name,) in self.journal.conn.execute(
@@ -396,9 +458,18 @@ class Store:
             except OSError:
                 continue
             if fsverity.digest_bytes(image) == digest:
-                fsops.write_file_atomic(staged, image)
-                return name, len(image)
+                return name, image
         return None
+
+    def _copy_live_image(self, digest: bytes, staged: Path) -> _Built | None:
+        """The build of an unchanged tree: a copy of a live image with ``digest``, if one checks out."""
+        live = self._live_image(digest)
+        if live is None:
+            return None
+        name, image = live
+        fsops.write_file_atomic(staged, image)
+        objects, _ = self.journal.manifest_summary(digest.hex())
+        return _Built(staged, digest.hex(), len(image), RECORDED, objects, reused=name)
 
     def _build_upstream(self, source, staged: Path, options: CreateOptions):
         """Run the upstream mkcomposefs; its output is read back for the manifest."""
@@ -783,18 +854,15 @@ class _Built:
     staged: Path
     digest: str
     size: int
-    #: the rows, or RECORDED when the journal has this digest's already
+    #: the rows, RECORDED when the journal has this digest's already, or Derived from another's
     manifest: list[tuple[str, int]] | object
     objects: int
     stats: object = None
     #: the live image whose bytes were reused
     reused: str | None = None
-
-
-def _is_tree_result(value) -> bool:
-    """Whether a remembered tree result has the shape ``_build_python`` stores (the file is only a cache)."""
-    return (isinstance(value, tuple) and len(value) == 5 and isinstance(value[0], bytes)
-            and len(value[0]) == 32 and all(isinstance(v, int) for v in value[1:]))
+    #: the live image that was patched, and how many entries changed
+    patched_from: str | None = None
+    changed: int = 0
 
 
 def manifest_of(root) -> list[tuple[str, int]]:

@@ -128,7 +128,7 @@ def test_create_prints_name_digest_size_objects(root: Path, src: Path) -> None:
 def test_create_json(root: Path, src: Path, base: dict) -> None:
     assert base == {"name": "base", "digest": digest_of(src), "size": (root / "images/base.composefs").stat().st_size,
                     "objects": 3, "tx": base["tx"], "staged": False, "files": 4, "bytes": 5410,
-                    "objects_created": 3, "objects_deduped": 0, "reused": None}
+                    "objects_created": 3, "objects_deduped": 0, "reused": None, "patched": None}
     again = run(root, "image", "create", "--backend", "python", str(src), "again", "--json").json()
     assert (again["objects_created"], again["objects_deduped"]) == (0, 3)
 

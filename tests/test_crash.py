@@ -124,6 +124,23 @@ def test_operation_killed_at_every_point(template, op):
     assert kill_everywhere(template, template["root"], *_op_args(template, op)) == {}
 
 
+def test_patched_create_killed_at_every_point(template):
+    """A create that patches the last image (one file of the tree rewritten), killed at each point."""
+    import time
+
+    base = template["base"]
+    src = base / "src" / "patched"
+    shutil.copytree(template["trees"]["f"], src, symlinks=True)
+    start = _copy(template["root"], base / "patch-start")
+    time.sleep(2.1)  # settled: the last build's keys vouch for the entries
+    run_cli(start, "image", "create", str(src), "img-p0", "--backend", "python")
+    (src / "own").write_bytes(random.Random(5).randbytes(3000))
+    args = ("image", "create", str(src), "img-new", "--backend", "python", "--json")
+    probe = _copy(start, base / "patch-probe")
+    assert json.loads(run_cli(probe, *args).stdout)["patched"] == {"from": "img-p0", "changed": 1}
+    assert kill_everywhere(template, start, *args) == {}
+
+
 @pytest.mark.parametrize("crash", ["commit.after-commit", "create.after-commit", "create.after-objects",
                                    "links.after-temp", "delete.after-commit"])
 def test_recover_killed_at_every_point(template, crash):

@@ -17,8 +17,8 @@ from aptlayer.composefs import fsverity, reader
 from aptlayer.composefs.build import render
 from aptlayer.composefs.digestcache import DigestCache, key_of
 from aptlayer.composefs.objectstore import ObjectStore
-from aptlayer.composefs.scan import fingerprint, scan
-from aptlayer.store import CreateOptions, Store
+from aptlayer.composefs.scan import ScanError, changed_paths, fingerprint, scan, scan_entries, walk
+from aptlayer.store import CreateOptions, Store, manifest_of
 
 FAKE = bytes(range(32))
 
@@ -237,11 +237,14 @@ def test_scan_takes_the_fingerprint_walks_listings(tree: Path, tmp_path: Path) -
     """The walk lists every directory, settled or not, and a scan given its listings reads the same tree."""
     plain = render(scan(tree).root)[0]
     for limit in (time.time_ns(), 0):  # settled, then nothing settled: the walk goes on for the listings
-        listings: dict = {}
-        fp = fingerprint(tree, limit, listings=listings)
-        assert (fp is None) == (limit == 0)
-        assert set(listings) == {b"/", b"/sub/"} and len(listings[b"/sub/"]) == 80
-        assert render(scan(tree, listings=listings).root)[0] == plain
+        walked = walk(tree, limit)
+        assert (walked.fingerprint is None) == (limit == 0)
+        assert set(walked.listings) == {b"/", b"/sub/"} and len(walked.listings[b"/sub/"]) == 80
+        assert render(scan(tree, listings=walked.listings).root)[0] == plain
+        # every entry has its key, b"" where it had not settled
+        assert len(walked.keys) == walked.stats.entries
+        assert walked.stats == scan(tree).stats  # entries, files, bytes, external files
+        assert all(key == b"" for key in walked.keys.values()) == (limit == 0)
 
 
 def test_store_reuses_the_image_of_an_unchanged_tree(tmp_path: Path) -> None:
@@ -308,3 +311,81 @@ def test_store_create_uses_the_cache(tmp_path: Path) -> None:
         store.close()
     assert second["digest"] != first["digest"]
     assert fsverity.object_path(FAKE).encode() in objects
+
+
+def test_store_patches_the_last_image_when_a_few_files_changed(tmp_path: Path) -> None:
+    """A few files rewritten: just they are read, the last image patched; bytes as a full render's."""
+    src = make_tree(tmp_path / "src", n=40)  # 163 entries: up to 16 may change
+    time.sleep(2.1)
+    store = Store.open(tmp_path / "root")
+    try:
+        opts = CreateOptions(backend="python")
+        first = store.create(str(src), "one", opts)
+        for name in ("f03", "f07"):  # unique content, new content, same size
+            (src / name).write_bytes(os.urandom((src / name).stat().st_size))
+        (src / "sub" / "tiny05").write_bytes(b"y" * 5)  # inline content, same size
+        second = store.create(str(src), "two", opts)
+        assert second["patched"] == {"from": "one", "changed": 3}
+        assert store.image_path("two").read_bytes() == render(scan(src).root)[0]
+        assert second["objects"] == first["objects"]  # two objects out, two in
+        assert second["objects_created"] == 2 and second["files"] == first["files"]
+        assert store.journal.verify() > 0 and store.journal.check() == []
+        assert store.journal.manifest(second["digest"]) == manifest_of(scan(src).root)
+        # The changed files have not settled: the next build reads them again, and patches again.
+        (src / "f09").write_bytes(os.urandom((src / "f09").stat().st_size))
+        third = store.create(str(src), "three", opts)
+        assert third["patched"] == {"from": "two", "changed": 4}
+        assert store.image_path("three").read_bytes() == render(scan(src).root)[0]
+    finally:
+        store.close()
+
+
+def test_store_renders_when_the_patch_cannot_be_made(tmp_path: Path) -> None:
+    """Content another file shares, a tampered last image, a new file: the tree is rendered."""
+    src = make_tree(tmp_path / "src", n=40)
+    time.sleep(2.1)
+    store = Store.open(tmp_path / "root")
+    try:
+        opts = CreateOptions(backend="python")
+        store.create(str(src), "one", opts)
+        (src / "sub" / "same03").write_bytes(b"other content\n" * 20)  # its old xattrs were shared
+        two = store.create(str(src), "two", opts)
+        assert two["patched"] is None
+        assert store.image_path("two").read_bytes() == render(scan(src).root)[0]
+        good = store.image_path("two").read_bytes()
+        store.image_path("two").write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
+        (src / "f04").write_bytes(os.urandom((src / "f04").stat().st_size))
+        three = store.create(str(src), "three", opts)
+        assert three["patched"] is None
+        assert store.image_path("three").read_bytes() == render(scan(src).root)[0]
+        (src / "new").write_bytes(b"a new file, a new layout\n" * 4)
+        four = store.create(str(src), "four", opts)
+        assert four["patched"] is None
+        assert store.image_path("four").read_bytes() == render(scan(src).root)[0]
+        assert store.journal.verify() > 0 and store.journal.check() == []
+    finally:
+        store.close()
+
+
+def test_changed_paths_and_scan_entries(tree: Path) -> None:
+    """The walk's keys tell changed entries; scan_entries reads them as a scan does, and checks them."""
+    before = walk(tree, time.time_ns())
+    assert changed_paths(before.keys, before.keys) == []
+    (tree / "f05").write_bytes(os.urandom(300))
+    os.setxattr(tree / "sub" / "tiny02", "user.x", b"1")
+    after = walk(tree, 0)  # nothing settled: every key is b"", every entry changed
+    assert changed_paths(before.keys, after.keys) == list(after.keys)
+    after = walk(tree, time.time_ns() + 10**10)
+    changed = changed_paths(before.keys, after.keys)
+    assert set(changed) == {b"/f05", b"/sub/tiny02"}
+    nodes, stats = scan_entries(tree, after, changed)
+    full = dict(scan(tree).root.walk())
+    for path, node in nodes.items():
+        assert (node.mode, node.size, node.digest, node.content, node.xattrs) == (
+            full[path].mode, full[path].size, full[path].digest, full[path].content, full[path].xattrs)
+    assert stats.files == 2
+    (tree / "later").write_bytes(b"1")
+    assert changed_paths(after.keys, walk(tree, 0).keys) is None  # a path came: not a few changes
+    (tree / "f05").write_bytes(os.urandom(301))  # no longer the file the walk saw
+    with pytest.raises(ScanError, match="changed during the scan"):
+        scan_entries(tree, after, [b"/f05"])

@@ -24,12 +24,16 @@ The rows:
   store unchanged the same tree again, unchanged since the last image: an
                   lstat walk recognises it and the live image is reused
   store 1% chg    1% of the files rewritten with new content before each run
-                  (upstream: mkcomposefs of the same changed tree)
+                  (upstream: mkcomposefs of the same changed tree); any file,
+                  so some had content another file shares: the image layout
+                  moves, and apt-layer renders it all again
+  store 1% uniq   the same, picking among files whose content no other file
+                  has (a package upgrade, mostly): the last image is patched
 
 and prints a table with ratios (apt-layer / upstream).  The images must be
-identical: compat cold, store cold and the 1%-changed tree's image are
+identical: compat cold, store cold and the 1%-changed trees' images are
 compared with upstream's.  Goals: cold <= 1.25x, warm <= 1.0x, dump <= 3x,
-unchanged <= 0.3x, 1% changed <= 0.35x.
+unchanged <= 0.3x, 1% changed <= 0.35x (both rows).
 
 Usage: tools/bench_create.py [--tree synthetic|rootfs] [--entries N] [--mbytes N] [--repeat N]
                              [--workdir DIR]
@@ -103,11 +107,20 @@ def make_tree(root: Path, entries: int, mbytes: int, seed: int = 1) -> tuple[int
     return n_dirs + n_files + n_links + 1, written
 
 
-def change_files(root: Path, fraction: float, seed: int) -> int:
-    """Rewrite ``fraction`` of the regular files with new content of the same size; returns how many."""
+def change_files(root: Path, fraction: float, seed: int, unique: bool = False) -> int:
+    """Rewrite ``fraction`` of the regular files with new content of the same size; returns how many.
+
+    With ``unique``, only files whose content no other file has are picked.
+    """
     rng = random.Random(seed)
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
-    picked = rng.sample(files, max(1, round(len(files) * fraction)))
+    candidates = files
+    if unique:
+        by_content: dict[bytes, list[Path]] = {}
+        for path in files:
+            by_content.setdefault(hashlib.sha256(path.read_bytes()).digest(), []).append(path)
+        candidates = sorted(group[0] for group in by_content.values() if len(group) == 1)
+    picked = rng.sample(candidates, max(1, round(len(files) * fraction)))
     for path in picked:
         path.write_bytes(rng.randbytes(path.stat().st_size))
     return len(picked)
@@ -194,6 +207,9 @@ def store_rows(w: Path, mk: str | None, repeat: int) -> tuple[dict, dict[str, bo
     results["store 1% changed"] = row(lambda: change_files(w / "tree", 0.01, next(seeds)))
     if mk:
         same["store 1% changed"] = same_as_upstream()
+    results["store 1% unique"] = row(lambda: change_files(w / "tree", 0.01, next(seeds), unique=True))
+    if mk:
+        same["store 1% unique"] = same_as_upstream()
     return results, same
 
 
@@ -231,7 +247,8 @@ def main() -> None:
         time.sleep(2)  # the digest cache does not keep files changed within 2 s (digestcache.SETTLE_NS)
         rows, identical = store_rows(w, mk if info else None, args.repeat)
     goals = {"cold create": 1.25, "warm create": 1.0, "dump": 3.0, "store cold": 1.25,
-             "store warm": 1.0, "store unchanged": 0.3, "store 1% changed": 0.35}
+             "store warm": 1.0, "store unchanged": 0.3, "store 1% changed": 0.35,
+             "store 1% unique": 0.35}
     print(f"{'operation':17} {'apt-layer s':>12} {'upstream s':>11} {'ratio':>7} {'goal':>6}")
     for op, goal in goals.items():
         a, u = rows[op] if op in rows else (results["apt-layer"][op], results.get("upstream", {}).get(op))

@@ -105,6 +105,10 @@ def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, u
     else:
         where = f" (staged in transaction {result['tx']})" if result["staged"] else ""
         same = f", tree unchanged since image {result['reused']}" if result["reused"] else ""
+        if result["patched"]:
+            changed = result["patched"]["changed"]
+            same = (f", {changed} entr{'y' if changed == 1 else 'ies'} changed since image "
+                    f"{result['patched']['from']} (patched)")
         click.echo(f"{result['name']}  {result['digest']}  {human_bytes(result['size'])}, "
                    f"{result['objects']} objects{same}{where}")
 

@@ -23,9 +23,11 @@ scan fingerprints every key it saw (see :mod:`.scan`), and a caller may
 to :meth:`~TreeResults.recall` it when the same fingerprint comes back.
 What a recalled result names must still be checked by the caller; the file
 only says which result to check.  It is small and separate, so that a
-caller can ask it before loading the entries.
+caller can ask it before loading the entries.  :class:`LastBuilds` keeps,
+per set of options, every path's key in the last tree built and the image
+it gave, so that the next build can tell which few entries changed.
 
-Both files (``cache/digests`` and ``cache/trees`` in the store root) are a
+The files (``cache/digests``, ``cache/trees``, ``cache/last`` in the store root) are a
 magic line, a ``marshal`` blob and a SHA-256 of both.  A file that is
 missing, truncated or fails its checksum is ignored: the cache starts empty
 and is rewritten.  It is replaced atomically (temp file, rename), and the
@@ -46,12 +48,15 @@ from aptlayer.composefs import fsops
 from aptlayer.composefs.fsverity import RawDigest
 
 MAGIC = b"apt-layer entry cache 2\n"
-TREES_MAGIC = b"apt-layer tree results 1\n"
+TREES_MAGIC = b"apt-layer tree results 2\n"
+LAST_MAGIC = b"apt-layer last builds 1\n"
 _KEY = struct.Struct("<QQIIIQQQqq")
 #: entries changed this recently (ns) before the cache was loaded are not saved
 SETTLE_NS = 2_000_000_000
 #: tree results kept (the most recently remembered)
 MAX_TREES = 32
+#: option sets whose last build is kept
+MAX_SCOPES = 4
 
 Key = bytes
 
@@ -147,6 +152,43 @@ class TreeResults(_CacheFile):
     def save(self) -> None:
         if self._changed:
             _write(self.path, TREES_MAGIC, self._results)
+            self._changed = False
+
+
+class LastBuilds(_CacheFile):
+    """Per set of options, the last tree built: every path's key and the image it gave.
+
+    A caller that finds a few keys changed since can read just those entries
+    and patch that image (:mod:`.patch`).  Keys of entries that had not
+    settled are stored as b"": they never match.  Kept apart from
+    :class:`TreeResults` because it holds a key per entry, and an unchanged
+    tree never needs it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, settle_ns: int = SETTLE_NS) -> None:
+        super().__init__(path, settle_ns)
+        self._builds: dict[bytes, tuple[bytes, dict[bytes, Key]]] = _read(self.path, LAST_MAGIC)
+        self._changed = False
+
+    def get(self, scope: bytes) -> tuple[RawDigest, dict[bytes, Key]] | None:
+        """(image digest, keys by path) of the last build under ``scope``, or None."""
+        value = self._builds.get(scope)
+        if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], bytes)
+                and len(value[0]) == 32 and isinstance(value[1], dict)):
+            return value
+        return None
+
+    def put(self, scope: bytes, digest: RawDigest, keys: dict[bytes, Key]) -> None:
+        """Record a build; the oldest of MAX_SCOPES scopes is dropped."""
+        self._builds.pop(scope, None)
+        self._builds[scope] = (digest, keys)
+        while len(self._builds) > MAX_SCOPES:
+            del self._builds[next(iter(self._builds))]
+        self._changed = True
+
+    def save(self) -> None:
+        if self._changed:
+            _write(self.path, LAST_MAGIC, self._builds)
             self._changed = False
 
 
