@@ -360,7 +360,7 @@ class Store:
             return self._render(source, staged, options, progress, None)
         if walked.fingerprint is not None:
             known = trees.recall(walked.fingerprint + versions)
-            if isinstance(known, bytes) and len(known) == 32:
+            if known is not None:
                 copied = self._copy_live_image(known, staged)
                 if copied is not None:
                     fault("create.after-objects")
@@ -383,11 +383,9 @@ class Store:
         """Scan (unchanged entries from the digest cache) and render the whole tree."""
         from .composefs import build
         from .composefs.digestcache import DigestCache
-        from .composefs.objectstore import ObjectStore
 
         cache = None if walked is None else DigestCache(self.root / "cache" / "digests")
-        # No refreshing of dedupe hits: gc cannot run while this writer holds the lock.
-        store = ObjectStore(self.objects_dir, batch=True, refresh_hits=False)
+        store = self._object_store()
         root, stats, _ = build.load_tree(
             source, from_file=options.from_file, store=store, use_epoch=options.use_epoch,
             skip_devices=options.skip_devices, skip_xattrs=options.skip_xattrs,
@@ -405,7 +403,6 @@ class Store:
     def _patch(self, source, staged: Path, options: CreateOptions, walked, last) -> _Built | None:
         """Read the entries changed since the last build and patch its image; None if that cannot be done."""
         from .composefs import build, fsverity
-        from .composefs.objectstore import ObjectStore
         from .composefs.patch import patch_image
         from .composefs.scan import changed_paths
 
@@ -421,11 +418,9 @@ class Store:
         base_hex = base_digest.hex()
 
         def in_base(digest: bytes) -> bool:
-            return self.journal.conn.execute(
-                "SELECT 1 FROM image_objects WHERE digest = ? AND object = ?",
-                (base_hex, fsverity.object_path(digest))).fetchone() is not None
+            return self.journal.manifest_has(base_hex, fsverity.object_path(digest))
 
-        store = ObjectStore(self.objects_dir, batch=True, refresh_hits=False)
+        store = self._object_store()
         try:
             nodes, read = build.read_entries(source, walked, changed, store=store, use_epoch=options.use_epoch,
                                              skip_xattrs=options.skip_xattrs, user_xattrs=options.user_xattrs,
@@ -446,6 +441,15 @@ class Store:
                                     objects_deduped=walked.stats.external - read.objects_created)
         return _Built(staged, fsverity.digest_bytes(image).hex(), len(image), manifest, objects, stats,
                       patched_from=base[0], changed=len(changed))
+
+    def _object_store(self):
+        """The digest store for a build: one batch, made durable by ``sync()``.
+
+        No refreshing of dedupe hits: gc cannot run while this writer holds the lock.
+        """
+        from .composefs.objectstore import ObjectStore
+
+        return ObjectStore(self.objects_dir, batch=True, refresh_hits=False)
 
     def _live_image(self, digest: bytes) -> tuple[str, bytes] | None:
         """(name, bytes) of a live image recorded with ``digest`` whose bytes still hash to it."""

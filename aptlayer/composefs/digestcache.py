@@ -121,41 +121,56 @@ class DigestCache(_CacheFile):
         self._old = dict(self._new)
 
 
-class TreeResults(_CacheFile):
-    """Results by tree fingerprint: :meth:`recall`, :meth:`remember`, then :meth:`save`.
+class _Recent(_CacheFile):
+    """A small dict file of the most recent values by key: :meth:`_get`, :meth:`_put`, :meth:`save`."""
 
-    ``settled_before_ns`` is the limit to take a fingerprint with.
-    """
+    MAGIC: bytes
+    #: values kept; putting one more drops the oldest
+    LIMIT: int
 
     def __init__(self, path: str | os.PathLike[str], *, settle_ns: int = SETTLE_NS) -> None:
         super().__init__(path, settle_ns)
-        self._results: dict[bytes, object] = _read(self.path, TREES_MAGIC)
+        self._values: dict[bytes, object] = _read(self.path, self.MAGIC)
         self._changed = False
 
-    def recall(self, fingerprint: bytes) -> object | None:
-        """The result remembered for a tree fingerprint, or None."""
-        return self._results.get(fingerprint)
+    def _get(self, key: bytes) -> object | None:
+        return self._values.get(key)
 
-    def remember(self, fingerprint: bytes, result: object) -> None:
-        """Keep ``result`` (any value ``marshal`` stores) for the tree ``fingerprint``.
-
-        The oldest of MAX_TREES results is dropped.
-        """
-        if self._results.get(fingerprint) == result:
+    def _put(self, key: bytes, value: object) -> None:
+        if self._values.get(key) == value:
             return
-        self._results.pop(fingerprint, None)
-        self._results[fingerprint] = result
-        while len(self._results) > MAX_TREES:
-            del self._results[next(iter(self._results))]
+        self._values.pop(key, None)
+        self._values[key] = value
+        while len(self._values) > self.LIMIT:
+            del self._values[next(iter(self._values))]
         self._changed = True
 
     def save(self) -> None:
         if self._changed:
-            _write(self.path, TREES_MAGIC, self._results)
+            _write(self.path, self.MAGIC, self._values)
             self._changed = False
 
 
-class LastBuilds(_CacheFile):
+class TreeResults(_Recent):
+    """Image digests by tree fingerprint: :meth:`recall`, :meth:`remember`, then :meth:`save`.
+
+    ``settled_before_ns`` is the limit to take a fingerprint with.
+    """
+
+    MAGIC = TREES_MAGIC
+    LIMIT = MAX_TREES
+
+    def recall(self, fingerprint: bytes) -> RawDigest | None:
+        """The image digest remembered for a tree fingerprint, or None."""
+        value = self._get(fingerprint)
+        return value if isinstance(value, bytes) and len(value) == 32 else None
+
+    def remember(self, fingerprint: bytes, digest: RawDigest) -> None:
+        """Keep the image ``digest`` the tree ``fingerprint`` gave; the oldest of MAX_TREES is dropped."""
+        self._put(fingerprint, digest)
+
+
+class LastBuilds(_Recent):
     """Per set of options, the last tree built: every path's key and the image it gave.
 
     A caller that finds a few keys changed since can read just those entries
@@ -165,14 +180,12 @@ class LastBuilds(_CacheFile):
     tree never needs it.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, settle_ns: int = SETTLE_NS) -> None:
-        super().__init__(path, settle_ns)
-        self._builds: dict[bytes, tuple[bytes, dict[bytes, Key]]] = _read(self.path, LAST_MAGIC)
-        self._changed = False
+    MAGIC = LAST_MAGIC
+    LIMIT = MAX_SCOPES
 
     def get(self, scope: bytes) -> tuple[RawDigest, dict[bytes, Key]] | None:
         """(image digest, keys by path) of the last build under ``scope``, or None."""
-        value = self._builds.get(scope)
+        value = self._get(scope)
         if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], bytes)
                 and len(value[0]) == 32 and isinstance(value[1], dict)):
             return value
@@ -180,16 +193,7 @@ class LastBuilds(_CacheFile):
 
     def put(self, scope: bytes, digest: RawDigest, keys: dict[bytes, Key]) -> None:
         """Record a build; the oldest of MAX_SCOPES scopes is dropped."""
-        self._builds.pop(scope, None)
-        self._builds[scope] = (digest, keys)
-        while len(self._builds) > MAX_SCOPES:
-            del self._builds[next(iter(self._builds))]
-        self._changed = True
-
-    def save(self) -> None:
-        if self._changed:
-            _write(self.path, LAST_MAGIC, self._builds)
-            self._changed = False
+        self._put(scope, (digest, keys))
 
 
 def _write(path: str, magic: bytes, value: dict) -> None:

@@ -33,7 +33,7 @@ from . import format as F
 from .fsverity import RawDigest
 from .reader import ImageFormatError, _Image, _Inode
 from .tree import Node
-from .writer import ImageError, chunk_count, chunk_format, rewritten
+from .writer import ImageError, chunk_count, chunk_format, is_compact, rewritten
 
 _DIGEST_XATTRS = (F.XATTR_METACOPY, F.XATTR_REDIRECT)
 _PATCHABLE = (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK)
@@ -151,14 +151,9 @@ class _Patcher:
         low = self.min_mtime
         if new.mtime < low or ((old.mtime_sec, old.mtime_nsec) == low and new.mtime != low):
             raise _Refused("the smallest mtime would change")
-        nlink = old.nlink if new.ftype == stat.S_IFDIR else new.nlink
-        compact = (
-            new.mtime == low
-            and nlink <= F.COMPACT_MAX_NLINK
-            and new.uid <= F.COMPACT_MAX_ID
-            and new.gid <= F.COMPACT_MAX_ID
-            and size <= F.COMPACT_MAX_SIZE
-        )
+        if new.ftype == stat.S_IFDIR:  # its size and link count come from its entries: the image's
+            new.size, new.nlink = size, old.nlink
+        compact = is_compact(new, low)
         if compact != (old.isize == F.INODE_COMPACT_SIZE):
             raise _Refused("compact or extended form")
         if not compact:

@@ -439,6 +439,15 @@ def _limit_open_dirs(stack: list[_Dir]) -> None:
         d.fd = None
 
 
+def _open_source(source: bytes) -> int:
+    """The fd of the source directory, which must not be a symlink."""
+    try:
+        return os.open(source, _OPEN_DIR)
+    except OSError as e:
+        reason = "Not a directory" if e.errno in (errno.ENOTDIR, errno.ELOOP) else e.strerror
+        raise ScanError(b"/", f"cannot open source {os.fsdecode(source)}: {reason}") from e
+
+
 def _descend(open_dirs: list[tuple[bytes, int]], path: bytes,
              idents: Callable[[bytes], tuple[int, int] | None]) -> int:
     """The fd of the directory ``path``, from the open directories of the last one.
@@ -503,11 +512,7 @@ class _Walker:
         return self.cache.get(self.fp.add(path, st))
 
     def run(self, source: bytes) -> Node:
-        try:
-            root_fd = os.open(source, _OPEN_DIR)
-        except OSError as e:
-            reason = "Not a directory" if e.errno in (errno.ENOTDIR, errno.ELOOP) else e.strerror
-            raise ScanError(b"/", f"cannot open source {os.fsdecode(source)}: {reason}") from e
+        root_fd = _open_source(source)
         self._start_pool()
         stack: list[_Dir] = []
         try:
@@ -544,10 +549,7 @@ class _Walker:
     def entries(self, source: bytes, entries: list[tuple[bytes, os.stat_result]],
                 idents: Callable[[bytes], tuple[int, int] | None]) -> dict[bytes, Node]:
         """The nodes of single entries below the root of ``source``; see :func:`scan_entries`."""
-        try:
-            root_fd = os.open(source, _OPEN_DIR)
-        except OSError as e:
-            raise ScanError(b"/", f"cannot open source {os.fsdecode(source)}: {e.strerror}") from e
+        root_fd = _open_source(source)
         self._start_pool()
         nodes: dict[bytes, Node] = {}
         #: the open directories from the root down to the last one used, as (path, fd)

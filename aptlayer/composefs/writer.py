@@ -571,7 +571,8 @@ def _size_inode(inode: _Inode) -> None:
         inode.i_size = len(inode.payload)
 
 
-def _is_compact(inode: _Inode, min_mtime: tuple[int, int]) -> bool:
+def is_compact(inode: _Inode, min_mtime: tuple[int, int]) -> bool:
+    """Whether the inode is stored in the 32-byte form (its mtime is the build time, small fields)."""
     size = inode.i_size if inode.entries is not None else inode.size
     return (
         inode.mtime == min_mtime
@@ -785,7 +786,7 @@ def _lay_out(root: Node, min_version: int, max_version: int) -> _Layout:
     _plan_xattrs(order, {pair: i for i, pair in enumerate(shared)})
     for inode in order:
         _size_inode(inode)
-        inode.extended = not _is_compact(inode, min_mtime)
+        inode.extended = not is_compact(inode, min_mtime)
     inodes_end = _place(order)
     shared_size = sum(_entry_size(name, value) for name, value in shared)
     data_start = _round_up(inodes_end + shared_size, F.BLOCK_SIZE)

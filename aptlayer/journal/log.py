@@ -458,6 +458,11 @@ class Journal:
         return self.conn.execute(
             "SELECT objects, size FROM images_manifest WHERE digest = ?", (digest,)).fetchone()
 
+    def manifest_has(self, digest: str, obj: str) -> bool:
+        """Whether the manifest recorded for an image digest lists ``obj``."""
+        return self.conn.execute(
+            "SELECT 1 FROM image_objects WHERE digest = ? AND object = ?", (digest, obj)).fetchone() is not None
+
     def manifest(self, digest: str) -> list[tuple[str, int]]:
         """The (object, size) rows recorded for an image digest, sorted."""
         return self.conn.execute(
