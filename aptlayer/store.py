@@ -346,18 +346,18 @@ class Store:
         (:mod:`.composefs.patch`) when the layout allows it.  Anything else
         is scanned and rendered.
         """
-        from .composefs.digestcache import LastBuilds, TreeResults
+        from .composefs.digestcache import DigestCache, LastBuilds, TreeResults
         from .composefs.scan import walk
 
         if options.from_file:
-            return self._render(source, staged, options, progress, None)
+            return self._render(source, staged, options, progress, None, None)
         versions = f"v{options.min_version}-{options.max_version}".encode()
         trees = TreeResults(self.root / "cache" / "trees")
         walked = walk(source, trees.settled_before_ns, use_epoch=options.use_epoch,
                       skip_xattrs=options.skip_xattrs, user_xattrs=options.user_xattrs,
                       skip_devices=options.skip_devices)
         if walked is None:  # the scan says what is wrong
-            return self._render(source, staged, options, progress, None)
+            return self._render(source, staged, options, progress, None, None)
         if walked.fingerprint is not None:
             known = trees.recall(walked.fingerprint + versions)
             if known is not None:
@@ -368,9 +368,14 @@ class Store:
                     return copied
         last = LastBuilds(self.root / "cache" / "last")
         scope = walked.options + versions
-        built = self._patch(source, staged, options, walked, last.get(scope))
+        # One cache for both: what a refused patch read, the render takes from it unread.
+        cache = DigestCache(self.root / "cache" / "digests")
+        built, created = self._patch(source, staged, options, walked, last.get(scope), cache)
         if built is None:
-            built = self._render(source, staged, options, progress, walked)
+            built = self._render(source, staged, options, progress, walked, cache)
+            # the objects the refused patch imported, the render found in place
+            built.stats.objects_created += created
+            built.stats.objects_deduped -= created
         digest = bytes.fromhex(built.digest)
         last.put(scope, digest, walked.keys)
         last.save()
@@ -379,12 +384,10 @@ class Store:
             trees.save()
         return built
 
-    def _render(self, source, staged: Path, options: CreateOptions, progress, walked) -> _Built:
-        """Scan (unchanged entries from the digest cache) and render the whole tree."""
+    def _render(self, source, staged: Path, options: CreateOptions, progress, walked, cache) -> _Built:
+        """Scan (unchanged entries from the digest cache, if any) and render the whole tree."""
         from .composefs import build
-        from .composefs.digestcache import DigestCache
 
-        cache = None if walked is None else DigestCache(self.root / "cache" / "digests")
         store = self._object_store()
         root, stats, _ = build.load_tree(
             source, from_file=options.from_file, store=store, use_epoch=options.use_epoch,
@@ -400,21 +403,25 @@ class Store:
         manifest = manifest_of(root)
         return _Built(staged, digest.hex(), len(image), manifest, len(manifest), stats)
 
-    def _patch(self, source, staged: Path, options: CreateOptions, walked, last) -> _Built | None:
-        """Read the entries changed since the last build and patch its image; None if that cannot be done."""
+    def _patch(self, source, staged: Path, options: CreateOptions, walked, last, cache) -> tuple[_Built | None, int]:
+        """Read the entries changed since the last build and patch its image.
+
+        Returns the build (None if it cannot be patched) and how many objects
+        the reading imported.  What it read stays in ``cache`` either way.
+        """
         from .composefs import build, fsverity
         from .composefs.patch import patch_image
         from .composefs.scan import changed_paths
 
         if last is None:
-            return None
+            return None, 0
         base_digest, base_keys = last
         changed = changed_paths(base_keys, walked.keys)
         if changed is None or len(changed) > max(1, len(walked.keys) // PATCH_MAX_SHARE):
-            return None
+            return None, 0
         base = self._live_image(base_digest)
         if base is None:
-            return None
+            return None, 0
         base_hex = base_digest.hex()
 
         def in_base(digest: bytes) -> bool:
@@ -424,13 +431,13 @@ class Store:
         try:
             nodes, read = build.read_entries(source, walked, changed, store=store, use_epoch=options.use_epoch,
                                              skip_xattrs=options.skip_xattrs, user_xattrs=options.user_xattrs,
-                                             threads=options.threads)
+                                             threads=options.threads, cache=cache)
         except build.BuildError:
-            return None  # the full scan reports what is wrong, or finds it right by then
+            return None, 0  # the full scan reports what is wrong, or finds it right by then
         patched = patch_image(base[1], nodes, in_base)
-        store.sync()  # kept either way: a render would import the same files
+        store.sync()  # kept either way: the render finds these objects in place
         if patched is None:
-            return None
+            return None, read.objects_created
         fault("create.after-objects")
         image = bytes(patched.image)
         fsops.write_file_atomic(staged, image)
@@ -440,7 +447,7 @@ class Store:
         stats = dataclasses.replace(walked.stats, objects_created=read.objects_created,
                                     objects_deduped=walked.stats.external - read.objects_created)
         return _Built(staged, fsverity.digest_bytes(image).hex(), len(image), manifest, objects, stats,
-                      patched_from=base[0], changed=len(changed))
+                      patched_from=base[0], changed=len(changed)), read.objects_created
 
     def _object_store(self):
         """The digest store for a build: one batch, made durable by ``sync()``.

@@ -156,6 +156,7 @@ def test_racy_entries_are_not_saved(tmp_path: Path) -> None:
     saved = DigestCache(tmp_path / "digests")
     assert saved.get(key_of(os.lstat(src / "old"))) is not None
     assert saved.get(key_of(os.lstat(src / "new"))) is None
+    assert cache.get(key_of(os.lstat(src / "new"))) is not None  # known to the object that read it
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
@@ -340,17 +341,23 @@ def test_store_patches_the_last_image_when_a_few_files_changed(tmp_path: Path) -
         store.close()
 
 
-def test_store_renders_when_the_patch_cannot_be_made(tmp_path: Path) -> None:
+def test_store_renders_when_the_patch_cannot_be_made(tmp_path: Path, monkeypatch) -> None:
     """Content another file shares, a tampered last image, a new file: the tree is rendered."""
     src = make_tree(tmp_path / "src", n=40)
     time.sleep(2.1)
     store = Store.open(tmp_path / "root")
+    hashed = []
+    real_digest_fd = fsverity.digest_fd
+    monkeypatch.setattr(fsverity, "digest_fd", lambda fd, size: hashed.append(size) or real_digest_fd(fd, size))
     try:
         opts = CreateOptions(backend="python")
         store.create(str(src), "one", opts)
         (src / "sub" / "same03").write_bytes(b"other content\n" * 20)  # its old xattrs were shared
+        hashed.clear()
         two = store.create(str(src), "two", opts)
         assert two["patched"] is None
+        assert hashed == [280]  # read by the refused patch; the render took it from the cache
+        assert two["objects_created"] == 1
         assert store.image_path("two").read_bytes() == render(scan(src).root)[0]
         good = store.image_path("two").read_bytes()
         store.image_path("two").write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))

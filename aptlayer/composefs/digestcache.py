@@ -12,7 +12,8 @@ Two limits of that rule are handled here:
 * timestamps come from a coarse clock, so a file changed twice within one
   tick keeps its ctime: an entry whose ctime is within ``settle_ns`` of the
   moment the cache was loaded (before the scan read anything) is not saved
-  (git's "racy clean" rule);
+  (git's "racy clean" rule); it is only kept in memory, so that a second
+  read in the same build (a render after a refused patch) can take it;
 * the cache says nothing about the digest store: the scanner still checks
   that a hit's object is there, and imports the file again (reading and
   hashing it) when it is not.
@@ -97,21 +98,29 @@ class DigestCache(_CacheFile):
         super().__init__(path, settle_ns)
         self._old = _read(self.path, MAGIC)
         self._new: dict[Key, Entry] = {}
+        #: entries read since the load that had not settled: for this process only
+        self._fresh: dict[Key, Entry] = {}
 
     def __len__(self) -> int:
         return len(self._old)
 
     def get(self, key: Key) -> Entry | None:
-        """The entry recorded for this exact key, or None; a hit is kept for the next save."""
+        """The entry recorded for this exact key, or None; a hit on the file is kept for the next save."""
         entry = self._old.get(key)
         if entry is not None:
             self._new[key] = entry
-        return entry
+            return entry
+        return self._fresh.get(key)
 
     def put(self, st: os.stat_result, entry: Entry) -> None:
-        """Record what was read from an entry whose ``lstat`` (or ``fstat``) was ``st``."""
+        """Record what was read from an entry whose ``lstat`` (or ``fstat``) was ``st``.
+
+        Saved only if it has settled; until then it is known to this object alone.
+        """
         if self.settled(st):
             self._new[key_of(st)] = entry
+        else:
+            self._fresh[key_of(st)] = entry
 
     def save(self) -> None:
         """Replace the file with the entries seen since the load (unless they are the same)."""

@@ -251,6 +251,7 @@ def scan_entries(
     skip_xattrs: bool = False,
     user_xattrs: bool = False,
     threads: int = 1,
+    cache: DigestCache | None = None,
 ) -> tuple[dict[bytes, Node], ScanStats]:
     """Read some entries of ``source`` as :func:`scan` reads them, by path (``/a/b``, not the root).
 
@@ -259,6 +260,7 @@ def scan_entries(
     walked (both are checked: ``ScanError`` "changed during the scan").  A
     directory's node comes without children.  External files go into
     ``store`` as in a scan; on failure what a batch store staged is discarded.
+    With ``cache``, entries are looked up and recorded in it as in a scan.
     Returns the nodes by path and the stats of these entries alone.
     """
     if skip_xattrs and user_xattrs:
@@ -283,7 +285,7 @@ def scan_entries(
         if st is None:
             raise ScanError(path, "not in the walk")
         listed.append((path, st))
-    walker = _Walker(_Options(use_epoch, skip_xattrs, user_xattrs), store, None, threads, None)
+    walker = _Walker(_Options(use_epoch, skip_xattrs, user_xattrs), store, cache, threads, None)
     try:
         nodes = walker.entries(os.fsencode(source), listed, ident)
     except BaseException:
