@@ -27,7 +27,11 @@ seq is the same before and after); otherwise the path is judged again
 later. Events wait ``settle`` seconds before they are judged, and repeated
 events on a path are coalesced.
 
-Nothing lost, nothing twice. When the kernel's inotify queue overflows,
+Nothing lost, nothing twice. inotify says nothing of what happens in a new
+fan-out folder (``images/objects/xx``) before watchdog has added its watch:
+an object written and removed in that moment leaves no event. So a new
+fan-out folder is itself judged: once the journal can be trusted, every
+object a root needs in it is checked. When the kernel's inotify queue overflows,
 watchdog drops events; the watcher then rescans (every object a root needs,
 every image, both deployment links) and judges what differs. What has been
 reported is remembered per path: a drift is journaled once however often it
@@ -48,9 +52,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from watchdog.events import (
+    EVENT_TYPE_CREATED,
     EVENT_TYPE_DELETED,
     EVENT_TYPE_MODIFIED,
     EVENT_TYPE_MOVED,
+    DirCreatedEvent,
     DirDeletedEvent,
     DirMovedEvent,
     FileCreatedEvent,
@@ -76,9 +82,10 @@ BARRIER_PREFIX = ".apt-layer-watch-barrier-"
 #: the watchdog loggers whose warnings announce an inotify queue overflow
 OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
 EVENT_FILTER = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMovedEvent,
-                DirDeletedEvent, DirMovedEvent]
+                DirCreatedEvent, DirDeletedEvent, DirMovedEvent]
 
 _OBJECT_RE = re.compile(r"images/objects/([0-9a-f]{2}/[0-9a-f]{62})")
+_FANOUT_RE = re.compile(r"images/objects/([0-9a-f]{2})")
 _IMAGE_RE = re.compile(r"images/([^/.][^/]*)" + re.escape(IMAGE_SUFFIX))
 _DEPLOY_RE = re.compile(r"deploy/(" + "|".join(SLOTS) + ")")
 
@@ -87,18 +94,19 @@ _HOLDERS = ("SELECT DISTINCT r.holder FROM image_objects io JOIN roots r ON r.di
 _NEEDED_BY = ("SELECT i.name FROM image_objects io JOIN images i ON i.digest = io.digest "
               "WHERE io.object = ? ORDER BY i.name")
 _REFERENCED = "SELECT DISTINCT io.object FROM roots r JOIN image_objects io ON io.digest = r.digest"
+_REFERENCED_IN = _REFERENCED + " WHERE io.object > ? AND io.object < ?"  # "xx/" < "xx/..." < "xx0"
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a path is to the store: an object, an image file or a deployment link."""
+    """What a path is to the store: an object, an image file, a deployment link or a new fan-out folder."""
 
-    kind: str  # "object", "image" or "deploy"
-    key: str  # object path (xx/yyyy...), image name or slot
+    kind: str  # "object", "image", "deploy" or "fanout"
+    key: str  # object path (xx/yyyy...), image name, slot or xx
 
     @property
     def relpath(self) -> str:
-        if self.kind == "object":
+        if self.kind in ("object", "fanout"):
             return f"images/objects/{self.key}"
         if self.kind == "image":
             return f"images/{self.key}{IMAGE_SUFFIX}"
@@ -237,6 +245,10 @@ class Watcher:
             # A folder moved away takes its files along without an event for each.
             if event.event_type in (EVENT_TYPE_DELETED, EVENT_TYPE_MOVED):
                 self._request_rescan()
+            elif event.event_type == EVENT_TYPE_CREATED:
+                m = _FANOUT_RE.fullmatch(os.fsdecode(event.src_path).removeprefix(self._root_prefix))
+                if m:
+                    self._enqueue([Target("fanout", m.group(1))], False)
             return
         self._note(os.fsdecode(event.src_path), event.event_type == EVENT_TYPE_MODIFIED)
         if event.event_type == EVENT_TYPE_MOVED:
@@ -321,7 +333,12 @@ class Watcher:
         seq = journal.last_seq()
         if is_held(self.store.lock_path):
             return None
-        verdicts = [(target, self._verdict(target, modified)) for target, modified in batch.items()]
+        verdicts = []
+        for target, modified in batch.items():
+            if target.kind == "fanout":  # what it holds that roots need, judged as objects
+                verdicts += [(t, self._verdict(t, False)) for t in self._needed_in(target.key)]
+            else:
+                verdicts.append((target, self._verdict(target, modified)))
         return verdicts if journal.last_seq() == seq else None
 
     def _depends_on_journal(self, target: Target, modified: bool) -> bool:
@@ -379,6 +396,11 @@ class Watcher:
         targets += [Target("image", n) for n in sorted(names)]
         targets += [Target("deploy", slot) for slot in SLOTS]
         return list(dict.fromkeys(targets))
+
+    def _needed_in(self, fanout: str) -> list[Target]:
+        """The objects in one fan-out folder that some root needs."""
+        rows = self.store.journal.conn.execute(_REFERENCED_IN, (fanout + "/", fanout + "0"))
+        return [Target("object", obj) for (obj,) in rows]
 
     # --- verdicts -----------------------------------------------------------------------
 
