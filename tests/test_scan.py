@@ -272,7 +272,7 @@ def test_unrepresentable_type(tmp_path: Path, monkeypatch) -> None:
     src = tmp_path / "src"
     src.mkdir()
     os.mkfifo(src / "p")
-    monkeypatch.setattr(scanmod, "_REPRESENTABLE", scanmod._REPRESENTABLE - {stat.S_IFIFO})
+    monkeypatch.setattr(scanmod, "REPRESENTABLE", scanmod.REPRESENTABLE - {stat.S_IFIFO})
     with pytest.raises(ScanError, match="cannot be represented"):
         scan(src)
 

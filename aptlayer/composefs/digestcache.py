@@ -42,9 +42,10 @@ from __future__ import annotations
 import hashlib
 import marshal
 import os
-import secrets
 import struct
 import time
+from typing import NamedTuple
+
 from aptlayer.composefs import fsops
 from aptlayer.composefs.fsverity import RawDigest
 
@@ -69,10 +70,30 @@ Key = bytes
 Entry = tuple[RawDigest | None, tuple[tuple[bytes, bytes], ...] | None, bytes | None]
 
 
-def key_of(st: os.stat_result) -> Key:
+class Lstat(NamedTuple):
+    """The part of an ``os.stat_result`` a key holds, under the same names."""
+
+    st_dev: int
+    st_ino: int
+    st_mode: int
+    st_uid: int
+    st_gid: int
+    st_nlink: int
+    st_rdev: int
+    st_size: int
+    st_mtime_ns: int
+    st_ctime_ns: int
+
+
+def key_of(st: os.stat_result | Lstat) -> Key:
     """The cache key of an entry's ``lstat`` result: everything a scan takes from it."""
     return _KEY.pack(st.st_dev, st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_nlink,
                      st.st_rdev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def lstat_of(key: Key) -> Lstat:
+    """The ``lstat`` result a key was made of (:func:`key_of` undone)."""
+    return Lstat._make(_KEY.unpack(key))
 
 
 class _CacheFile:
@@ -213,7 +234,7 @@ def _write(path: str, magic: bytes, value: dict) -> None:
         pass
     body = magic + marshal.dumps(value)
     body += hashlib.sha256(body).digest()
-    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
     fd = fsops.create(tmp, 0o644)
     try:
         view = memoryview(body)

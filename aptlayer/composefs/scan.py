@@ -53,31 +53,23 @@ import errno
 import hashlib
 import os
 import stat
-import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from aptlayer.composefs import fsverity
-from aptlayer.composefs.digestcache import DigestCache, Entry, Key, key_of
+from aptlayer.composefs.digestcache import DigestCache, Entry, Key, Lstat, key_of, lstat_of
+from aptlayer.composefs.lstatwalk import (
+    FS_ENCODING, FS_ERRORS, INLINE_MAX, NAME_MAX, OPEN_DIR, REPRESENTABLE, lstat_tree,
+)
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
-#: largest regular file whose content is inlined in the image
-INLINE_MAX = 64
-NAME_MAX = 255
-_REPRESENTABLE = frozenset(
-    {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}
-)
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: how os.fsencode encodes (scandir on an fd yields str names)
-_FS_ENCODING = sys.getfilesystemencoding()
-_FS_ERRORS = sys.getfilesystemencodeerrors()
 #: directory fds the walk keeps open at most; deeper trees reopen ancestors
 MAX_OPEN_DIRS = 64
 #: a chunk of work for the pool: at most this many files or bytes
@@ -142,7 +134,7 @@ def scan(
     threads: int = 1,
     progress: Callable[[ScanStats], None] | None = None,
     cache: DigestCache | None = None,
-    listings: dict[bytes, list[tuple[bytes, os.stat_result]]] | None = None,
+    listings: dict[bytes, list[tuple[bytes, Key]]] | None = None,
 ) -> ScanResult:
     """Read the directory ``source`` into a tree, like ``mkcomposefs`` does.
 
@@ -182,8 +174,8 @@ class TreeWalk(NamedTuple):
     #: had not settled: its key does not vouch for its content
     keys: dict[bytes, Key]
     #: complete directory listings by path with a trailing slash, as
-    #: (name, lstat) pairs, for :func:`scan` and :func:`scan_entries`
-    listings: dict[bytes, list[tuple[bytes, os.stat_result]]]
+    #: (name, key) pairs, for :func:`scan` and :func:`scan_entries`
+    listings: dict[bytes, list[tuple[bytes, Key]]]
     #: entries, files, bytes and external files, as a scan would count them
     stats: ScanStats
     #: the options the keys were taken under (part of the fingerprint)
@@ -210,12 +202,11 @@ def walk(
     against their listing, as in the scan; at most one fd per level is open.
     """
     opts = _Options(use_epoch, skip_xattrs, user_xattrs, skip_devices)
-    fp = _Fingerprint(opts, settled_before_ns)
-    listings: dict[bytes, list[tuple[bytes, os.stat_result]]] = {}
-    stats = ScanStats()
-    if not _FingerprintWalk(fp, listings, stats).run(os.fsencode(source)):
+    tree = lstat_tree(os.fsencode(source), settled_before_ns, skip_devices)
+    if tree is None:
         return None
-    return TreeWalk(fp.digest(), fp.keys, listings, stats, fp.options)
+    options = repr(opts).encode()
+    return TreeWalk(_digest(options, tree.keys), tree.keys, tree.listings, ScanStats(*tree.counts), options)
 
 
 def fingerprint(source: str | bytes | os.PathLike, settled_before_ns: int, **options: bool) -> bytes | None:
@@ -265,15 +256,16 @@ def scan_entries(
     """
     if skip_xattrs and user_xattrs:
         raise ValueError("skip_xattrs and user_xattrs conflict")
-    by_dir: dict[bytes, dict[bytes, os.stat_result]] = {}
+    by_dir: dict[bytes, dict[bytes, Key]] = {}
 
-    def lstat(path: bytes) -> os.stat_result | None:
+    def lstat(path: bytes) -> Lstat | None:
         """The entry's lstat in the walk, by way of its parent's listing."""
         parent, name = path.rsplit(b"/", 1)
         names = by_dir.get(parent)
         if names is None:
             names = by_dir[parent] = dict(walked.listings.get(parent + b"/", ()))
-        return names.get(name)
+        key = names.get(name)
+        return None if key is None else lstat_of(key)
 
     def ident(path: bytes) -> tuple[int, int] | None:
         st = lstat(path)
@@ -295,92 +287,6 @@ def scan_entries(
     return nodes, walker.stats
 
 
-class _FingerprintWalk:
-    """The walk of :func:`fingerprint`: it goes on past an unsettled entry, for the listings."""
-
-    def __init__(
-        self, fp: _Fingerprint, listings: dict[bytes, list[tuple[bytes, os.stat_result]]], stats: ScanStats
-    ) -> None:
-        self.fp = fp
-        self.listings = listings
-        self.stats = stats
-
-    def run(self, source: bytes) -> bool:
-        """Walk the tree; False where the scan would stop."""
-        try:
-            root_fd = os.open(source, _OPEN_DIR)
-        except OSError:
-            return False
-        #: (fd, path with a trailing slash, subdirectories still to walk as (name, (dev, ino)))
-        stack: list[tuple[int, bytes, list[tuple[bytes, tuple[int, int]]]]] = [(root_fd, b"/", [])]
-        try:
-            self.fp.add(b"/", os.fstat(root_fd))
-            self.stats.entries += 1
-            todo = self._list(root_fd, b"/")
-            if todo is None:
-                return False
-            stack[0][2].extend(todo)
-            while stack:
-                fd, base, todo = stack[-1]
-                if not todo:
-                    os.close(fd)
-                    stack.pop()
-                    continue
-                name, ident = todo.pop()
-                try:
-                    cfd = os.open(name, _OPEN_DIR, dir_fd=fd)
-                except OSError:
-                    return False
-                stack.append((cfd, base + name + b"/", []))
-                cst = os.fstat(cfd)
-                if (cst.st_dev, cst.st_ino) != ident:
-                    return False
-                sub = self._list(cfd, base + name + b"/")
-                if sub is None:
-                    return False
-                stack[-1][2].extend(sub)
-        finally:
-            for fd, _, _ in stack:
-                os.close(fd)
-        return True
-
-    def _list(self, fd: int, base: bytes) -> list[tuple[bytes, tuple[int, int]]] | None:
-        """Add a directory's entries; its subdirectories, or None where the scan would stop."""
-        try:
-            with os.scandir(fd) as it:
-                entries = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e) for e in it]
-        except OSError:
-            return None
-        subdirs = []
-        listing = []
-        stats = self.stats
-        skip_devices = self.fp.opts.skip_devices
-        for name, entry in entries:
-            if len(name) > NAME_MAX:
-                return None
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                return None
-            listing.append((name, st))
-            kind = stat.S_IFMT(st.st_mode)
-            if kind not in _REPRESENTABLE:
-                return None
-            if skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
-                continue
-            self.fp.add(base + name, st)
-            stats.entries += 1
-            if kind == stat.S_IFDIR:
-                subdirs.append((name, (st.st_dev, st.st_ino)))
-            elif kind == stat.S_IFREG:
-                stats.files += 1
-                stats.bytes += st.st_size
-                if st.st_size > INLINE_MAX:
-                    stats.external += 1
-        self.listings[base] = listing
-        return subdirs
-
-
 class _Fingerprint:
     """A fingerprint being taken: the options, every path with its key, and whether all settled."""
 
@@ -399,13 +305,17 @@ class _Fingerprint:
 
     def digest(self) -> bytes | None:
         """The fingerprint, or None if some entry had not settled."""
-        keys = self.keys
-        if b"" in keys.values():
-            return None
-        h = hashlib.sha256(self.options)
-        # by path: the walk order does not matter
-        h.update(b"".join(sorted([path + b"\0" + key for path, key in keys.items()])))
-        return h.digest()
+        return _digest(self.options, self.keys)
+
+
+def _digest(options: bytes, keys: dict[bytes, Key]) -> bytes | None:
+    """The fingerprint of a tree's keys by path, or None if some entry had not settled."""
+    if b"" in keys.values():
+        return None
+    h = hashlib.sha256(options)
+    # by path: the walk order does not matter
+    h.update(b"".join(sorted([path + b"\0" + key for path, key in keys.items()])))
+    return h.digest()
 
 
 class _Job(NamedTuple):
@@ -444,7 +354,7 @@ def _limit_open_dirs(stack: list[_Dir]) -> None:
 def _open_source(source: bytes) -> int:
     """The fd of the source directory, which must not be a symlink."""
     try:
-        return os.open(source, _OPEN_DIR)
+        return os.open(source, OPEN_DIR)
     except OSError as e:
         reason = "Not a directory" if e.errno in (errno.ENOTDIR, errno.ELOOP) else e.strerror
         raise ScanError(b"/", f"cannot open source {os.fsdecode(source)}: {reason}") from e
@@ -468,7 +378,7 @@ def _descend(open_dirs: list[tuple[bytes, int]], path: bytes,
         if len(open_dirs) >= MAX_OPEN_DIRS:
             raise ScanError(here, f"more than {MAX_OPEN_DIRS} levels deep")
         try:
-            fd = os.open(name, _OPEN_DIR, dir_fd=fd)
+            fd = os.open(name, OPEN_DIR, dir_fd=fd)
         except OSError as e:
             raise ScanError(here, f"cannot open: {e.strerror}") from e
         open_dirs.append((here, fd))
@@ -486,7 +396,7 @@ class _Walker:
         cache: DigestCache | None,
         threads: int,
         progress: Callable[[ScanStats], None] | None,
-        listings: dict[bytes, list[tuple[bytes, os.stat_result]]] | None = None,
+        listings: dict[bytes, list[tuple[bytes, Key]]] | None = None,
     ) -> None:
         self.opts = opts
         self.listings = listings
@@ -535,7 +445,7 @@ class _Walker:
                     continue
                 name, node, st = top.pending.pop()
                 child = top.path.rstrip(b"/") + b"/" + name
-                cfd, _ = self._open(self._dir_fd(stack, len(stack) - 1), name, child, st, _OPEN_DIR)
+                cfd, _ = self._open(self._dir_fd(stack, len(stack) - 1), name, child, st, OPEN_DIR)
                 stack.append(_Dir(name, child, (st.st_dev, st.st_ino), cfd))
                 stack[-1].pending = self._list(cfd, child, node)
                 _limit_open_dirs(stack)
@@ -609,7 +519,7 @@ class _Walker:
         fd = stack[j].fd
         for d in stack[j + 1 : i + 1]:
             try:
-                nfd = os.open(d.name, _OPEN_DIR, dir_fd=fd)
+                nfd = os.open(d.name, OPEN_DIR, dir_fd=fd)
             except OSError as e:
                 raise ScanError(d.path, f"cannot reopen: {e.strerror}") from e
             finally:
@@ -628,13 +538,13 @@ class _Walker:
         """Fill ``node.children``; returns the subdirectories still to list."""
         base = path.rstrip(b"/") + b"/"
         listed = self.listings.get(base) if self.listings is not None else None
-        entries: list[tuple[bytes, os.DirEntry | os.stat_result]]
+        entries: list[tuple[bytes, os.DirEntry | Key]]
         if listed is not None:
             entries = sorted(listed)  # by name: names are unique, so entries are never compared
         else:
             try:
                 with os.scandir(dfd) as it:
-                    entries = [(e.name.encode(_FS_ENCODING, _FS_ERRORS), e) for e in it]
+                    entries = [(e.name.encode(FS_ENCODING, FS_ERRORS), e) for e in it]
                 entries.sort()
             except OSError as e:
                 raise ScanError(path, f"cannot read directory: {e.strerror}") from e
@@ -652,9 +562,9 @@ class _Walker:
                 except OSError as e:
                     raise ScanError(child, f"cannot stat: {e.strerror}") from e
             else:
-                st = entry
+                st = lstat_of(entry)
             kind = stat.S_IFMT(st.st_mode)
-            if kind not in _REPRESENTABLE:
+            if kind not in REPRESENTABLE:
                 raise ScanError(child, f"file type {kind:#o} cannot be represented")
             if skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
                 continue

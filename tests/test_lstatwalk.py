@@ -1,0 +1,199 @@
+"""The lstat walk split across two processes: same result as one, and halves that do not fit are refused.
+
+Real trees, real forks.  The split runs only in a single-threaded process
+with two CPUs; the tests that need it skip with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from aptlayer.composefs import lstatwalk
+from aptlayer.composefs.digestcache import key_of, lstat_of
+
+SETTLED = 1 << 62  # a limit every ctime is before
+
+needs_split = pytest.mark.skipif(not lstatwalk._helper_allowed(),
+                                 reason="the split walk needs two CPUs and a single-threaded process")
+
+
+def owner(base: bytes) -> int:
+    """Which of the two parts lists the directory ``base`` (with a trailing slash)."""
+    return zlib.crc32(base) % 2
+
+
+def make_tree(root: Path) -> Path:
+    """Sixty directories three deep, with every kind of entry a scan takes."""
+    for a in range(4):
+        for b in range(5):
+            for c in range(3):
+                d = root / f"a{a}" / f"b{b}" / f"c{c}"
+                d.mkdir(parents=True)
+                (d / "small").write_bytes(b"x" * (a + b + c))
+                (d / "big").write_bytes(bytes([a, b, c]) * 100)
+            os.symlink("c0/small", root / f"a{a}" / f"b{b}" / "link")
+    os.mkfifo(root / "a0" / "fifo")
+    (root / "empty").write_bytes(b"")
+    return root
+
+
+def single(source: Path, monkeypatch, **kw) -> lstatwalk.LstatTree | None:
+    with monkeypatch.context() as m:
+        m.setattr(lstatwalk, "_helper_allowed", lambda: False)
+        return lstatwalk.lstat_tree(os.fsencode(source), SETTLED, **kw)
+
+
+@needs_split
+def test_split_walk_equals_one_process_walk(tmp_path: Path, monkeypatch) -> None:
+    src = make_tree(tmp_path / "src")
+    split = lstatwalk.lstat_tree(os.fsencode(src), SETTLED)
+    one = single(src, monkeypatch)
+    assert split is not None and one is not None
+    assert split.keys == one.keys
+    assert {b: sorted(entries) for b, entries in split.listings.items()} == \
+        {b: sorted(entries) for b, entries in one.listings.items()}
+    assert split.counts == one.counts
+    # both parts had work: the tree's directories are owned by both
+    assert {owner(b) for b in split.listings} == {0, 1}
+
+
+def test_walk_sees_every_entry_as_lstat_does(tmp_path: Path, monkeypatch) -> None:
+    src = make_tree(tmp_path / "src")
+    for walked in (lstatwalk.lstat_tree(os.fsencode(src), SETTLED), single(src, monkeypatch)):
+        want = {b"/": key_of(os.lstat(src))}
+        for dirpath, dirnames, filenames in os.walk(src):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                want[os.fsencode("/" + os.path.relpath(path, src))] = key_of(os.lstat(path))
+        assert walked.keys == want
+        listed = {b + n: k for b, entries in walked.listings.items() for n, k in entries}
+        assert listed == {p: k for p, k in want.items() if p != b"/"}
+        assert lstat_of(walked.keys[b"/a0/b0/c0/big"]).st_size == 300
+        regular = [p for p, k in want.items() if stat.S_ISREG(lstat_of(k).st_mode)]
+        # 60 small (0..9 bytes) + 60 big files and "empty"; the root and the 60+20+4 directories,
+        # 20 links and the fifo are entries too
+        assert walked.counts == lstatwalk.Counts(len(want), len(regular), 60 * 300 + sum(
+            a + b + c for a in range(4) for b in range(5) for c in range(3)), 60)
+
+
+def test_entries_changed_since_the_limit_have_empty_keys(tmp_path: Path, monkeypatch) -> None:
+    src = make_tree(tmp_path / "src")
+    time.sleep(0.05)  # past the coarse clock's tick: the tree's ctimes are all before the change's
+    big = src / "a1" / "b2" / "c1" / "big"
+    big.write_bytes(b"new" * 100)
+    limit = os.lstat(big).st_ctime_ns  # not before the limit: not settled
+    split = lstatwalk.lstat_tree(os.fsencode(src), limit)
+    with monkeypatch.context() as m:
+        m.setattr(lstatwalk, "_helper_allowed", lambda: False)
+        one = lstatwalk.lstat_tree(os.fsencode(src), limit)
+    for walked in (split, one):
+        assert walked.keys[b"/a1/b2/c1/big"] == b""
+        assert walked.keys[b"/a3/b0/c0/big"] == key_of(os.lstat(src / "a3" / "b0" / "c0" / "big"))
+        # the listing keeps the key itself, for the scan that reads the entry again
+        assert dict(walked.listings[b"/a1/b2/c1/"])[b"big"] == key_of(os.lstat(big))
+
+
+@needs_split
+@pytest.mark.parametrize("moved_by", [0, 1])
+def test_halves_that_saw_different_trees_do_not_fit(tmp_path: Path, monkeypatch, moved_by: int) -> None:
+    """A directory replaced between the two parts' traversals: its parent's owner saw one inode,
+    its own owner listed another.  The part ``moved_by`` walks after the change, the other before."""
+    src = make_tree(tmp_path / "src")
+    # a directory whose owner is not its parent's owner, parent owned by the part that walks first
+    victim = next(f"/a{a}/b{b}/".encode() for a in range(4) for b in range(5)
+                  if owner(f"/a{a}/".encode()) != moved_by and owner(f"/a{a}/b{b}/".encode()) == moved_by)
+    done = tmp_path / "first part done"
+    walk = lstatwalk._Part.walk
+
+    def ordered(self):
+        if self.me != moved_by:  # the first part: walk, then let the other go
+            result = walk(self)
+            done.write_bytes(b"")
+            return result
+        deadline = time.monotonic() + 30
+        while not done.exists() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        path = src / os.fsdecode(victim.strip(b"/"))
+        os.rename(path, tmp_path / "old")
+        path.mkdir()
+        return walk(self)
+
+    monkeypatch.setattr(lstatwalk._Part, "walk", ordered)
+    assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED) is None
+
+
+@needs_split
+def test_halves_that_saw_the_same_tree_fit(tmp_path: Path, monkeypatch) -> None:
+    """The ordering of the test above, without the change: the walk succeeds."""
+    src = make_tree(tmp_path / "src")
+    done = tmp_path / "first part done"
+    walk = lstatwalk._Part.walk
+
+    def ordered(self):
+        if self.me == 0:
+            result = walk(self)
+            done.write_bytes(b"")
+            return result
+        while not done.exists():
+            time.sleep(0.001)
+        return walk(self)
+
+    monkeypatch.setattr(lstatwalk._Part, "walk", ordered)
+    assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED) is not None
+
+
+@pytest.mark.parametrize("part", [0, 1])
+def test_what_a_scan_refuses_fails_the_walk_in_either_part(tmp_path: Path, monkeypatch, part: int) -> None:
+    src = make_tree(tmp_path / "src")
+    where = next(f"/a{a}/b{b}/".encode() for a in range(4) for b in range(5) if owner(f"/a{a}/b{b}/".encode()) == part)
+    os.mkfifo(src / os.fsdecode(where.strip(b"/")) / "pipe")
+    monkeypatch.setattr(lstatwalk, "REPRESENTABLE", lstatwalk.REPRESENTABLE - {stat.S_IFIFO})
+    assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED) is None
+    assert single(src, monkeypatch) is None
+
+
+def test_skipped_devices_are_listed_but_not_keyed(tmp_path: Path, monkeypatch) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("making a device node needs root")
+    src = make_tree(tmp_path / "src")
+    os.mknod(src / "a2" / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+    for walked in (lstatwalk.lstat_tree(os.fsencode(src), SETTLED, skip_devices=True),
+                   single(src, monkeypatch, skip_devices=True)):
+        assert b"/a2/null" not in walked.keys
+        assert b"null" in dict(walked.listings[b"/a2/"])
+    assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED).counts.entries == walked.counts.entries + 1
+
+
+@needs_split
+def test_the_helper_leaves_nothing_behind(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    fds = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED) is not None
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_no_fork_while_another_thread_runs() -> None:
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert not lstatwalk._helper_allowed()
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_a_missing_source_is_none(tmp_path: Path) -> None:
+    assert lstatwalk.lstat_tree(os.fsencode(tmp_path / "nowhere"), SETTLED) is None
+    (tmp_path / "file").write_bytes(b"")
+    assert lstatwalk.lstat_tree(os.fsencode(tmp_path / "file"), SETTLED) is None
