@@ -301,8 +301,6 @@ class Store:
 
     def _build(self, source, name, staging: Path, options: CreateOptions, progress) -> _Built:
         """Objects into the store, image into staging; returns what the event records."""
-        from .composefs import upstream
-
         if not staging.is_dir():
             fsops.mkdir(str(staging), 0o755)
             fsops.fsync_dir(str(self.staging_dir))
@@ -310,6 +308,8 @@ class Store:
         staged = staging / (new_tx_id() + IMAGE_SUFFIX)
         backend = options.backend
         if backend == "auto":
+            from .composefs import upstream
+
             backend = "upstream" if upstream.find_tool("mkcomposefs") else "python"
         try:
             if backend == "upstream":

@@ -31,7 +31,6 @@ import dataclasses
 import errno
 import os
 import re
-import secrets
 import stat
 import threading
 from collections.abc import Iterable, Iterator
@@ -347,7 +346,7 @@ class ObjectStore:
         self._ensure_dir(self.path, os.path.dirname(self.path))
         if self.batch:
             self._open_root()
-        tmp = os.path.join(self.path, f"{TEMP_PREFIX}{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(6)}")
+        tmp = os.path.join(self.path, f"{TEMP_PREFIX}{BOOT_TAG}-{os.getpid()}-{os.urandom(6).hex()}")
         placed = False
         try:
             self._fill(tmp, fd, before)

@@ -20,7 +20,6 @@ import functools
 import json
 import os
 import pwd
-import socket
 import sqlite3
 import sys
 from collections.abc import Iterable, Iterator
@@ -91,7 +90,7 @@ def _host_facts() -> dict:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:
         user = str(uid)
-    return {"uid": uid, "user": user, "host": socket.gethostname(), "boot_id": boot_id()}
+    return {"uid": uid, "user": user, "host": os.uname().nodename, "boot_id": boot_id()}
 
 
 def default_actor() -> dict:
