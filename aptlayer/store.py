@@ -72,6 +72,9 @@ def _map_os_error(e: OSError, what: str) -> errors.AptLayerError:
 
 #: errors writing into the store (not reading the source): full disk, read-only store
 _STORE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+#: why a hard link may fail where a copy works: no hard links on this file system
+#: (EPERM, EOPNOTSUPP), another file system, or the file's link count at its limit
+_NO_LINK_ERRNOS = (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
 
 
 def _os_error_behind(e: BaseException) -> OSError | None:
@@ -361,7 +364,7 @@ class Store:
         if walked.fingerprint is not None:
             known = trees.recall(walked.fingerprint + versions)
             if known is not None:
-                copied = self._copy_live_image(known, staged)
+                copied = self._reuse_live_image(known, staged)
                 if copied is not None:
                     fault("create.after-objects")
                     copied.stats = dataclasses.replace(walked.stats, objects_deduped=walked.stats.external)
@@ -472,13 +475,26 @@ class Store:
                 return name, image
         return None
 
-    def _copy_live_image(self, digest: bytes, staged: Path) -> _Built | None:
-        """The build of an unchanged tree: a copy of a live image with ``digest``, if one checks out."""
+    def _reuse_live_image(self, digest: bytes, staged: Path) -> _Built | None:
+        """The build of an unchanged tree: a live image with ``digest``, if one checks out, as the new one.
+
+        The staged file is a hard link to the live image's file: images are
+        never written in place (a new image is a new file renamed into
+        place), so the two names share nothing that can change, and the data
+        is on disk already.  Where the file system cannot link, it is a copy.
+        """
         live = self._live_image(digest)
         if live is None:
             return None
         name, image = live
-        fsops.write_file_atomic(staged, image)
+        try:
+            fsops.link(str(self.image_path(name)), str(staged))
+        except OSError as e:
+            if e.errno not in _NO_LINK_ERRNOS:
+                raise
+            fsops.write_file_atomic(staged, image)
+        else:
+            fsops.fsync_dir(str(staged.parent))
         objects, _ = self.journal.manifest_summary(digest.hex())
         return _Built(staged, digest.hex(), len(image), RECORDED, objects, reused=name)
 

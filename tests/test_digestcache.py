@@ -7,13 +7,14 @@ key: had the scan read the entry it would have found the right one.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
 
 import pytest
 
-from aptlayer.composefs import fsverity, reader
+from aptlayer.composefs import fsops, fsverity, reader
 from aptlayer.composefs.build import render
 from aptlayer.composefs.digestcache import DigestCache, key_of
 from aptlayer.composefs.objectstore import ObjectStore
@@ -249,7 +250,7 @@ def test_scan_takes_the_fingerprint_walks_listings(tree: Path, tmp_path: Path) -
 
 
 def test_store_reuses_the_image_of_an_unchanged_tree(tmp_path: Path) -> None:
-    """Same fingerprint: the live image with the remembered digest is copied, once its bytes check out."""
+    """Same fingerprint: the live image with the remembered digest is linked, once its bytes check out."""
     src = make_tree(tmp_path / "src", n=10)
     time.sleep(2.1)  # past the cache's settling time, so the tree gets a fingerprint
     store = Store.open(tmp_path / "root")
@@ -261,8 +262,11 @@ def test_store_reuses_the_image_of_an_unchanged_tree(tmp_path: Path) -> None:
         assert second["reused"] == "one" and second["digest"] == first["digest"]
         good = store.image_path("one").read_bytes()
         assert store.image_path("two").read_bytes() == good
-        # A live image whose bytes no longer match is not copied: the tree is rendered again.
+        assert store.image_path("two").stat().st_ino == store.image_path("one").stat().st_ino
+        # Deleting one name leaves the other whole.
         store.delete("one")
+        assert store.image_path("two").read_bytes() == good and store.image_path("two").stat().st_nlink == 1
+        # A live image whose bytes no longer match is not reused: the tree is rendered again.
         store.image_path("two").write_bytes(good[:-1] + bytes([good[-1] ^ 0xFF]))
         third = store.create(str(src), "three", opts)
         assert third["reused"] is None and third["digest"] == first["digest"]
@@ -270,6 +274,34 @@ def test_store_reuses_the_image_of_an_unchanged_tree(tmp_path: Path) -> None:
         # A different version option is a different image: not the remembered one.
         fourth = store.create(str(src), "four", CreateOptions(backend="python", min_version=1))
         assert fourth["reused"] is None and fourth["digest"] != first["digest"]
+    finally:
+        store.close()
+
+
+def test_reused_image_is_copied_where_the_file_system_cannot_link(tmp_path: Path, monkeypatch) -> None:
+    src = make_tree(tmp_path / "src", n=10)
+    time.sleep(2.1)
+    store = Store.open(tmp_path / "root")
+    try:
+        opts = CreateOptions(backend="python")
+        first = store.create(str(src), "one", opts)
+
+        def cross_device(src, dst):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+        monkeypatch.setattr(fsops, "link", cross_device)
+        second = store.create(str(src), "two", opts)
+        assert second["reused"] == "one" and second["digest"] == first["digest"]
+        assert store.image_path("two").read_bytes() == store.image_path("one").read_bytes()
+        assert store.image_path("two").stat().st_ino != store.image_path("one").stat().st_ino
+
+        def refused(src, dst):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+        monkeypatch.setattr(fsops, "link", refused)  # not a file system without links: an error
+        with pytest.raises(Exception, match="Permission denied"):
+            store.create(str(src), "three", opts)
+        assert "three" not in {i["name"] for i in store.images()}
     finally:
         store.close()
 

@@ -2,13 +2,13 @@
 
 An operation runs in this process with ``fsops.recorder`` set, so every file
 system change the store makes is recorded (create, write, fsync, syncfs, rename,
-mkdir, unlink, rmdir, symlink), and with ``Journal.transaction`` wrapped, so
+link, mkdir, unlink, rmdir, symlink), and with ``Journal.transaction`` wrapped, so
 each SQLite commit is recorded too, with a copy of the database taken by the
 backup API at that moment. Then, for every prefix of that sequence, the
 state a power loss at that point could leave is rebuilt on a copy of the
 store as it was before the operation:
 
-* a directory entry (create, mkdir, symlink, rename, unlink, rmdir) survives
+* a directory entry (create, mkdir, symlink, link, rename, unlink, rmdir) survives
   only if its parent directory (for a rename, the destination's) was fsynced
   later in the prefix; a rename is atomic;
 * a file's data is what it held at its last fsync in the prefix, or nothing
@@ -30,21 +30,23 @@ import os
 import random
 import shutil
 import sqlite3
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from crashkit import check_store, kill_at, make_tree, populate, shared_pool
+from crashkit import check_store, kill_at, make_tree, populate, run_cli, shared_pool
 
 from aptlayer.composefs import fsops, objectstore
+from aptlayer.composefs.digestcache import SETTLE_NS
 from aptlayer.journal import Journal
 from aptlayer.recovery import recover
 from aptlayer.maintenance import Maintenance
 from aptlayer.store import CreateOptions, Store
 
-ENTRY_OPS = ("create", "mkdir", "symlink", "rename", "unlink", "rmdir")
+ENTRY_OPS = ("create", "mkdir", "symlink", "link", "rename", "unlink", "rmdir")
 JOURNAL_FILES = ("journal.db", "journal.db-wal", "journal.db-shm")
 
 
@@ -57,7 +59,7 @@ class Op:
     #: the directory whose fsync makes this entry durable
     parent: object = None
     dst: str = ""
-    #: what a symlink points to
+    #: what a symlink points to; the existing name a link was made of
     target: str = ""
     content: bytes | None = None
     journal: Path | None = None
@@ -84,13 +86,17 @@ class Recording:
         return self.serial
 
     def __call__(self, kind: str, args: tuple) -> None:
-        path = os.fsdecode(args[1] if kind == "symlink" else args[0])
+        path = os.fsdecode(args[1] if kind in ("symlink", "link") else args[0])
         parent = self.inode(os.path.dirname(path))
         if kind in ("create", "mkdir", "symlink"):
             target = os.fsdecode(args[0]) if kind == "symlink" else ""
             op = Op(kind, path, self.fresh(path), parent, target=target)
             self.made[op.inode] = op
             self.ops.append(op)
+        elif kind == "link":
+            inode = self.inode(os.fsdecode(args[0]))
+            self.names[path] = inode
+            self.ops.append(Op(kind, path, inode, parent, target=os.fsdecode(args[0])))
         elif kind == "rename":
             dst = os.fsdecode(args[1])
             inode = self.names.pop(path, f"old:{path}")
@@ -189,6 +195,14 @@ def materialize(before: Path, rec: Recording, prefix: list[Op], target: Path,
             os.symlink(op.target, path)
         here[path] = op.inode
 
+    def recreate(inode: object, path: Path) -> None:
+        """The file ``inode`` under ``path``, where the entry that named it before did not survive."""
+        if isinstance(inode, str):  # a file older than the run: its content is in ``before``
+            shutil.copyfile(before / os.path.relpath(inode.removeprefix("old:"), rec.root), path)
+            here[path] = inode
+        else:
+            make(rec.made[inode], path)
+
     for op in entries:
         path = local(op.path)
         if not path.parent.is_dir():
@@ -206,7 +220,14 @@ def materialize(before: Path, rec: Recording, prefix: list[Op], target: Path,
             else:  # its creation was never made durable, but the rename was
                 if os.path.lexists(dst):
                     dst.unlink()
-                make(rec.made[op.inode], dst)
+                recreate(op.inode, dst)
+        elif op.kind == "link":
+            src = local(op.target)
+            if os.path.lexists(src) and here.get(src, f"old:{op.target}") == op.inode:
+                os.link(src, path)
+                here[path] = op.inode
+            else:
+                recreate(op.inode, path)
         elif op.kind == "unlink" and os.path.lexists(path):
             path.unlink()
         elif op.kind == "rmdir" and path.is_dir():
@@ -233,6 +254,12 @@ def template(tmp_path_factory) -> dict:
     trees["fresh"] = make_tree(base / "src" / "fresh", rng, shared_pool(rng, 6), files=6)
     root = base / "template"
     tx = populate(root, trees, trees["e"])
+    # img-y: tree x again once settled, so the digest cache remembers the tree and
+    # the op create-unchanged finds it unchanged (it links img-x, the first live image with its digest)
+    latest = max(os.lstat(os.path.join(d, n)).st_ctime_ns
+                 for d, dirs, files in os.walk(trees["x"]) for n in [".", *dirs, *files])
+    time.sleep(max(0.0, (latest + SETTLE_NS - time.time_ns()) / 1e9 + 0.1))
+    run_cli(root, "image", "create", str(trees["x"]), "img-y", "--backend", "python")
     crashed = base / "crashed"
     shutil.copytree(root, crashed, symlinks=True)
     kill_at(crashed, "commit.after-commit", 1, "tx", "commit", tx)
@@ -246,6 +273,7 @@ def _options() -> CreateOptions:
 OPERATIONS = {
     "create": lambda s, t: s.create(str(t["trees"]["f"]), "img-new", _options()),
     "create-fresh": lambda s, t: s.create(str(t["trees"]["fresh"]), "img-new", _options()),
+    "create-unchanged": lambda s, t: s.create(str(t["trees"]["x"]), "img-new", _options()),
     "create-staged": lambda s, t: s.create(str(t["trees"]["f"]), "img-new", _options(), tx=t["tx"]),
     "delete": lambda s, t: s.delete("img-x"),
     "deploy": lambda s, t: s.deploy("img-x"),
@@ -339,3 +367,11 @@ def test_power_loss_at_every_point(template, new_boot, op):
             failures[f"after {k} of {len(rec.ops)} ops, unsynced but kept: {kept}"] = problems
     print(f"{op}: {len(rec.ops)} ops recorded, {checked} distinct power-loss states checked")
     assert failures == {}
+
+
+def test_create_unchanged_links_the_live_image(template) -> None:
+    """The op create-unchanged above takes the reuse path: its staged image is a link, not a copy."""
+    _, rec = record(template, "create-unchanged")
+    links = [o for o in rec.ops if o.kind == "link"]
+    assert [os.path.basename(o.target) for o in links] == ["img-x.composefs"]
+    assert not any(o.kind == "create" and o.path.endswith(".composefs") for o in rec.ops)

@@ -11,7 +11,7 @@ system call.
 Operations on an fd are recorded with the fd's path (read from
 ``/proc/self/fd`` only while recording), since fd numbers mean nothing in a
 replay.  Ops: create, write, clone, chmod, enable_verity, fsync, syncfs,
-rename, mkdir, unlink, rmdir, symlink, utime.  ``syncfs`` is recorded with
+rename, link, mkdir, unlink, rmdir, symlink, utime.  ``syncfs`` is recorded with
 the path of the fd it was given; it makes durable every file's data and
 every directory entry of that file system.
 """
@@ -118,6 +118,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
     if recorder is not None:
         recorder("fsync", (path,))
+
+
+def link(src: Path, dst: Path) -> None:
+    """A new name ``dst`` (which must not exist) for the file ``src``; symlinks are not followed."""
+    os.link(src, dst, follow_symlinks=False)
+    if recorder is not None:
+        recorder("link", (src, dst))
 
 
 def rename(src: Path, dst: Path) -> None:
