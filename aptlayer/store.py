@@ -342,7 +342,7 @@ class Store:
         A directory is first walked with ``lstat`` alone.  An unchanged tree
         is recognised by its fingerprint: ``cache/trees`` remembers the image
         each fingerprint (plus the version options) gave, and a live image
-        with that digest is copied, provided its bytes still hash to it; its
+        with that digest is reused, provided its bytes still hash to it; its
         manifest is the one the journal recorded for that digest.  A tree
         that changed in a few entries since the last build (``cache/last``)
         has just those entries read, and the last image patched
@@ -350,7 +350,7 @@ class Store:
         is scanned and rendered.
         """
         from .composefs.digestcache import DigestCache, LastBuilds, TreeResults
-        from .composefs.scan import walk
+        from .composefs.lstatwalk import walk
 
         if options.from_file:
             return self._render(source, staged, options, progress, None, None)
@@ -364,11 +364,11 @@ class Store:
         if walked.fingerprint is not None:
             known = trees.recall(walked.fingerprint + versions)
             if known is not None:
-                copied = self._reuse_live_image(known, staged)
-                if copied is not None:
+                reused = self._reuse_live_image(known, staged)
+                if reused is not None:
                     fault("create.after-objects")
-                    copied.stats = dataclasses.replace(walked.stats, objects_deduped=walked.stats.external)
-                    return copied
+                    reused.stats = dataclasses.replace(walked.stats, objects_deduped=walked.stats.external)
+                    return reused
         last = LastBuilds(self.root / "cache" / "last")
         scope = walked.options + versions
         # One cache for both: what a refused patch read, the render takes from it unread.
@@ -414,7 +414,7 @@ class Store:
         """
         from .composefs import build, fsverity
         from .composefs.patch import patch_image
-        from .composefs.scan import changed_paths
+        from .composefs.lstatwalk import changed_paths
 
         if last is None:
             return None, 0

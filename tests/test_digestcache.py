@@ -18,7 +18,8 @@ from aptlayer.composefs import fsops, fsverity, reader
 from aptlayer.composefs.build import render
 from aptlayer.composefs.digestcache import DigestCache, key_of
 from aptlayer.composefs.objectstore import ObjectStore
-from aptlayer.composefs.scan import ScanError, changed_paths, fingerprint, scan, scan_entries, walk
+from aptlayer.composefs.lstatwalk import changed_paths, fingerprint, walk
+from aptlayer.composefs.scan import ScanError, scan, scan_entries
 from aptlayer.store import CreateOptions, Store, manifest_of
 
 FAKE = bytes(range(32))

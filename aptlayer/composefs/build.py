@@ -17,7 +17,8 @@ from . import fsverity
 from .digestcache import DigestCache
 from .dumpfile import DumpError, parse_dump
 from .objectstore import ObjectStore, ObjectStoreError
-from .scan import ScanError, ScanStats, TreeWalk, scan, scan_entries
+from .lstatwalk import ScanStats, TreeWalk
+from .scan import ScanError, scan, scan_entries
 from .tree import Node
 from .writer import ImageError, build_image
 

@@ -1,4 +1,4 @@
-"""The ``lstat`` of every entry of a tree, on two cores when it can.
+"""What a scan would see of a tree, from the ``lstat`` of every entry, on two cores when it can.
 
 A store build first walks the source with ``lstat`` alone: that walk is
 what tells an unchanged tree (or a few changed entries) from the rest, so
@@ -18,10 +18,17 @@ reports that as it reports any tree it cannot vouch for: with None.
 
 Only ``os``, ``marshal`` and ``zlib`` run in the helper, which ends with
 ``os._exit`` whatever happens, so it never runs the parent's cleanups.
+
+:func:`walk` turns the walk into what the Store decides with: the tree's
+fingerprint (the value a scan with a digest cache gives, see :mod:`.scan`),
+every entry's key, the listings a scan can take instead of listing again,
+and the scan's counts.  It imports nothing of the scan, so a build that
+finds its tree unchanged never loads the scanner or the writer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import marshal
 import os
 import signal
@@ -29,6 +36,7 @@ import stat
 import sys
 import threading
 import zlib
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from aptlayer.composefs.digestcache import Key, key_of
@@ -43,6 +51,31 @@ OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: how os.fsencode encodes (scandir on an fd yields str names)
 FS_ENCODING = sys.getfilesystemencoding()
 FS_ERRORS = sys.getfilesystemencodeerrors()
+
+
+@dataclass
+class ScanStats:
+    #: nodes in the tree, the root included
+    entries: int = 0
+    #: regular files and their total size
+    files: int = 0
+    bytes: int = 0
+    #: regular files over INLINE_MAX bytes (backed by an object)
+    external: int = 0
+    #: with a store, when the scan ends: distinct objects this scan wrote into it,
+    #: and the other external files (already there, or the same content again)
+    objects_created: int = 0
+    objects_deduped: int = 0
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """What a scan is asked to take; its ``repr`` is part of the fingerprint."""
+
+    use_epoch: bool = False
+    skip_xattrs: bool = False
+    user_xattrs: bool = False
+    skip_devices: bool = False
 
 
 class Counts(NamedTuple):
@@ -64,6 +97,83 @@ class LstatTree(NamedTuple):
     #: (name, key) pairs in the order the directory gave them
     listings: dict[bytes, list[tuple[bytes, Key]]]
     counts: Counts
+
+
+class TreeWalk(NamedTuple):
+    """What an ``lstat`` walk of a tree saw (see :func:`walk`)."""
+
+    #: the fingerprint :func:`.scan.scan` would give: None if some entry had not settled
+    fingerprint: bytes | None
+    #: every entry's cache key by path (``/``, ``/a/b``); b"" for an entry that
+    #: had not settled: its key does not vouch for its content
+    keys: dict[bytes, Key]
+    #: complete directory listings by path with a trailing slash, as
+    #: (name, key) pairs, for :func:`.scan.scan` and :func:`.scan.scan_entries`
+    listings: dict[bytes, list[tuple[bytes, Key]]]
+    #: entries, files, bytes and external files, as a scan would count them
+    stats: ScanStats
+    #: the options the keys were taken under (part of the fingerprint)
+    options: bytes
+
+
+def walk(
+    source: str | bytes | os.PathLike,
+    settled_before_ns: int,
+    *,
+    use_epoch: bool = False,
+    skip_xattrs: bool = False,
+    user_xattrs: bool = False,
+    skip_devices: bool = False,
+) -> TreeWalk | None:
+    """Walk ``source`` with ``lstat`` alone: the fingerprint :func:`.scan.scan` would give, and more.
+
+    ``settled_before_ns`` is the cache's settling limit: an entry whose ctime
+    is not before it makes the fingerprint None (and its key b"").  The
+    result is None for anything the scan would stop at (an unreadable
+    directory, a name too long, a file type composefs cannot hold, a
+    directory replaced while walked): the scan reports those.  Directories
+    are opened relative to their parent with ``O_NOFOLLOW`` and checked
+    against their listing, as in the scan; at most one fd per level is open.
+    """
+    opts = ScanOptions(use_epoch, skip_xattrs, user_xattrs, skip_devices)
+    tree = lstat_tree(os.fsencode(source), settled_before_ns, skip_devices)
+    if tree is None:
+        return None
+    options = repr(opts).encode()
+    return TreeWalk(fingerprint_of(options, tree.keys), tree.keys, tree.listings, ScanStats(*tree.counts), options)
+
+
+def fingerprint(source: str | bytes | os.PathLike, settled_before_ns: int, **options: bool) -> bytes | None:
+    """The fingerprint :func:`.scan.scan` would give ``source``, from ``lstat`` alone (see :func:`walk`)."""
+    walked = walk(source, settled_before_ns, **options)
+    return None if walked is None else walked.fingerprint
+
+
+def changed_paths(old: dict[bytes, Key], new: dict[bytes, Key]) -> list[bytes] | None:
+    """The paths whose key differs between two walks' ``keys``; None if a path came or went.
+
+    An entry whose key is b"" (not settled) counts as changed.
+    """
+    if len(old) != len(new):
+        return None
+    changed = []
+    for path, key in new.items():
+        was = old.get(path)
+        if was is None:
+            return None
+        if was != key or not key:
+            changed.append(path)
+    return changed
+
+
+def fingerprint_of(options: bytes, keys: dict[bytes, Key]) -> bytes | None:
+    """The fingerprint of a tree's keys by path, or None if some entry had not settled."""
+    if b"" in keys.values():
+        return None
+    h = hashlib.sha256(options)
+    # by path: the walk order does not matter
+    h.update(b"".join(sorted([path + b"\0" + key for path, key in keys.items()])))
+    return h.digest()
 
 
 def lstat_tree(source: bytes, settled_before_ns: int, skip_devices: bool = False) -> LstatTree | None:

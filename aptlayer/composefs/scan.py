@@ -43,14 +43,13 @@ fingerprint of the tree: a hash of the options and of every path with its
 key, sorted by path.  Two scans with the same fingerprint read the same
 tree, provided no entry changed within the cache's settling time before
 the scan; if one did, the fingerprint is None.  The caller saves the cache.
-:func:`fingerprint` computes the same value with ``lstat`` alone, so a
+:func:`.lstatwalk.fingerprint` computes the same value with ``lstat`` alone, so a
 caller that remembers what a tree gave can skip the scan altogether.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from collections import deque
@@ -61,7 +60,8 @@ from typing import TYPE_CHECKING, NamedTuple
 from aptlayer.composefs import fsverity
 from aptlayer.composefs.digestcache import DigestCache, Entry, Key, Lstat, key_of, lstat_of
 from aptlayer.composefs.lstatwalk import (
-    FS_ENCODING, FS_ERRORS, INLINE_MAX, NAME_MAX, OPEN_DIR, REPRESENTABLE, lstat_tree,
+    FS_ENCODING, FS_ERRORS, INLINE_MAX, NAME_MAX, OPEN_DIR, REPRESENTABLE, ScanOptions, ScanStats, TreeWalk,
+    fingerprint_of,
 )
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
@@ -93,34 +93,11 @@ class ScanError(Exception):
         self.reason = reason
 
 
-@dataclass
-class ScanStats:
-    #: nodes in the tree, the root included
-    entries: int = 0
-    #: regular files and their total size
-    files: int = 0
-    bytes: int = 0
-    #: regular files over INLINE_MAX bytes (backed by an object)
-    external: int = 0
-    #: with a store, when the scan ends: distinct objects this scan wrote into it,
-    #: and the other external files (already there, or the same content again)
-    objects_created: int = 0
-    objects_deduped: int = 0
-
-
 class ScanResult(NamedTuple):
     root: Node
     stats: ScanStats
     #: with a cache: what identifies the tree read (see the module docstring), or None
     fingerprint: bytes | None = None
-
-
-@dataclass(frozen=True)
-class _Options:
-    use_epoch: bool = False
-    skip_xattrs: bool = False
-    user_xattrs: bool = False
-    skip_devices: bool = False
 
 
 def scan(
@@ -143,7 +120,7 @@ def scan(
     is discarded.  ``threads`` > 1 copies new objects in worker threads, and
     ``cache`` lets unchanged entries skip reading (see the module docstring);
     the caller saves it.  ``listings`` are directory listings a
-    :func:`fingerprint` walk just made, used instead of listing again.
+    :func:`.lstatwalk.walk` just made, used instead of listing again.
     ``progress``, if given, is called from the calling thread with the
     running stats after each regular file.  Raises
     ``ScanError`` for an entry that cannot be read or represented (the
@@ -154,7 +131,7 @@ def scan(
         raise ValueError("skip_xattrs and user_xattrs conflict")
     if threads < 1:
         raise ValueError(f"invalid thread count {threads}")
-    opts = _Options(use_epoch, skip_xattrs, user_xattrs, skip_devices)
+    opts = ScanOptions(use_epoch, skip_xattrs, user_xattrs, skip_devices)
     walker = _Walker(opts, store, cache, threads, progress, listings)
     try:
         root = walker.run(os.fsencode(source))
@@ -163,73 +140,6 @@ def scan(
             store.discard()
         raise
     return ScanResult(root, walker.stats, walker.fingerprint())
-
-
-class TreeWalk(NamedTuple):
-    """What an ``lstat`` walk of a tree saw (see :func:`walk`)."""
-
-    #: the fingerprint :func:`scan` would give: None if some entry had not settled
-    fingerprint: bytes | None
-    #: every entry's cache key by path (``/``, ``/a/b``); b"" for an entry that
-    #: had not settled: its key does not vouch for its content
-    keys: dict[bytes, Key]
-    #: complete directory listings by path with a trailing slash, as
-    #: (name, key) pairs, for :func:`scan` and :func:`scan_entries`
-    listings: dict[bytes, list[tuple[bytes, Key]]]
-    #: entries, files, bytes and external files, as a scan would count them
-    stats: ScanStats
-    #: the options the keys were taken under (part of the fingerprint)
-    options: bytes
-
-
-def walk(
-    source: str | bytes | os.PathLike,
-    settled_before_ns: int,
-    *,
-    use_epoch: bool = False,
-    skip_xattrs: bool = False,
-    user_xattrs: bool = False,
-    skip_devices: bool = False,
-) -> TreeWalk | None:
-    """Walk ``source`` with ``lstat`` alone: the fingerprint :func:`scan` would give, and more.
-
-    ``settled_before_ns`` is the cache's settling limit: an entry whose ctime
-    is not before it makes the fingerprint None (and its key b"").  The
-    result is None for anything the scan would stop at (an unreadable
-    directory, a name too long, a file type composefs cannot hold, a
-    directory replaced while walked): the scan reports those.  Directories
-    are opened relative to their parent with ``O_NOFOLLOW`` and checked
-    against their listing, as in the scan; at most one fd per level is open.
-    """
-    opts = _Options(use_epoch, skip_xattrs, user_xattrs, skip_devices)
-    tree = lstat_tree(os.fsencode(source), settled_before_ns, skip_devices)
-    if tree is None:
-        return None
-    options = repr(opts).encode()
-    return TreeWalk(_digest(options, tree.keys), tree.keys, tree.listings, ScanStats(*tree.counts), options)
-
-
-def fingerprint(source: str | bytes | os.PathLike, settled_before_ns: int, **options: bool) -> bytes | None:
-    """The fingerprint :func:`scan` would give ``source``, from ``lstat`` alone (see :func:`walk`)."""
-    walked = walk(source, settled_before_ns, **options)
-    return None if walked is None else walked.fingerprint
-
-
-def changed_paths(old: dict[bytes, Key], new: dict[bytes, Key]) -> list[bytes] | None:
-    """The paths whose key differs between two walks' ``keys``; None if a path came or went.
-
-    An entry whose key is b"" (not settled) counts as changed.
-    """
-    if len(old) != len(new):
-        return None
-    changed = []
-    for path, key in new.items():
-        was = old.get(path)
-        if was is None:
-            return None
-        if was != key or not key:
-            changed.append(path)
-    return changed
 
 
 def scan_entries(
@@ -246,7 +156,7 @@ def scan_entries(
 ) -> tuple[dict[bytes, Node], ScanStats]:
     """Read some entries of ``source`` as :func:`scan` reads them, by path (``/a/b``, not the root).
 
-    ``walked`` is the :func:`walk` that saw them: each entry must still be
+    ``walked`` is the :func:`.lstatwalk.walk` that saw them: each entry must still be
     the file its listing describes, and each directory on the way the one
     walked (both are checked: ``ScanError`` "changed during the scan").  A
     directory's node comes without children.  External files go into
@@ -277,7 +187,7 @@ def scan_entries(
         if st is None:
             raise ScanError(path, "not in the walk")
         listed.append((path, st))
-    walker = _Walker(_Options(use_epoch, skip_xattrs, user_xattrs), store, cache, threads, None)
+    walker = _Walker(ScanOptions(use_epoch, skip_xattrs, user_xattrs), store, cache, threads, None)
     try:
         nodes = walker.entries(os.fsencode(source), listed, ident)
     except BaseException:
@@ -290,7 +200,7 @@ def scan_entries(
 class _Fingerprint:
     """A fingerprint being taken: the options, every path with its key, and whether all settled."""
 
-    def __init__(self, opts: _Options, settled_before_ns: int) -> None:
+    def __init__(self, opts: ScanOptions, settled_before_ns: int) -> None:
         self.opts = opts
         self.options = repr(opts).encode()
         self.limit = settled_before_ns
@@ -305,17 +215,7 @@ class _Fingerprint:
 
     def digest(self) -> bytes | None:
         """The fingerprint, or None if some entry had not settled."""
-        return _digest(self.options, self.keys)
-
-
-def _digest(options: bytes, keys: dict[bytes, Key]) -> bytes | None:
-    """The fingerprint of a tree's keys by path, or None if some entry had not settled."""
-    if b"" in keys.values():
-        return None
-    h = hashlib.sha256(options)
-    # by path: the walk order does not matter
-    h.update(b"".join(sorted([path + b"\0" + key for path, key in keys.items()])))
-    return h.digest()
+        return fingerprint_of(self.options, self.keys)
 
 
 class _Job(NamedTuple):
@@ -391,7 +291,7 @@ def _descend(open_dirs: list[tuple[bytes, int]], path: bytes,
 class _Walker:
     def __init__(
         self,
-        opts: _Options,
+        opts: ScanOptions,
         store: ObjectStore | None,
         cache: DigestCache | None,
         threads: int,
