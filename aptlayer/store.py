@@ -392,11 +392,11 @@ class Store:
         from .composefs import build
 
         store = self._object_store()
-        root, stats, _ = build.load_tree(
+        root, stats = build.load_tree(
             source, from_file=options.from_file, store=store, use_epoch=options.use_epoch,
             skip_devices=options.skip_devices, skip_xattrs=options.skip_xattrs,
             user_xattrs=options.user_xattrs, threads=options.threads, progress=progress, cache=cache,
-            listings=None if walked is None else walked.listings)
+            walked=walked)
         store.sync()
         fault("create.after-objects")
         image, digest = build.render(root, min_version=options.min_version, max_version=options.max_version)

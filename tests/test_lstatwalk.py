@@ -44,42 +44,53 @@ def make_tree(root: Path) -> Path:
     return root
 
 
-def single(source: Path, monkeypatch, **kw) -> lstatwalk.LstatTree | None:
+def split(source: Path, limit: int = SETTLED, **kw) -> lstatwalk.TreeWalk | None:
+    return lstatwalk.walk(source, limit, **kw)
+
+
+def single(source: Path, monkeypatch, limit: int = SETTLED, **kw) -> lstatwalk.TreeWalk | None:
     with monkeypatch.context() as m:
         m.setattr(lstatwalk, "_helper_allowed", lambda: False)
-        return lstatwalk.lstat_tree(os.fsencode(source), SETTLED, **kw)
+        return lstatwalk.walk(source, limit, **kw)
+
+
+def listings(walked: lstatwalk.TreeWalk) -> dict[bytes, list]:
+    """Every directory's listing, found by way of the keys."""
+    dirs = [b"/"] + [p + b"/" for p, k in walked.keys.items() if p != b"/" and stat.S_ISDIR(lstat_of(k).st_mode)]
+    return {d: walked.listing(d) for d in dirs}
 
 
 @needs_split
 def test_split_walk_equals_one_process_walk(tmp_path: Path, monkeypatch) -> None:
     src = make_tree(tmp_path / "src")
-    split = lstatwalk.lstat_tree(os.fsencode(src), SETTLED)
+    two = split(src)
     one = single(src, monkeypatch)
-    assert split is not None and one is not None
-    assert split.keys == one.keys
-    assert {b: sorted(entries) for b, entries in split.listings.items()} == \
-        {b: sorted(entries) for b, entries in one.listings.items()}
-    assert split.counts == one.counts
+    assert two is not None and one is not None
+    assert two.fingerprint == one.fingerprint is not None
+    assert two.keys == one.keys
+    assert listings(two) == listings(one)
+    assert two.stats == one.stats
     # both parts had work: the tree's directories are owned by both
-    assert {owner(b) for b in split.listings} == {0, 1}
+    assert {owner(b) for b in listings(two)} == {0, 1}
 
 
 def test_walk_sees_every_entry_as_lstat_does(tmp_path: Path, monkeypatch) -> None:
     src = make_tree(tmp_path / "src")
-    for walked in (lstatwalk.lstat_tree(os.fsencode(src), SETTLED), single(src, monkeypatch)):
+    for walked in (split(src), single(src, monkeypatch)):
         want = {b"/": key_of(os.lstat(src))}
         for dirpath, dirnames, filenames in os.walk(src):
             for name in dirnames + filenames:
                 path = os.path.join(dirpath, name)
                 want[os.fsencode("/" + os.path.relpath(path, src))] = key_of(os.lstat(path))
         assert walked.keys == want
-        listed = {b + n: k for b, entries in walked.listings.items() for n, k in entries}
+        listed = {b + n: k for b, entries in listings(walked).items() for n, k in entries}
         assert listed == {p: k for p, k in want.items() if p != b"/"}
+        assert all(entries == sorted(entries) for entries in listings(walked).values())
         assert lstat_of(walked.keys[b"/a0/b0/c0/big"]).st_size == 300
         regular = [p for p, k in want.items() if stat.S_ISREG(lstat_of(k).st_mode)]
         # 60 small (0..9 bytes) + 60 big files and "empty"; the root and the 60+20+4 directories,
         # 20 links and the fifo are entries too
-        assert walked.counts == lstatwalk.Counts(len(want), len(regular), 60 * 300 + sum(
+        assert walked.stats == lstatwalk.ScanStats(len(want), len(regular), 60 * 300 + sum(
             a + b + c for a in range(4) for b in range(5) for c in range(3)), 60)
 
 
@@ -89,15 +100,12 @@ def test_entries_changed_since_the_limit_have_empty_keys(tmp_path: Path, monkeyp
     big = src / "a1" / "b2" / "c1" / "big"
     big.write_bytes(b"new" * 100)
     limit = os.lstat(big).st_ctime_ns  # not before the limit: not settled
-    split = lstatwalk.lstat_tree(os.fsencode(src), limit)
-    with monkeypatch.context() as m:
-        m.setattr(lstatwalk, "_helper_allowed", lambda: False)
-        one = lstatwalk.lstat_tree(os.fsencode(src), limit)
-    for walked in (split, one):
+    for walked in (split(src, limit), single(src, monkeypatch, limit)):
+        assert walked.fingerprint is None
         assert walked.keys[b"/a1/b2/c1/big"] == b""
         assert walked.keys[b"/a3/b0/c0/big"] == key_of(os.lstat(src / "a3" / "b0" / "c0" / "big"))
         # the listing keeps the key itself, for the scan that reads the entry again
-        assert dict(walked.listings[b"/a1/b2/c1/"])[b"big"] == key_of(os.lstat(big))
+        assert dict(walked.listing(b"/a1/b2/c1/"))[b"big"] == key_of(os.lstat(big))
 
 
 @needs_split
@@ -126,7 +134,7 @@ def test_halves_that_saw_different_trees_do_not_fit(tmp_path: Path, monkeypatch,
         return walk(self)
 
     monkeypatch.setattr(lstatwalk._Part, "walk", ordered)
-    assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED) is None
+    assert split(src) is None
 
 
 @needs_split
@@ -146,7 +154,7 @@ def test_halves_that_saw_the_same_tree_fit(tmp_path: Path, monkeypatch) -> None:
         return walk(self)
 
     monkeypatch.setattr(lstatwalk._Part, "walk", ordered)
-    assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED) is not None
+    assert split(src) is not None
 
 
 @pytest.mark.parametrize("part", [0, 1])
@@ -155,7 +163,7 @@ def test_what_a_scan_refuses_fails_the_walk_in_either_part(tmp_path: Path, monke
     where = next(f"/a{a}/b{b}/".encode() for a in range(4) for b in range(5) if owner(f"/a{a}/b{b}/".encode()) == part)
     os.mkfifo(src / os.fsdecode(where.strip(b"/")) / "pipe")
     monkeypatch.setattr(lstatwalk, "REPRESENTABLE", lstatwalk.REPRESENTABLE - {stat.S_IFIFO})
-    assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED) is None
+    assert split(src) is None
     assert single(src, monkeypatch) is None
 
 
@@ -164,11 +172,14 @@ def test_skipped_devices_are_listed_but_not_keyed(tmp_path: Path, monkeypatch) -
         pytest.skip("making a device node needs root")
     src = make_tree(tmp_path / "src")
     os.mknod(src / "a2" / "null", stat.S_IFCHR | 0o600, os.makedev(1, 3))
-    for walked in (lstatwalk.lstat_tree(os.fsencode(src), SETTLED, skip_devices=True),
-                   single(src, monkeypatch, skip_devices=True)):
+    fingerprints = set()
+    for walked in (split(src, skip_devices=True), single(src, monkeypatch, skip_devices=True)):
         assert b"/a2/null" not in walked.keys
-        assert b"null" in dict(walked.listings[b"/a2/"])
-    assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED).counts.entries == walked.counts.entries + 1
+        assert b"null" in dict(walked.listing(b"/a2/"))
+        fingerprints.add(walked.fingerprint)
+    assert len(fingerprints) == 1 and None not in fingerprints
+    assert split(src).stats.entries == walked.stats.entries + 1
+    assert b"/a2/null" in split(src).keys
 
 
 @needs_split
@@ -176,7 +187,7 @@ def test_the_helper_leaves_nothing_behind(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src")
     fds = sorted(os.listdir("/proc/self/fd"))
     for _ in range(3):
-        assert lstatwalk.lstat_tree(os.fsencode(src), SETTLED) is not None
+        assert split(src) is not None
     assert sorted(os.listdir("/proc/self/fd")) == fds
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
@@ -194,6 +205,6 @@ def test_no_fork_while_another_thread_runs() -> None:
 
 
 def test_a_missing_source_is_none(tmp_path: Path) -> None:
-    assert lstatwalk.lstat_tree(os.fsencode(tmp_path / "nowhere"), SETTLED) is None
+    assert split(tmp_path / "nowhere") is None
     (tmp_path / "file").write_bytes(b"")
-    assert lstatwalk.lstat_tree(os.fsencode(tmp_path / "file"), SETTLED) is None
+    assert split(tmp_path / "file") is None

@@ -59,18 +59,17 @@ def load_tree(
     strict: bool = False,
     progress: Callable[[ScanStats], None] | None = None,
     cache: DigestCache | None = None,
-    listings: dict | None = None,
-) -> tuple[Node, ScanStats | None, bytes | None]:
+    walked: TreeWalk | None = None,
+) -> tuple[Node, ScanStats | None]:
     """The tree of a directory (importing external files into ``store``) or of a dump.
 
-    Also returns the scan's stats and the tree's fingerprint (both None for
-    a dump).  ``cache`` (directories only) spares re-reading unchanged
-    entries and yields the fingerprint; see :mod:`.scan`.  The caller saves it.
-    ``listings`` are those of a :func:`.scan.fingerprint` walk of ``src``.
+    Also returns the scan's stats (None for a dump).  ``cache`` (directories
+    only) spares re-reading unchanged entries; see :mod:`.scan`.  The caller
+    saves it.  ``walked`` is a :func:`.lstatwalk.walk` of ``src`` just made.
     """
     if from_file:
         try:
-            return parse_dump(_read_dump(src), strict=strict), None, None
+            return parse_dump(_read_dump(src), strict=strict), None
         except DumpError as e:
             raise BuildError(f"{'<stdin>' if src == '-' else src}: {e}") from None
     if skip_xattrs and user_xattrs:
@@ -82,7 +81,7 @@ def load_tree(
     try:
         result = scan(src, store=store, use_epoch=use_epoch, skip_devices=skip_devices,
                       skip_xattrs=skip_xattrs, user_xattrs=user_xattrs, threads=threads,
-                      progress=progress, cache=cache, listings=listings)
+                      progress=progress, cache=cache, walked=walked)
     except ScanError as e:
         raise BuildError(f"{os.path.join(src, os.fsdecode(e.path).lstrip('/'))}: {e.reason}") from None
     except ObjectStoreError as e:
@@ -123,7 +122,7 @@ def make_image(
     As upstream, ``digest_store`` is ignored for a dump source.
     """
     store = ObjectStore(digest_store, batch=True) if digest_store and not from_file else None
-    root, stats, _ = load_tree(src, from_file=from_file, store=store, **options)
+    root, stats = load_tree(src, from_file=from_file, store=store, **options)
     if store is not None:
         store.sync()
     image, digest = render(root, min_version=min_version, max_version=max_version)

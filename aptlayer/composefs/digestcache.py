@@ -53,6 +53,8 @@ MAGIC = b"apt-layer entry cache 2\n"
 TREES_MAGIC = b"apt-layer tree results 2\n"
 LAST_MAGIC = b"apt-layer last builds 1\n"
 _KEY = struct.Struct("<QQIIIQQQqq")
+#: the length of every key
+KEY_SIZE = _KEY.size
 #: entries changed this recently (ns) before the cache was loaded are not saved
 SETTLE_NS = 2_000_000_000
 #: tree results kept (the most recently remembered)

@@ -9,21 +9,30 @@ When the process is single-threaded and may run on two CPUs, the walk
 forks one helper.  Both traverse every directory (listing names is cheap:
 ``getdents`` gives the type), and each ``lstat``-s the entries of the
 directories it owns, chosen by a hash of the directory's path so that the
-two agree on ownership without talking.  The helper sends its part back
-as ``marshal`` data.  The parts must fit: every directory entry has
-exactly one listing, taken of the same inode (device and number), and the
-root is the one opened first.  Two traversals that saw different trees (a
-directory made, removed or replaced meanwhile) do not fit, and the walk
-reports that as it reports any tree it cannot vouch for: with None.
+two agree on ownership without talking.  The helper hands its part back
+through a memfd as ``marshal`` data.  The parts must fit: every directory
+entry has exactly one listing, taken of the same inode (device and
+number), and the root is the one opened first.  Two traversals that saw
+different trees (a directory made, removed or replaced meanwhile) do not
+fit, and the walk reports that as it reports any tree it cannot vouch
+for: with None.  Only ``os``, ``marshal`` and ``zlib`` run in the helper,
+which ends with ``os._exit`` whatever happens, so it never runs the
+parent's cleanups.
 
-Only ``os``, ``marshal`` and ``zlib`` run in the helper, which ends with
-``os._exit`` whatever happens, so it never runs the parent's cleanups.
+Each listing travels and is kept as one bytes object, its entries sorted
+by name, each the name, a NUL and the entry's key: an unchanged rebuild
+needs no more than the fingerprint, which is hashed from these directly,
+and the keys by path and the (name, key) pairs are unpacked only for a
+build that reads the tree.
 
-:func:`walk` turns the walk into what the Store decides with: the tree's
-fingerprint (the value a scan with a digest cache gives, see :mod:`.scan`),
-every entry's key, the listings a scan can take instead of listing again,
-and the scan's counts.  It imports nothing of the scan, so a build that
-finds its tree unchanged never loads the scanner or the writer.
+The fingerprint identifies the tree for the digest cache: a hash of the
+options and of every directory's path and listing.  Two walks with the
+same fingerprint saw the same tree, provided no entry changed within the
+cache's settling time before the walk (its ctime says so); if one did,
+the fingerprint is None.  Everything a scan takes from an entry is in its
+key or changes its ctime (content, xattrs), so the same fingerprint means
+the same scan.  The walk imports nothing of the scan: a build that finds
+its tree unchanged never loads the scanner or the writer.
 """
 
 from __future__ import annotations
@@ -37,9 +46,9 @@ import sys
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from functools import cached_property
 
-from aptlayer.composefs.digestcache import Key, key_of
+from aptlayer.composefs.digestcache import KEY_SIZE, Key, key_of
 
 #: largest regular file whose content is inlined in the image
 INLINE_MAX = 64
@@ -78,42 +87,58 @@ class ScanOptions:
     skip_devices: bool = False
 
 
-class Counts(NamedTuple):
-    """Entries (the root included), regular files, their bytes, and those over INLINE_MAX bytes."""
-
-    entries: int
-    files: int
-    bytes: int
-    external: int
-
-
-class LstatTree(NamedTuple):
-    """What the walk saw."""
-
-    #: every entry's key by path (``/``, ``/a/b``); b"" where its ctime is not
-    #: before the settling limit (the key does not vouch for the content)
-    keys: dict[bytes, Key]
-    #: every directory's complete listing by path with a trailing slash, as
-    #: (name, key) pairs in the order the directory gave them
-    listings: dict[bytes, list[tuple[bytes, Key]]]
-    counts: Counts
-
-
-class TreeWalk(NamedTuple):
+class TreeWalk:
     """What an ``lstat`` walk of a tree saw (see :func:`walk`)."""
 
-    #: the fingerprint :func:`.scan.scan` would give: None if some entry had not settled
-    fingerprint: bytes | None
-    #: every entry's cache key by path (``/``, ``/a/b``); b"" for an entry that
-    #: had not settled: its key does not vouch for its content
-    keys: dict[bytes, Key]
-    #: complete directory listings by path with a trailing slash, as
-    #: (name, key) pairs, for :func:`.scan.scan` and :func:`.scan.scan_entries`
-    listings: dict[bytes, list[tuple[bytes, Key]]]
-    #: entries, files, bytes and external files, as a scan would count them
-    stats: ScanStats
-    #: the options the keys were taken under (part of the fingerprint)
-    options: bytes
+    def __init__(self, options: bytes, root: Key, part: _Result) -> None:
+        blobs, hashed, counts, _, _, unsettled, skipped = part
+        #: the options the walk was taken under (part of the fingerprint)
+        self.options = options
+        #: entries, files, bytes and external files, as a scan would count them
+        self.stats = ScanStats(counts[0] + 1, *counts[1:])
+        self._root = root
+        self._blobs: dict[bytes, bytes] = blobs
+        self._unsettled: list[bytes] = unsettled
+        self._skipped: list[bytes] = skipped
+        #: identifies the tree (see the module docstring); None if some entry had not settled
+        self.fingerprint: bytes | None = None
+        if root and not unsettled:
+            h = hashlib.sha256(options + b"\0" + root)
+            h.update(b"".join([base + b"\0" + len(blob).to_bytes(8, "little") + blob
+                               for base, blob in sorted(hashed.items())]))
+            self.fingerprint = h.digest()
+
+    def listing(self, base: bytes) -> list[tuple[bytes, Key]] | None:
+        """A directory's complete listing, by its path with a trailing slash, as (name, key)
+        pairs sorted by name; None for a path that is no directory of the tree."""
+        blob = self._blobs.get(base)
+        return None if blob is None else _unpack(blob)
+
+    @cached_property
+    def keys(self) -> dict[bytes, Key]:
+        """Every entry's key by path (``/``, ``/a/b``); b"" for one that had not settled
+        (its key does not vouch for its content).  Device nodes a scan skips have none."""
+        keys = {b"/": self._root}
+        for base, blob in self._blobs.items():
+            for name, key in _unpack(blob):
+                keys[base + name] = key
+        for path in self._skipped:
+            del keys[path]
+        for path in self._unsettled:
+            keys[path] = b""
+        return keys
+
+
+def _unpack(blob: bytes) -> list[tuple[bytes, Key]]:
+    """A listing's (name, key) pairs from its bytes."""
+    out = []
+    pos, end = 0, len(blob)
+    find = blob.index
+    while pos < end:
+        nul = find(b"\0", pos)
+        out.append((blob[pos:nul], blob[nul + 1:nul + 1 + KEY_SIZE]))
+        pos = nul + 1 + KEY_SIZE
+    return out
 
 
 def walk(
@@ -125,26 +150,43 @@ def walk(
     user_xattrs: bool = False,
     skip_devices: bool = False,
 ) -> TreeWalk | None:
-    """Walk ``source`` with ``lstat`` alone: the fingerprint :func:`.scan.scan` would give, and more.
+    """Walk ``source`` with ``lstat`` alone: its fingerprint, keys, listings and counts.
 
     ``settled_before_ns`` is the cache's settling limit: an entry whose ctime
     is not before it makes the fingerprint None (and its key b"").  The
-    result is None for anything the scan would stop at (an unreadable
-    directory, a name too long, a file type composefs cannot hold, a
-    directory replaced while walked): the scan reports those.  Directories
-    are opened relative to their parent with ``O_NOFOLLOW`` and checked
-    against their listing, as in the scan; at most one fd per level is open.
+    options are a scan's (:class:`ScanOptions`).  The result is None for
+    anything a scan would stop at (an unreadable directory, a name longer
+    than NAME_MAX, a file type composefs cannot hold, a directory replaced
+    while walked): the scan reports those.  With ``skip_devices``, device
+    nodes are listed but get no key and are not counted.  Directories are
+    opened relative to their parent with ``O_NOFOLLOW``; at most one fd per
+    level is open.
     """
     opts = ScanOptions(use_epoch, skip_xattrs, user_xattrs, skip_devices)
-    tree = lstat_tree(os.fsencode(source), settled_before_ns, skip_devices)
-    if tree is None:
+    try:
+        root_fd = os.open(os.fsencode(source), OPEN_DIR)
+    except OSError:
         return None
-    options = repr(opts).encode()
-    return TreeWalk(fingerprint_of(options, tree.keys), tree.keys, tree.listings, ScanStats(*tree.counts), options)
+    try:
+        root = os.fstat(root_fd)
+        if _helper_allowed():
+            part = _walk_split(root_fd, settled_before_ns, skip_devices)
+        else:
+            part = _Part(root_fd, 0, 1, settled_before_ns, skip_devices).walk()
+    finally:
+        os.close(root_fd)
+    if part is None:
+        return None
+    expected, opened = part[3], part[4]
+    expected[b"/"] = (root.st_dev, root.st_ino)
+    if expected != opened:  # a directory no part listed, or not the one its parent's listing named
+        return None
+    root_key = key_of(root) if root.st_ctime_ns < settled_before_ns else b""
+    return TreeWalk(repr(opts).encode(), root_key, part)
 
 
 def fingerprint(source: str | bytes | os.PathLike, settled_before_ns: int, **options: bool) -> bytes | None:
-    """The fingerprint :func:`.scan.scan` would give ``source``, from ``lstat`` alone (see :func:`walk`)."""
+    """The fingerprint of ``source`` (see :func:`walk`)."""
     walked = walk(source, settled_before_ns, **options)
     return None if walked is None else walked.fingerprint
 
@@ -166,99 +208,59 @@ def changed_paths(old: dict[bytes, Key], new: dict[bytes, Key]) -> list[bytes] |
     return changed
 
 
-def fingerprint_of(options: bytes, keys: dict[bytes, Key]) -> bytes | None:
-    """The fingerprint of a tree's keys by path, or None if some entry had not settled."""
-    if b"" in keys.values():
-        return None
-    h = hashlib.sha256(options)
-    # by path: the walk order does not matter
-    h.update(b"".join(sorted([path + b"\0" + key for path, key in keys.items()])))
-    return h.digest()
-
-
-def lstat_tree(source: bytes, settled_before_ns: int, skip_devices: bool = False) -> LstatTree | None:
-    """``lstat`` every entry below ``source``; None where a scan would stop or the tree moved.
-
-    A scan stops at an unreadable directory, a name longer than NAME_MAX, a
-    file type composefs cannot hold, or a directory replaced while walked.
-    With ``skip_devices``, device nodes are listed but get no key and are
-    not counted.  Directories are opened relative to their parent with
-    ``O_NOFOLLOW``; at most one fd per level is open.
-    """
-    try:
-        root_fd = os.open(source, OPEN_DIR)
-    except OSError:
-        return None
-    try:
-        root = os.fstat(root_fd)
-        if _helper_allowed():
-            part = _walk_split(root_fd, settled_before_ns, skip_devices)
-        else:
-            part = _Part(root_fd, 0, 1, settled_before_ns, skip_devices).walk()
-    finally:
-        os.close(root_fd)
-    if part is None:
-        return None
-    keys, listings, counts, expected, opened = part
-    expected[b"/"] = (root.st_dev, root.st_ino)
-    if expected != opened:  # a directory no part listed, or not the one its parent's listing named
-        return None
-    keys[b"/"] = key_of(root) if root.st_ctime_ns < settled_before_ns else b""
-    return LstatTree(keys, listings, Counts(counts[0] + 1, *counts[1:]))
-
-
 def _helper_allowed() -> bool:
     """Whether to fork: two CPUs to run on, and no other thread whose locks the child could inherit."""
     return threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
 
 
-#: one process's part: keys, listings, counts (entries, files, bytes, external),
-#: the (dev, ino) each directory's parent listing gave it, and the (dev, ino)
-#: of each directory as opened and listed
-_Result = tuple[dict, dict, list, dict, dict]
+#: one process's part: the listings of its directories (bytes, see the module
+#: docstring) and those the fingerprint hashes (the same but where device nodes
+#: were skipped); counts (entries, files, bytes, external); the (dev, ino) each
+#: directory's parent listing gave it, and the (dev, ino) of each directory as
+#: opened and listed; the paths not settled; the device nodes skipped
+_Result = tuple[dict, dict, list, dict, dict, list, list]
 
 
 def _walk_split(root_fd: int, settled_before_ns: int, skip_devices: bool) -> _Result | None:
     """Walk with a forked helper; the two parts merged, or None if either failed."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the helper
-        status = 1
-        try:
-            os.close(r)
-            # its own open file description: a shared one would share the listing position
-            fd = os.open(".", OPEN_DIR, dir_fd=root_fd)
-            data = marshal.dumps(_Part(fd, 1, 2, settled_before_ns, skip_devices).walk())
-            with os.fdopen(w, "wb") as out:
-                out.write(data)
-            status = 0
-        finally:
-            os._exit(status)
-    os.close(w)
-    with os.fdopen(r, "rb") as pipe:
+    out = os.memfd_create("apt-layer-walk", os.MFD_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the helper
+            status = 1
+            try:
+                # its own open file description: a shared one would share the listing position
+                fd = os.open(".", OPEN_DIR, dir_fd=root_fd)
+                data = memoryview(marshal.dumps(_Part(fd, 1, 2, settled_before_ns, skip_devices).walk()))
+                while data:
+                    data = data[os.write(out, data):]
+                status = 0
+            finally:
+                os._exit(status)
         try:
             mine = _Part(root_fd, 0, 2, settled_before_ns, skip_devices).walk()
-            data = pipe.read()
             _, status = os.waitpid(pid, 0)
             pid = 0
         finally:
             if pid:  # interrupted: the helper is of no use any more
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-    theirs = marshal.loads(data) if status == 0 else None
-    if mine is None or theirs is None:
-        return None
-    return _merge(mine, theirs)
+        if mine is None or status != 0:
+            return None
+        theirs = marshal.loads(os.pread(out, os.fstat(out).st_size, 0))
+    finally:
+        os.close(out)
+    return None if theirs is None else _merge(mine, theirs)
 
 
 def _merge(a: _Result, b: _Result) -> _Result:
     """Two parts as one (their dicts have no key in common: every directory has one owner)."""
-    keys, listings, counts, expected, opened = a
-    keys.update(b[0])
-    listings.update(b[1])
+    blobs, hashed, counts, expected, opened, unsettled, skipped = a
+    blobs.update(b[0])
+    hashed.update(b[1])
     expected.update(b[3])
     opened.update(b[4])
-    return keys, listings, [x + y for x, y in zip(counts, b[2])], expected, opened
+    return blobs, hashed, [x + y for x, y in zip(counts, b[2])], expected, opened, unsettled + b[5], skipped + b[6]
 
 
 class _Part:
@@ -270,11 +272,13 @@ class _Part:
         self.parts = parts
         self.limit = limit
         self.skip_devices = skip_devices
-        self.keys: dict[bytes, Key] = {}
-        self.listings: dict[bytes, list[tuple[bytes, Key]]] = {}
+        self.blobs: dict[bytes, bytes] = {}
+        self.hashed: dict[bytes, bytes] = {}
         self.counts = [0, 0, 0, 0]
         self.expected: dict[bytes, tuple[int, int]] = {}
         self.opened: dict[bytes, tuple[int, int]] = {}
+        self.unsettled: list[bytes] = []
+        self.skipped: list[bytes] = []
 
     def walk(self) -> _Result | None:
         #: (fd, path with a trailing slash, subdirectory names still to walk)
@@ -292,9 +296,8 @@ class _Part:
                     stack.pop()
                     continue
                 name = todo.pop()
-                parent_fd = fd if fd >= 0 else self.root_fd
                 try:
-                    cfd = os.open(name, OPEN_DIR, dir_fd=parent_fd)
+                    cfd = os.open(name, OPEN_DIR, dir_fd=fd if fd >= 0 else self.root_fd)
                 except OSError:
                     return None
                 path = base + name + b"/"
@@ -307,7 +310,8 @@ class _Part:
             for fd, _, _ in stack:
                 if fd >= 0:
                     os.close(fd)
-        return self.keys, self.listings, self.counts, self.expected, self.opened
+        return (self.blobs, self.hashed, self.counts, self.expected, self.opened,
+                self.unsettled, self.skipped)
 
     def _list(self, fd: int, base: bytes) -> list[bytes] | None:
         """List a directory, ``lstat``-ing it if it is ours; its subdirectory names, or None."""
@@ -319,8 +323,8 @@ class _Part:
                 return None
         # The hot loop: one lstat per entry and as little Python around it as will do.
         subdirs = []
-        listing = []
-        keys = self.keys
+        items = []
+        skipped = []
         expected = self.expected
         limit = self.limit
         entries = files = size = external = 0
@@ -328,9 +332,11 @@ class _Part:
             with os.scandir(fd) as it:
                 for entry in it:
                     name = entry.name.encode(FS_ENCODING, FS_ERRORS)
+                    if len(name) > NAME_MAX:
+                        return None
                     st = entry.stat(follow_symlinks=False)
-                    key = key_of(st)
-                    listing.append((name, key))
+                    item = name + b"\0" + key_of(st)
+                    items.append(item)
                     kind = stat.S_IFMT(st.st_mode)
                     if kind == stat.S_IFREG:
                         files += 1
@@ -343,16 +349,20 @@ class _Part:
                     elif kind not in REPRESENTABLE:
                         return None
                     elif self.skip_devices and kind in (stat.S_IFCHR, stat.S_IFBLK):
+                        skipped.append(item)
                         continue
                     entries += 1
-                    keys[base + name] = key if st.st_ctime_ns < limit else b""
+                    if st.st_ctime_ns >= limit:
+                        self.unsettled.append(base + name)
             here = os.fstat(fd)
         except OSError:
             return None
-        if any(len(name) > NAME_MAX for name, _ in listing):
-            return None
         self.opened[base] = (here.st_dev, here.st_ino)
-        self.listings[base] = listing
+        items.sort()  # by name: a NUL ends each name, and sorts before any byte of a longer one
+        self.blobs[base] = self.hashed[base] = b"".join(items)
+        if skipped:
+            self.hashed[base] = b"".join([i for i in items if i not in skipped])
+            self.skipped += [base + i[:i.index(b"\0")] for i in skipped]
         counts = self.counts
         counts[0] += entries
         counts[1] += files

@@ -38,13 +38,9 @@ Digest cache: with ``cache``, an entry whose ``lstat`` matches a cached
 one (:func:`.digestcache.key_of`) takes its xattrs, symlink target, inline
 content and digest from it unread; an external file's digest counts only
 as long as the store still has its object, otherwise the file is read,
-hashed and imported, and its entry refreshed.  The scan also returns a
-fingerprint of the tree: a hash of the options and of every path with its
-key, sorted by path.  Two scans with the same fingerprint read the same
-tree, provided no entry changed within the cache's settling time before
-the scan; if one did, the fingerprint is None.  The caller saves the cache.
-:func:`.lstatwalk.fingerprint` computes the same value with ``lstat`` alone, so a
-caller that remembers what a tree gave can skip the scan altogether.
+hashed and imported, and its entry refreshed.  The caller saves the cache.
+A caller that remembers what a tree gave can skip the scan altogether by
+the tree's fingerprint (:func:`.lstatwalk.walk`, ``lstat`` alone).
 """
 
 from __future__ import annotations
@@ -61,7 +57,6 @@ from aptlayer.composefs import fsverity
 from aptlayer.composefs.digestcache import DigestCache, Entry, Key, Lstat, key_of, lstat_of
 from aptlayer.composefs.lstatwalk import (
     FS_ENCODING, FS_ERRORS, INLINE_MAX, NAME_MAX, OPEN_DIR, REPRESENTABLE, ScanOptions, ScanStats, TreeWalk,
-    fingerprint_of,
 )
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
@@ -96,8 +91,6 @@ class ScanError(Exception):
 class ScanResult(NamedTuple):
     root: Node
     stats: ScanStats
-    #: with a cache: what identifies the tree read (see the module docstring), or None
-    fingerprint: bytes | None = None
 
 
 def scan(
@@ -111,7 +104,7 @@ def scan(
     threads: int = 1,
     progress: Callable[[ScanStats], None] | None = None,
     cache: DigestCache | None = None,
-    listings: dict[bytes, list[tuple[bytes, Key]]] | None = None,
+    walked: TreeWalk | None = None,
 ) -> ScanResult:
     """Read the directory ``source`` into a tree, like ``mkcomposefs`` does.
 
@@ -119,8 +112,8 @@ def scan(
     ``--digest-store``); if the scan fails, what it staged in a batch store
     is discarded.  ``threads`` > 1 copies new objects in worker threads, and
     ``cache`` lets unchanged entries skip reading (see the module docstring);
-    the caller saves it.  ``listings`` are directory listings a
-    :func:`.lstatwalk.walk` just made, used instead of listing again.
+    the caller saves it.  ``walked`` is a :func:`.lstatwalk.walk` of
+    ``source`` just made: its listings are used instead of listing again.
     ``progress``, if given, is called from the calling thread with the
     running stats after each regular file.  Raises
     ``ScanError`` for an entry that cannot be read or represented (the
@@ -132,14 +125,14 @@ def scan(
     if threads < 1:
         raise ValueError(f"invalid thread count {threads}")
     opts = ScanOptions(use_epoch, skip_xattrs, user_xattrs, skip_devices)
-    walker = _Walker(opts, store, cache, threads, progress, listings)
+    walker = _Walker(opts, store, cache, threads, progress, walked)
     try:
         root = walker.run(os.fsencode(source))
     except BaseException:
         if store is not None:
             store.discard()
         raise
-    return ScanResult(root, walker.stats, walker.fingerprint())
+    return ScanResult(root, walker.stats)
 
 
 def scan_entries(
@@ -173,7 +166,7 @@ def scan_entries(
         parent, name = path.rsplit(b"/", 1)
         names = by_dir.get(parent)
         if names is None:
-            names = by_dir[parent] = dict(walked.listings.get(parent + b"/", ()))
+            names = by_dir[parent] = dict(walked.listing(parent + b"/") or ())
         key = names.get(name)
         return None if key is None else lstat_of(key)
 
@@ -195,27 +188,6 @@ def scan_entries(
             store.discard()
         raise
     return nodes, walker.stats
-
-
-class _Fingerprint:
-    """A fingerprint being taken: the options, every path with its key, and whether all settled."""
-
-    def __init__(self, opts: ScanOptions, settled_before_ns: int) -> None:
-        self.opts = opts
-        self.options = repr(opts).encode()
-        self.limit = settled_before_ns
-        #: by path; b"" for an entry not settled
-        self.keys: dict[bytes, Key] = {}
-
-    def add(self, path: bytes, st: os.stat_result) -> Key:
-        """Note an entry; returns its cache key."""
-        key = key_of(st)
-        self.keys[path] = key if st.st_ctime_ns < self.limit else b""
-        return key
-
-    def digest(self) -> bytes | None:
-        """The fingerprint, or None if some entry had not settled."""
-        return fingerprint_of(self.options, self.keys)
 
 
 class _Job(NamedTuple):
@@ -296,10 +268,10 @@ class _Walker:
         cache: DigestCache | None,
         threads: int,
         progress: Callable[[ScanStats], None] | None,
-        listings: dict[bytes, list[tuple[bytes, Key]]] | None = None,
+        walked: TreeWalk | None = None,
     ) -> None:
         self.opts = opts
-        self.listings = listings
+        self.walked = walked
         self.store = store
         self.cache = cache
         self.threads = threads
@@ -311,17 +283,9 @@ class _Walker:
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
         self.inflight: deque[tuple[Future[None], list[_Job]]] = deque()
-        #: with a cache: the fingerprint of what the walk sees
-        self.fp = _Fingerprint(opts, cache.settled_before_ns) if cache is not None else None
-
-    def fingerprint(self) -> bytes | None:
-        return self.fp.digest() if self.fp is not None else None
-
-    def _lookup(self, path: bytes, st: os.stat_result) -> Entry | None:
-        """The cached entry for ``st`` (None without a cache); notes the key for the fingerprint."""
-        if self.fp is None:
-            return None
-        return self.cache.get(self.fp.add(path, st))
+    def _lookup(self, st: os.stat_result) -> Entry | None:
+        """The cached entry for ``st`` (None without a cache)."""
+        return None if self.cache is None else self.cache.get(key_of(st))
 
     def run(self, source: bytes) -> Node:
         root_fd = _open_source(source)
@@ -329,7 +293,7 @@ class _Walker:
         stack: list[_Dir] = []
         try:
             st = os.fstat(root_fd)
-            hit = self._lookup(b"/", st)
+            hit = self._lookup(st)
             xattrs, pairs = self._xattrs(b"/", root_fd, hit)
             root = self._node(b"/", st, xattrs)
             root.nlink = st.st_nlink
@@ -437,10 +401,10 @@ class _Walker:
     def _list(self, dfd: int, path: bytes, node: Node) -> list[tuple[bytes, Node, os.stat_result]]:
         """Fill ``node.children``; returns the subdirectories still to list."""
         base = path.rstrip(b"/") + b"/"
-        listed = self.listings.get(base) if self.listings is not None else None
+        listed = self.walked.listing(base) if self.walked is not None else None
         entries: list[tuple[bytes, os.DirEntry | Key]]
         if listed is not None:
-            entries = sorted(listed)  # by name: names are unique, so entries are never compared
+            entries = listed  # sorted by name
         else:
             try:
                 with os.scandir(dfd) as it:
@@ -480,7 +444,7 @@ class _Walker:
         A directory's children are not listed here.
         """
         kind = stat.S_IFMT(st.st_mode)
-        hit = self._lookup(path, st)
+        hit = self._lookup(st)
         xattrs, pairs = self._xattrs(path, proc + name, hit)
         node = self._node(path, st, xattrs)
         data = None
