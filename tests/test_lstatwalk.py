@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import os
 import stat
-import threading
 import time
 import zlib
 from pathlib import Path
 
 import pytest
 
-from aptlayer.composefs import lstatwalk
+from aptlayer.composefs import forked, lstatwalk
 from aptlayer.composefs.digestcache import key_of, lstat_of
 
 SETTLED = 1 << 62  # a limit every ctime is before
 
-needs_split = pytest.mark.skipif(not lstatwalk._helper_allowed(),
+needs_split = pytest.mark.skipif(not forked.helper_allowed(),
                                  reason="the split walk needs two CPUs and a single-threaded process")
 
 
@@ -50,7 +49,7 @@ def split(source: Path, limit: int = SETTLED, **kw) -> lstatwalk.TreeWalk | None
 
 def single(source: Path, monkeypatch, limit: int = SETTLED, **kw) -> lstatwalk.TreeWalk | None:
     with monkeypatch.context() as m:
-        m.setattr(lstatwalk, "_helper_allowed", lambda: False)
+        m.setattr(forked, "helper_allowed", lambda: False)
         return lstatwalk.walk(source, limit, **kw)
 
 
@@ -191,17 +190,6 @@ def test_the_helper_leaves_nothing_behind(tmp_path: Path) -> None:
     assert sorted(os.listdir("/proc/self/fd")) == fds
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
-
-
-def test_no_fork_while_another_thread_runs() -> None:
-    stop = threading.Event()
-    thread = threading.Thread(target=stop.wait)
-    thread.start()
-    try:
-        assert not lstatwalk._helper_allowed()
-    finally:
-        stop.set()
-        thread.join()
 
 
 def test_a_missing_source_is_none(tmp_path: Path) -> None:

@@ -9,15 +9,12 @@ When the process is single-threaded and may run on two CPUs, the walk
 forks one helper.  Both traverse every directory (listing names is cheap:
 ``getdents`` gives the type), and each ``lstat``-s the entries of the
 directories it owns, chosen by a hash of the directory's path so that the
-two agree on ownership without talking.  The helper hands its part back
-through a memfd as ``marshal`` data.  The parts must fit: every directory
-entry has exactly one listing, taken of the same inode (device and
-number), and the root is the one opened first.  Two traversals that saw
-different trees (a directory made, removed or replaced meanwhile) do not
-fit, and the walk reports that as it reports any tree it cannot vouch
-for: with None.  Only ``os``, ``marshal`` and ``zlib`` run in the helper,
-which ends with ``os._exit`` whatever happens, so it never runs the
-parent's cleanups.
+two agree on ownership without talking (:mod:`.forked` runs the helper).
+The parts must fit: every directory entry has exactly one listing, taken
+of the same inode (device and number), and the root is the one opened
+first.  Two traversals that saw different trees (a directory made,
+removed or replaced meanwhile) do not fit, and the walk reports that as
+it reports any tree it cannot vouch for: with None.
 
 Each listing travels and is kept as one bytes object, its entries sorted
 by name, each the name, a NUL and the entry's key: an unchanged rebuild
@@ -38,16 +35,14 @@ its tree unchanged never loads the scanner or the writer.
 from __future__ import annotations
 
 import hashlib
-import marshal
 import os
-import signal
 import stat
 import sys
-import threading
 import zlib
 from dataclasses import dataclass
 from functools import cached_property
 
+from aptlayer.composefs import forked
 from aptlayer.composefs.digestcache import KEY_SIZE, Key, key_of
 
 #: largest regular file whose content is inlined in the image
@@ -169,7 +164,7 @@ def walk(
         return None
     try:
         root = os.fstat(root_fd)
-        if _helper_allowed():
+        if forked.helper_allowed():
             part = _walk_split(root_fd, settled_before_ns, skip_devices)
         else:
             part = _Part(root_fd, 0, 1, settled_before_ns, skip_devices).walk()
@@ -208,11 +203,6 @@ def changed_paths(old: dict[bytes, Key], new: dict[bytes, Key]) -> list[bytes] |
     return changed
 
 
-def _helper_allowed() -> bool:
-    """Whether to fork: two CPUs to run on, and no other thread whose locks the child could inherit."""
-    return threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
-
-
 #: one process's part: the listings of its directories (bytes, see the module
 #: docstring) and those the fingerprint hashes (the same but where device nodes
 #: were skipped); counts (entries, files, bytes, external); the (dev, ino) each
@@ -223,34 +213,14 @@ _Result = tuple[dict, dict, list, dict, dict, list, list]
 
 def _walk_split(root_fd: int, settled_before_ns: int, skip_devices: bool) -> _Result | None:
     """Walk with a forked helper; the two parts merged, or None if either failed."""
-    out = os.memfd_create("apt-layer-walk", os.MFD_CLOEXEC)
-    try:
-        pid = os.fork()
-        if pid == 0:  # the helper
-            status = 1
-            try:
-                # its own open file description: a shared one would share the listing position
-                fd = os.open(".", OPEN_DIR, dir_fd=root_fd)
-                data = memoryview(marshal.dumps(_Part(fd, 1, 2, settled_before_ns, skip_devices).walk()))
-                while data:
-                    data = data[os.write(out, data):]
-                status = 0
-            finally:
-                os._exit(status)
-        try:
-            mine = _Part(root_fd, 0, 2, settled_before_ns, skip_devices).walk()
-            _, status = os.waitpid(pid, 0)
-            pid = 0
-        finally:
-            if pid:  # interrupted: the helper is of no use any more
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        if mine is None or status != 0:
-            return None
-        theirs = marshal.loads(os.pread(out, os.fstat(out).st_size, 0))
-    finally:
-        os.close(out)
-    return None if theirs is None else _merge(mine, theirs)
+
+    def theirs() -> _Result | None:
+        # its own open file description: a shared one would share the listing position
+        fd = os.open(".", OPEN_DIR, dir_fd=root_fd)
+        return _Part(fd, 1, 2, settled_before_ns, skip_devices).walk()
+
+    mine, helped = forked.split(theirs, _Part(root_fd, 0, 2, settled_before_ns, skip_devices).walk)
+    return None if mine is None or helped is None else _merge(mine, helped)
 
 
 def _merge(a: _Result, b: _Result) -> _Result:

@@ -1,0 +1,63 @@
+"""Half of a pure-Python loop on the second core: one forked helper process.
+
+Threads do not help the loops of a build (an ``lstat`` walk, hashing 4 KiB
+blocks): each step holds the GIL longer than the system call or hash it
+releases it for.  A forked helper does help: it starts with the parent's
+memory, runs its half, and hands back a result that ``marshal`` can carry,
+through a memfd (one write, one read).
+
+A helper is forked only from a single-threaded process (a thread of the
+parent could hold a lock the child would then wait on forever) that may run
+on two CPUs.  The helper ends with ``os._exit`` whatever happens, so it
+never runs the parent's cleanups, and the parent reaps it even when its own
+half fails.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def helper_allowed() -> bool:
+    """Whether a helper may be forked: two CPUs to run on, and no other thread in this process."""
+    return threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
+
+
+def split(theirs: Callable[[], Any], mine: Callable[[], T]) -> tuple[T, Any]:
+    """Run ``theirs`` in a forked helper while ``mine`` runs here; both results.
+
+    The helper's result is None if it failed in any way (an exception, a
+    result ``marshal`` cannot carry, a signal).  An exception of ``mine``
+    is raised once the helper is killed and reaped.
+    """
+    out = os.memfd_create("apt-layer-helper", os.MFD_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the helper
+            status = 1
+            try:
+                data = memoryview(marshal.dumps(theirs()))
+                while data:
+                    data = data[os.write(out, data):]
+                status = 0
+            finally:
+                os._exit(status)
+        try:
+            result = mine()
+            _, status = os.waitpid(pid, 0)
+            pid = 0
+        finally:
+            if pid:  # ours failed: the helper's work is of no use
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        helped = marshal.loads(os.pread(out, os.fstat(out).st_size, 0)) if status == 0 else None
+    finally:
+        os.close(out)
+    return result, helped

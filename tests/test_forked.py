@@ -1,0 +1,65 @@
+"""The forked helper: two halves of work in two processes, and nothing left behind whatever fails."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from aptlayer.composefs import forked
+
+pytestmark = pytest.mark.skipif(not forked.helper_allowed(),
+                                reason="a helper needs two CPUs and a single-threaded process")
+
+
+def no_children() -> bool:
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def test_both_halves_run_and_the_helper_is_another_process() -> None:
+    fds = sorted(os.listdir("/proc/self/fd"))
+    mine, theirs = forked.split(lambda: [os.getpid(), b"x" * 100_000, {b"k": (1, 2)}], os.getpid)
+    assert mine == os.getpid()
+    assert theirs[0] != os.getpid() and theirs[1:] == [b"x" * 100_000, {b"k": (1, 2)}]
+    assert sorted(os.listdir("/proc/self/fd")) == fds and no_children()
+
+
+@pytest.mark.parametrize("failure", ["raises", "unmarshallable", "killed"])
+def test_a_failed_helper_gives_none(failure: str) -> None:
+    def theirs():
+        if failure == "raises":
+            raise RuntimeError("helper")
+        if failure == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return object()
+
+    assert forked.split(theirs, lambda: "mine") == ("mine", None)
+    assert no_children()
+
+
+def test_a_failure_here_reaps_the_helper() -> None:
+    def mine():
+        raise KeyError("mine")
+
+    with pytest.raises(KeyError):
+        forked.split(lambda: __import__("time").sleep(30), mine)
+    assert no_children()  # killed and reaped at once, not after 30 s
+
+
+def test_no_helper_beside_another_thread() -> None:
+    import threading
+
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert not forked.helper_allowed()
+    finally:
+        stop.set()
+        thread.join()
+    assert forked.helper_allowed()
