@@ -16,7 +16,7 @@ import pytest
 
 from aptlayer.composefs import fsops, fsverity, reader
 from aptlayer.composefs.build import render
-from aptlayer.composefs.digestcache import DigestCache, key_of
+from aptlayer.composefs.digestcache import DigestCache, key_of, lstat_of
 from aptlayer.composefs.objectstore import ObjectStore
 from aptlayer.composefs.lstatwalk import changed_paths, fingerprint, walk
 from aptlayer.composefs.scan import ScanError, scan, scan_entries
@@ -431,3 +431,27 @@ def test_changed_paths_and_scan_entries(tree: Path) -> None:
     (tree / "f05").write_bytes(os.urandom(301))  # no longer the file the walk saw
     with pytest.raises(ScanError, match="changed during the scan"):
         scan_entries(tree, after, [b"/f05"])
+
+
+def test_keys_hold_times_past_2262(tmp_path: Path) -> None:
+    """Nanoseconds since 1970 overflow 64 bits in 2262; ext4 keeps times to 2446.  Such a tree is
+    walked, cached and rebuilt like any other (it once stopped the Store with a struct error)."""
+    src = make_tree(tmp_path / "src", n=4)
+    far = 10**19 + 123  # 2286
+    os.utime(src / "f01", ns=(far, far))
+    os.utime(src / "sub", ns=(-(10**18), -(10**18)))  # 1938
+    st = os.lstat(src / "f01")
+    assert st.st_mtime_ns == far, "the file system keeps the time"
+    assert lstat_of(key_of(st)) == tuple(getattr(st, f) for f in lstat_of(key_of(st))._fields)
+    assert lstat_of(key_of(os.lstat(src / "sub"))).st_mtime_ns == -(10**18)
+    walked = walk(src, time.time_ns())
+    assert walked is not None and walked.keys[b"/f01"] == key_of(st)
+    time.sleep(2.1)
+    store = Store.open(tmp_path / "root")
+    try:
+        first = store.create(str(src), "one", CreateOptions(backend="python"))
+        again = store.create(str(src), "two", CreateOptions(backend="python"))
+        assert again["reused"] == "one" and again["digest"] == first["digest"]
+        assert render(scan(src).root)[1].hex() == first["digest"]
+    finally:
+        store.close()
