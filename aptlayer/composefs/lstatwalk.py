@@ -39,6 +39,7 @@ import os
 import stat
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -109,13 +110,18 @@ class TreeWalk:
         blob = self._blobs.get(base)
         return None if blob is None else _unpack(blob)
 
+    def listings(self) -> Iterator[tuple[bytes, list[tuple[bytes, Key]]]]:
+        """Every directory's path (with a trailing slash) and listing (see :meth:`listing`)."""
+        for base, blob in self._blobs.items():
+            yield base, _unpack(blob)
+
     @cached_property
     def keys(self) -> dict[bytes, Key]:
         """Every entry's key by path (``/``, ``/a/b``); b"" for one that had not settled
         (its key does not vouch for its content).  Device nodes a scan skips have none."""
         keys = {b"/": self._root}
-        for base, blob in self._blobs.items():
-            for name, key in _unpack(blob):
+        for base, entries in self.listings():
+            for name, key in entries:
                 keys[base + name] = key
         for path in self._skipped:
             del keys[path]

@@ -27,8 +27,11 @@ Threads: hashing stays in the calling thread.  The Merkle tree hashes 4 KiB
 blocks, and each ``hashlib`` call on one releases and retakes the GIL, so
 two hashing threads contend and run no faster than one (measured on the
 benchmark tree, 24,000 entries and 376 MB: a scan hashing in the walk took
-0.71 s, one handing files to two hashing threads 0.79 s).  With
-``threads`` > 1 the copies of new objects into the store go to a pool in
+0.71 s, one handing files to two hashing threads 0.79 s).  A second
+process does share the work: with ``threads`` > 1, the files the scan will
+hash are hashed ahead by this process and a forked helper
+(:mod:`.prehash`; 0.47 s became 0.27 s there), and the scan takes those
+digests.  With ``threads`` > 1 the copies of new objects into the store go to a pool in
 chunks of up to ``_CHUNK_FILES`` files or ``_CHUNK_BYTES`` bytes, so a
 small file costs no thread round trip of its own, and content already in
 the store (checked in the calling thread) costs none at all.  The tree
@@ -53,10 +56,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from aptlayer.composefs import fsverity
+from aptlayer.composefs import forked, fsverity, prehash
 from aptlayer.composefs.digestcache import DigestCache, Entry, Key, Lstat, key_of, lstat_of
 from aptlayer.composefs.lstatwalk import (
-    FS_ENCODING, FS_ERRORS, INLINE_MAX, NAME_MAX, OPEN_DIR, REPRESENTABLE, ScanOptions, ScanStats, TreeWalk,
+    FS_ENCODING, FS_ERRORS, INLINE_MAX, NAME_MAX, OPEN_DIR, REPRESENTABLE, ScanOptions, ScanStats, TreeWalk, walk,
 )
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
@@ -110,12 +113,14 @@ def scan(
 
     With ``store``, every external file is imported into it (mkcomposefs
     ``--digest-store``); if the scan fails, what it staged in a batch store
-    is discarded.  ``threads`` > 1 copies new objects in worker threads, and
+    is discarded.  ``threads`` > 1 hashes on two cores (:mod:`.prehash`)
+    and copies new objects in worker threads, and
     ``cache`` lets unchanged entries skip reading (see the module docstring);
     the caller saves it.  ``walked`` is a :func:`.lstatwalk.walk` of
     ``source`` just made: its listings are used instead of listing again.
     ``progress``, if given, is called from the calling thread with the
-    running stats after each regular file.  Raises
+    running stats after each regular file (and, while files are hashed
+    ahead, with the files and bytes hashed so far).  Raises
     ``ScanError`` for an entry that cannot be read or represented (the
     source itself must be a directory, not a symlink to one) and
     ``ValueError`` for ``skip_xattrs`` together with ``user_xattrs``.
@@ -125,7 +130,12 @@ def scan(
     if threads < 1:
         raise ValueError(f"invalid thread count {threads}")
     opts = ScanOptions(use_epoch, skip_xattrs, user_xattrs, skip_devices)
-    walker = _Walker(opts, store, cache, threads, progress, walked)
+    prehashed: dict[Key, bytes] = {}
+    if threads > 1 and forked.helper_allowed():
+        walked = walked or walk(source, 0, skip_devices=skip_devices)
+        if walked is not None:
+            prehashed = prehash.digests(source, prehash.wanted(walked, cache), progress)
+    walker = _Walker(opts, store, cache, threads, progress, walked, prehashed)
     try:
         root = walker.run(os.fsencode(source))
     except BaseException:
@@ -269,9 +279,12 @@ class _Walker:
         threads: int,
         progress: Callable[[ScanStats], None] | None,
         walked: TreeWalk | None = None,
+        prehashed: dict[Key, bytes] | None = None,
     ) -> None:
         self.opts = opts
         self.walked = walked
+        #: digests hashed ahead, by the key of the file when it was hashed
+        self.prehashed = prehashed or {}
         self.store = store
         self.cache = cache
         self.threads = threads
@@ -563,7 +576,7 @@ class _Walker:
         self.stats.bytes += st.st_size
         if st.st_size > INLINE_MAX:
             self.stats.external += 1
-            if not self._cached(hit, node):
+            if not self._known(hit, st, node):
                 self._hash(dfd, name, path, st, node)
         elif st.st_size:
             if hit is not None and hit[2] is not None:
@@ -585,9 +598,12 @@ class _Walker:
             raise ScanError(path, "changed during the scan")
         return data
 
-    def _cached(self, hit: Entry | None, node: Node) -> bool:
-        """Take the digest from the cache entry if it has one and the store its object."""
+    def _known(self, hit: Entry | None, st: os.stat_result, node: Node) -> bool:
+        """Take the digest from the cache entry, or else from those hashed ahead for this very
+        ``lstat``, if there is one and the store has its object (the file is then not opened)."""
         digest = hit[0] if hit is not None else None
+        if digest is None:
+            digest = self.prehashed.get(key_of(st))
         if digest is None or (self.store is not None and not self.store.claim(digest)):
             return False
         node.digest = digest
@@ -597,11 +613,13 @@ class _Walker:
     def _hash(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, node: Node) -> None:
         """Read and hash an external file; hand it to the store unless its object is there."""
         fd, opened = self._open(dfd, name, path, st, _OPEN_FILE)
-        try:
-            digest = fsverity.digest_fd(fd, opened.st_size)
-        except (OSError, ValueError) as e:
-            os.close(fd)
-            raise ScanError(path, f"cannot hash: {e}") from e
+        digest = self.prehashed.get(key_of(opened))
+        if digest is None:
+            try:
+                digest = fsverity.digest_fd(fd, opened.st_size)
+            except (OSError, ValueError) as e:
+                os.close(fd)
+                raise ScanError(path, f"cannot hash: {e}") from e
         node.digest = digest
         node.payload = fsverity.object_path(digest).encode()
         if self.store is None or self.store.claim(digest):
