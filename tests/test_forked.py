@@ -63,3 +63,16 @@ def test_no_helper_beside_another_thread() -> None:
         stop.set()
         thread.join()
     assert forked.helper_allowed()
+
+
+@pytest.mark.parametrize("call", ["fork", "memfd_create"])
+def test_without_a_helper_both_halves_run_here(monkeypatch, call: str) -> None:
+    """The process limit reached (fork fails with EAGAIN), or no memory for the memfd."""
+    import errno
+
+    def refused(*args, **kwargs):
+        raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+    monkeypatch.setattr(os, call, refused)
+    assert forked.split(lambda: ("theirs", os.getpid()), lambda: "mine") == ("mine", ("theirs", os.getpid()))
+    assert no_children()

@@ -35,11 +35,19 @@ def split(theirs: Callable[[], Any], mine: Callable[[], T]) -> tuple[T, Any]:
 
     The helper's result is None if it failed in any way (an exception, a
     result ``marshal`` cannot carry, a signal).  An exception of ``mine``
-    is raised once the helper is killed and reaped.
+    is raised once the helper is killed and reaped.  Where no helper can be
+    started (the process or memory limits: fork or memfd_create fails),
+    both run here, one after the other.
     """
-    out = os.memfd_create("apt-layer-helper", os.MFD_CLOEXEC)
     try:
-        pid = os.fork()
+        out = os.memfd_create("apt-layer-helper", os.MFD_CLOEXEC)
+    except OSError:
+        return mine(), theirs()
+    try:
+        try:
+            pid = os.fork()
+        except OSError:
+            return mine(), theirs()
         if pid == 0:  # the helper
             status = 1
             try:
