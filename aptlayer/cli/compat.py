@@ -1,310 +1,17 @@
-"""``apt-layer composefs mkcomposefs|info|mount``: drop-in front ends.
+"""The ``apt-layer composefs`` group: the drop-in tools of :mod:`.dropins` under click.
 
-They take exactly the arguments of the upstream tools (GNU getopt_long
-rules: ``--opt=value`` or ``--opt value``, unique prefixes, options mixed
-with operands) and exit with the same codes (0 success, 1 any error), so a
-script can swap ``mkcomposefs`` for ``apt-layer composefs mkcomposefs``.
-Messages keep upstream's wording where a script might match on it, and add
-the file and line where upstream is vague. Never a traceback.
+``apt-layer composefs TOOL ...`` never gets here (:func:`aptlayer.cli.main`
+runs the tool at once); this group serves ``apt-layer composefs --help``
+and a drop-in called after global options (``apt-layer -q composefs ...``).
 """
 
 from __future__ import annotations
 
-import getopt
-import os
 import sys
 
 import click
 
-MKCOMPOSEFS_USAGE = """\
-Usage: mkcomposefs [OPTIONS] SOURCE IMAGE
-Options:
-  --digest-store=PATH   Store content files in this directory
-  --use-epoch           Make all mtimes zero
-  --skip-devices        Don't store device nodes
-  --skip-xattrs         Don't store file xattrs
-  --user-xattrs         Only store user.* xattrs
-  --print-digest        Print the digest of the image
-  --print-digest-only   Print the digest of the image, don't write image
-  --from-file           The source is a dump file, not a directory
-  --min-version=N       Use this minimal format version (default=0)
-  --max-version=N       Use this maximum format version (default=1)
-  --threads=N           Use this to override the default number of threads used to calculate digest and copy files (default={ncpu})
-"""
-
-INFO_USAGE = ("usage: composefs-info [--basedir=path] [--filter=name]... "
-              "[ls|objects|dump|missing-objects|measure-file] IMAGES...\n")
-
-MOUNT_USAGE = """\
-usage: mount.composefs [-t type] [-o opt[,opts..]] IMAGE MOUNTPOINT
-Example:
-  mount.composefs -o basedir=/composefs/objects exampleimage.cfs /mnt/exampleimage
-
-Supported options:
-  basedir=PATH[:PATH]    Specify location of basedir(s)
-  digest=DIGEST          Specify required image digest
-  idmap=PATH             Specify path to a user namespace whose ID mapping should be used
-  verity                 Require all files to have specified and valid fs-verity digests
-  tryverity              If supported by kernel, require fs-verity
-  ro                     Read only
-  rw                     Read/write
-  upperdir               Overlayfs upperdir
-  workdir                Overlayfs workdir
-"""
-
-
-class Fail(Exception):
-    """Exit 1 after printing ``message`` (and the usage when asked)."""
-
-    def __init__(self, message: str, usage: str | None = None):
-        super().__init__(message)
-        self.usage = usage
-
-
-def _err(prog: str, message: str) -> str:
-    return f"{prog}: {message}"
-
-
-def _strerror(e: OSError) -> str:
-    return e.strerror or str(e)
-
-
-# --- mkcomposefs ---------------------------------------------------------------
-
-MK_LONG = ["digest-store=", "use-epoch", "skip-devices", "skip-xattrs", "user-xattrs",
-           "print-digest", "print-digest-only", "from-file", "min-version=",
-           "max-version=", "threads="]
-
-
-def _int_arg(value: str, what: str) -> int:
-    try:
-        return int(value, 10)
-    except ValueError:
-        raise Fail(f"Invalid {what} {value}") from None
-
-
-def mkcomposefs_main(argv: list[str]) -> int:
-    usage = MKCOMPOSEFS_USAGE.format(ncpu=os.cpu_count() or 1)
-    try:
-        opts, args = getopt.gnu_getopt(argv, "", MK_LONG)
-    except getopt.GetoptError as e:
-        raise Fail(f"mkcomposefs: {e.msg}", usage) from None
-    o = dict(digest_store=None, use_epoch=False, skip_devices=False, skip_xattrs=False,
-             user_xattrs=False, print_digest=False, digest_only=False, from_file=False,
-             threads=os.cpu_count() or 1)
-    min_version: int | None = None
-    max_version: int | None = None
-    for key, value in opts:
-        name = key[2:]
-        if name == "digest-store":
-            o["digest_store"] = value
-        elif name == "min-version":
-            min_version = _int_arg(value, "min version")
-        elif name == "max-version":
-            max_version = _int_arg(value, "max version")
-        elif name == "threads":
-            o["threads"] = _int_arg(value, "threads count")
-            if o["threads"] < 1:
-                raise Fail(f"Invalid threads count {value}")
-        elif name == "print-digest-only":
-            o["digest_only"] = True
-        else:
-            o[name.replace("-", "_")] = True
-    if not args:
-        raise Fail("No source path specified", usage)
-    src = args[0]
-    if not src:
-        raise Fail(_err("mkcomposefs", "Empty source path specified"))
-    if o["digest_only"]:
-        if len(args) > 1:
-            raise Fail("Cannot specify destination path with --print-digest-only", usage)
-        dst = None
-    else:
-        if len(args) < 2:
-            raise Fail("No destination path specified", usage)
-        if len(args) > 2:
-            raise Fail("Too many arguments", usage)
-        dst = args[1]
-        if dst == "-" and sys.stdout.isatty():
-            raise Fail("Refusing to write image to a terminal", usage)
-    # Only one of the two given: the other is 0, as upstream does.
-    if min_version is None and max_version is None:
-        min_version, max_version = 0, 1
-    min_version = min_version or 0
-    max_version = max(max_version or 0, min_version)
-
-    from ..composefs import build, fsops
-
-    try:
-        built = build.make_image(
-            src, from_file=o["from_file"], digest_store=o["digest_store"],
-            use_epoch=o["use_epoch"], skip_devices=o["skip_devices"],
-            skip_xattrs=o["skip_xattrs"], user_xattrs=o["user_xattrs"],
-            min_version=min_version, max_version=max_version, threads=o["threads"],
-            strict=os.environ.get("CFS_PARSE_STRICT") == "1")
-        if dst == "-":
-            sys.stdout.buffer.write(built.image)
-            sys.stdout.buffer.flush()
-        elif dst is not None:
-            fsops.write_file_atomic(dst, built.image)
-    except build.BuildError as e:
-        raise Fail(_err("mkcomposefs", str(e))) from None
-    except OSError as e:
-        raise Fail(_err("mkcomposefs", f"{e.filename or dst}: {_strerror(e)}")) from None
-    if o["print_digest"] or o["digest_only"]:
-        print(built.digest.hex(), flush=True)
-    return 0
-
-
-# --- composefs-info --------------------------------------------------------------
-
-INFO_COMMANDS = ("ls", "objects", "dump", "missing-objects", "measure-file")
-
-
-def info_main(argv: list[str]) -> int:
-    try:
-        opts, args = getopt.gnu_getopt(argv, "", ["basedir=", "filter="])
-    except getopt.GetoptError as e:
-        raise Fail(f"composefs-info: {e.msg}", INFO_USAGE) from None
-    basedirs = [v for k, v in opts if k == "--basedir"]
-    filters = [v for k, v in opts if k == "--filter"]
-    if not args:
-        raise Fail("No command specified", INFO_USAGE)
-    command, paths = args[0], args[1:]
-    if not paths:
-        raise Fail("No image path specified", INFO_USAGE)
-    for name in filters:
-        if "/" in name:
-            raise Fail(_err("composefs-info", f"Filter must be a single name: {name}"))
-    if command not in INFO_COMMANDS:
-        raise Fail(_err("composefs-info", f"Unknown command '{command}'"))
-    out = sys.stdout.buffer
-    if command == "measure-file":
-        return _measure_files(paths, out)
-
-    from ..composefs import listing, reader
-
-    for d in basedirs:
-        if not os.path.isdir(d):
-            raise Fail(_err("composefs-info", f"Can't open basedir `{d}`: No such file or directory"))
-    roots = []
-    for path in paths:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise Fail(_err("composefs-info", f"Failed to open '{path}': {_strerror(e)}")) from None
-        try:
-            root = reader.read_image(data)
-        except reader.ImageFormatError as e:
-            raise Fail(_err("composefs-info", f"Failed to load '{path}': {e}")) from None
-        fbytes = [os.fsencode(n) for n in filters] or None
-        if command == "ls":
-            listing.write_ls(root, out, fbytes)
-        elif command == "dump":
-            from ..composefs import dumpfile
-
-            dumpfile.format_dump(root, out, fbytes)
-        else:
-            roots.append(root)
-    if command == "objects":
-        listing.write_objects(roots, out)
-    elif command == "missing-objects":
-        listing.write_missing_objects(roots, basedirs, out)
-    out.flush()
-    return 0
-
-
-def _measure_files(paths: list[str], out) -> int:
-    from ..composefs import fsverity
-
-    for path in paths:
-        try:
-            digest = fsverity.measure_file(path)
-        except IsADirectoryError:
-            raise Fail(f"failed to measure '{path}': No data available") from None
-        except OSError as e:
-            raise Fail(_err("composefs-info", f"Failed to open '{path}': {_strerror(e)}")) from None
-        out.write(digest.hex().encode() + b"\n")
-    out.flush()
-    return 0
-
-
-# --- mount.composefs -------------------------------------------------------------
-
-def mount_main(argv: list[str]) -> int:
-    if "-h" in argv or "--help" in argv:
-        sys.stderr.write(MOUNT_USAGE)
-        return 0
-    try:
-        opts, args = getopt.gnu_getopt(argv, "t:o:h")
-    except getopt.GetoptError as e:
-        raise Fail(f"mount.composefs: {e.msg}", MOUNT_USAGE) from None
-    options: list[str] = []
-    for key, value in opts:
-        if key == "-t" and value != "composefs":
-            raise Fail(_err("mount.composefs", f"Unsupported fs type '{value}'"))
-        if key == "-o":
-            options.extend(p for p in value.split(",") if p)
-    if len(args) != 2:
-        raise Fail("Expected IMAGE and MOUNTPOINT", MOUNT_USAGE)
-    image, target = args
-
-    from ..composefs import mount
-
-    kwargs = _mount_options(options)
-    basedirs = kwargs.pop("basedirs")
-    try:
-        mount.mount(image, target, basedirs, **kwargs)
-    except mount.MountError as e:
-        raise Fail(_err("mount.composefs", f"Failed to mount composefs {image}: {e.strerror or e}")) from None
-    return 0
-
-
-def _mount_options(options: list[str]) -> dict:
-    """mount.composefs ``-o`` options as keyword arguments of ``mount.mount``."""
-    kw: dict = {"basedirs": []}
-    for opt in options:
-        key, has_value, value = opt.partition("=")
-        if key == "basedir" and has_value:
-            kw["basedirs"].extend(p for p in value.split(":") if p)
-        elif key == "digest" and has_value:
-            kw["digest"] = value
-        elif key in ("upperdir", "workdir", "idmap") and has_value:
-            kw[key] = value
-        elif key == "verity" and not has_value:
-            kw["verity"] = "require"
-        elif key == "tryverity" and not has_value:
-            kw["verity"] = "try"
-        elif key in ("ro", "rw") and not has_value:
-            kw["readonly"] = key == "ro"
-        else:
-            raise Fail(_err("mount.composefs", f"Unsupported option {opt}"))
-    if not kw["basedirs"]:
-        raise Fail("No object dirs specified", MOUNT_USAGE)
-    if ("upperdir" in kw) != ("workdir" in kw):
-        raise Fail(_err("mount.composefs", "Both workdir and upperdir must be specified if used"))
-    return kw
-
-
-def _run(main, argv: list[str]) -> None:
-    try:
-        rc = main(argv)
-    except Fail as e:
-        sys.stdout.flush()
-        sys.stderr.write(str(e) + "\n")
-        if e.usage:
-            sys.stderr.write(e.usage)
-        rc = 1
-    except BrokenPipeError:
-        rc = 0
-    except Exception as e:  # never a traceback from a drop-in tool
-        if os.environ.get("APT_LAYER_DEBUG"):
-            raise
-        sys.stderr.write(f"internal error: {type(e).__name__}: {e}\n")
-        rc = 1
-    sys.exit(rc)
-
+from .dropins import run
 
 _RAW = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 
@@ -334,7 +41,7 @@ def mkcomposefs_cmd(args: tuple[str, ...]) -> None:
     Example:
       apt-layer composefs mkcomposefs --digest-store=objs rootfs/ rootfs.cfs
     """
-    _run(mkcomposefs_main, list(args))
+    sys.exit(run("mkcomposefs", list(args)))
 
 
 @composefs.command("info", context_settings=_RAW, add_help_option=False)
@@ -346,7 +53,7 @@ def info_cmd(args: tuple[str, ...]) -> None:
     Example:
       apt-layer composefs info objects rootfs.cfs
     """
-    _run(info_main, list(args))
+    sys.exit(run("info", list(args)))
 
 
 @composefs.command("mount", context_settings=_RAW, add_help_option=False)
@@ -358,4 +65,4 @@ def mount_cmd(args: tuple[str, ...]) -> None:
     Example:
       apt-layer composefs mount -o basedir=objs rootfs.cfs /mnt
     """
-    _run(mount_main, list(args))
+    sys.exit(run("mount", list(args)))
