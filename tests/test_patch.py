@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import random
 import stat
 
@@ -17,6 +17,14 @@ from aptlayer.composefs.writer import build_image
 
 MTIMES = [(100, 0), (100, 5), (200, 0), (300, 7)]
 EXTERNAL_SIZES = [65, 4096, 5000, 1 << 20, 0xFFFFFFFF, 1 << 33, (1 << 43) + 1]
+
+
+def detached(node: Node) -> Node:
+    """A copy of a node's own metadata and data, without its children."""
+    twin = copy.copy(node)
+    twin.children = {}
+    twin.xattrs = dict(node.xattrs)
+    return twin
 
 
 def _digest(rng: random.Random, pool: list[bytes]) -> bytes:
@@ -69,7 +77,7 @@ def _spec(seed: int) -> dict[bytes, Node]:
 
 def _build(spec: dict[bytes, Node]) -> Node:
     """The tree of a spec, from fresh copies of its nodes."""
-    copies = {path: dataclasses.replace(node, children={}, xattrs=dict(node.xattrs))
+    copies = {path: detached(node)
               for path, node in spec.items()}
     for path in sorted(copies):
         if path != b"/":
@@ -84,7 +92,7 @@ def _mutate(spec: dict[bytes, Node], seed: int) -> dict[bytes, Node]:
     pool = [n.digest for n in spec.values() if n.digest]
     changes = {}
     for path in rng.sample(sorted(spec), rng.randint(1, min(4, len(spec)))):
-        node = dataclasses.replace(spec[path], children={}, xattrs=dict(spec[path].xattrs))
+        node = detached(spec[path])
         node.mtime_sec, node.mtime_nsec = rng.choice(MTIMES + [(50, 0), (400, 1)])
         if node.digest is not None:
             node.digest = _digest(rng, pool) if rng.random() < 0.9 else node.digest
@@ -146,7 +154,7 @@ def test_most_content_changes_patch():
         for path in rng.sample(unique, min(3, len(unique))):
             if (spec[path].mtime_sec, spec[path].mtime_nsec) == build_time:
                 continue  # the build time might move
-            node = dataclasses.replace(spec[path], children={}, xattrs=dict(spec[path].xattrs))
+            node = detached(spec[path])
             node.digest = rng.randbytes(32)
             node.payload = object_path(node.digest).encode()
             node.mtime_sec = 500
@@ -169,7 +177,9 @@ def _one_file_tree(**file_fields) -> tuple[dict[bytes, Node], Node]:
         b"/b": Node(mode=stat.S_IFREG | 0o644, size=5000, digest=bytes(32),
                     payload=object_path(bytes(32)).encode(), mtime_sec=200),
     }
-    new = dataclasses.replace(spec[b"/a"], **file_fields)
+    new = detached(spec[b"/a"])
+    for name, value in file_fields.items():
+        setattr(new, name, value)
     if new.digest is not None:
         new.payload = object_path(new.digest).encode()
     return spec, new

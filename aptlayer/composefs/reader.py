@@ -31,7 +31,6 @@ import os
 import stat
 import struct
 from collections.abc import Callable, Collection, Iterator
-from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
 from . import format as fmt
@@ -96,27 +95,36 @@ _UNESCAPE_KEEP = len(b"trusted.")
 _UNESCAPE_DROP = len(fmt.OVERLAY_PREFIX)
 
 
-@dataclass(slots=True)
 class _Inode:
-    """The fields of one on-disk inode the reader needs."""
+    """The fields of one on-disk inode the reader needs.
 
-    nid: int
-    offset: int
-    isize: int
-    layout: int
-    xattr_size: int
-    mode: int
-    #: ``stat.S_IFMT(mode)``
-    ftype: int
-    nlink: int
-    size: int
-    u: int
-    uid: int
-    gid: int
-    mtime_sec: int
-    mtime_nsec: int
-    #: where the inline data starts: right after the header and the xattrs
-    tail_offset: int
+    A slotted plain class rather than a dataclass: importing ``dataclasses``
+    (and ``inspect`` with it) would cost ``composefs info`` 6 ms.
+    """
+
+    __slots__ = ("nid", "offset", "isize", "layout", "xattr_size", "mode", "ftype", "nlink", "size", "u",
+                 "uid", "gid", "mtime_sec", "mtime_nsec", "tail_offset")
+
+    def __init__(self, nid: int, offset: int, isize: int, layout: int, xattr_size: int, mode: int,
+                 ftype: int, nlink: int, size: int, u: int, uid: int, gid: int, mtime_sec: int,
+                 mtime_nsec: int, tail_offset: int) -> None:
+        self.nid = nid
+        self.offset = offset
+        self.isize = isize
+        self.layout = layout
+        self.xattr_size = xattr_size
+        self.mode = mode
+        #: ``stat.S_IFMT(mode)``
+        self.ftype = ftype
+        self.nlink = nlink
+        self.size = size
+        self.u = u
+        self.uid = uid
+        self.gid = gid
+        self.mtime_sec = mtime_sec
+        self.mtime_nsec = mtime_nsec
+        #: where the inline data starts: right after the header and the xattrs
+        self.tail_offset = tail_offset
 
 
 @functools.cache
