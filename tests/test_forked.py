@@ -76,3 +76,13 @@ def test_without_a_helper_both_halves_run_here(monkeypatch, call: str) -> None:
     monkeypatch.setattr(os, call, refused)
     assert forked.split(lambda: ("theirs", os.getpid()), lambda: "mine") == ("mine", ("theirs", os.getpid()))
     assert no_children()
+
+
+def test_a_helper_works_where_sigchld_is_ignored() -> None:
+    """A program embedding apt-layer may ignore SIGCHLD: the kernel then reaps the helper itself."""
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    try:
+        assert forked.split(lambda: [1, 2], lambda: "mine") == ("mine", [1, 2])
+        assert forked.split(lambda: os.kill(os.getpid(), signal.SIGKILL), lambda: "mine") == ("mine", None)
+    finally:
+        signal.signal(signal.SIGCHLD, old)

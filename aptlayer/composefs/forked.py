@@ -4,7 +4,8 @@ Threads do not help the loops of a build (an ``lstat`` walk, hashing 4 KiB
 blocks): each step holds the GIL longer than the system call or hash it
 releases it for.  A forked helper does help: it starts with the parent's
 memory, runs its half, and hands back a result that ``marshal`` can carry,
-through a memfd (one write, one read).
+through a memfd (one write, one read), followed by a mark that says it is
+complete.
 
 A helper is forked only from a single-threaded process (a thread of the
 parent could hold a lock the child would then wait on forever) that may run
@@ -23,6 +24,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+#: written after the helper's result: without it the result is incomplete
+_DONE = b"\napt-layer helper done\n"
 
 
 def helper_allowed() -> bool:
@@ -49,23 +52,31 @@ def split(theirs: Callable[[], Any], mine: Callable[[], T]) -> tuple[T, Any]:
         except OSError:
             return mine(), theirs()
         if pid == 0:  # the helper
-            status = 1
             try:
-                data = memoryview(marshal.dumps(theirs()))
+                data = memoryview(marshal.dumps(theirs()) + _DONE)
                 while data:
                     data = data[os.write(out, data):]
-                status = 0
             finally:
-                os._exit(status)
+                os._exit(0)
         try:
             result = mine()
-            _, status = os.waitpid(pid, 0)
+            _reap(pid)
             pid = 0
         finally:
             if pid:  # ours failed: the helper's work is of no use
                 os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        helped = marshal.loads(os.pread(out, os.fstat(out).st_size, 0)) if status == 0 else None
+                _reap(pid)
+        data = os.pread(out, os.fstat(out).st_size, 0)
     finally:
         os.close(out)
-    return result, helped
+    # complete only with the mark written after it (the exit status may be unknowable)
+    return result, marshal.loads(data) if data.endswith(_DONE) else None
+
+
+def _reap(pid: int) -> None:
+    """Wait for the helper to end.  Where SIGCHLD is ignored the kernel reaps it itself, and
+    ``waitpid`` returns ECHILD once it has ended."""
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
