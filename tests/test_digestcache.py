@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,6 +68,18 @@ def plant(tmp_path: Path, path: Path, digest=None, xattrs=(), data=None) -> None
     cache = cache_at(tmp_path)
     cache.put(os.lstat(path), (digest, xattrs, data))
     cache.save()
+
+
+@contextmanager
+def settled_store(tmp_path: Path, n: int) -> Iterator[tuple[Path, Store]]:
+    """A tree of ``n`` files past the cache's settling time (so it gets a fingerprint), and a Store."""
+    src = make_tree(tmp_path / "src", n=n)
+    time.sleep(2.1)
+    store = Store.open(tmp_path / "root")
+    try:
+        yield src, store
+    finally:
+        store.close()
 
 
 def test_round_trip_keeps_every_entry(tree: Path, tmp_path: Path) -> None:
@@ -254,10 +268,7 @@ def test_scan_takes_the_fingerprint_walks_listings(tree: Path, tmp_path: Path) -
 
 def test_store_reuses_the_image_of_an_unchanged_tree(tmp_path: Path) -> None:
     """Same fingerprint: the live image with the remembered digest is linked, once its bytes check out."""
-    src = make_tree(tmp_path / "src", n=10)
-    time.sleep(2.1)  # past the cache's settling time, so the tree gets a fingerprint
-    store = Store.open(tmp_path / "root")
-    try:
+    with settled_store(tmp_path, n=10) as (src, store):
         opts = CreateOptions(backend="python")
         first = store.create(str(src), "one", opts)
         assert first["reused"] is None
@@ -277,15 +288,10 @@ def test_store_reuses_the_image_of_an_unchanged_tree(tmp_path: Path) -> None:
         # A different version option is a different image: not the remembered one.
         fourth = store.create(str(src), "four", CreateOptions(backend="python", min_version=1))
         assert fourth["reused"] is None and fourth["digest"] != first["digest"]
-    finally:
-        store.close()
 
 
 def test_reused_image_is_copied_where_the_file_system_cannot_link(tmp_path: Path, monkeypatch) -> None:
-    src = make_tree(tmp_path / "src", n=10)
-    time.sleep(2.1)
-    store = Store.open(tmp_path / "root")
-    try:
+    with settled_store(tmp_path, n=10) as (src, store):
         opts = CreateOptions(backend="python")
         first = store.create(str(src), "one", opts)
 
@@ -305,16 +311,11 @@ def test_reused_image_is_copied_where_the_file_system_cannot_link(tmp_path: Path
         with pytest.raises(Exception, match="Permission denied"):
             store.create(str(src), "three", opts)
         assert "three" not in {i["name"] for i in store.images()}
-    finally:
-        store.close()
 
 
 def test_reused_image_in_a_transaction_keeps_the_journal_whole(tmp_path: Path) -> None:
     """A reused image's event takes the manifest already recorded; the chain and the projection verify."""
-    src = make_tree(tmp_path / "src", n=10)
-    time.sleep(2.1)
-    store = Store.open(tmp_path / "root")
-    try:
+    with settled_store(tmp_path, n=10) as (src, store):
         opts = CreateOptions(backend="python")
         first = store.create(str(src), "one", opts)
         tx = store.tx_begin()
@@ -324,8 +325,6 @@ def test_reused_image_in_a_transaction_keeps_the_journal_whole(tmp_path: Path) -
         assert store.journal.manifest(first["digest"]) and store.journal.verify() > 0
         assert store.journal.check() == []
         assert store.image_info("two")["objects"] == first["objects"]
-    finally:
-        store.close()
 
 
 def test_store_create_uses_the_cache(tmp_path: Path) -> None:
@@ -351,10 +350,7 @@ def test_store_create_uses_the_cache(tmp_path: Path) -> None:
 
 def test_store_patches_the_last_image_when_a_few_files_changed(tmp_path: Path) -> None:
     """A few files rewritten: just they are read, the last image patched; bytes as a full render's."""
-    src = make_tree(tmp_path / "src", n=40)  # 163 entries: up to 16 may change
-    time.sleep(2.1)
-    store = Store.open(tmp_path / "root")
-    try:
+    with settled_store(tmp_path, n=40) as (src, store):  # 163 entries: up to 16 may change
         opts = CreateOptions(backend="python")
         first = store.create(str(src), "one", opts)
         for name in ("f03", "f07"):  # unique content, new content, same size
@@ -372,19 +368,14 @@ def test_store_patches_the_last_image_when_a_few_files_changed(tmp_path: Path) -
         third = store.create(str(src), "three", opts)
         assert third["patched"] == {"from": "two", "changed": 4}
         assert store.image_path("three").read_bytes() == render(scan(src).root)[0]
-    finally:
-        store.close()
 
 
 def test_store_renders_when_the_patch_cannot_be_made(tmp_path: Path, monkeypatch) -> None:
     """Content another file shares, a tampered last image, a new file: the tree is rendered."""
-    src = make_tree(tmp_path / "src", n=40)
-    time.sleep(2.1)
-    store = Store.open(tmp_path / "root")
     hashed = []
     real_digest_fd = fsverity.digest_fd
     monkeypatch.setattr(fsverity, "digest_fd", lambda fd, size: hashed.append(size) or real_digest_fd(fd, size))
-    try:
+    with settled_store(tmp_path, n=40) as (src, store):
         opts = CreateOptions(backend="python")
         store.create(str(src), "one", opts)
         (src / "sub" / "same03").write_bytes(b"other content\n" * 20)  # its old xattrs were shared
@@ -405,8 +396,6 @@ def test_store_renders_when_the_patch_cannot_be_made(tmp_path: Path, monkeypatch
         assert four["patched"] is None
         assert store.image_path("four").read_bytes() == render(scan(src).root)[0]
         assert store.journal.verify() > 0 and store.journal.check() == []
-    finally:
-        store.close()
 
 
 def test_changed_paths_and_scan_entries(tree: Path) -> None:
