@@ -22,7 +22,8 @@ The rows:
   store warm      the same into the full store under a new name, caches
                   removed first (upstream: mkcomposefs into its full store)
   store unchanged the same tree again, unchanged since the last image: an
-                  lstat walk recognises it and the live image is reused
+                  lstat walk (on two cores) recognises it, and the live image
+                  is hard-linked as the new one
   store 1% chg    1% of the files rewritten with new content before each run
                   (upstream: mkcomposefs of the same changed tree); any file,
                   so some had content another file shares: the image layout
