@@ -380,7 +380,7 @@ class Store:
             built.stats.objects_created += created
             built.stats.objects_deduped -= created
         digest = bytes.fromhex(built.digest)
-        last.put(scope, digest, walked.keys)
+        last.put(scope, digest, walked.state)
         last.save()
         if walked.fingerprint is not None:
             trees.remember(walked.fingerprint + versions, digest)
@@ -414,13 +414,11 @@ class Store:
         """
         from .composefs import build, fsverity
         from .composefs.patch import patch_image
-        from .composefs.lstatwalk import changed_paths
-
         if last is None:
             return None, 0
-        base_digest, base_keys = last
-        changed = changed_paths(base_keys, walked.keys)
-        if changed is None or len(changed) > max(1, len(walked.keys) // PATCH_MAX_SHARE):
+        base_digest, base_state = last
+        changed = walked.changed_since(base_state)
+        if changed is None or len(changed) > max(1, walked.stats.entries // PATCH_MAX_SHARE):
             return None, 0
         base = self._live_image(base_digest)
         if base is None:

@@ -20,7 +20,7 @@ from aptlayer.composefs import fsops, fsverity, reader
 from aptlayer.composefs.build import render
 from aptlayer.composefs.digestcache import DigestCache, key_of, lstat_of
 from aptlayer.composefs.objectstore import ObjectStore
-from aptlayer.composefs.lstatwalk import changed_paths, fingerprint, walk
+from aptlayer.composefs.lstatwalk import fingerprint, walk
 from aptlayer.composefs.scan import ScanError, scan, scan_entries
 from aptlayer.store import CreateOptions, Store, manifest_of
 
@@ -398,16 +398,16 @@ def test_store_renders_when_the_patch_cannot_be_made(tmp_path: Path, monkeypatch
         assert store.journal.verify() > 0 and store.journal.check() == []
 
 
-def test_changed_paths_and_scan_entries(tree: Path) -> None:
-    """The walk's keys tell changed entries; scan_entries reads them as a scan does, and checks them."""
+def test_changed_since_and_scan_entries(tree: Path) -> None:
+    """Two walks tell the changed entries; scan_entries reads them as a scan does, and checks them."""
     before = walk(tree, time.time_ns())
-    assert changed_paths(before.keys, before.keys) == []
+    assert before.changed_since(before.state) == []
     (tree / "f05").write_bytes(os.urandom(300))
     os.setxattr(tree / "sub" / "tiny02", "user.x", b"1")
     after = walk(tree, 0)  # nothing settled: every key is b"", every entry changed
-    assert changed_paths(before.keys, after.keys) == list(after.keys)
+    assert after.changed_since(before.state) == sorted(after.keys)
     after = walk(tree, time.time_ns() + 10**10)
-    changed = changed_paths(before.keys, after.keys)
+    changed = after.changed_since(before.state)
     assert set(changed) == {b"/f05", b"/sub/tiny02"}
     nodes, stats = scan_entries(tree, after, changed)
     full = dict(scan(tree).root.walk())
@@ -416,7 +416,9 @@ def test_changed_paths_and_scan_entries(tree: Path) -> None:
             full[path].mode, full[path].size, full[path].digest, full[path].content, full[path].xattrs)
     assert stats.files == 2
     (tree / "later").write_bytes(b"1")
-    assert changed_paths(after.keys, walk(tree, 0).keys) is None  # a path came: not a few changes
+    assert walk(tree, 0).changed_since(after.state) is None  # a path came: not a few changes
+    for junk in (None, b"state", ("a", "b", "c", "d"), (b"", {b"/": 1}, [], [])):  # not a walk's
+        assert after.changed_since(junk) is None
     (tree / "f05").write_bytes(os.urandom(301))  # no longer the file the walk saw
     with pytest.raises(ScanError, match="changed during the scan"):
         scan_entries(tree, after, [b"/f05"])

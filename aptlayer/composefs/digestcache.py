@@ -26,7 +26,7 @@ to :meth:`~TreeResults.recall` it when the same fingerprint comes back.
 What a recalled result names must still be checked by the caller; the file
 only says which result to check.  It is small and separate, so that a
 caller can ask it before loading the entries.  :class:`LastBuilds` keeps,
-per set of options, every path's key in the last tree built and the image
+per set of options, what the walk of the last tree built saw and the image
 it gave, so that the next build can tell which few entries changed.
 
 The files (``cache/digests``, ``cache/trees``, ``cache/last`` in the store root) are a
@@ -52,7 +52,7 @@ from aptlayer.composefs.fsverity import RawDigest
 
 MAGIC = b"apt-layer entry cache 3\n"
 TREES_MAGIC = b"apt-layer tree results 2\n"
-LAST_MAGIC = b"apt-layer last builds 2\n"
+LAST_MAGIC = b"apt-layer last builds 3\n"
 _KEY = struct.Struct("<QQIIIQQQqIqI")
 #: the length of every key
 KEY_SIZE = _KEY.size
@@ -215,29 +215,28 @@ class TreeResults(_Recent):
 
 
 class LastBuilds(_Recent):
-    """Per set of options, the last tree built: every path's key and the image it gave.
+    """Per set of options, the last tree built: what its walk saw, and the image it gave.
 
-    A caller that finds a few keys changed since can read just those entries
-    and patch that image (:mod:`.patch`).  Keys of entries that had not
-    settled are stored as b"": they never match.  Kept apart from
-    :class:`TreeResults` because it holds a key per entry, and an unchanged
-    tree never needs it.
+    The walk's state (:attr:`.lstatwalk.TreeWalk.state`: the listings and
+    which entries had not settled) is kept as the walk gives it; a caller
+    that finds a few entries changed since can read just those and patch
+    that image (:mod:`.patch`).  Kept apart from :class:`TreeResults`
+    because it holds every listing, and an unchanged tree never needs it.
     """
 
     MAGIC = LAST_MAGIC
     LIMIT = MAX_SCOPES
 
-    def get(self, scope: bytes) -> tuple[RawDigest, dict[bytes, Key]] | None:
-        """(image digest, keys by path) of the last build under ``scope``, or None."""
+    def get(self, scope: bytes) -> tuple[RawDigest, object] | None:
+        """(image digest, walk state) of the last build under ``scope``, or None."""
         value = self._get(scope)
-        if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], bytes)
-                and len(value[0]) == 32 and isinstance(value[1], dict)):
+        if isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], bytes) and len(value[0]) == 32:
             return value
         return None
 
-    def put(self, scope: bytes, digest: RawDigest, keys: dict[bytes, Key]) -> None:
+    def put(self, scope: bytes, digest: RawDigest, state: object) -> None:
         """Record a build; the oldest of MAX_SCOPES scopes is dropped."""
-        self._put(scope, (digest, keys))
+        self._put(scope, (digest, state))
 
 
 def _write(path: str, magic: bytes, value: dict) -> None:

@@ -110,6 +110,34 @@ class TreeWalk:
         blob = self._blobs.get(base)
         return None if blob is None else _unpack(blob)
 
+    @property
+    def state(self) -> tuple[Key, dict[bytes, bytes], list[bytes], list[bytes]]:
+        """What :meth:`changed_since` compares a later walk with: plain data, for ``marshal``."""
+        return self._root, self._blobs, self._unsettled, self._skipped
+
+    def changed_since(self, state: object) -> list[bytes] | None:
+        """The paths whose entry differs from the one an earlier walk saw (``state``), or had
+        not settled in either walk, sorted; None if a path came or went, or ``state`` is no
+        walk's.  Directories whose listing is byte for byte the same are not unpacked."""
+        try:
+            root, blobs, unsettled, _ = state  # type: ignore[misc]
+            if not isinstance(root, bytes) or blobs.keys() != self._blobs.keys():
+                return None
+            changed = set(self._unsettled).union(unsettled)
+            if root != self._root or not root or not self._root:
+                changed.add(b"/")
+            for base, blob in self._blobs.items():
+                was = blobs[base]
+                if was == blob:
+                    continue
+                now, then = _unpack(blob), _unpack(was)
+                if [name for name, _ in now] != [name for name, _ in then]:
+                    return None
+                changed.update(base + name for (name, key), (_, old) in zip(now, then) if key != old)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            return None
+        return sorted(changed.difference(self._skipped))  # device nodes a scan skips are no entries
+
     def listings(self) -> Iterator[tuple[bytes, list[tuple[bytes, Key]]]]:
         """Every directory's path (with a trailing slash) and listing (see :meth:`listing`)."""
         for base, blob in self._blobs.items():
@@ -190,23 +218,6 @@ def fingerprint(source: str | bytes | os.PathLike, settled_before_ns: int, **opt
     """The fingerprint of ``source`` (see :func:`walk`)."""
     walked = walk(source, settled_before_ns, **options)
     return None if walked is None else walked.fingerprint
-
-
-def changed_paths(old: dict[bytes, Key], new: dict[bytes, Key]) -> list[bytes] | None:
-    """The paths whose key differs between two walks' ``keys``; None if a path came or went.
-
-    An entry whose key is b"" (not settled) counts as changed.
-    """
-    if len(old) != len(new):
-        return None
-    changed = []
-    for path, key in new.items():
-        was = old.get(path)
-        if was is None:
-            return None
-        if was != key or not key:
-            changed.append(path)
-    return changed
 
 
 #: one process's part: the listings of its directories (bytes, see the module
