@@ -49,9 +49,10 @@ def test_digests_are_the_files_digests(tmp_path: Path, small_min) -> None:
     # regular files over 64 bytes only: 6 x (12 + "same")
     assert len(files) == 6 * 13 and all(size > 64 for _, _, size in files)
     progress = []
-    found = prehash.digests(src, files, progress=lambda s: progress.append((s.files, s.bytes)))
+    found = prehash.digests(src, files, progress=lambda done, total: progress.append((done, total)))
     assert found == {key: fsverity.digest_file(src / os.fsdecode(path[1:])) for path, key, _ in files}
-    assert len(progress) > 2 and progress[-1] == (len(files), sum(size for _, _, size in files))
+    total = sum(size for _, _, size in files)
+    assert len(progress) > 2 and progress[0] == (0, total) and progress[-1] == (total, total)
     assert progress == sorted(progress)
 
 
@@ -149,3 +150,16 @@ def test_a_threaded_scan_hashes_ahead_and_then_hashes_nothing(tmp_path: Path, mo
     for path, _, _ in prehash.wanted(walk(src, 0), None):
         content = (src / os.fsdecode(path[1:])).read_bytes()
         assert (tmp_path / "objects" / fsverity.object_path(fsverity.digest_bytes(content))).read_bytes() == content
+
+
+@needs_helper
+def test_progress_shows_the_hashing_ahead_then_the_scan(tmp_path: Path, small_min) -> None:
+    src = make_tree(tmp_path / "src")
+    seen = []
+    scan.scan(src, threads=2, progress=lambda s: seen.append((s.files, s.hashed_ahead, s.hash_ahead)))
+    total = sum(size for _, _, size in prehash.wanted(walk(src, 0), None))
+    ahead = [(done, of) for files, done, of in seen if files == 0]
+    assert ahead[0] == (0, total) and ahead[-1] == (total, total) and len(ahead) > 2
+    assert ahead == sorted(ahead)
+    files = [files for files, _, _ in seen if files]
+    assert files == list(range(1, 6 * 14 + 1))  # then one call per regular file, as before

@@ -95,10 +95,15 @@ def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, u
                          max_version=max(max_version, min_version), threads=threads,
                          backend=backend or settings.config.backend)
     progress = make_progress(ctx, f"creating {name}", as_json)
-    result = settings.store().create(
-        source, name, opts, tx=tx,
-        progress=(lambda s: progress(s.files, None, f"files, {human_bytes(s.bytes)}"))
-        if progress.enabled else None)  # formatting for a hidden indicator cost ~2 us a file
+
+    def show(s) -> None:
+        if s.files or not s.hash_ahead:
+            progress(s.files, None, f"files, {human_bytes(s.bytes)}")
+        else:  # files to read hashed ahead, on two cores, before the scan
+            progress(f"{human_bytes(s.hashed_ahead)} of {human_bytes(s.hash_ahead)} hashed", None)
+
+    # formatting for a hidden indicator cost ~2 us a file
+    result = settings.store().create(source, name, opts, tx=tx, progress=show if progress.enabled else None)
     progress.done()
     if as_json:
         print_json(result)

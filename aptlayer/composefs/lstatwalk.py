@@ -71,6 +71,9 @@ class ScanStats:
     #: and the other external files (already there, or the same content again)
     objects_created: int = 0
     objects_deduped: int = 0
+    #: before the scan proper: bytes hashed ahead so far, of how many (see :mod:`.prehash`)
+    hashed_ahead: int = 0
+    hash_ahead: int = 0
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from aptlayer.composefs import forked, fsverity
 from aptlayer.composefs.digestcache import DigestCache, Key, key_of, mode_and_size
-from aptlayer.composefs.lstatwalk import INLINE_MAX, OPEN_DIR, ScanStats, TreeWalk
+from aptlayer.composefs.lstatwalk import INLINE_MAX, OPEN_DIR, TreeWalk
 
 #: below this much to hash in all, a helper costs more than it saves
 MIN_BYTES = 16 << 20
@@ -53,25 +53,28 @@ def wanted(walked: TreeWalk, cache: DigestCache | None) -> list[File]:
 
 
 def digests(source: str | bytes | os.PathLike, files: list[File],
-            progress: Callable[[ScanStats], None] | None = None) -> dict[Key, bytes]:
+            progress: Callable[[int, int], None] | None = None) -> dict[Key, bytes]:
     """The fs-verity digests of ``files`` by key, hashed here and in a helper; {} where a helper
     cannot run or would not pay.  A file that cannot be opened or hashed, or is no longer the
-    file its key describes, is left out: the scan reads it and reports what is wrong."""
-    if sum(size for _, _, size in files) < MIN_BYTES or not forked.helper_allowed():
+    file its key describes, is left out: the scan reads it and reports what is wrong.
+    ``progress(bytes done, bytes in all)`` is called before the first batch and after each."""
+    total = sum(size for _, _, size in files)
+    if total < MIN_BYTES or not forked.helper_allowed():
         return {}
     root_fd = os.open(source, OPEN_DIR)
     try:
         found: dict[Key, bytes] = {}
-        done = ScanStats()
+        done = 0
+        if progress is not None:
+            progress(done, total)
         for batch in _batches(files):
             mine, theirs = _halves(batch)
             got, helped = forked.split(lambda: _hash(root_fd, theirs), lambda: _hash(root_fd, mine))
             found.update(got)
             found.update(helped or {})
-            done.files += len(batch)
-            done.bytes += sum(size for _, _, size in batch)
+            done += sum(size for _, _, size in batch)
             if progress is not None:
-                progress(done)
+                progress(done, total)
         return found
     finally:
         os.close(root_fd)

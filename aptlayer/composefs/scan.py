@@ -119,8 +119,8 @@ def scan(
     the caller saves it.  ``walked`` is a :func:`.lstatwalk.walk` of
     ``source`` just made: its listings are used instead of listing again.
     ``progress``, if given, is called from the calling thread with the
-    running stats after each regular file (and, while files are hashed
-    ahead, with the files and bytes hashed so far).  Raises
+    running stats after each regular file, and before that while files are
+    hashed ahead (``hashed_ahead`` of ``hash_ahead`` bytes).  Raises
     ``ScanError`` for an entry that cannot be read or represented (the
     source itself must be a directory, not a symlink to one) and
     ``ValueError`` for ``skip_xattrs`` together with ``user_xattrs``.
@@ -130,12 +130,12 @@ def scan(
     if threads < 1:
         raise ValueError(f"invalid thread count {threads}")
     opts = ScanOptions(use_epoch, skip_xattrs, user_xattrs, skip_devices)
-    prehashed: dict[Key, bytes] = {}
+    walker = _Walker(opts, store, cache, threads, progress, walked)
     if threads > 1 and forked.helper_allowed():
-        walked = walked or walk(source, 0, skip_devices=skip_devices)
-        if walked is not None:
-            prehashed = prehash.digests(source, prehash.wanted(walked, cache), progress)
-    walker = _Walker(opts, store, cache, threads, progress, walked, prehashed)
+        walker.walked = walked or walk(source, 0, skip_devices=skip_devices)
+        if walker.walked is not None:
+            walker.prehashed = prehash.digests(source, prehash.wanted(walker.walked, cache),
+                                               walker.hashed_ahead if progress is not None else None)
     try:
         root = walker.run(os.fsencode(source))
     except BaseException:
@@ -279,12 +279,11 @@ class _Walker:
         threads: int,
         progress: Callable[[ScanStats], None] | None,
         walked: TreeWalk | None = None,
-        prehashed: dict[Key, bytes] | None = None,
     ) -> None:
         self.opts = opts
         self.walked = walked
         #: digests hashed ahead, by the key of the file when it was hashed
-        self.prehashed = prehashed or {}
+        self.prehashed: dict[Key, bytes] = {}
         self.store = store
         self.cache = cache
         self.threads = threads
@@ -296,6 +295,11 @@ class _Walker:
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
         self.inflight: deque[tuple[Future[None], list[_Job]]] = deque()
+    def hashed_ahead(self, done: int, total: int) -> None:
+        """Progress of the hashing ahead, as stats."""
+        self.stats.hashed_ahead, self.stats.hash_ahead = done, total
+        self.progress(self.stats)
+
     def _lookup(self, st: os.stat_result) -> Entry | None:
         """The cached entry for ``st`` (None without a cache)."""
         return None if self.cache is None else self.cache.get(key_of(st))
