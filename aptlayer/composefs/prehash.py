@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from aptlayer.composefs import forked, fsverity
 from aptlayer.composefs.digestcache import DigestCache, Key, key_of, mode_and_size
@@ -37,19 +37,25 @@ _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CL
 File = tuple[bytes, Key, int]
 
 
-def wanted(walked: TreeWalk, cache: DigestCache | None) -> list[File]:
-    """The files a scan of the walked tree would hash: regular files over INLINE_MAX bytes
-    whose key has no digest in ``cache``."""
+def wanted(entries: Iterable[tuple[bytes, Key]], cache: DigestCache | None) -> list[File]:
+    """Which of these entries (path, key) a scan would hash: regular files over INLINE_MAX
+    bytes whose key has no digest in ``cache``."""
     files = []
+    for path, key in entries:
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None and hit[0] is not None:
+            continue
+        mode, size = mode_and_size(key)
+        if size > INLINE_MAX and stat.S_ISREG(mode):
+            files.append((path, key, size))
+    return files
+
+
+def in_walk(walked: TreeWalk) -> Iterator[tuple[bytes, Key]]:
+    """Every entry of a walk but the root, as (path, key)."""
     for base, entries in walked.listings():
         for name, key in entries:
-            hit = cache.get(key) if cache is not None else None
-            if hit is not None and hit[0] is not None:
-                continue
-            mode, size = mode_and_size(key)
-            if size > INLINE_MAX and stat.S_ISREG(mode):
-                files.append((base + name, key, size))
-    return files
+            yield base + name, key
 
 
 def digests(source: str | bytes | os.PathLike, files: list[File],

@@ -134,7 +134,7 @@ def scan(
     if threads > 1 and forked.helper_allowed():
         walker.walked = walked or walk(source, 0, skip_devices=skip_devices)
         if walker.walked is not None:
-            walker.prehashed = prehash.digests(source, prehash.wanted(walker.walked, cache),
+            walker.prehashed = prehash.digests(source, prehash.wanted(prehash.in_walk(walker.walked), cache),
                                                walker.hashed_ahead if progress is not None else None)
     try:
         root = walker.run(os.fsencode(source))
@@ -164,7 +164,8 @@ def scan_entries(
     walked (both are checked: ``ScanError`` "changed during the scan").  A
     directory's node comes without children.  External files go into
     ``store`` as in a scan; on failure what a batch store staged is discarded.
-    With ``cache``, entries are looked up and recorded in it as in a scan.
+    With ``cache``, entries are looked up and recorded in it as in a scan,
+    and with ``threads`` > 1 files are hashed ahead as in a scan.
     Returns the nodes by path and the stats of these entries alone.
     """
     if skip_xattrs and user_xattrs:
@@ -191,6 +192,8 @@ def scan_entries(
             raise ScanError(path, "not in the walk")
         listed.append((path, st))
     walker = _Walker(ScanOptions(use_epoch, skip_xattrs, user_xattrs), store, cache, threads, None)
+    if threads > 1 and forked.helper_allowed():
+        walker.prehashed = prehash.digests(source, prehash.wanted(((p, key_of(st)) for p, st in listed), cache))
     try:
         nodes = walker.entries(os.fsencode(source), listed, ident)
     except BaseException:
