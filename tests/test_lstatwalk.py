@@ -196,3 +196,53 @@ def test_a_missing_source_is_none(tmp_path: Path) -> None:
     assert split(tmp_path / "nowhere") is None
     (tmp_path / "file").write_bytes(b"")
     assert split(tmp_path / "file") is None
+
+
+def brute_changed(old: lstatwalk.TreeWalk, new: lstatwalk.TreeWalk) -> list[bytes] | None:
+    """changed_since as the definition says it, from the keys by path."""
+    if old.keys.keys() != new.keys.keys():
+        return None
+    return sorted(p for p, key in new.keys.items() if old.keys[p] != key or not key)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_changed_since_agrees_with_the_keys(tmp_path: Path, monkeypatch, seed: int) -> None:
+    """Random trees and random changes: the listing comparison gives what comparing every key gives."""
+    import random
+
+    rng = random.Random(seed)
+    src = tmp_path / "src"
+    dirs = [src]
+    src.mkdir()
+    for i in range(rng.randint(5, 40)):
+        d = rng.choice(dirs) / f"d{i}"
+        d.mkdir()
+        dirs.append(d)
+    files = []
+    for i in range(rng.randint(20, 200)):
+        f = rng.choice(dirs) / f"f{i}"
+        f.write_bytes(os.urandom(rng.randint(0, 300)))
+        files.append(f)
+    time.sleep(0.02)
+    limit = time.time_ns()
+    old = split(src, limit)
+    time.sleep(0.02)
+    for _ in range(rng.randint(0, 8)):
+        f = rng.choice(files)
+        change = rng.choice(["rewrite", "chmod", "touch", "add", "remove", "mkdir"])
+        if change == "rewrite" and f.exists():
+            f.write_bytes(os.urandom(rng.randint(0, 300)))
+        elif change == "chmod" and f.exists():
+            os.chmod(f, 0o600)
+        elif change == "touch" and f.exists():
+            os.utime(f, ns=(1, rng.randint(1, 10**18)))
+        elif change == "add":
+            (rng.choice(dirs) / f"new{rng.random()}").write_bytes(b"")
+        elif change == "remove" and f.exists():
+            f.unlink()
+        elif change == "mkdir":
+            (rng.choice(dirs) / f"newdir{rng.random()}").mkdir()
+    for new_limit in (limit, time.time_ns() + 10**9):  # the changes not settled, then settled
+        for new in (split(src, new_limit), single(src, monkeypatch, new_limit)):
+            assert new.changed_since(old.state) == brute_changed(old, new)
+            assert new.changed_since(new.state) == brute_changed(new, new)
