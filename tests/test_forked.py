@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,48 @@ def test_a_helper_works_where_sigchld_is_ignored() -> None:
         assert forked.split(lambda: os.kill(os.getpid(), signal.SIGKILL), lambda: "mine") == ("mine", None)
     finally:
         signal.signal(signal.SIGCHLD, old)
+
+
+def test_a_helper_outliving_its_parent_holds_no_lock_and_no_pipe(tmp_path: Path) -> None:
+    """The parent takes an flock, starts a helper that runs on, and is killed: the lock is free at
+    once, and the parent's stdout pipe reaches EOF, though the helper is still running."""
+    import fcntl
+    import select
+    import subprocess
+    import sys
+    import time
+
+    lock, helper_pid = tmp_path / "lock", tmp_path / "helper.pid"
+    code = f"""
+import fcntl, os, time
+from aptlayer.composefs import forked
+fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+def theirs():
+    with open({str(helper_pid)!r}, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(20)
+def mine():
+    while not os.path.exists({str(helper_pid)!r}):
+        time.sleep(0.01)
+    print("ready", flush=True)
+    time.sleep(30)
+forked.split(theirs, mine)
+"""
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    assert parent.stdout.readline() == b"ready\n"
+    helper = int(helper_pid.read_text())
+    try:
+        parent.kill()
+        parent.wait()
+        os.kill(helper, 0)  # the helper still runs
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # but holds no lock
+        finally:
+            os.close(fd)
+        ready, _, _ = select.select([parent.stdout], [], [], 2.0)
+        assert ready and parent.stdout.read() == b""  # and no end of the pipe: EOF at once
+    finally:
+        os.kill(helper, signal.SIGKILL)
+        time.sleep(0.05)

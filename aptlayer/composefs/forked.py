@@ -20,7 +20,7 @@ import marshal
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -33,7 +33,7 @@ def helper_allowed() -> bool:
     return threading.active_count() == 1 and len(os.sched_getaffinity(0)) > 1
 
 
-def split(theirs: Callable[[], Any], mine: Callable[[], T]) -> tuple[T, Any]:
+def split(theirs: Callable[[], Any], mine: Callable[[], T], keep: Collection[int] = ()) -> tuple[T, Any]:
     """Run ``theirs`` in a forked helper while ``mine`` runs here; both results.
 
     The helper's result is None if it failed in any way (an exception, a
@@ -41,6 +41,11 @@ def split(theirs: Callable[[], Any], mine: Callable[[], T]) -> tuple[T, Any]:
     is raised once the helper is killed and reaped.  Where no helper can be
     started (the process or memory limits: fork or memfd_create fails),
     both run here, one after the other.
+
+    The helper keeps open only the fds in ``keep`` (those ``theirs`` uses);
+    its standard streams go to /dev/null.  So it holds none of the parent's
+    locks (``flock`` locks live as long as any fd of their open file) and
+    none of its pipes, even if the parent dies while the helper runs on.
     """
     try:
         out = os.memfd_create("apt-layer-helper", os.MFD_CLOEXEC)
@@ -53,6 +58,7 @@ def split(theirs: Callable[[], Any], mine: Callable[[], T]) -> tuple[T, Any]:
             return mine(), theirs()
         if pid == 0:  # the helper
             try:
+                _close_all_but({out, *keep})
                 data = memoryview(marshal.dumps(theirs()) + _DONE)
                 while data:
                     data = data[os.write(out, data):]
@@ -71,6 +77,19 @@ def split(theirs: Callable[[], Any], mine: Callable[[], T]) -> tuple[T, Any]:
         os.close(out)
     # complete only with the mark written after it (the exit status may be unknowable)
     return result, marshal.loads(data) if data.endswith(_DONE) else None
+
+
+def _close_all_but(keep: set[int]) -> None:
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:  # the listing's own fd, closed by now
+                pass
 
 
 def _reap(pid: int) -> None:

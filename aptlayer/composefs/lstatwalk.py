@@ -239,7 +239,7 @@ def _walk_split(root_fd: int, settled_before_ns: int, skip_devices: bool) -> _Re
         fd = os.open(".", OPEN_DIR, dir_fd=root_fd)
         return _Part(fd, 1, 2, settled_before_ns, skip_devices).walk()
 
-    mine, helped = forked.split(theirs, _Part(root_fd, 0, 2, settled_before_ns, skip_devices).walk)
+    mine, helped = forked.split(theirs, _Part(root_fd, 0, 2, settled_before_ns, skip_devices).walk, keep=(root_fd,))
     return None if mine is None or helped is None else _merge(mine, helped)
 
 

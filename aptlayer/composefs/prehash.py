@@ -75,7 +75,7 @@ def digests(source: str | bytes | os.PathLike, files: list[File],
             progress(done, total)
         for batch in _batches(files):
             mine, theirs = _halves(batch)
-            got, helped = forked.split(lambda: _hash(root_fd, theirs), lambda: _hash(root_fd, mine))
+            got, helped = forked.split(lambda: _hash(root_fd, theirs), lambda: _hash(root_fd, mine), keep=(root_fd,))
             found.update(got)
             found.update(helped or {})
             done += sum(size for _, _, size in batch)
