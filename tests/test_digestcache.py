@@ -20,7 +20,7 @@ from aptlayer.composefs import fsops, fsverity, reader
 from aptlayer.composefs.build import render
 from aptlayer.composefs.digestcache import DigestCache, key_of, lstat_of
 from aptlayer.composefs.objectstore import ObjectStore
-from aptlayer.composefs.lstatwalk import fingerprint, walk
+from aptlayer.composefs.lstatwalk import walk
 from aptlayer.composefs.scan import ScanError, scan, scan_entries
 from aptlayer.store import CreateOptions, Store, manifest_of
 
@@ -36,6 +36,12 @@ def make_tree(root: Path, n: int = 40) -> Path:
     os.symlink("f00", root / "link")
     os.setxattr(root / "f01", "user.label", b"one")
     return root
+
+
+def fingerprint(source: Path, settled_before_ns: int, **options: bool) -> bytes | None:
+    """The fingerprint a walk of ``source`` gives."""
+    walked = walk(source, settled_before_ns, **options)
+    return None if walked is None else walked.fingerprint
 
 
 def digests(root) -> dict[bytes, bytes]:

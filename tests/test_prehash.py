@@ -45,7 +45,7 @@ def make_tree(root: Path) -> Path:
 def test_digests_are_the_files_digests(tmp_path: Path, small_min) -> None:
     src = make_tree(tmp_path / "src")
     walked = walk(src, 0)
-    files = prehash.wanted(prehash.in_walk(walked), None)
+    files = prehash.wanted(walked.entries(), None)
     # regular files over 64 bytes only: 6 x (12 + "same")
     assert len(files) == 6 * 13 and all(size > 64 for _, _, size in files)
     progress = []
@@ -58,7 +58,7 @@ def test_digests_are_the_files_digests(tmp_path: Path, small_min) -> None:
 
 def test_nothing_is_hashed_ahead_below_the_minimum(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src")
-    assert prehash.digests(src, prehash.wanted(prehash.in_walk(walk(src, 0)), None)) == {}
+    assert prehash.digests(src, prehash.wanted(walk(src, 0).entries(), None)) == {}
 
 
 def test_cached_digests_are_not_wanted(tmp_path: Path) -> None:
@@ -67,9 +67,9 @@ def test_cached_digests_are_not_wanted(tmp_path: Path) -> None:
     scan.scan(src, cache=cache)
     cache.save()
     cache = DigestCache(tmp_path / "cache", settle_ns=0)
-    assert prehash.wanted(prehash.in_walk(walk(src, 0)), cache) == []
+    assert prehash.wanted(walk(src, 0).entries(), cache) == []
     (src / "d3" / "f5").write_bytes(b"changed" * 50)
-    assert [path for path, _, _ in prehash.wanted(prehash.in_walk(walk(src, 0)), cache)] == [b"/d3/f5"]
+    assert [path for path, _, _ in prehash.wanted(walk(src, 0).entries(), cache)] == [b"/d3/f5"]
 
 
 @needs_helper
@@ -78,7 +78,7 @@ def test_a_file_that_is_no_longer_the_walked_one_is_left_out(tmp_path: Path, sma
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     walked = walk(src, 0)
-    files = prehash.wanted(prehash.in_walk(walked), None)
+    files = prehash.wanted(walked.entries(), None)
     # d1 becomes a symlink to a directory outside with a file of the same name and size
     (elsewhere / "f3").write_bytes((src / "d1" / "f3").read_bytes())
     os.rename(src / "d1", tmp_path / "d1-old")
@@ -147,7 +147,7 @@ def test_a_threaded_scan_hashes_ahead_and_then_hashes_nothing(tmp_path: Path, mo
     two = scan.scan(src, threads=2, store=store)
     assert after == [None]  # ahead once, and nothing hashed after it
     assert render(two.root)[0] == render(scan.scan(src, threads=1).root)[0]
-    for path, _, _ in prehash.wanted(prehash.in_walk(walk(src, 0)), None):
+    for path, _, _ in prehash.wanted(walk(src, 0).entries(), None):
         content = (src / os.fsdecode(path[1:])).read_bytes()
         assert (tmp_path / "objects" / fsverity.object_path(fsverity.digest_bytes(content))).read_bytes() == content
 
@@ -157,7 +157,7 @@ def test_progress_shows_the_hashing_ahead_then_the_scan(tmp_path: Path, small_mi
     src = make_tree(tmp_path / "src")
     seen = []
     scan.scan(src, threads=2, progress=lambda s: seen.append((s.files, s.hashed_ahead, s.hash_ahead)))
-    total = sum(size for _, _, size in prehash.wanted(prehash.in_walk(walk(src, 0)), None))
+    total = sum(size for _, _, size in prehash.wanted(walk(src, 0).entries(), None))
     ahead = [(done, of) for files, done, of in seen if files == 0]
     assert ahead[0] == (0, total) and ahead[-1] == (total, total) and len(ahead) > 2
     assert ahead == sorted(ahead)

@@ -2,9 +2,10 @@
 
 Keyed by what ``lstat`` says of the entry: device, inode, mode, uid, gid,
 nlink, rdev, size, mtime and ctime (seconds and nanoseconds: a time past
-2262 does not fit in 64 bits of nanoseconds, and ext4 stores times to 2446).  Any write to a file, and any
-chmod, chown, rename, link or xattr change, moves its ctime, and no user can
-set a ctime back, so the same key means the same content.  An entry holds
+2262 does not fit in 64 bits of nanoseconds, and ext4 stores times to
+2446).  Any write to a file, and any chmod, chown, rename, link or xattr
+change, moves its ctime, and no user can set a ctime back, so the same key
+means the same content.  An entry holds
 what the scanner would otherwise read: the fs-verity digest of an external
 file, the xattrs, and a symlink's target or a small file's inline content.
 
@@ -20,7 +21,7 @@ Two limits of that rule are handled here:
   hashing it) when it is not.
 
 Beside it, :class:`TreeResults` remembers what recent whole trees gave: a
-scan fingerprints every key it saw (see :mod:`.scan`), and a caller may
+walk fingerprints every key it saw (see :mod:`.lstatwalk`), and a caller may
 :meth:`~TreeResults.remember` what it made of that tree (an image digest)
 to :meth:`~TreeResults.recall` it when the same fingerprint comes back.
 What a recalled result names must still be checked by the caller; the file

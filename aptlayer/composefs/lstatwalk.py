@@ -53,6 +53,8 @@ REPRESENTABLE = frozenset(
     {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}
 )
 OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: how a scan opens a file to read it (a FIFO swapped in must not block it)
+OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 #: how os.fsencode encodes (scandir on an fd yields str names)
 FS_ENCODING = sys.getfilesystemencoding()
 FS_ERRORS = sys.getfilesystemencodeerrors()
@@ -141,19 +143,19 @@ class TreeWalk:
             return None
         return sorted(changed.difference(self._skipped))  # device nodes a scan skips are no entries
 
-    def listings(self) -> Iterator[tuple[bytes, list[tuple[bytes, Key]]]]:
-        """Every directory's path (with a trailing slash) and listing (see :meth:`listing`)."""
+    def entries(self) -> Iterator[tuple[bytes, Key]]:
+        """Every entry below the root as (path, key), from the listings: device nodes a scan
+        skips included, and entries that had not settled with their key all the same."""
         for base, blob in self._blobs.items():
-            yield base, _unpack(blob)
+            for name, key in _unpack(blob):
+                yield base + name, key
 
     @cached_property
     def keys(self) -> dict[bytes, Key]:
         """Every entry's key by path (``/``, ``/a/b``); b"" for one that had not settled
         (its key does not vouch for its content).  Device nodes a scan skips have none."""
         keys = {b"/": self._root}
-        for base, entries in self.listings():
-            for name, key in entries:
-                keys[base + name] = key
+        keys.update(self.entries())
         for path in self._skipped:
             del keys[path]
         for path in self._unsettled:
@@ -215,12 +217,6 @@ def walk(
         return None
     root_key = key_of(root) if root.st_ctime_ns < settled_before_ns else b""
     return TreeWalk(repr(opts).encode(), root_key, part)
-
-
-def fingerprint(source: str | bytes | os.PathLike, settled_before_ns: int, **options: bool) -> bytes | None:
-    """The fingerprint of ``source`` (see :func:`walk`)."""
-    walked = walk(source, settled_before_ns, **options)
-    return None if walked is None else walked.fingerprint
 
 
 #: one process's part: the listings of its directories (bytes, see the module

@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from aptlayer.composefs import forked, fsverity
 from aptlayer.composefs.digestcache import DigestCache, Key, key_of, mode_and_size
-from aptlayer.composefs.lstatwalk import INLINE_MAX, OPEN_DIR, TreeWalk
+from aptlayer.composefs.lstatwalk import INLINE_MAX, OPEN_DIR, OPEN_FILE
 
 #: below this much to hash in all, a helper costs more than it saves
 MIN_BYTES = 16 << 20
 #: a batch holds at most this many bytes; progress is reported after each
 BATCH_BYTES = 256 << 20
-_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 #: a file to hash: its path below the source (``/a/b``), the key the walk listed, its size
 File = tuple[bytes, Key, int]
@@ -49,13 +48,6 @@ def wanted(entries: Iterable[tuple[bytes, Key]], cache: DigestCache | None) -> l
         if size > INLINE_MAX and stat.S_ISREG(mode):
             files.append((path, key, size))
     return files
-
-
-def in_walk(walked: TreeWalk) -> Iterator[tuple[bytes, Key]]:
-    """Every entry of a walk but the root, as (path, key)."""
-    for base, entries in walked.listings():
-        for name, key in entries:
-            yield base + name, key
 
 
 def digests(source: str | bytes | os.PathLike, files: list[File],
@@ -113,7 +105,7 @@ def _hash(root_fd: int, files: list[File]) -> dict[Key, bytes]:
     found = {}
     for path, key, size in files:
         try:
-            fd = os.open(path.lstrip(b"/"), _OPEN_FILE, dir_fd=root_fd)
+            fd = os.open(path.lstrip(b"/"), OPEN_FILE, dir_fd=root_fd)
         except OSError:
             continue
         try:

@@ -52,14 +52,15 @@ import errno
 import os
 import stat
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 from aptlayer.composefs import forked, fsverity, prehash
 from aptlayer.composefs.digestcache import DigestCache, Entry, Key, Lstat, key_of, lstat_of
 from aptlayer.composefs.lstatwalk import (
-    FS_ENCODING, FS_ERRORS, INLINE_MAX, NAME_MAX, OPEN_DIR, REPRESENTABLE, ScanOptions, ScanStats, TreeWalk, walk,
+    FS_ENCODING, FS_ERRORS, INLINE_MAX, NAME_MAX, OPEN_DIR, OPEN_FILE, REPRESENTABLE, ScanOptions, ScanStats,
+    TreeWalk, walk,
 )
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
@@ -67,7 +68,6 @@ from aptlayer.composefs.tree import Node
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
 
-_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 #: directory fds the walk keeps open at most; deeper trees reopen ancestors
 MAX_OPEN_DIRS = 64
 #: a chunk of work for the pool: at most this many files or bytes
@@ -131,11 +131,10 @@ def scan(
         raise ValueError(f"invalid thread count {threads}")
     opts = ScanOptions(use_epoch, skip_xattrs, user_xattrs, skip_devices)
     walker = _Walker(opts, store, cache, threads, progress, walked)
-    if threads > 1 and forked.helper_allowed():
+    if walker.can_hash_ahead():
         walker.walked = walked or walk(source, 0, skip_devices=skip_devices)
         if walker.walked is not None:
-            walker.prehashed = prehash.digests(source, prehash.wanted(prehash.in_walk(walker.walked), cache),
-                                               walker.hashed_ahead if progress is not None else None)
+            walker.hash_ahead(source, walker.walked.entries())
     try:
         root = walker.run(os.fsencode(source))
     except BaseException:
@@ -192,8 +191,8 @@ def scan_entries(
             raise ScanError(path, "not in the walk")
         listed.append((path, st))
     walker = _Walker(ScanOptions(use_epoch, skip_xattrs, user_xattrs), store, cache, threads, None)
-    if threads > 1 and forked.helper_allowed():
-        walker.prehashed = prehash.digests(source, prehash.wanted(((p, key_of(st)) for p, st in listed), cache))
+    if walker.can_hash_ahead():
+        walker.hash_ahead(source, ((p, key_of(st)) for p, st in listed))
     try:
         nodes = walker.entries(os.fsencode(source), listed, ident)
     except BaseException:
@@ -298,7 +297,17 @@ class _Walker:
         self.chunk: list[_Job] = []
         self.chunk_bytes = 0
         self.inflight: deque[tuple[Future[None], list[_Job]]] = deque()
-    def hashed_ahead(self, done: int, total: int) -> None:
+
+    def can_hash_ahead(self) -> bool:
+        """Whether files are hashed ahead (:mod:`.prehash`): with threads, where a helper may run."""
+        return self.threads > 1 and forked.helper_allowed()
+
+    def hash_ahead(self, source: str | bytes | os.PathLike, entries: Iterable[tuple[bytes, Key]]) -> None:
+        """Hash ahead those of ``entries`` (path, key) the scan would hash, reporting progress."""
+        self.prehashed = prehash.digests(source, prehash.wanted(entries, self.cache),
+                                         self._hashed_ahead if self.progress is not None else None)
+
+    def _hashed_ahead(self, done: int, total: int) -> None:
         """Progress of the hashing ahead, as stats."""
         self.stats.hashed_ahead, self.stats.hash_ahead = done, total
         self.progress(self.stats)
@@ -594,7 +603,7 @@ class _Walker:
             self.progress(self.stats)
 
     def _read_inline(self, dfd: int, name: bytes, path: bytes, st: os.stat_result) -> bytes:
-        fd, _ = self._open(dfd, name, path, st, _OPEN_FILE)
+        fd, _ = self._open(dfd, name, path, st, OPEN_FILE)
         try:
             data = os.pread(fd, INLINE_MAX + 1, 0)
         except OSError as e:
@@ -619,7 +628,7 @@ class _Walker:
 
     def _hash(self, dfd: int, name: bytes, path: bytes, st: os.stat_result, node: Node) -> None:
         """Read and hash an external file; hand it to the store unless its object is there."""
-        fd, opened = self._open(dfd, name, path, st, _OPEN_FILE)
+        fd, opened = self._open(dfd, name, path, st, OPEN_FILE)
         digest = self.prehashed.get(key_of(opened))
         if digest is None:
             try:
