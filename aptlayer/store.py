@@ -15,6 +15,7 @@ Layout of a store root::
     deploy/current, previous    symlinks into images/, swapped by rename
     trash/                      objects on their way out (gc)
     lock                        flock: writers shared, gc and recovery exclusive
+    publish.lock                flock: one writer at a time commits and does its effects
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ class Store:
         self.deploy_dir = root / "deploy"
         self.trash_dir = root / "trash"
         self.lock_path = root / "lock"
+        self.publish_lock_path = root / "publish.lock"
         self.boot_id = names.boot_id()
 
     # --- opening --------------------------------------------------------------
@@ -150,6 +152,22 @@ class Store:
     def writing(self) -> Iterator[None]:
         """Writers share the store lock; gc and recovery wait for them to finish."""
         with self._journal_errors(), self._lock(exclusive=False):
+            yield
+
+    @contextmanager
+    def publishing(self) -> Iterator[None]:
+        """One writer at a time from its commit event to the end of its effects.
+
+        Writers build side by side under the shared store lock, but the
+        effects that follow a commit act on names (``images/NAME.composefs``,
+        ``deploy/*``) that a second writer's commit may have given new
+        meaning: a delete's unlink after a create of the same name committed,
+        or two deploys writing links from different projections. Holding this
+        lock from reading the state an event is computed from to the last
+        effect makes each commit-and-effects step happen as one. Taken inside
+        the shared store lock, never inside an SQLite transaction.
+        """
+        with locked(self.publish_lock_path, exclusive=True):
             yield
 
     @contextmanager
@@ -279,17 +297,18 @@ class Store:
                 self.record("image.staged", name, data, txid, manifest=built.manifest)
                 fault("create.after-stage")
                 return self._created_info(name, data, txid, built.stats, staged=True)
-            try:
-                with self.journal.transaction() as w:
-                    w.append("image.created", name, data, txid, manifest=built.manifest)
-                    fault("create.mid-commit")
-                    w.append("tx.committed", txid, {"ops": 1}, txid)
-            except ProjectionError as e:
-                self._abort(txid, reason=str(e))
-                raise errors.Conflict(str(e)) from None
-            fault("create.after-commit")
-            self.place_image(name, built.staged)
-            fault("create.after-place")
+            with self.publishing():
+                try:
+                    with self.journal.transaction() as w:
+                        w.append("image.created", name, data, txid, manifest=built.manifest)
+                        fault("create.mid-commit")
+                        w.append("tx.committed", txid, {"ops": 1}, txid)
+                except ProjectionError as e:
+                    self._abort(txid, reason=str(e))
+                    raise errors.Conflict(str(e)) from None
+                fault("create.after-commit")
+                self.place_image(name, built.staged)
+                fault("create.after-place")
             self.clear_staging(txid)
             return self._created_info(name, data, txid, built.stats, staged=False)
 
@@ -629,12 +648,13 @@ class Store:
                 self.record("delete.staged", name, {"digest": image["digest"]}, tx)
                 fault("delete.after-stage")
                 return {"name": name, "digest": image["digest"], "tx": tx, "staged": True}
-            # Checked again inside the write transaction: a deploy or mount
-            # committed since the check above must win over this delete.
-            events = self._single(name, "image.deleted", {"digest": image["digest"]}, op="delete",
-                                  check=lambda: self._in_use(name))
-            fault("delete.after-commit")
-            self.apply_effects(events)
+            with self.publishing():
+                # Checked again inside the write transaction: a deploy or mount
+                # committed since the check above must win over this delete.
+                events = self._single(name, "image.deleted", {"digest": image["digest"]}, op="delete",
+                                      check=lambda: self._in_use(name))
+                fault("delete.after-commit")
+                self.apply_effects(events)
             return {"name": name, "digest": image["digest"], "tx": events[0].tx, "staged": False}
 
     def _single(self, subject: str, kind: str, data: dict, op: str,
@@ -670,20 +690,21 @@ class Store:
                 self.record("deploy.staged", name, {"digest": digest}, tx)
                 fault("deploy.after-stage")
                 return {"current": name, "digest": digest, "tx": tx, "staged": True}
-            image = self._live(name)
-            current = self.journal.deployments().get("current")
-            if current is not None and current["image"] == name and current["digest"] == image["digest"]:
-                raise errors.Conflict(f"image {name!r} is already the current deployment")
-            events = self._single(name, "deployed", {
-                "current": {"image": name, "digest": image["digest"]}, "previous": current}, op="deploy")
-            fault("deploy.after-commit")
-            self.apply_effects(events)
+            with self.publishing():
+                image = self._live(name)
+                current = self.journal.deployments().get("current")
+                if current is not None and current["image"] == name and current["digest"] == image["digest"]:
+                    raise errors.Conflict(f"image {name!r} is already the current deployment")
+                events = self._single(name, "deployed", {
+                    "current": {"image": name, "digest": image["digest"]}, "previous": current}, op="deploy")
+                fault("deploy.after-commit")
+                self.apply_effects(events)
             return {"current": name, "digest": image["digest"],
                     "previous": current["image"] if current else None, "staged": False}
 
     def rollback(self) -> dict:
         """Swap the current and previous deployments, like ``rpm-ostree rollback``."""
-        with self.writing():
+        with self.writing(), self.publishing():
             deps = self.journal.deployments()
             if "previous" not in deps:
                 raise errors.Conflict("no previous deployment to roll back to")
@@ -705,15 +726,16 @@ class Store:
         """Make every staged operation of ``tx`` effective at once, then do the effects."""
         with self.writing():
             self._open_tx(tx)
-            try:
-                with self.journal.transaction() as w:
-                    self._staged_deletes_unused(tx)
-                    events = w.commit_tx(tx)
-            except (ProjectionError, errors.Conflict) as e:
-                raise errors.Conflict(f"cannot commit {tx}: {e}") from None
-            fault("commit.after-commit")
-            self.apply_effects(events)
-            fault("commit.after-effects")
+            with self.publishing():
+                try:
+                    with self.journal.transaction() as w:
+                        self._staged_deletes_unused(tx)
+                        events = w.commit_tx(tx)
+                except (ProjectionError, errors.Conflict) as e:
+                    raise errors.Conflict(f"cannot commit {tx}: {e}") from None
+                fault("commit.after-commit")
+                self.apply_effects(events)
+                fault("commit.after-effects")
             self.clear_staging(tx)
             ops = [e for e in events if e.kind != "tx.committed"]
             return {"tx": tx, "ops": [{"kind": e.kind, "subject": e.subject} for e in ops]}
