@@ -105,7 +105,9 @@ def load(path: Path | None = None, root: Path | None = None) -> Config:
         values = _parse(cfg_path, data)
         values["source"] = cfg_path
     env_root = os.environ.get("APT_LAYER_ROOT")
-    if env_root:
+    if env_root is not None:
+        if not env_root:
+            raise InvalidInput("APT_LAYER_ROOT is set but empty: unset it or name the store's root")
         values["root"] = Path(env_root)
     if root is not None:
         values["root"] = root

@@ -16,7 +16,9 @@ writer is mid-operation):
    earlier boot; their staging goes, as does any staging no open
    transaction owns, and files in an open transaction's staging that it
    never staged (its writer died before recording them);
-4. marks recorded mounts that no longer exist as lost;
+4. marks recorded mounts that no longer exist as lost: made in an earlier
+   boot, or found in no mount namespace (one made inside ``unshare -m`` or a
+   container is not in recovery's own);
 5. reports live images whose file is missing or has the wrong size, image
    files nobody knows and, after a crash, images whose objects are missing.
 
@@ -157,15 +159,30 @@ class Recovery:
                  if e.name.endswith(IMAGE_SUFFIX) and e.is_file(follow_symlinks=False)}
         for name in sorted(files - set(live)):
             last = self.journal.conn.execute(
-                "SELECT kind FROM events WHERE subject = ? AND kind IN ('image.created', 'image.deleted') "
+                "SELECT kind, data FROM events WHERE subject = ? AND kind IN ('image.created', 'image.deleted') "
                 "ORDER BY seq DESC LIMIT 1", (name,)).fetchone()
-            if last is not None and last[0] == "image.deleted":
+            if last is not None and last[0] == "image.deleted" and self._is_deleted_image(name, last[1]):
                 s.remove_image_file(name)
                 fault("recover.after-unlink")
                 self._record("recover.image-unlinked", name, {})
             else:
                 self.problems.append({"problem": "unknown image file", "image": name,
                                       "path": str(s.image_path(name))})
+
+    def _is_deleted_image(self, name: str, deleted_data: str) -> bool:
+        """Whether ``images/NAME.composefs`` is the very file a committed delete meant to unlink.
+
+        Only that file is unlinked: one that merely carries the name (a
+        restored backup, an image copied in by hand) is reported as unknown
+        and kept.
+        """
+        from .composefs import fsverity
+
+        try:
+            digest = fsverity.digest_file(str(self.store.image_path(name))).hex()
+        except OSError:
+            return False
+        return digest == json.loads(deleted_data).get("digest")
 
     def _staged_images(self) -> dict:
         """``{"staging/DIR/NAME.composefs": path}`` of every image file in staging."""
@@ -214,6 +231,11 @@ class Recovery:
             "SELECT id FROM transactions WHERE state = 'open'")}
         removed = []
         for entry in sorted(os.scandir(s.staging_dir), key=lambda e: e.name):
+            if entry.is_symlink():
+                self.problems.append({"problem": "symlink in staging, left alone: apt-layer never made it "
+                                                 "and never follows it; remove it by hand",
+                                      "path": entry.path, "target": os.readlink(entry.path)})
+                continue
             tx = open_here.get(entry.name)
             if tx is None:
                 _remove(entry)
@@ -253,10 +275,17 @@ class Recovery:
             "SELECT mountpoint, image, boot_id FROM mounts WHERE state = 'mounted'").fetchall()
         if not rows:
             return
-        from .composefs.mount import mount_info  # ctypes: only when there are mounts to check
+        # ctypes: only when there are mounts to check
+        from .composefs.mount import composefs_mount_points_elsewhere, mount_info
 
         present = {m.mount_point for m in mount_info() if m.is_composefs}
+        elsewhere = None
         for mountpoint, image, boot in rows:
+            if boot == self.store.boot_id and mountpoint not in present:
+                if elsewhere is None:
+                    elsewhere = composefs_mount_points_elsewhere()
+                if mountpoint in elsewhere:
+                    present.add(mountpoint)
             if boot == self.store.boot_id and mountpoint in present:
                 continue
             self.store.record("mount.lost", image, {"mountpoint": mountpoint,

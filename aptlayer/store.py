@@ -120,12 +120,21 @@ class Store:
     # --- opening --------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: str | os.PathLike, config=None) -> Store:
-        """Open the store at ``root``, creating it if it does not exist."""
+    def open(cls, root: str | os.PathLike, config=None, create: bool = True) -> Store:
+        """Open the store at ``root``; without ``create``, NotFound if there is none."""
+        if not os.fspath(root):
+            raise errors.InvalidInput("the store's root must not be an empty path")
         root = Path(root).absolute()
+        if not create and not (root / "journal.db").is_file():
+            raise errors.NotFound(f"no apt-layer store at {root} (check --root, APT_LAYER_ROOT or the "
+                                  "configuration's root; `apt-layer image create` makes a new store)")
         try:
             for d in (root, root / "images", root / "images" / "objects", root / "staging",
                       root / "deploy", root / "trash"):
+                if d != root and d.is_symlink():
+                    raise errors.StoreCorrupt(
+                        f"{d} is a symlink (to {os.readlink(d)}): apt-layer never follows a symlink "
+                        "inside its store; replace it with a directory")
                 if not d.is_dir():
                     d.mkdir(mode=0o755, parents=True, exist_ok=True)
                     fsops.fsync_dir(str(d.parent))
@@ -287,6 +296,7 @@ class Store:
                 if isinstance(e, OSError):
                     raise _map_os_error(e, f"creating image {name!r}") from None
                 raise
+            missing = self._missing_of(built.manifest) if options.from_file else 0
             data = {"digest": built.digest, "size": built.size, "staged": str(built.staged.relative_to(self.root)),
                     "source": os.path.abspath(source), "objects": built.objects}
             if built.reused is not None:
@@ -296,7 +306,7 @@ class Store:
             if not implicit:
                 self.record("image.staged", name, data, txid, manifest=built.manifest)
                 fault("create.after-stage")
-                return self._created_info(name, data, txid, built.stats, staged=True)
+                return self._created_info(name, data, txid, built.stats, staged=True, missing=missing)
             with self.publishing():
                 try:
                     with self.journal.transaction() as w:
@@ -310,16 +320,28 @@ class Store:
                 self.place_image(name, built.staged)
                 fault("create.after-place")
             self.clear_staging(txid)
-            return self._created_info(name, data, txid, built.stats, staged=False)
+            return self._created_info(name, data, txid, built.stats, staged=False, missing=missing)
 
-    def _created_info(self, name, data, txid, stats, staged) -> dict:
+    def _created_info(self, name, data, txid, stats, staged, missing) -> dict:
         info = {"name": name, "digest": data["digest"], "size": data["size"],
-                "objects": data["objects"], "tx": txid, "staged": staged, "reused": data.get("reused"),
-                "patched": data.get("patched")}
+                "objects": data["objects"], "objects_missing": missing, "tx": txid, "staged": staged,
+                "reused": data.get("reused"), "patched": data.get("patched")}
         if stats is not None:
             info.update(files=stats.files, bytes=stats.bytes,
                         objects_created=stats.objects_created, objects_deduped=stats.objects_deduped)
         return info
+
+    def _missing_of(self, manifest) -> int:
+        """How many objects of a built image's manifest (a list of rows) the digest store lacks."""
+        return sum(1 for obj, _ in manifest if not (self.objects_dir / obj).is_file())
+
+    def _whole(self, name: str, digest: str) -> None:
+        """Refuse to deploy an image the digest store cannot back: its next boot would fail."""
+        missing = sum(1 for obj, _ in self.journal.manifest(digest) if not (self.objects_dir / obj).is_file())
+        if missing:
+            raise errors.StoreCorrupt(
+                f"image {name!r} cannot be deployed: {missing} of its objects are missing from the store "
+                f"(see `apt-layer image missing-objects {name}`)")
 
     def _build(self, source, name, staging: Path, options: CreateOptions, progress) -> _Built:
         """Objects into the store, image into staging; returns what the event records."""
@@ -598,15 +620,33 @@ class Store:
             fsops.fsync_dir(str(self.deploy_dir))
         return changed
 
-    def clear_staging(self, tx: str) -> None:
-        for path in self.staging_dir.glob(f"*-{tx}"):
-            fsops.remove_tree(str(path))
-        fsops.fsync_dir(str(self.staging_dir))
+    def clear_staging(self, tx: str) -> list[str]:
+        """Remove the staging folders of ``tx``; returns the names of those it left alone.
 
-    def _abort(self, tx: str, reason: str) -> None:
+        Only real directories are removed: an entry of that name that is not
+        one (a symlink planted there) was not made by apt-layer and is left,
+        as is whatever it points to.
+        """
+        left = []
+        fd = fsops.open_dir(self.staging_dir)
+        try:
+            with os.scandir(fd) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it if e.name.endswith(f"-{tx}")]
+            for name, is_dir in entries:
+                if is_dir:
+                    fsops.remove_tree_at(fd, name)
+                else:
+                    left.append(name)
+            fsops.fsync(fd)
+        finally:
+            os.close(fd)
+        return left
+
+    def _abort(self, tx: str, reason: str) -> list[str]:
         """Record ``tx.aborted`` and drop the transaction's staged work.
 
         On a full disk the staged work goes first, to make room for the event.
+        Returns what :meth:`clear_staging` left alone.
         """
         if self.journal.transaction_state(tx) == "open":
             data = {"reason": reason[:500]}
@@ -618,7 +658,7 @@ class Store:
                 self.clear_staging(tx)
                 self.record("tx.aborted", tx, data, tx)
         fault("abort.after-event")
-        self.clear_staging(tx)
+        return self.clear_staging(tx)
 
     def apply_effects(self, events) -> None:
         """Carry out the file effects of committed events (in order)."""
@@ -687,6 +727,7 @@ class Store:
                 staged = [op for op in self.journal.staged_ops(tx)
                           if op["op"] == "create" and op["name"] == name and op["effective_seq"] is None]
                 digest = staged[-1]["digest"] if staged else self._live(name)["digest"]
+                self._whole(name, digest)
                 self.record("deploy.staged", name, {"digest": digest}, tx)
                 fault("deploy.after-stage")
                 return {"current": name, "digest": digest, "tx": tx, "staged": True}
@@ -695,6 +736,7 @@ class Store:
                 current = self.journal.deployments().get("current")
                 if current is not None and current["image"] == name and current["digest"] == image["digest"]:
                     raise errors.Conflict(f"image {name!r} is already the current deployment")
+                self._whole(name, image["digest"])
                 events = self._single(name, "deployed", {
                     "current": {"image": name, "digest": image["digest"]}, "previous": current}, op="deploy")
                 fault("deploy.after-commit")
@@ -708,6 +750,7 @@ class Store:
             deps = self.journal.deployments()
             if "previous" not in deps:
                 raise errors.Conflict("no previous deployment to roll back to")
+            self._whole(deps["previous"]["image"], deps["previous"]["digest"])
             events = self._single(deps["previous"]["image"], "rolled-back", {
                 "current": deps["previous"], "previous": deps.get("current")}, op="rollback")
             fault("rollback.after-commit")
@@ -753,8 +796,11 @@ class Store:
         with self.writing():
             self._open_tx(tx)
             ops = self.journal.staged_ops(tx)
-            self._abort(tx, reason="rolled back by request")
-            return {"tx": tx, "discarded": [{"op": o["op"], "name": o["name"]} for o in ops]}
+            left = self._abort(tx, reason="rolled back by request")
+            result = {"tx": tx, "discarded": [{"op": o["op"], "name": o["name"]} for o in ops]}
+            if left:
+                result["left_in_staging"] = left
+            return result
 
     def transactions(self, state: str | None = None) -> list[dict]:
         sql = "SELECT id, state, explicit, begun_at, ended_at FROM transactions"
@@ -856,7 +902,8 @@ class Store:
             fault("mount.after-kernel")
         return {"name": name, "mountpoint": target, "digest": image["digest"], "missing_objects": missing}
 
-    def unmount(self, mountpoint: str, lazy: bool = False) -> dict:
+    def unmount(self, mountpoint: str, lazy: bool = False, force: bool = False) -> dict:
+        """Unmount a mount this store made (recorded in its journal); ``force`` for any other."""
         from .composefs import mount as cfsmount
 
         target = os.path.realpath(mountpoint)
@@ -864,12 +911,18 @@ class Store:
             "SELECT image, state FROM mounts WHERE mountpoint = ?", (target,)).fetchone()
         with self.writing():
             if cfsmount.is_mounted(target):
+                if row is None and not force:
+                    raise errors.Conflict(
+                        f"{target} is not a mount of this store (its journal has no record of it); "
+                        "pass --force to unmount it anyway")
                 try:
                     cfsmount.unmount(target, lazy=lazy)
                 except cfsmount.MountError as e:
                     raise _mount_error(e) from None
             elif row is None:
                 raise errors.NotFound(f"{target} is not mounted")
+            elif row[1] == "mounted" and target in cfsmount.composefs_mount_points_elsewhere():
+                raise errors.Conflict(f"{target} is mounted in another mount namespace; unmount it there")
             fault("unmount.after-kernel")
             if row is not None:
                 self.record("unmounted", row[0], {"mountpoint": target})

@@ -62,7 +62,7 @@ def test_dedupe_hit_refreshes_mtime(tmp_path: Path) -> None:
 def test_dedupe_hit_with_known_digest_does_not_read(tmp_path: Path) -> None:
     store = ObjectStore(tmp_path / "store")
     r = store.import_file(make(tmp_path, "a", b"x" * 100))
-    other = make(tmp_path, "b", b"different bytes, trusted digest")
+    other = make(tmp_path, "b", b"y" * 100)  # same size, other bytes: the digest is trusted
     assert not store.import_file(other, digest=r.digest).created
 
 
@@ -176,13 +176,23 @@ def test_batch_discard(tmp_path: Path) -> None:
 def test_claim(tmp_path: Path) -> None:
     store = ObjectStore(tmp_path / "store", batch=True)
     r = store.import_file(make(tmp_path, "a", b"g" * 500))
-    assert store.claim(r.digest)  # staged in this batch
+    assert store.claim(r.digest, 500)  # staged in this batch
     store.sync()
     os.utime(r.path, ns=(0, 0))
-    assert ObjectStore(tmp_path / "store").claim(r.digest)
+    assert ObjectStore(tmp_path / "store").claim(r.digest, 500)
     assert os.stat(r.path).st_mtime_ns > 0  # refreshed for gc's grace period
     os.unlink(r.path)
-    assert not ObjectStore(tmp_path / "store").claim(r.digest)
+    assert not ObjectStore(tmp_path / "store").claim(r.digest, 500)
+
+
+def test_an_object_of_the_wrong_size_is_no_dedupe_hit_and_is_written_anew(tmp_path: Path) -> None:
+    store = ObjectStore(tmp_path / "store")
+    r = store.import_file(make(tmp_path, "a", b"h" * 500))
+    Path(r.path).write_bytes(b"h" * 100)  # truncated behind the store's back
+    assert not store.claim(r.digest, 500)
+    again = store.import_file(make(tmp_path, "b", b"h" * 500))
+    assert again.created
+    assert Path(r.path).read_bytes() == b"h" * 500
 
 
 def test_failed_copy_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:

@@ -68,24 +68,29 @@ class Settings:
             self._config = config.load(self.config_path, self.root_option)
         return self._config
 
-    def store(self):
-        """The Store at the configured root, opened (and created) on demand."""
+    def store(self, create: bool = False):
+        """The Store at the configured root, opened on demand.
+
+        Only the commands that make sense on an empty store (``image
+        create``, ``tx begin``, ``recover``) pass ``create``: any other, given
+        a mistyped root, says there is no store there instead of making one.
+        """
         if self._store is None:
             from ..store import Store
 
-            self._store = Store.open(self.config.root, config=self.config)
+            self._store = Store.open(self.config.root, config=self.config, create=create)
         return self._store
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", type=click.Path(path_type=Path), metavar="DIR",
+@click.option("--root", type=click.Path(path_type=str), metavar="DIR",
               help="Store root (default /var/lib/apt-layer; env APT_LAYER_ROOT).")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="FILE",
               help="Configuration file (default /etc/apt-layer/config.toml).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 @click.version_option(package_name="apt-layer", prog_name="apt-layer")
 @click.pass_context
-def cli(ctx: click.Context, root: Path | None, config_path: Path | None, quiet: bool) -> None:
+def cli(ctx: click.Context, root: str | None, config_path: Path | None, quiet: bool) -> None:
     """Atomic, deduplicated ComposeFS images for Debian and Ubuntu.
 
     apt-layer builds ComposeFS images from directory trees into a
@@ -99,7 +104,9 @@ def cli(ctx: click.Context, root: Path | None, config_path: Path | None, quiet: 
       apt-layer deploy base
       apt-layer status
     """
-    ctx.obj = Settings(root, config_path, quiet)
+    if root is not None and not str(root):
+        raise click.BadParameter("must not be empty", param_hint="'--root'")
+    ctx.obj = Settings(Path(root) if root is not None else None, config_path, quiet)
 
 
 def main(args: list[str]) -> int:

@@ -103,7 +103,8 @@ def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, u
             progress(f"{human_bytes(s.hashed_ahead)} of {human_bytes(s.hash_ahead)} hashed", None)
 
     # formatting for a hidden indicator cost ~2 us a file
-    result = settings.store().create(source, name, opts, tx=tx, progress=show if progress.enabled else None)
+    result = settings.store(create=True).create(source, name, opts, tx=tx,
+                                                progress=show if progress.enabled else None)
     progress.done()
     if as_json:
         print_json(result)
@@ -116,6 +117,11 @@ def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, u
                     f"{result['patched']['from']} (patched)")
         click.echo(f"{result['name']}  {result['digest']}  {human_bytes(result['size'])}, "
                    f"{result['objects']} objects{same}{where}")
+    if result["objects_missing"]:
+        n = result["objects_missing"]
+        click.echo(f"apt-layer: warning: image {result['name']!r} references {n} object{'s' if n != 1 else ''} "
+                   f"the store lacks; it cannot be deployed or mounted whole until they are added "
+                   f"(see `apt-layer image missing-objects {result['name']}`)", err=True)
 
 
 @image.command("list")
@@ -312,16 +318,20 @@ def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, 
 @image.command("unmount")
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("--lazy", is_flag=True, help="Detach even if busy.")
+@click.option("--force", is_flag=True, help="Unmount even a mount this store did not make.")
 @json_option
 @click.pass_context
-def unmount(ctx, mountpoint, lazy, as_json) -> None:
+def unmount(ctx, mountpoint, lazy, force, as_json) -> None:
     """Unmount an image mounted with `image mount`.
+
+    A mount point this store did not mount (no record in its journal: made
+    by `mount.composefs`, or by another store) is refused unless --force.
 
     \b
     Example:
       apt-layer image unmount /mnt/base
     """
-    result = ctx.obj.store().unmount(mountpoint, lazy=lazy)
+    result = ctx.obj.store().unmount(mountpoint, lazy=lazy, force=force)
     if as_json:
         print_json(result)
     else:

@@ -28,7 +28,7 @@ def recover(ctx, boot, as_json) -> None:
     """
     from ..recovery import mount_deployment, recover as run
 
-    store = ctx.obj.store()
+    store = ctx.obj.store(create=True)
     report = run(store)
     target = ctx.obj.config.deploy_mount
     if boot and target is not None:

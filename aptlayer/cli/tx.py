@@ -34,7 +34,7 @@ def begin(ctx, as_json) -> None:
     Example:
       TX=$(apt-layer tx begin)
     """
-    txid = ctx.obj.store().tx_begin()
+    txid = ctx.obj.store(create=True).tx_begin()
     print_json({"tx": txid}) if as_json else click.echo(txid)
 
 

@@ -151,22 +151,63 @@ def rmdir(path: Path) -> None:
         recorder("rmdir", (path,))
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a directory and everything under it, one recorded unlink or rmdir at a time.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-    Entries that vanish meanwhile are skipped; the parent is not fsynced
-    (the caller does it once for all its removals).
+
+def open_dir(path: Path, dir_fd: int | None = None) -> int:
+    """An fd of the directory ``path`` itself: OSError (ELOOP, ENOTDIR) if it is a symlink."""
+    return os.open(path, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory and everything under it, never following a symlink.
+
+    ``path`` itself must be a directory, not a symlink to one (OSError
+    otherwise: ELOOP or ENOTDIR, and nothing is removed). Below it, a
+    symlink is removed as the link it is. Entries that vanish meanwhile are
+    skipped; the parent is not fsynced (the caller does it once for all its
+    removals).
     """
-    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+    parent, name = os.path.split(os.fspath(path).rstrip("/") if isinstance(path, str) else path.rstrip(b"/"))
+    parent_fd = open_dir(parent or ".")
+    try:
+        remove_tree_at(parent_fd, name)
+    finally:
+        os.close(parent_fd)
+
+
+def remove_tree_at(parent_fd: int, name: Path) -> None:
+    """``remove_tree`` of the entry ``name`` of the directory open as ``parent_fd``.
+
+    Every step is relative to an fd opened with O_NOFOLLOW, so a directory
+    swapped for a symlink meanwhile makes the removal fail rather than reach
+    outside the tree.
+    """
+    try:
+        fd = open_dir(name, parent_fd)
+    except FileNotFoundError:
+        return
+    try:
+        with os.scandir(fd) as it:
+            entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        for child, is_dir in entries:
+            if is_dir:
+                remove_tree_at(fd, child)
+                continue
             try:
-                unlink(os.path.join(dirpath, name))
+                os.unlink(child, dir_fd=fd)
             except FileNotFoundError:
-                pass
-        try:
-            rmdir(dirpath)
-        except FileNotFoundError:
-            pass
+                continue
+            if recorder is not None:
+                recorder("unlink", (os.path.join(fd_path(fd), child),))
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return
+    if recorder is not None:
+        recorder("rmdir", (os.path.join(fd_path(parent_fd), os.fsdecode(name)),))
 
 
 def symlink(target: Path, path: Path) -> None:

@@ -259,6 +259,32 @@ def mount_info(pid: int | str = "self") -> list[MountInfo]:
         return [MountInfo.parse(line) for line in f if line.strip()]
 
 
+def composefs_mount_points_elsewhere() -> set[str]:
+    """Mount points of the composefs mounts in every other mount namespace this process can see.
+
+    A mount made inside ``unshare -m``, a unit with ``PrivateMounts=`` or a
+    container is absent from this process's mountinfo yet keeps using its
+    objects. Each namespace is read once, through the first process found in
+    it; processes that vanish or cannot be read are skipped. The paths are as
+    the processes of that namespace see them.
+    """
+    seen = {os.stat("/proc/self/ns/mnt").st_ino}
+    points: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            if ns in seen:
+                continue
+            found = mount_info(pid)
+        except (OSError, ValueError):
+            continue
+        seen.add(ns)
+        points.update(m.mount_point for m in found if m.is_composefs)
+    return points
+
+
 def _mounts_at(path: str) -> list[MountInfo]:
     real = os.path.realpath(path)
     return [m for m in mount_info() if m.mount_point == real]

@@ -14,8 +14,10 @@ written meanwhile by someone else replaces it with identical bytes.  A
 batch (see :class:`ObjectStore`) keeps that order for many objects at once:
 copy every temp file, one ``syncfs``, every rename, one ``syncfs``.
 
-An object that already exists is a dedupe hit: it is not read or checked
-(like mkcomposefs), but its mtime is refreshed so that a garbage collector
+An object that already exists with the expected size is a dedupe hit: its
+content is not read or checked (like mkcomposefs; ``fsck`` recomputes
+digests, ``watch`` reports objects changed behind the store's back), but one
+of another size is damaged and is written anew over it. A hit's mtime is refreshed so that a garbage collector
 with a grace period spares it while the image that needs it is being made.
 A caller whose collector cannot run meanwhile (the Store holds its lock)
 turns that off with ``refresh_hits=False``: one ``utime`` per hit is most
@@ -208,7 +210,7 @@ class ObjectStore:
         return f"{self.path}/{fsverity.object_path(digest)}"
 
     def has(self, digest: RawDigest) -> bool:
-        return _is_object(self.path_of(digest))
+        return _is_file(self.path_of(digest))
 
     def missing(self, object_paths: Iterable[str | bytes], *basedirs: str) -> list[str]:
         """The object paths (``xx/yyyy...``) found neither here nor in ``basedirs``.
@@ -221,7 +223,7 @@ class ObjectStore:
         for p in object_paths:
             rel = os.fsdecode(p)
             if not _OBJECT_RE.fullmatch(rel) or not any(
-                _is_object(os.path.join(r, rel)) for r in roots
+                _is_file(os.path.join(r, rel)) for r in roots
             ):
                 out.add(rel)
         return sorted(out)
@@ -282,16 +284,17 @@ class ObjectStore:
         finally:
             os.close(fd)
 
-    def claim(self, digest: RawDigest) -> bool:
+    def claim(self, digest: RawDigest, size: int) -> bool:
         """Whether the object is already here (its mtime refreshed) or on its way in this batch.
 
         The cheap check of a dedupe hit, for a caller that needs no
-        :class:`ImportResult`; False means it must be imported.
+        :class:`ImportResult`; False means it must be imported (also when an
+        object of that name has another size than ``size``: it is damaged).
         """
         dest = self.path_of(digest)
         if self.batch and dest in self._claimed:
             return True
-        if not _is_object(dest):
+        if not _is_object(dest, size):
             return False
         if self.refresh_hits:
             try:
@@ -447,8 +450,8 @@ class ObjectStore:
                     self._claimed.pop(dest, None)
 
     def _refresh(self, dest: str, digest: RawDigest, size: int) -> ImportResult | None:
-        """A dedupe hit's result after refreshing its mtime, or None if absent."""
-        if not _is_object(dest):
+        """A dedupe hit's result after refreshing its mtime, or None if absent (or damaged)."""
+        if not _is_object(dest, size):
             return None
         if self.refresh_hits:
             try:
@@ -520,13 +523,20 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _is_object(path: str) -> bool:
+def _is_file(path: str) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
-    except NotADirectoryError:
+
+
+def _is_object(path: str, size: int) -> bool:
+    """A regular file of ``size`` bytes at ``path``."""
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_size == size
 
 
 def _sorted_entries(path: str) -> list[os.DirEntry[str]]:

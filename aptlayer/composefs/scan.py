@@ -620,7 +620,7 @@ class _Walker:
         digest = hit[0] if hit is not None else None
         if digest is None:
             digest = self.prehashed.get(key_of(st))
-        if digest is None or (self.store is not None and not self.store.claim(digest)):
+        if digest is None or (self.store is not None and not self.store.claim(digest, st.st_size)):
             return False
         node.digest = digest
         node.payload = fsverity.object_path(digest).encode()
@@ -638,7 +638,7 @@ class _Walker:
                 raise ScanError(path, f"cannot hash: {e}") from e
         node.digest = digest
         node.payload = fsverity.object_path(digest).encode()
-        if self.store is None or self.store.claim(digest):
+        if self.store is None or self.store.claim(digest, opened.st_size):
             os.close(fd)
         else:
             self._dispatch(_Job(fd, path, digest, opened))
