@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import errors
+from .damage import dead_transactions, deployed_damage
 from .fault import fault
 from .store import Store, new_tx_id
 
@@ -78,6 +79,7 @@ class Maintenance:
                       "object_bytes": live_bytes, "reclaimable_objects": garbage,
                       "reclaimable_bytes": garbage_bytes},
             "journal": {"events": self.journal.last_seq()},
+            "problems": deployed_damage(s) + dead_transactions(s),
         }
 
     def history(self, **filters) -> list:

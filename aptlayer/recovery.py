@@ -34,6 +34,7 @@ import json
 import os
 
 from .composefs import fsops
+from .damage import deployed_damage
 from .fault import fault
 from .store import IMAGE_SUFFIX, Store, new_tx_id
 
@@ -81,6 +82,8 @@ class Recovery:
             self._reconcile_mounts()
             if self.actions:
                 self._report_missing_objects()
+            else:  # what the next boot needs, checked even when nothing else was wrong
+                self.problems += deployed_damage(s, files=False)  # missing files: _redo_images
         return {"actions": self.actions, "problems": self.problems}
 
     def _verify_tail(self) -> None:
@@ -211,11 +214,8 @@ class Recovery:
 
     def _abort_dead_transactions(self) -> None:
         s = self.store
-        rows = self.journal.conn.execute(
-            "SELECT t.id, t.explicit, e.data FROM transactions t JOIN events e ON e.seq = t.begun_seq "
-            "WHERE t.state = 'open'").fetchall()
-        for txid, explicit, data in rows:
-            boot = _boot_of(json.loads(data))
+        for txid, explicit, begun in self.journal.open_transactions():
+            boot = _boot_of(begun.data)
             if explicit and boot == s.boot_id:
                 continue
             why = "interrupted" if not explicit else "left open by an earlier boot"

@@ -321,3 +321,33 @@ def test_a_mount_in_another_mount_namespace_is_not_lost_and_keeps_its_objects(tm
         holder.kill()
         holder.wait()
     assert "mount.lost" in run_cli(root, "recover", "--json").stdout  # the namespace died with its mount
+
+
+# --- finding 12: recover and status report damage and dead transactions ----------------------
+
+
+def test_recover_and_status_report_a_missing_object_of_a_deployed_image(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    run_cli(root, "image", "create", str(make_tree(tmp_path / "x", "x")), "x")
+    run_cli(root, "deploy", "x")
+    store = Store.open(root)
+    try:
+        obj = store.journal.manifest(store.journal.image("x")["digest"])[0][0]
+    finally:
+        store.close()
+    (root / "images" / "objects" / obj).unlink()
+    proc = run_cli(root, "recover", check=False)
+    assert proc.returncode == 10
+    assert "the current deployment lacks 1 of its objects" in proc.stderr
+    assert "nothing to recover" not in proc.stdout
+    assert "the current deployment lacks 1 of its objects" in run_cli(root, "status").stdout
+
+
+def test_status_reports_a_transaction_whose_process_is_gone(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    run_cli(root, "image", "create", str(make_tree(tmp_path / "x", "x")), "x",
+            env=cli_env(APT_LAYER_FAULT="create.after-objects"), check=False)
+    out = run_cli(root, "status").stdout
+    assert "is open but its process" in out and "is gone" in out
+    run_cli(root, "recover")
+    assert "Problem" not in run_cli(root, "status").stdout

@@ -92,3 +92,5 @@ def status(ctx, as_json) -> None:
                f"({human_bytes(st['object_bytes'])}), reclaimable by gc: {st['reclaimable_objects']} "
                f"objects ({human_bytes(st['reclaimable_bytes'])})")
     click.echo(f"Journal: {info['journal']['events']} events")
+    for problem in info["problems"]:
+        click.echo(f"Problem: {problem['problem']}" + (f" ({problem['image']})" if "image" in problem else ""))

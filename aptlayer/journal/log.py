@@ -443,6 +443,12 @@ class Journal:
         row = self.conn.execute("SELECT state FROM transactions WHERE id = ?", (tx,)).fetchone()
         return row[0] if row else None
 
+    def open_transactions(self) -> list[tuple[str, bool, Event]]:
+        """(id, explicit, the ``tx.begun`` event) of every open transaction, oldest first."""
+        return [(tx, bool(explicit), Event.from_row(row)) for tx, explicit, *row in self.conn.execute(
+            f"SELECT t.id, t.explicit, {', '.join('e.' + c for c in COLUMNS.split(', '))} "
+            "FROM transactions t JOIN events e ON e.seq = t.begun_seq WHERE t.state = 'open' ORDER BY t.begun_seq")]
+
     def staged_ops(self, tx: str) -> list[dict]:
         """Operations staged in ``tx``, in order: seq, op, name, digest, data, effective_seq."""
         return [
