@@ -83,7 +83,7 @@ def _parse(path: Path, data: dict) -> dict:
     return out
 
 
-def load(path: Path | None = None, root: Path | None = None) -> Config:
+def load(path: Path | None = None, root: str | os.PathLike | None = None) -> Config:
     """The effective configuration. ``path`` given explicitly must exist."""
     values: dict = {}
     cfg_path = path or DEFAULT_CONFIG
@@ -110,5 +110,5 @@ def load(path: Path | None = None, root: Path | None = None) -> Config:
             raise InvalidInput("APT_LAYER_ROOT is set but empty: unset it or name the store's root")
         values["root"] = Path(env_root)
     if root is not None:
-        values["root"] = root
+        values["root"] = Path(root)
     return Config(**values)

@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from aptlayer.cli import main
 from aptlayer.composefs import build, fsverity
 from aptlayer.journal.projection import TABLES
+from aptlayer.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCH = 1_700_000_000
@@ -127,7 +128,7 @@ def test_create_prints_name_digest_size_objects(root: Path, src: Path) -> None:
 
 def test_create_json(root: Path, src: Path, base: dict) -> None:
     assert base == {"name": "base", "digest": digest_of(src), "size": (root / "images/base.composefs").stat().st_size,
-                    "objects": 3, "tx": base["tx"], "staged": False, "files": 4, "bytes": 5410,
+                    "objects": 3, "objects_missing": 0, "tx": base["tx"], "staged": False, "files": 4, "bytes": 5410,
                     "objects_created": 3, "objects_deduped": 0, "reused": None, "patched": None}
     again = run(root, "image", "create", "--backend", "python", str(src), "again", "--json").json()
     assert (again["objects_created"], again["objects_deduped"]) == (0, 3)
@@ -176,6 +177,7 @@ def test_list(root: Path, src: Path, base: dict) -> None:
 
 
 def test_list_of_an_empty_store(root: Path) -> None:
+    Store.open(root).close()
     assert run(root, "image", "list").out == "NAME  DIGEST  SIZE  OBJECTS  CONTENT  DEPLOYED  CREATED\n"
     assert run(root, "image", "list", "--json").out == "[]\n"
 
@@ -297,6 +299,7 @@ def test_deploy_rollback_status(root: Path, src: Path, base: dict) -> None:
 
 
 def test_status_of_an_empty_store(root: Path) -> None:
+    Store.open(root).close()
     assert run(root, "status").out == (
         f"Store: {root.absolute()}\n● current: none\n  previous: none\nNext boot mounts: nothing\n"
         "Open transactions: none\nMounts: none\n"

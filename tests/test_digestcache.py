@@ -345,7 +345,7 @@ def test_store_create_uses_the_cache(tmp_path: Path) -> None:
         planted.save()
         fake_object = Path(ObjectStore(store.objects_dir).path_of(FAKE))
         fake_object.parent.mkdir(exist_ok=True)
-        fake_object.write_bytes(b"stands in for f04")
+        fake_object.write_bytes(b"stands in for f04".ljust((src / "f04").stat().st_size, b"."))  # of its size
         second = store.create(str(src), "two", opts)
         objects = set(reader.image_objects((tmp_path / "root" / "images" / "two.composefs").read_bytes()))
     finally:

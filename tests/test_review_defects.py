@@ -348,6 +348,7 @@ def test_status_reports_a_transaction_whose_process_is_gone(tmp_path: Path) -> N
     run_cli(root, "image", "create", str(make_tree(tmp_path / "x", "x")), "x",
             env=cli_env(APT_LAYER_FAULT="create.after-objects"), check=False)
     out = run_cli(root, "status").stdout
-    assert "is open but its process" in out and "is gone" in out
+    assert "is open but its process" in out and "is gone" in out, out
     run_cli(root, "recover")
-    assert "Problem" not in run_cli(root, "status").stdout
+    out = run_cli(root, "status").stdout
+    assert "Problem" not in out, out
