@@ -346,7 +346,7 @@ def test_recover_and_status_report_a_missing_object_of_a_deployed_image(tmp_path
 def test_status_reports_a_transaction_whose_process_is_gone(tmp_path: Path) -> None:
     root = tmp_path / "store"
     run_cli(root, "image", "create", str(make_tree(tmp_path / "x", "x")), "x",
-            env=cli_env(APT_LAYER_FAULT="create.after-objects"), check=False)
+            env=cli_env(APT_LAYER_FAULT="create.after-begin"), check=False)
     out = run_cli(root, "status").stdout
     assert "is open but its process" in out and "is gone" in out, out
     run_cli(root, "recover")
