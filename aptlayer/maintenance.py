@@ -103,11 +103,28 @@ class Maintenance:
         except ChainBroken as e:
             raise errors.IntegrityError(str(e)) from None
 
-    def rebuild(self) -> dict:
+    def rebuild(self, *, force: bool = False) -> dict:
+        """Rebuild the projection from the events, once ``verify`` passes.
+
+        The projection of an edited journal would present forged state as
+        real, so a broken chain is an IntegrityError; ``force`` rebuilds
+        anyway and says where the chain broke (``chain_broken``). Nothing is
+        recorded either way: ``journal verify`` keeps failing.
+        """
+        from .journal import ChainBroken
+
+        broken = None
         with self.store.exclusive():
+            try:
+                self.journal.verify()
+            except ChainBroken as e:
+                if not force:
+                    raise errors.IntegrityError(f"{e}; refusing to rebuild from a damaged journal "
+                                                "(`journal rebuild --force` rebuilds anyway)") from None
+                broken = {"seq": e.seq, "reason": e.reason}
             count = self.journal.rebuild()
             problems = self.journal.check()
-        return {"events": count, "problems": problems}
+        return {"events": count, "problems": problems, "chain_broken": broken}
 
     def fsck(self, progress: Callable | None = None) -> dict:
         """Recompute every referenced object's digest and every image's digest.

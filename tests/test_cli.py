@@ -522,7 +522,33 @@ def test_journal_rebuild_gives_the_same_projection(root: Path, history: list[dic
     before = projection(root)
     assert run(root, "journal", "rebuild").out == "rebuilt from 14 events\n"
     assert projection(root) == before
-    assert run(root, "journal", "rebuild", "--json").json() == {"events": 14, "problems": []}
+    assert run(root, "journal", "rebuild", "--json").json() == {"events": 14, "problems": [], "chain_broken": None}
+
+
+def test_journal_rebuild_refuses_a_broken_chain_unless_forced(root: Path, history: list[dict]) -> None:
+    with sqlite3.connect(root / "journal.db") as conn:  # 'other' was deleted, says seq 11 no more
+        conn.execute("UPDATE events SET kind = 'recover.note' WHERE seq = 11")
+    conn.close()
+    before = projection(root)
+    broken = "journal chain broken at seq 11: hash does not match: event edited, reordered or inserted"
+    r = run(root, "journal", "rebuild")
+    assert (r.rc, r.out) == (10, "")
+    assert r.err == (f"apt-layer: {broken}; refusing to rebuild from a damaged journal "
+                     "(`journal rebuild --force` rebuilds anyway)\n")
+    assert run(root, "journal", "rebuild", "--json").rc == 10
+    assert projection(root) == before
+    r = run(root, "journal", "rebuild", "--force")
+    assert (r.rc, r.out) == (0, "rebuilt from 12 events\n")
+    assert r.err == ("apt-layer: WARNING: the journal's hash chain is broken at seq 11 (hash does not match: "
+                     "event edited, reordered or inserted); the projection was rebuilt from it anyway (--force) "
+                     "and may show edited or forged state as real\n")
+    assert [i["name"] for i in run(root, "image", "list", "--json").json()] == ["base", "other"]
+    assert not (root / "images/other.composefs").exists()
+    assert run(root, "journal", "rebuild", "--force", "--json").json() == {
+        "events": 12, "problems": [], "chain_broken": {"seq": 11, "reason": broken.split(": ", 1)[1]}}
+    r = run(root, "journal", "verify")
+    assert (r.rc, r.err) == (10, f"apt-layer: {broken}\n")
+    assert run(root, "log", "--json").json()[0]["seq"] == 12
 
 
 # --- bad input: one line, its exit code, nothing changed ----------------------------------------------------

@@ -102,16 +102,26 @@ def verify(ctx, as_json) -> None:
 
 
 @journal.command("rebuild")
+@click.option("--force", is_flag=True,
+              help="Rebuild even from a journal whose hash chain is broken (edited or missing events).")
 @json_option
 @click.pass_context
-def rebuild(ctx, as_json) -> None:
+def rebuild(ctx, force, as_json) -> None:
     """Drop the projection and rebuild it from the events and manifests.
+
+    The hash chain is verified first: a broken chain is refused (exit 10)
+    unless --force.
 
     \b
     Example:
       apt-layer journal rebuild
     """
-    result = _maint(ctx).rebuild()
+    result = _maint(ctx).rebuild(force=force)
+    broken = result["chain_broken"]
+    if broken is not None:
+        click.echo(f"apt-layer: WARNING: the journal's hash chain is broken at seq {broken['seq']} "
+                   f"({broken['reason']}); the projection was rebuilt from it anyway (--force) and may show "
+                   "edited or forged state as real", err=True)
     if as_json:
         print_json(result)
     else:
