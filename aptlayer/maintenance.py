@@ -30,7 +30,8 @@ class Maintenance:
             gc_plan = collect.plan(self.journal.conn, s.objects_dir, full=full, grace_seconds=grace_seconds)
             result = {"full": full, "dry_run": dry_run, "marked": gc_plan.marked,
                       "candidates": len(gc_plan.objects), "candidate_bytes": gc_plan.bytes,
-                      "spared_by_grace": gc_plan.spared, "temp_files": len(gc_plan.temp_files)}
+                      "spared_by_grace": gc_plan.spared, "temp_files": len(gc_plan.temp_files),
+                      "refused": gc_plan.refused}
             if dry_run:
                 result["objects"] = [{"object": o, "size": n} for o, n in gc_plan.objects]
                 return result

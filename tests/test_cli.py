@@ -397,7 +397,7 @@ def test_gc_outputs(root: Path, src: Path, base: dict, tmp_path: Path) -> None:
     assert run(root, "gc").out == "removed 2 objects (2.1 KiB), 3 in use\n"
     assert run(root, "gc", "--json").json() == {
         "full": False, "dry_run": False, "marked": 3, "candidates": 0, "candidate_bytes": 0,
-        "spared_by_grace": 0, "temp_files": 0, "removed": 0, "bytes_freed": 0}
+        "spared_by_grace": 0, "temp_files": 0, "refused": [], "removed": 0, "bytes_freed": 0}
 
 
 def test_gc_full_finds_an_object_dropped_in_by_hand(root: Path, base: dict) -> None:
@@ -411,6 +411,38 @@ def test_gc_full_finds_an_object_dropped_in_by_hand(root: Path, base: dict) -> N
     log = run(root, "log", "--kind", "gc.swept", "--json").json()
     assert [e["data"] for e in log] == [{"removed": 1, "bytes": 200, "temp_files": 0},
                                         {"removed": 0, "bytes": 0, "temp_files": 0}]
+    assert_consistent(root)
+
+
+@pytest.mark.parametrize("backend", ["python", "upstream"])
+def test_a_dump_naming_paths_outside_the_store_is_refused_and_gc_spares_them(
+        root: Path, base: dict, tmp_path: Path, backend: str) -> None:
+    if backend == "upstream" and not (shutil.which("mkcomposefs") or os.environ.get("APT_LAYER_COMPOSEFS_BIN")):
+        pytest.skip("upstream mkcomposefs not installed")
+    victim = tmp_path / "victims/victim"
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious")
+    victim2 = tmp_path / "x/victim2"  # ROOT/images/objects/../../../x/victim2
+    (victim2 / "sub").mkdir(parents=True)
+    (victim2 / "sub/file").write_bytes(b"also precious")
+    dump = tmp_path / "evil.dump"
+    dump.write_text("/ 0 40755 2 0 0 0 0.0 - - -\n"
+                    f"/a 4096 100644 1 0 0 0 0.0 {victim} - -\n"
+                    "/b 4096 100644 1 0 0 0 0.0 ../../../x/victim2 - -\n")
+    before = projection(root)
+    create = run(root, "image", "create", "--from-file", "--backend", backend, str(dump), "evil")
+    run(root, "image", "delete", "evil")
+    run(root, "gc")
+    run(root, "gc", "--full")
+    assert victim.read_bytes() == b"precious"
+    assert (victim2 / "sub/file").read_bytes() == b"also precious"
+    assert (create.rc, create.out) == (2, "")
+    assert create.err == (f"apt-layer: /a: backing path '{victim}' is not in the digest store (an object path "
+                          "is 2 lowercase hex digits, '/', then 62 lowercase hex digits)\n")
+    after = projection(root)
+    assert [img[0] for img in after["images"]] == ["base"]
+    assert after["object_refs"] == before["object_refs"]
+    assert list(root.joinpath("staging").iterdir()) == []
     assert_consistent(root)
 
 

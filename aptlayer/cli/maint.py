@@ -40,6 +40,9 @@ def gc(ctx, full, dry_run, grace, as_json) -> None:
     progress = make_progress(ctx, "gc", as_json)
     result = _maint(ctx).gc(full=full, dry_run=dry_run, grace_seconds=grace, progress=progress)
     progress.done()
+    for name in result["refused"]:
+        click.echo(f"apt-layer: gc: left alone {name!r}: a manifest names it, but it is not an object path",
+                   err=True)
     if as_json:
         print_json(result)
     elif dry_run:

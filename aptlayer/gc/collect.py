@@ -9,6 +9,10 @@ so the cost follows the garbage, not the store. Full: also walk the store
 for strays no manifest names (left by writers that crashed before their
 commit) and stale temporary files of dead writers.
 
+Names: only ``xx/yyyy...`` object paths are ever renamed or unlinked. A
+manifest recorded before the Store refused other backing paths may name
+``/etc`` or ``../..``; such rows are reported as refused and left alone.
+
 Safety: the caller holds the store lock exclusively, so no writer is
 between its dedupe check and its commit. An object is renamed into the trash
 first and only then unlinked, so a crash mid-sweep leaves whole objects
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..composefs import fsops
+from ..composefs.fsverity import is_object_path
 from ..composefs.objectstore import ObjectStore
 from ..fault import fault
 
@@ -41,6 +46,8 @@ class GcPlan:
     objects: list[tuple[str, int]] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
     spared: int = 0
+    #: refcount-0 names that are not object paths: never touched
+    refused: list[str] = field(default_factory=list)
     marked: int = 0
 
     @property
@@ -55,6 +62,8 @@ def plan(conn, objects_dir: Path, *, full: bool, grace_seconds: int = 0) -> GcPl
     cutoff = time.time() - grace_seconds
     if full:
         live = {row[0] for row in conn.execute("SELECT object FROM object_refs WHERE refcount > 0")}
+        garbage = {row[0] for row in conn.execute("SELECT object FROM object_refs WHERE refcount = 0")}
+        result.refused = sorted(obj for obj in garbage if not is_object_path(obj))
         store = ObjectStore(objects_dir)
         for obj in store.iter_objects():
             if obj.relpath in live:
@@ -66,6 +75,9 @@ def plan(conn, objects_dir: Path, *, full: bool, grace_seconds: int = 0) -> GcPl
         result.temp_files = [t.path for t in store.iter_temp_files() if t.stale]
         return result
     for obj, size in conn.execute("SELECT object, size FROM object_refs WHERE refcount = 0 ORDER BY object"):
+        if not is_object_path(obj):
+            result.refused.append(obj)
+            continue
         path = objects_dir / obj
         if not path.exists():
             result.objects.append((obj, 0))
@@ -91,6 +103,8 @@ def sweep(gc_plan: GcPlan, objects_dir: Path, trash_dir: Path,
     removed = freed = 0
     total = len(gc_plan.objects)
     for i, (obj, size) in enumerate(gc_plan.objects):
+        if not is_object_path(obj):  # never outside the store, whoever made the plan
+            continue
         src = objects_dir / obj
         try:
             fsops.rename(str(src), str(trash_dir / obj.replace("/", "")))
