@@ -30,7 +30,7 @@ class Maintenance:
             gc_plan = collect.plan(self.journal.conn, s.objects_dir, full=full, grace_seconds=grace_seconds)
             result = {"full": full, "dry_run": dry_run, "marked": gc_plan.marked,
                       "candidates": len(gc_plan.objects), "candidate_bytes": gc_plan.bytes,
-                      "spared_by_grace": gc_plan.spared, "temp_files": len(gc_plan.temp_files),
+                      "spared_by_grace": len(gc_plan.spared), "temp_files": len(gc_plan.temp_files),
                       "refused": gc_plan.refused}
             if dry_run:
                 result["objects"] = [{"object": o, "size": n} for o, n in gc_plan.objects]
@@ -42,8 +42,10 @@ class Maintenance:
             fault("gc.after-begun")
             removed, freed = collect.sweep(gc_plan, s.objects_dir, s.trash_dir, progress)
             fault("gc.after-sweep")
-            s.record("gc.swept", "store", {"removed": removed, "bytes": freed,
-                                            "temp_files": len(gc_plan.temp_files)}, txid)
+            swept = {"removed": removed, "bytes": freed, "temp_files": len(gc_plan.temp_files)}
+            if gc_plan.kept:  # their rows stay: the next gc sees them again
+                swept["spared"] = gc_plan.kept
+            s.record("gc.swept", "store", swept, txid)
             result.update(removed=removed, bytes_freed=freed)
             return result
 

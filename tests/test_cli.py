@@ -400,6 +400,23 @@ def test_gc_outputs(root: Path, src: Path, base: dict, tmp_path: Path) -> None:
         "spared_by_grace": 0, "temp_files": 0, "refused": [], "removed": 0, "bytes_freed": 0}
 
 
+def test_gc_outputs_say_how_many_objects_the_grace_period_spared(root: Path, base: dict, tmp_path: Path) -> None:
+    other = make_tree(tmp_path / "other", {"a": b"A" * 100, "b": b"B" * 2000})
+    run(root, "image", "create", str(other), "other")
+    run(root, "image", "delete", "other")
+    os.utime(root / "images/objects" / obj(b"A" * 100), (EPOCH, EPOCH))
+    assert run(root, "gc", "--grace", "600", "--dry-run").out == (
+        f"{obj(b'A' * 100)}  100\nwould remove 1 objects (100 B), 1 spared by the grace period\n")
+    assert run(root, "gc", "-n", "--grace", "600", "--json").json()["spared_by_grace"] == 1
+    assert run(root, "gc", "--grace", "600").out == (
+        "removed 1 objects (100 B), 3 in use, 1 spared by the grace period\n")
+    assert "reclaimable by gc: 1 objects (2.0 KiB)" in run(root, "status").out
+    assert run(root, "gc", "--grace", "600", "--json").json()["spared_by_grace"] == 1
+    assert run(root, "gc").out == "removed 1 objects (2.0 KiB), 3 in use\n"
+    assert run(root, "gc", "--grace", "600").out == "removed 0 objects (0 B), 3 in use\n"
+    assert_consistent(root)
+
+
 def test_gc_full_finds_an_object_dropped_in_by_hand(root: Path, base: dict) -> None:
     stray = root / "images/objects" / obj(b"stray" * 40)
     stray.parent.mkdir(exist_ok=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from aptlayer.composefs import fsverity
+from aptlayer.journal.projection import TABLES
 from aptlayer.maintenance import Maintenance
 from aptlayer.store import CreateOptions, Store
 
@@ -193,4 +194,28 @@ def test_gc_never_touches_a_recorded_name_outside_the_store(two: Store, tmp_path
     collect.sweep(collect.GcPlan(objects=[(str(victim), 8), ("../../../x/victim2", 4096)]),
                   two.objects_dir, two.trash_dir)
     assert victim.read_bytes() == b"precious" and (victim2 / "sub/file").read_bytes() == b"also precious"
+    assert two.journal.check() == []
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_garbage_spared_by_grace_stays_garbage_for_the_next_gc(two: Store, full: bool) -> None:
+    two.delete("drop")
+    recent, old = obj(blob("d", 300)), obj(blob("d1"))
+    past = time.time() - 3600
+    os.utime(two.objects_dir / old, (past, past))
+    stray = two.objects_dir / obj(blob("stray"))
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(blob("stray"))  # recent too, but no manifest names it
+    result = gc(two, full=full, grace_seconds=600)
+    assert (result["removed"], result["spared_by_grace"]) == (1, 2 if full else 1)
+    assert two.journal.garbage() == [(recent, 300)]
+    assert Maintenance(two).status()["store"]["reclaimable_objects"] == 1
+    swept = next(two.journal.events(kind="gc.swept", newest_first=True, limit=1))
+    assert swept.data == {"removed": 1, "bytes": 200, "temp_files": 0, "spared": [recent]}
+    projected = {t: two.journal.conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in TABLES}
+    two.journal.rebuild()
+    assert {t: two.journal.conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in TABLES} == projected
+    assert gc(two)["removed"] == 1
+    assert stored(two) == {obj(blob("s")), obj(blob("k")), obj(blob("stray"))}
+    assert two.journal.garbage() == []
     assert two.journal.check() == []

@@ -19,7 +19,7 @@ def _maint(ctx):
 @click.option("--full", is_flag=True, help="Also walk the store for strays no image ever referenced.")
 @click.option("--dry-run", "-n", is_flag=True, help="Only list what would be removed, and its size.")
 @click.option("--grace", type=click.IntRange(0), default=None, metavar="SECONDS",
-              help="Spare objects touched in the last SECONDS (default from config, else 0).")
+              help="Spare objects touched in the last SECONDS; a later gc takes them (default from config, else 0).")
 @json_option
 @click.pass_context
 def gc(ctx, full, dry_run, grace, as_json) -> None:
@@ -43,15 +43,17 @@ def gc(ctx, full, dry_run, grace, as_json) -> None:
     for name in result["refused"]:
         click.echo(f"apt-layer: gc: left alone {name!r}: a manifest names it, but it is not an object path",
                    err=True)
+    spared = f", {result['spared_by_grace']} spared by the grace period" if result["spared_by_grace"] else ""
     if as_json:
         print_json(result)
     elif dry_run:
         for obj in result["objects"]:
             click.echo(f"{obj['object']}  {obj['size']}")
-        click.echo(f"would remove {result['candidates']} objects ({human_bytes(result['candidate_bytes'])})")
+        click.echo(f"would remove {result['candidates']} objects ({human_bytes(result['candidate_bytes'])})"
+                   + spared)
     else:
         click.echo(f"removed {result['removed']} objects ({human_bytes(result['bytes_freed'])}), "
-                   f"{result['marked']} in use")
+                   f"{result['marked']} in use" + spared)
 
 
 @click.command()

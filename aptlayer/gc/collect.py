@@ -9,6 +9,10 @@ so the cost follows the garbage, not the store. Full: also walk the store
 for strays no manifest names (left by writers that crashed before their
 commit) and stale temporary files of dead writers.
 
+Grace: objects written within the grace period are spared; the incremental
+ones keep their refcount-0 rows (the caller records them in ``gc.swept``),
+so a later gc and ``status`` still see them as garbage.
+
 Names: only ``xx/yyyy...`` object paths are ever renamed or unlinked. A
 manifest recorded before the Store refused other backing paths may name
 ``/etc`` or ``../..``; such rows are reported as refused and left alone.
@@ -45,7 +49,10 @@ UNLINK_THREADS = 16
 class GcPlan:
     objects: list[tuple[str, int]] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
-    spared: int = 0
+    #: garbage the grace period spares: objects removable but too recent
+    spared: list[str] = field(default_factory=list)
+    #: of those, the ones with a refcount-0 row, which ``gc.swept`` must keep
+    kept: list[str] = field(default_factory=list)
     #: refcount-0 names that are not object paths: never touched
     refused: list[str] = field(default_factory=list)
     marked: int = 0
@@ -69,9 +76,10 @@ def plan(conn, objects_dir: Path, *, full: bool, grace_seconds: int = 0) -> GcPl
             if obj.relpath in live:
                 continue
             if grace_seconds and obj.mtime_ns / 1e9 > cutoff:
-                result.spared += 1
+                result.spared.append(obj.relpath)
                 continue
             result.objects.append((obj.relpath, obj.size))
+        result.kept = [obj for obj in result.spared if obj in garbage]
         result.temp_files = [t.path for t in store.iter_temp_files() if t.stale]
         return result
     for obj, size in conn.execute("SELECT object, size FROM object_refs WHERE refcount = 0 ORDER BY object"):
@@ -83,9 +91,10 @@ def plan(conn, objects_dir: Path, *, full: bool, grace_seconds: int = 0) -> GcPl
             result.objects.append((obj, 0))
             continue
         if grace_seconds and _mtime(path) > cutoff:
-            result.spared += 1
+            result.spared.append(obj)
             continue
         result.objects.append((obj, path.stat().st_size))
+    result.kept = list(result.spared)
     return result
 
 
