@@ -31,7 +31,8 @@ class Maintenance:
             gc_plan = collect.plan(self.journal.conn, s.objects_dir, full=full, grace_seconds=grace_seconds)
             result = {"full": full, "dry_run": dry_run, "marked": gc_plan.marked,
                       "candidates": len(gc_plan.objects), "candidate_bytes": gc_plan.bytes,
-                      "spared_by_grace": gc_plan.spared, "temp_files": len(gc_plan.temp_files)}
+                      "spared_by_grace": len(gc_plan.spared), "temp_files": len(gc_plan.temp_files),
+                      "refused": gc_plan.refused}
             if dry_run:
                 result["objects"] = [{"object": o, "size": n} for o, n in gc_plan.objects]
                 return result
@@ -42,8 +43,10 @@ class Maintenance:
             fault("gc.after-begun")
             removed, freed = collect.sweep(gc_plan, s.objects_dir, s.trash_dir, progress)
             fault("gc.after-sweep")
-            s.record("gc.swept", "store", {"removed": removed, "bytes": freed,
-                                            "temp_files": len(gc_plan.temp_files)}, txid)
+            swept = {"removed": removed, "bytes": freed, "temp_files": len(gc_plan.temp_files)}
+            if gc_plan.kept:  # their rows stay: the next gc sees them again
+                swept["spared"] = gc_plan.kept
+            s.record("gc.swept", "store", swept, txid)
             result.update(removed=removed, bytes_freed=freed)
             return result
 
@@ -105,11 +108,28 @@ class Maintenance:
         except ChainBroken as e:
             raise errors.IntegrityError(str(e)) from None
 
-    def rebuild(self) -> dict:
+    def rebuild(self, *, force: bool = False) -> dict:
+        """Rebuild the projection from the events, once ``verify`` passes.
+
+        The projection of an edited journal would present forged state as
+        real, so a broken chain is an IntegrityError; ``force`` rebuilds
+        anyway and says where the chain broke (``chain_broken``). Nothing is
+        recorded either way: ``journal verify`` keeps failing.
+        """
+        from .journal import ChainBroken
+
+        broken = None
         with self.store.exclusive():
+            try:
+                self.journal.verify()
+            except ChainBroken as e:
+                if not force:
+                    raise errors.IntegrityError(f"{e}; refusing to rebuild from a damaged journal "
+                                                "(`journal rebuild --force` rebuilds anyway)") from None
+                broken = {"seq": e.seq, "reason": e.reason}
             count = self.journal.rebuild()
             problems = self.journal.check()
-        return {"events": count, "problems": problems}
+        return {"events": count, "problems": problems, "chain_broken": broken}
 
     def fsck(self, progress: Callable | None = None) -> dict:
         """Recompute every referenced object's digest and every image's digest.

@@ -966,9 +966,20 @@ class _Built:
 
 
 def manifest_of(root) -> list[tuple[str, int]]:
-    """(object path, size) of every backing object a tree references, once each."""
+    """(object path, size) of every backing object a tree references, once each.
+
+    A backing path that is not an object path of the digest store is refused
+    (InvalidInput): a dump may name any path (``/etc``, ``../../x``), and gc
+    would remove what such a name, joined onto the store, points at.
+    """
+    from .composefs.fsverity import OBJECT_PATH_RULE, is_object_path
+
     objects: dict[str, int] = {}
-    for _, node in root.walk():
+    for path, node in root.walk():
         if node.is_reg and node.payload and node.content is None and node.size > 0:
-            objects[node.payload.decode("utf-8", "surrogateescape")] = node.size
+            obj = node.payload.decode("utf-8", "surrogateescape")
+            if not is_object_path(obj):
+                raise errors.InvalidInput(f"{os.fsdecode(path)}: backing path {obj!r} is not in the digest store "
+                                          f"({OBJECT_PATH_RULE})")
+            objects[obj] = node.size
     return sorted(objects.items())

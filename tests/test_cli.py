@@ -400,7 +400,24 @@ def test_gc_outputs(root: Path, src: Path, base: dict, tmp_path: Path) -> None:
     assert run(root, "gc").out == "removed 2 objects (2.1 KiB), 3 in use\n"
     assert run(root, "gc", "--json").json() == {
         "full": False, "dry_run": False, "marked": 3, "candidates": 0, "candidate_bytes": 0,
-        "spared_by_grace": 0, "temp_files": 0, "removed": 0, "bytes_freed": 0}
+        "spared_by_grace": 0, "temp_files": 0, "refused": [], "removed": 0, "bytes_freed": 0}
+
+
+def test_gc_outputs_say_how_many_objects_the_grace_period_spared(root: Path, base: dict, tmp_path: Path) -> None:
+    other = make_tree(tmp_path / "other", {"a": b"A" * 100, "b": b"B" * 2000})
+    run(root, "image", "create", str(other), "other")
+    run(root, "image", "delete", "other")
+    os.utime(root / "images/objects" / obj(b"A" * 100), (EPOCH, EPOCH))
+    assert run(root, "gc", "--grace", "600", "--dry-run").out == (
+        f"{obj(b'A' * 100)}  100\nwould remove 1 objects (100 B), 1 spared by the grace period\n")
+    assert run(root, "gc", "-n", "--grace", "600", "--json").json()["spared_by_grace"] == 1
+    assert run(root, "gc", "--grace", "600").out == (
+        "removed 1 objects (100 B), 3 in use, 1 spared by the grace period\n")
+    assert "reclaimable by gc: 1 objects (2.0 KiB)" in run(root, "status").out
+    assert run(root, "gc", "--grace", "600", "--json").json()["spared_by_grace"] == 1
+    assert run(root, "gc").out == "removed 1 objects (2.0 KiB), 3 in use\n"
+    assert run(root, "gc", "--grace", "600").out == "removed 0 objects (0 B), 3 in use\n"
+    assert_consistent(root)
 
 
 def test_gc_full_finds_an_object_dropped_in_by_hand(root: Path, base: dict) -> None:
@@ -414,6 +431,38 @@ def test_gc_full_finds_an_object_dropped_in_by_hand(root: Path, base: dict) -> N
     log = run(root, "log", "--kind", "gc.swept", "--json").json()
     assert [e["data"] for e in log] == [{"removed": 1, "bytes": 200, "temp_files": 0},
                                         {"removed": 0, "bytes": 0, "temp_files": 0}]
+    assert_consistent(root)
+
+
+@pytest.mark.parametrize("backend", ["python", "upstream"])
+def test_a_dump_naming_paths_outside_the_store_is_refused_and_gc_spares_them(
+        root: Path, base: dict, tmp_path: Path, backend: str) -> None:
+    if backend == "upstream" and not (shutil.which("mkcomposefs") or os.environ.get("APT_LAYER_COMPOSEFS_BIN")):
+        pytest.skip("upstream mkcomposefs not installed")
+    victim = tmp_path / "victims/victim"
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious")
+    victim2 = tmp_path / "x/victim2"  # ROOT/images/objects/../../../x/victim2
+    (victim2 / "sub").mkdir(parents=True)
+    (victim2 / "sub/file").write_bytes(b"also precious")
+    dump = tmp_path / "evil.dump"
+    dump.write_text("/ 0 40755 2 0 0 0 0.0 - - -\n"
+                    f"/a 4096 100644 1 0 0 0 0.0 {victim} - -\n"
+                    "/b 4096 100644 1 0 0 0 0.0 ../../../x/victim2 - -\n")
+    before = projection(root)
+    create = run(root, "image", "create", "--from-file", "--backend", backend, str(dump), "evil")
+    run(root, "image", "delete", "evil")
+    run(root, "gc")
+    run(root, "gc", "--full")
+    assert victim.read_bytes() == b"precious"
+    assert (victim2 / "sub/file").read_bytes() == b"also precious"
+    assert (create.rc, create.out) == (2, "")
+    assert create.err == (f"apt-layer: /a: backing path '{victim}' is not in the digest store (an object path "
+                          "is 2 lowercase hex digits, '/', then 62 lowercase hex digits)\n")
+    after = projection(root)
+    assert [img[0] for img in after["images"]] == ["base"]
+    assert after["object_refs"] == before["object_refs"]
+    assert list(root.joinpath("staging").iterdir()) == []
     assert_consistent(root)
 
 
@@ -525,7 +574,33 @@ def test_journal_rebuild_gives_the_same_projection(root: Path, history: list[dic
     before = projection(root)
     assert run(root, "journal", "rebuild").out == "rebuilt from 14 events\n"
     assert projection(root) == before
-    assert run(root, "journal", "rebuild", "--json").json() == {"events": 14, "problems": []}
+    assert run(root, "journal", "rebuild", "--json").json() == {"events": 14, "problems": [], "chain_broken": None}
+
+
+def test_journal_rebuild_refuses_a_broken_chain_unless_forced(root: Path, history: list[dict]) -> None:
+    with sqlite3.connect(root / "journal.db") as conn:  # 'other' was deleted, says seq 11 no more
+        conn.execute("UPDATE events SET kind = 'recover.note' WHERE seq = 11")
+    conn.close()
+    before = projection(root)
+    broken = "journal chain broken at seq 11: hash does not match: event edited, reordered or inserted"
+    r = run(root, "journal", "rebuild")
+    assert (r.rc, r.out) == (10, "")
+    assert r.err == (f"apt-layer: {broken}; refusing to rebuild from a damaged journal "
+                     "(`journal rebuild --force` rebuilds anyway)\n")
+    assert run(root, "journal", "rebuild", "--json").rc == 10
+    assert projection(root) == before
+    r = run(root, "journal", "rebuild", "--force")
+    assert (r.rc, r.out) == (0, "rebuilt from 12 events\n")
+    assert r.err == ("apt-layer: WARNING: the journal's hash chain is broken at seq 11 (hash does not match: "
+                     "event edited, reordered or inserted); the projection was rebuilt from it anyway (--force) "
+                     "and may show edited or forged state as real\n")
+    assert [i["name"] for i in run(root, "image", "list", "--json").json()] == ["base", "other"]
+    assert not (root / "images/other.composefs").exists()
+    assert run(root, "journal", "rebuild", "--force", "--json").json() == {
+        "events": 12, "problems": [], "chain_broken": {"seq": 11, "reason": broken.split(": ", 1)[1]}}
+    r = run(root, "journal", "verify")
+    assert (r.rc, r.err) == (10, f"apt-layer: {broken}\n")
+    assert run(root, "log", "--json").json()[0]["seq"] == 12
 
 
 # --- bad input: one line, its exit code, nothing changed ----------------------------------------------------

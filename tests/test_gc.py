@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from aptlayer.composefs import fsverity
+from aptlayer.journal.projection import TABLES
 from aptlayer.maintenance import Maintenance
 from aptlayer.store import CreateOptions, Store
 
@@ -56,7 +57,7 @@ def test_incremental_gc_removes_only_what_the_deleted_image_alone_used(two: Stor
     two.delete("drop")
     result = gc(two)
     assert result == {"full": False, "dry_run": False, "marked": 2, "candidates": 2, "candidate_bytes": 500,
-                      "spared_by_grace": 0, "temp_files": 0, "removed": 2, "bytes_freed": 500}
+                      "spared_by_grace": 0, "temp_files": 0, "refused": [], "removed": 2, "bytes_freed": 500}
     assert stored(two) == {obj(blob("s")), obj(blob("k"))}
     assert two.missing_objects("keep") == []
     assert two.journal.garbage() == []
@@ -159,3 +160,62 @@ def test_grace_period_spares_recent_garbage(two: Store) -> None:
     result = gc(two, grace_seconds=600)
     assert (result["removed"], result["spared_by_grace"]) == (1, 1)
     assert obj(blob("d", 300)) in stored(two) and obj(blob("d1")) not in stored(two)
+
+
+def test_gc_never_touches_a_recorded_name_outside_the_store(two: Store, tmp_path: Path) -> None:
+    """A manifest recorded before the Store refused such dumps: gc leaves its names alone."""
+    from aptlayer.gc import collect
+
+    victim = tmp_path / "victims/victim"
+    victim.parent.mkdir()
+    victim.write_bytes(b"precious")
+    victim2 = tmp_path / "x/victim2"  # STORE/images/objects/../../../x/victim2
+    (victim2 / "sub").mkdir(parents=True)
+    (victim2 / "sub/file").write_bytes(b"also precious")
+    assert two.objects_dir.joinpath("../../../x/victim2").resolve() == victim2.resolve()
+    bad = sorted([str(victim), "../../../x/victim2"])
+    j, tx = two.journal, "old"
+    j.append("tx.begun", tx, {"explicit": False}, tx)
+    with j.transaction() as w:
+        w.append("image.created", "old", {"digest": "ee" * 32, "size": 1}, tx,
+                 manifest=[(bad[0], 8), (bad[1], 4096), (obj(blob("d1")), 200)])
+        w.append("tx.committed", tx, {}, tx)
+    two.delete("drop")
+    j.append("image.deleted", "old", {"digest": "ee" * 32}, "gone")
+    dry = gc(two, dry_run=True)
+    assert gc(two, full=True, dry_run=True)["refused"] == bad
+    result = gc(two)
+    assert victim.read_bytes() == b"precious" and (victim2 / "sub/file").read_bytes() == b"also precious"
+    assert [o["object"] for o in dry["objects"]] == sorted([obj(blob("d1")), obj(blob("d", 300))])
+    assert (dry["refused"], result["refused"], result["removed"]) == (bad, bad, 2)
+    assert stored(two) == {obj(blob("s")), obj(blob("k"))}
+    assert two.journal.garbage() == []  # reported once, then off the work list
+    # the sweep itself checks every name, whoever made the plan
+    collect.sweep(collect.GcPlan(objects=[(str(victim), 8), ("../../../x/victim2", 4096)]),
+                  two.objects_dir, two.trash_dir)
+    assert victim.read_bytes() == b"precious" and (victim2 / "sub/file").read_bytes() == b"also precious"
+    assert two.journal.check() == []
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_garbage_spared_by_grace_stays_garbage_for_the_next_gc(two: Store, full: bool) -> None:
+    two.delete("drop")
+    recent, old = obj(blob("d", 300)), obj(blob("d1"))
+    past = time.time() - 3600
+    os.utime(two.objects_dir / old, (past, past))
+    stray = two.objects_dir / obj(blob("stray"))
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(blob("stray"))  # recent too, but no manifest names it
+    result = gc(two, full=full, grace_seconds=600)
+    assert (result["removed"], result["spared_by_grace"]) == (1, 2 if full else 1)
+    assert two.journal.garbage() == [(recent, 300)]
+    assert Maintenance(two).status()["store"]["reclaimable_objects"] == 1
+    swept = next(two.journal.events(kind="gc.swept", newest_first=True, limit=1))
+    assert swept.data == {"removed": 1, "bytes": 200, "temp_files": 0, "spared": [recent]}
+    projected = {t: two.journal.conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in TABLES}
+    two.journal.rebuild()
+    assert {t: two.journal.conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in TABLES} == projected
+    assert gc(two)["removed"] == 1
+    assert stored(two) == {obj(blob("s")), obj(blob("k")), obj(blob("stray"))}
+    assert two.journal.garbage() == []
+    assert two.journal.check() == []

@@ -27,10 +27,11 @@ from aptlayer.journal.projection import TABLES
 NAMES = ("a", "b", "c", "d")
 MOUNTPOINTS = ("/m1", "/m2")
 DIGESTS = tuple(f"D{k}" for k in range(6))
+OBJECTS = tuple(f"o{j}" for j in range(14))  # o12, o13: in no manifest
 
 
 def manifest(digest: str) -> dict[str, int]:
-    """A fixed manifest per digest: 2-6 of 12 shared objects, size from the object's index."""
+    """A fixed manifest per digest: 2-6 of objects o0-o11, size from the object's index."""
     rng = random.Random(digest)
     return {f"o{j}": j + 1 for j in rng.sample(range(12), rng.randint(2, 6))}
 
@@ -241,13 +242,15 @@ class JournalMachine(RuleBasedStateMachine):
             else:
                 del self.model.mounts[mountpoint]
 
-    @rule()
-    def gc(self) -> None:
+    @rule(spare=st.sets(st.sampled_from(OBJECTS)))
+    def gc(self, spare: set[str]) -> None:
+        """A sweep that spares some objects (as a grace period would), whether at zero, held or rowless."""
         tx = self._tx()
         garbage = {o for o, (n, _) in self.model.refs().items() if n == 0}
         self.journal.append("gc.begun", "store", {"full": False}, tx)
-        self.journal.append("gc.swept", "store", {"objects": len(garbage)}, tx)
-        self.model.rows -= garbage
+        data = {"objects": len(garbage)} | ({"spared": sorted(spare)} if spare else {})
+        self.journal.append("gc.swept", "store", data, tx)
+        self.model.rows -= garbage - spare
 
     @rule()
     def rebuild_matches(self) -> None:

@@ -19,7 +19,7 @@ def _maint(ctx):
 @click.option("--full", is_flag=True, help="Also walk the store for strays no image ever referenced.")
 @click.option("--dry-run", "-n", is_flag=True, help="Only list what would be removed, and its size.")
 @click.option("--grace", type=click.IntRange(0), default=None, metavar="SECONDS",
-              help="Spare objects touched in the last SECONDS (default from config, else 0).")
+              help="Spare objects touched in the last SECONDS; a later gc takes them (default from config, else 0).")
 @json_option
 @click.pass_context
 def gc(ctx, full, dry_run, grace, as_json) -> None:
@@ -40,15 +40,20 @@ def gc(ctx, full, dry_run, grace, as_json) -> None:
     progress = make_progress(ctx, "gc", as_json)
     result = _maint(ctx).gc(full=full, dry_run=dry_run, grace_seconds=grace, progress=progress)
     progress.done()
+    for name in result["refused"]:
+        click.echo(f"apt-layer: gc: left alone {name!r}: a manifest names it, but it is not an object path",
+                   err=True)
+    spared = f", {result['spared_by_grace']} spared by the grace period" if result["spared_by_grace"] else ""
     if as_json:
         print_json(result)
     elif dry_run:
         for obj in result["objects"]:
             click.echo(f"{obj['object']}  {obj['size']}")
-        click.echo(f"would remove {result['candidates']} objects ({human_bytes(result['candidate_bytes'])})")
+        click.echo(f"would remove {result['candidates']} objects ({human_bytes(result['candidate_bytes'])})"
+                   + spared)
     else:
         click.echo(f"removed {result['removed']} objects ({human_bytes(result['bytes_freed'])}), "
-                   f"{result['marked']} in use")
+                   f"{result['marked']} in use" + spared)
 
 
 @click.command()
@@ -102,16 +107,26 @@ def verify(ctx, as_json) -> None:
 
 
 @journal.command("rebuild")
+@click.option("--force", is_flag=True,
+              help="Rebuild even from a journal whose hash chain is broken (edited or missing events).")
 @json_option
 @click.pass_context
-def rebuild(ctx, as_json) -> None:
+def rebuild(ctx, force, as_json) -> None:
     """Drop the projection and rebuild it from the events and manifests.
+
+    The hash chain is verified first: a broken chain is refused (exit 10)
+    unless --force.
 
     \b
     Example:
       apt-layer journal rebuild
     """
-    result = _maint(ctx).rebuild()
+    result = _maint(ctx).rebuild(force=force)
+    broken = result["chain_broken"]
+    if broken is not None:
+        click.echo(f"apt-layer: WARNING: the journal's hash chain is broken at seq {broken['seq']} "
+                   f"({broken['reason']}); the projection was rebuilt from it anyway (--force) and may show "
+                   "edited or forged state as real", err=True)
     if as_json:
         print_json(result)
     else:

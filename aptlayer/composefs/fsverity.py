@@ -29,6 +29,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import re
 import struct
 import threading
 from typing import BinaryIO, TypeAlias
@@ -272,3 +273,17 @@ def object_path(digest: RawDigest) -> str:
         raise ValueError(f"fs-verity digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
     h = digest.hex()
     return f"{h[:2]}/{h[2:]}"
+
+
+_OBJECT_PATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
+#: what :func:`is_object_path` accepts, for error messages
+OBJECT_PATH_RULE = "an object path is 2 lowercase hex digits, '/', then 62 lowercase hex digits"
+
+
+def is_object_path(name: str) -> bool:
+    """Whether ``name`` is of the form :func:`object_path` gives (``xx/yyyy...``).
+
+    Nothing else names an object of a digest store: an absolute path or one
+    with ``..``, joined onto the store, would name a file outside it.
+    """
+    return _OBJECT_PATH.fullmatch(name) is not None

@@ -48,7 +48,6 @@ BATCH_BYTES = 512 << 20
 DIR_MODE = 0o755
 TEMP_PREFIX = ".tmp-"
 _COPY_CHUNK = 1 << 20
-_OBJECT_RE = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
 _FANOUT_RE = re.compile(r"[0-9a-f]{2}")
 _REST_RE = re.compile(r"[0-9a-f]{62}")
 _TEMP_RE = re.compile(r"\.tmp-([0-9a-f]{8})-([0-9]+)-[0-9a-f]+")
@@ -222,7 +221,7 @@ class ObjectStore:
         out = set()
         for p in object_paths:
             rel = os.fsdecode(p)
-            if not _OBJECT_RE.fullmatch(rel) or not any(
+            if not fsverity.is_object_path(rel) or not any(
                 _is_file(os.path.join(r, rel)) for r in roots
             ):
                 out.add(rel)

@@ -9,6 +9,14 @@ so the cost follows the garbage, not the store. Full: also walk the store
 for strays no manifest names (left by writers that crashed before their
 commit) and stale temporary files of dead writers.
 
+Grace: objects written within the grace period are spared; the incremental
+ones keep their refcount-0 rows (the caller records them in ``gc.swept``),
+so a later gc and ``status`` still see them as garbage.
+
+Names: only ``xx/yyyy...`` object paths are ever renamed or unlinked. A
+manifest recorded before the Store refused other backing paths may name
+``/etc`` or ``../..``; such rows are reported as refused and left alone.
+
 Safety: the caller holds the store lock exclusively, so no writer is
 between its dedupe check and its commit. An object is renamed into the trash
 first and only then unlinked, so a crash mid-sweep leaves whole objects
@@ -29,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..composefs import fsops
+from ..composefs.fsverity import is_object_path
 from ..composefs.objectstore import ObjectStore
 from ..fault import fault
 
@@ -40,7 +49,12 @@ UNLINK_THREADS = 16
 class GcPlan:
     objects: list[tuple[str, int]] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
-    spared: int = 0
+    #: garbage the grace period spares: objects removable but too recent
+    spared: list[str] = field(default_factory=list)
+    #: of those, the ones with a refcount-0 row, which ``gc.swept`` must keep
+    kept: list[str] = field(default_factory=list)
+    #: refcount-0 names that are not object paths: never touched
+    refused: list[str] = field(default_factory=list)
     marked: int = 0
 
     @property
@@ -55,25 +69,32 @@ def plan(conn, objects_dir: Path, *, full: bool, grace_seconds: int = 0) -> GcPl
     cutoff = time.time() - grace_seconds
     if full:
         live = {row[0] for row in conn.execute("SELECT object FROM object_refs WHERE refcount > 0")}
+        garbage = {row[0] for row in conn.execute("SELECT object FROM object_refs WHERE refcount = 0")}
+        result.refused = sorted(obj for obj in garbage if not is_object_path(obj))
         store = ObjectStore(objects_dir)
         for obj in store.iter_objects():
             if obj.relpath in live:
                 continue
             if grace_seconds and obj.mtime_ns / 1e9 > cutoff:
-                result.spared += 1
+                result.spared.append(obj.relpath)
                 continue
             result.objects.append((obj.relpath, obj.size))
+        result.kept = [obj for obj in result.spared if obj in garbage]
         result.temp_files = [t.path for t in store.iter_temp_files() if t.stale]
         return result
     for obj, size in conn.execute("SELECT object, size FROM object_refs WHERE refcount = 0 ORDER BY object"):
+        if not is_object_path(obj):
+            result.refused.append(obj)
+            continue
         path = objects_dir / obj
         if not path.exists():
             result.objects.append((obj, 0))
             continue
         if grace_seconds and _mtime(path) > cutoff:
-            result.spared += 1
+            result.spared.append(obj)
             continue
         result.objects.append((obj, path.stat().st_size))
+    result.kept = list(result.spared)
     return result
 
 
@@ -91,6 +112,8 @@ def sweep(gc_plan: GcPlan, objects_dir: Path, trash_dir: Path,
     removed = freed = 0
     total = len(gc_plan.objects)
     for i, (obj, size) in enumerate(gc_plan.objects):
+        if not is_object_path(obj):  # never outside the store, whoever made the plan
+            continue
         src = objects_dir / obj
         try:
             fsops.rename(str(src), str(trash_dir / obj.replace("/", "")))

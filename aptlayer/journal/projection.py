@@ -18,7 +18,9 @@ held by at least one root whose manifest lists the object. Counting digests
 rather than roots makes deploying, mounting or renaming an image that is
 already held O(1): object rows change only when a digest gains its first root
 or loses its last one. An object whose refcount drops to 0 keeps its row
-(the incremental gc's work list) until ``gc.swept`` removes zero rows.
+(the incremental gc's work list) until a ``gc.swept`` removes the rows at
+zero, except those its data lists as ``spared`` (garbage too recent for
+the grace period, still to collect).
 
 A deleted image that is still deployed or mounted keeps its digest held
 through those roots, so its objects stay referenced until it is undeployed
@@ -125,6 +127,24 @@ _BULK_REFS = """
      GROUP BY io.object"""
 
 
+_SWEEP = """
+    DELETE FROM object_refs
+     WHERE refcount = 0 AND object NOT IN (SELECT value FROM json_each(?))"""
+
+#: which of some objects (JSON) the digests (JSON) list
+_LISTED = """
+    SELECT DISTINCT object FROM image_objects
+     WHERE object IN (SELECT value FROM json_each(?)) AND digest IN (SELECT value FROM json_each(?))"""
+
+#: rows a sweep spared that no digest held since gave back: refcount 0
+_SPARED_REFS = """
+    INSERT INTO object_refs (object, refcount, size)
+    SELECT object, 0, min(size) FROM image_objects
+     WHERE object IN (SELECT value FROM json_each(?))
+     GROUP BY object
+    ON CONFLICT (object) DO NOTHING"""
+
+
 def _holders(conn: sqlite3.Connection, digest: str) -> int:
     return conn.execute("SELECT count(*) FROM roots WHERE digest = ?", (digest,)).fetchone()[0]
 
@@ -133,7 +153,7 @@ class Refs:
     """Keeps ``object_refs`` and ``meta`` in step with the events, one by one.
 
     Object rows change only when a digest gains its first root or loses its
-    last one; ``gc.swept`` drops the rows that reached zero.
+    last one; ``gc.swept`` drops the rows at zero, except the ``spared`` ones.
     """
 
     def gained(self, conn: sqlite3.Connection, digest: str) -> None:
@@ -144,8 +164,8 @@ class Refs:
         if _holders(conn, digest) == 0:
             conn.execute(_RELEASE_OBJECTS, (digest,))
 
-    def swept(self, conn: sqlite3.Connection) -> None:
-        conn.execute("DELETE FROM object_refs WHERE refcount = 0")
+    def swept(self, conn: sqlite3.Connection, spared: list[str]) -> None:
+        conn.execute(_SWEEP, (json.dumps(spared),))
 
     def has_manifest(self, conn: sqlite3.Connection, digest: str) -> bool:
         return conn.execute("SELECT 1 FROM images_manifest WHERE digest = ?", (digest,)).fetchone() is not None
@@ -165,13 +185,16 @@ class DeferredRefs(Refs):
 
     An object has a row exactly when some digest listing it was held at a
     moment since the last ``gc.swept`` (a sweep keeps the rows of the digests
-    held then). So it suffices to remember those digests and, in ``finish``,
-    count for each of their objects the digests still held. The property
-    test checks that this gives the same table as ``Refs``.
+    held then), or when that sweep spared its row. So it suffices to
+    remember those digests and spared objects and, in ``finish``, count for
+    each of their objects the digests still held. The property test checks
+    that this gives the same table as ``Refs``.
     """
 
     def __init__(self) -> None:
         self.touched: set[str] = set()
+        #: rows the last sweep kept at zero (a name with no row then is not one)
+        self.spared: set[str] = set()
         self.last: tuple[int, str] | None = None
         self.expected = 1
         self.manifests: set[str] = set()
@@ -188,7 +211,13 @@ class DeferredRefs(Refs):
     def lost(self, conn: sqlite3.Connection, digest: str) -> None:
         pass
 
-    def swept(self, conn: sqlite3.Connection) -> None:
+    def swept(self, conn: sqlite3.Connection, spared: list[str]) -> None:
+        if spared:
+            had_rows = self.spared | {row[0] for row in conn.execute(
+                _LISTED, (json.dumps(spared), json.dumps(sorted(self.touched))))}
+            self.spared = had_rows.intersection(spared)
+        else:
+            self.spared = set()
         self.touched = {row[0] for row in conn.execute("SELECT DISTINCT digest FROM roots")}
 
     def advance(self, conn: sqlite3.Connection, ev: Event) -> None:
@@ -201,6 +230,8 @@ class DeferredRefs(Refs):
         """Write the refcounts and the applied position; the caller then commits."""
         conn.execute("DELETE FROM object_refs")
         conn.execute(_BULK_REFS, (json.dumps(sorted(self.touched)),))
+        if self.spared:
+            conn.execute(_SPARED_REFS, (json.dumps(sorted(self.spared)),))
         if self.last is not None:
             conn.execute("UPDATE meta SET applied_seq = ?, applied_hash = ?", self.last)
 
@@ -471,7 +502,15 @@ def _mount_lost(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
 
 
 def _gc_swept(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    refs.swept(conn)
+    """Forget the garbage rows (gc removed their objects), but the ``spared`` ones.
+
+    Before ``spared`` existed a sweep dropped every row at zero, as one
+    without it still does.
+    """
+    spared = ev.data.get("spared", [])
+    if not isinstance(spared, list) or not all(isinstance(obj, str) for obj in spared):
+        raise _fail(ev, "spared must be a list of object names")
+    refs.swept(conn, spared)
 
 
 def _info(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
