@@ -18,12 +18,12 @@ def deployed_damage(store: Store, files: bool = True) -> list[dict]:
     """Deployed images whose file (unless not ``files``) or objects are missing, a problem each."""
     problems = []
     for slot, dep in sorted(store.journal.deployments().items()):
-        name = dep["image"]
+        name = dep.image
         path = store.image_path(name)
         if files and not path.is_file():
             problems.append({"problem": f"the {slot} deployment's image file is missing", "image": name,
                              "deployed": slot, "path": str(path)})
-        missing = [obj for obj, _ in store.journal.manifest(dep["digest"])
+        missing = [obj for obj, _ in store.journal.manifest(dep.digest)
                    if not (store.objects_dir / obj).is_file()]
         if missing:
             problems.append({"problem": f"the {slot} deployment lacks {len(missing)} of its objects "
@@ -39,11 +39,12 @@ def dead_transactions(store: Store) -> list[dict]:
     a reboot makes it dead. ``recover`` aborts all of these.
     """
     dead = []
-    for tx, explicit, begun in store.journal.open_transactions():
+    for t, begun in store.journal.open_transactions():
+        tx = t.id
         pid = begun.actor.get("pid")
         if str(begun.data.get("boot_id", "")) != store.boot_id:
             why = "opened in an earlier boot"
-        elif not explicit and not _alive(pid):
+        elif not t.explicit and not _alive(pid):
             why = f"its process {pid} is gone"
         else:
             continue

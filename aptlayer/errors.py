@@ -1,12 +1,16 @@
 """The error vocabulary of apt-layer's operations, one exit code per kind.
 
 Lower layers raise their own exceptions (``DumpError``, ``ImageFormatError``,
-``MountError``, journal errors); the Store translates them into these, and
-the CLI turns each into a one-line message and its exit code. The codes are
+``MountError``, journal errors); the functions at the end translate them
+(and the OS's) into these, and the CLI turns each into a one-line message
+and its exit code. The codes are
 a public interface, documented in the README.
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 
 class AptLayerError(Exception):
@@ -67,3 +71,64 @@ class IntegrityError(AptLayerError):
     """A check (fsck, journal verify) found damage; the report says where."""
 
     exit_code = 10
+
+
+# --- translation: the errors of the OS and of lower layers, as these kinds ---------------
+
+#: errors writing into the store (not reading the source): full disk, quota, read-only store
+_STORE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def from_os_error(e: OSError, what: str) -> AptLayerError:
+    """An OSError met while doing ``what``, as the kind the user can act on."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"{what}: no space left on device")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"{what}: {e.strerror}")
+    if e.errno == errno.ENOENT:
+        return NotFound(f"{what}: {e.strerror}")
+    return AptLayerError(f"{what}: {e.strerror or e}")
+
+
+def os_error_behind(e: BaseException) -> OSError | None:
+    """The OSError a wrapped error (BuildError <- ScanError <- OSError) came from, if any."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+def from_build_error(e: Exception, what: str) -> AptLayerError:
+    """A failed image build: the store's own disk failing (full, read-only), or bad input."""
+    cause = os_error_behind(e)
+    if cause is not None and cause.errno in _STORE_ERRNOS:
+        return from_os_error(cause, what)
+    return InvalidInput(str(e))
+
+
+def from_journal_storage(reason: str, message: str, what: str) -> AptLayerError:
+    """The journal's database refusing a write (see ``journal.JournalStorageError``)."""
+    if reason == "readonly":
+        return PermissionDenied(f"{what}: {message} (not writable by uid {os.geteuid()}; run as root?)")
+    if reason == "full":
+        return NoSpace(f"{what}: no space left on device")
+    if reason == "busy":
+        return Conflict(f"{what}: the journal is busy (another apt-layer is writing)")
+    return AptLayerError(f"{what}: {message}")
+
+
+def from_mount_error(e: OSError) -> AptLayerError:
+    """A failed mount or unmount (``MountError``, an OSError), by what its errno says."""
+    message = e.strerror or str(e)
+    if e.errno in (errno.EPERM, errno.EACCES):
+        return PermissionDenied(message)
+    if e.errno in (errno.ENODEV, errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS):
+        return Unsupported(message)
+    if e.errno == errno.ENOENT:
+        return NotFound(message)
+    if e.errno in (errno.EBUSY, errno.EEXIST):
+        return Conflict(message)
+    return AptLayerError(message)

@@ -11,7 +11,9 @@ from collections.abc import Callable
 from . import errors
 from .damage import dead_transactions, deployed_damage
 from .fault import fault
-from .store import Store, new_tx_id
+from .journal import as_dict
+from .layout import new_id
+from .store import Store
 
 
 class Maintenance:
@@ -28,7 +30,7 @@ class Maintenance:
 
         s = self.store
         with s.exclusive():
-            gc_plan = collect.plan(self.journal.conn, s.objects_dir, full=full, grace_seconds=grace_seconds)
+            gc_plan = collect.plan(self.journal, s.objects_dir, full=full, grace_seconds=grace_seconds)
             result = {"full": full, "dry_run": dry_run, "marked": gc_plan.marked,
                       "candidates": len(gc_plan.objects), "candidate_bytes": gc_plan.bytes,
                       "spared_by_grace": len(gc_plan.spared), "temp_files": len(gc_plan.temp_files),
@@ -36,7 +38,7 @@ class Maintenance:
             if dry_run:
                 result["objects"] = [{"object": o, "size": n} for o, n in gc_plan.objects]
                 return result
-            txid = new_tx_id()
+            txid = new_id()
             s.record("gc.begun", "store", {"full": full, "marked": gc_plan.marked,
                                             "candidates": len(gc_plan.objects),
                                             "candidate_bytes": gc_plan.bytes}, txid)
@@ -51,36 +53,31 @@ class Maintenance:
             return result
 
     def status(self) -> dict:
+        from . import inventory
+
         s = self.store
-        conn = self.journal.conn
         deps = self.journal.deployments()
 
         def describe(slot: str):
             dep = deps.get(slot)
             if dep is None:
                 return None
-            info = {"image": dep["image"], "digest": dep["digest"]}
-            ev = next(self.journal.events(subject=dep["image"], kind="image.created",
+            info = dep.ref()
+            ev = next(self.journal.events(subject=dep.image, kind="image.created",
                                           newest_first=True, limit=1), None)
             if ev is not None:
                 info.update(created_at=ev.at, created_by=ev.actor.get("user"))
             return info
 
-        live_objects, live_bytes = conn.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM object_refs WHERE refcount > 0").fetchone()
-        garbage, garbage_bytes = conn.execute(
-            "SELECT count(*), coalesce(sum(size), 0) FROM object_refs WHERE refcount = 0").fetchone()
-        images, image_bytes = conn.execute("SELECT count(*), coalesce(sum(size), 0) FROM images").fetchone()
+        usage = self.journal.usage()
         return {
             "root": str(s.root),
             "deployments": {"current": describe("current"), "previous": describe("previous")},
-            "next_boot": (deps["current"]["image"] if "current" in deps else None),
+            "next_boot": (deps["current"].image if "current" in deps else None),
             "boot_mount": str(s.config.deploy_mount) if s.config and s.config.deploy_mount else None,
-            "transactions": s.transactions("open"),
-            "mounts": s.mounts(),
-            "store": {"images": images, "image_bytes": image_bytes, "objects": live_objects,
-                      "object_bytes": live_bytes, "reclaimable_objects": garbage,
-                      "reclaimable_bytes": garbage_bytes},
+            "transactions": inventory.transactions(s, "open"),
+            "mounts": inventory.mounts(s),
+            "store": as_dict(usage),
             "journal": {"events": self.journal.last_seq()},
             "problems": deployed_damage(s) + dead_transactions(s),
         }
@@ -140,10 +137,9 @@ class Maintenance:
         from .composefs import fsverity
 
         s = self.store
-        conn = self.journal.conn
         bad: dict[str, str] = {}
-        rows = conn.execute("SELECT object FROM object_refs WHERE refcount > 0 ORDER BY object").fetchall()
-        for i, (obj,) in enumerate(rows):
+        rows = list(self.journal.referenced())
+        for i, obj in enumerate(rows):
             path = s.objects_dir / obj
             try:
                 digest = fsverity.digest_file(str(path))
@@ -155,16 +151,16 @@ class Maintenance:
             if progress is not None and i % 64 == 0:
                 progress(i, len(rows))
         images = []
-        for img in s.images():
-            path = s.image_path(img["name"])
+        for img in self.journal.images():
+            path = s.image_path(img.name)
             problem = None
             if not path.exists():
                 problem = "image file missing"
-            elif fsverity.digest_file(str(path)).hex() != img["digest"]:
+            elif fsverity.digest_file(str(path)).hex() != img.digest:
                 problem = "image file modified"
-            objs = [o for o, _ in self.journal.manifest(img["digest"]) if o in bad]
+            objs = [o for o, _ in self.journal.manifest(img.digest) if o in bad]
             if problem or objs:
-                images.append({"name": img["name"], "problem": problem,
+                images.append({"name": img.name, "problem": problem,
                                "objects": [{"object": o, "state": bad[o]} for o in objs]})
         return {"objects_checked": len(rows), "bad_objects": [{"object": o, "state": st} for o, st in bad.items()],
                 "images": images, "ok": not bad and not images}

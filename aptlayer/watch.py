@@ -45,7 +45,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -68,16 +67,16 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 
-from .composefs import fsverity
+from .effects import EFFECTS, Drift, file_digest
 from .journal import Event
+from .layout import new_id
 from .lock import is_held
-from .store import IMAGE_SUFFIX, Store, new_tx_id
+from .store import Store
 
 SETTLE_S = 0.3
 POLL_S = 0.25
 DRAIN_S = 10.0
 BARRIER_WAIT_S = 3.0
-SLOTS = ("current", "previous")
 BARRIER_PREFIX = ".apt-layer-watch-barrier-"
 #: the watchdog loggers whose warnings announce an inotify queue overflow
 OVERFLOW_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
@@ -86,55 +85,25 @@ EVENT_FILTER = [FileCreatedEvent, FileDeletedEvent, FileModifiedEvent, FileMoved
 
 _OBJECT_RE = re.compile(r"images/objects/([0-9a-f]{2}/[0-9a-f]{62})")
 _FANOUT_RE = re.compile(r"images/objects/([0-9a-f]{2})")
-_IMAGE_RE = re.compile(r"images/([^/.][^/]*)" + re.escape(IMAGE_SUFFIX))
-_DEPLOY_RE = re.compile(r"deploy/(" + "|".join(SLOTS) + ")")
-
-_HOLDERS = ("SELECT DISTINCT r.holder FROM image_objects io JOIN roots r ON r.digest = io.digest "
-            "WHERE io.object = ? ORDER BY r.holder")
-_NEEDED_BY = ("SELECT i.name FROM image_objects io JOIN images i ON i.digest = io.digest "
-              "WHERE io.object = ? ORDER BY i.name")
-_REFERENCED = "SELECT DISTINCT io.object FROM roots r JOIN image_objects io ON io.digest = r.digest"
-_REFERENCED_IN = _REFERENCED + " WHERE io.object > ? AND io.object < ?"  # "xx/" < "xx/..." < "xx0"
+#: the paths each target kind stands for: objects here, the file effects' own
+_PATTERNS = (("object", _OBJECT_RE), *((effect.kind, effect.pattern) for effect in EFFECTS))
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a path is to the store: an object, an image file, a deployment link or a new fan-out folder."""
+    """What a path is to the store: an object, a new fan-out folder, or a file effect's path."""
 
-    kind: str  # "object", "image", "deploy" or "fanout"
-    key: str  # object path (xx/yyyy...), image name, slot or xx
-
-    @property
-    def relpath(self) -> str:
-        if self.kind in ("object", "fanout"):
-            return f"images/objects/{self.key}"
-        if self.kind == "image":
-            return f"images/{self.key}{IMAGE_SUFFIX}"
-        return f"deploy/{self.key}"
+    kind: str  # "object", "fanout", or an effect's kind ("image", "deploy")
+    key: str  # object path (xx/yyyy...), xx, image name or slot
 
 
 def classify(relpath: str) -> Target | None:
     """The target a path below the store root stands for, or None if it is none."""
-    for kind, pattern in (("object", _OBJECT_RE), ("image", _IMAGE_RE), ("deploy", _DEPLOY_RE)):
+    for kind, pattern in _PATTERNS:
         m = pattern.fullmatch(relpath)
         if m:
             return Target(kind, m.group(1))
     return None
-
-
-@dataclass(frozen=True)
-class Drift:
-    """One change apt-layer did not make, as it will be journaled.
-
-    ``fingerprint`` tells one state of a drifted path from another (the digest
-    found, the link target found, the digest of the image whose file went):
-    a drift is reported again only when it changes.
-    """
-
-    kind: str
-    subject: str
-    data: dict
-    fingerprint: object = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +163,7 @@ class Watcher:
         self._marks: dict[Target, tuple[str, object]] = {}
         self._filter = _OverflowFilter(self._request_rescan)
         self._observer = Observer()
+        self._effects = {effect.kind: effect for effect in store.effects}
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -358,7 +328,7 @@ class Watcher:
                 new.append(drift)
         if not new:
             return
-        tx = new_tx_id()
+        tx = new_id()
         with self.store.journal.transaction() as w:
             events = [w.append(d.kind, d.subject, d.data, tx) for d in new]
         for event in events:
@@ -387,29 +357,23 @@ class Watcher:
         """Paths to judge after events were lost: needed objects that are missing,
         whatever was reported, every image and both deployment links."""
         s = self.store
-        targets = [Target("object", obj) for (obj,) in s.journal.conn.execute(_REFERENCED)
+        targets = [Target("object", obj) for obj in s.journal.referenced()
                    if not os.path.lexists(s.objects_dir / obj)]
         targets += self._marks
-        names = {r[0] for r in s.journal.conn.execute("SELECT name FROM images")}
-        with os.scandir(s.images_dir) as it:
-            names |= {m.group(1) for e in it if (m := _IMAGE_RE.fullmatch(f"images/{e.name}"))}
-        targets += [Target("image", n) for n in sorted(names)]
-        targets += [Target("deploy", slot) for slot in SLOTS]
+        for kind, effect in self._effects.items():
+            targets += [Target(kind, key) for key in effect.keys()]
         return list(dict.fromkeys(targets))
 
     def _needed_in(self, fanout: str) -> list[Target]:
         """The objects in one fan-out folder that some root needs."""
-        rows = self.store.journal.conn.execute(_REFERENCED_IN, (fanout + "/", fanout + "0"))
-        return [Target("object", obj) for (obj,) in rows]
+        return [Target("object", obj) for obj in self.store.journal.referenced_in(fanout)]
 
     # --- verdicts -----------------------------------------------------------------------
 
     def _verdict(self, target: Target, modified: bool) -> Drift | None:
         if target.kind == "object":
             return self._object_verdict(target, modified)
-        if target.kind == "image":
-            return self._image_verdict(target)
-        return self._deploy_verdict(target)
+        return self._effects[target.kind].drift(target.key)
 
     def _object_verdict(self, target: Target, modified: bool) -> Drift | None:
         obj = target.key
@@ -422,67 +386,18 @@ class Watcher:
             found = _object_digest(path)
             if found == obj:
                 return None
-        conn = self.store.journal.conn
-        holders = [r[0] for r in conn.execute(_HOLDERS, (obj,))]
+        journal = self.store.journal
+        holders = journal.holders_of(obj)
         if not holders:
             return None
-        data = {"path": target.relpath, "object": obj,
-                "images": [r[0] for r in conn.execute(_NEEDED_BY, (obj,))], "held_by": holders}
+        data = {"path": f"images/objects/{obj}", "object": obj, "images": journal.images_needing(obj),
+                "held_by": holders}
         if not exists:
             return Drift("drift.object-deleted", obj, data)
         return Drift("drift.object-modified", obj, {**data, "found_object": found}, fingerprint=found)
 
-    def _image_verdict(self, target: Target) -> Drift | None:
-        name = target.key
-        path = self.store.image_path(name)
-        live = self.store.journal.image(name)
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            st = None
-        data = {"path": target.relpath, "image": name}
-        if st is None:
-            if live is None:
-                return None
-            slots = [slot for slot, dep in self.store.journal.deployments().items() if dep["image"] == name]
-            return Drift("drift.image-deleted", name, {**data, "digest": live["digest"], "deployed": slots},
-                         fingerprint=live["digest"])
-        if live is None:
-            return Drift("drift.image-unknown", name, {**data, "size": st.st_size})
-        found = _file_digest(path) if stat.S_ISREG(st.st_mode) else None
-        if found == live["digest"]:
-            return None
-        return Drift("drift.image-modified", name,
-                     {**data, "digest": live["digest"], "found_digest": found,
-                      "size": live["size"], "found_size": st.st_size}, fingerprint=found)
-
-    def _deploy_verdict(self, target: Target) -> Drift | None:
-        slot = target.key
-        dep = self.store.journal.deployments().get(slot)
-        # The link text Store.sync_deployments writes.
-        expected = f"../images/{dep['image']}{IMAGE_SUFFIX}" if dep else None
-        try:
-            found = os.readlink(self.store.deploy_dir / slot)
-        except FileNotFoundError:
-            found = None
-        except OSError:
-            found = "(not a symlink)"
-        if found == expected:
-            return None
-        return Drift("drift.deploy-changed", slot,
-                     {"path": target.relpath, "slot": slot, "target": found, "expected": expected,
-                      "image": dep["image"] if dep else None}, fingerprint=found)
-
-
-def _file_digest(path: os.PathLike) -> str | None:
-    """The fs-verity digest of a file, or None if it cannot be read (gone, a folder...)."""
-    try:
-        return fsverity.digest_file(path).hex()
-    except OSError:
-        return None
-
 
 def _object_digest(path: os.PathLike) -> str | None:
     """The digest store path the content of ``path`` belongs at (xx/yyyy...)."""
-    digest = _file_digest(path)
+    digest = file_digest(path)
     return None if digest is None else f"{digest[:2]}/{digest[2:]}"

@@ -29,12 +29,14 @@ from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
+from aptlayer import inventory
 from aptlayer.composefs import fsverity
 from aptlayer.composefs.objectstore import ObjectStore
 from aptlayer.journal.projection import TABLES
 from aptlayer.recovery import recover
 from aptlayer.maintenance import Maintenance
-from aptlayer.store import IMAGE_SUFFIX, Store
+from aptlayer.layout import IMAGE_SUFFIX
+from aptlayer.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 #: exit status of a process that got SIGKILL (``subprocess`` convention)
@@ -139,7 +141,7 @@ def referenced_objects(store) -> set[str]:
 def check_committed_images(store) -> list[str]:
     """Invariant 1, plus: no image file or deployment link the journal does not explain."""
     problems = []
-    live = {i["name"]: i for i in store.images()}
+    live = {i["name"]: i for i in inventory.images(store)}
     for name, image in live.items():
         path = store.image_path(name)
         if not path.is_file():
@@ -158,7 +160,7 @@ def check_committed_images(store) -> list[str]:
     deps = store.journal.deployments()
     for slot in ("current", "previous"):
         link = store.deploy_dir / slot
-        want = f"../images/{deps[slot]['image']}{IMAGE_SUFFIX}" if slot in deps else None
+        want = f"../images/{deps[slot].image}{IMAGE_SUFFIX}" if slot in deps else None
         have = os.readlink(link) if os.path.islink(link) else None
         if have != want:
             problems.append(f"1: deploy/{slot} -> {have}, journal says {want}")
@@ -179,8 +181,8 @@ def check_uncommitted(store) -> list[str]:
     for (tx,) in conn.execute("SELECT id FROM transactions WHERE state = 'open'"):
         wanted.add(store.staging_path(tx).name)
         for op in store.journal.staged_ops(tx):
-            if op["op"] == "create" and op["effective_seq"] is None:
-                wanted.add(op["data"]["staged"].split("/", 1)[1])
+            if op.op == "create" and op.effective_seq is None:
+                wanted.add(op.data["staged"].split("/", 1)[1])
     found = set()
     for entry in store.staging_dir.iterdir():
         found.add(entry.name)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from aptlayer import inventory
 from aptlayer.journal.projection import TABLES
 from aptlayer.maintenance import Maintenance
 from aptlayer.store import Store
@@ -89,7 +90,7 @@ def assert_whole(root: Path, names: list[str]) -> None:
     """Every live image complete; rebuild == projection; after gc --full nothing unreferenced."""
     store = Store.open(root)
     try:
-        assert sorted(i["name"] for i in store.images()) == sorted(names)
+        assert sorted(i["name"] for i in inventory.images(store)) == sorted(names)
         for name in names:
             assert store.missing_objects(name) == [], name
         m = Maintenance(store)
@@ -103,6 +104,6 @@ def assert_whole(root: Path, names: list[str]) -> None:
         assert on_disk == referenced
         assert not list(store.objects_dir.glob(".tmp-*"))
         assert list(store.staging_dir.iterdir()) == [] and list(store.trash_dir.iterdir()) == []
-        assert store.transactions("open") == []
+        assert inventory.transactions(store, "open") == []
     finally:
         store.close()

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from aptlayer import inventory
 from aptlayer.composefs import fsops, fsverity, reader
 from aptlayer.composefs.build import render
 from aptlayer.composefs.digestcache import DigestCache, key_of, lstat_of
 from aptlayer.composefs.objectstore import ObjectStore
 from aptlayer.composefs.lstatwalk import walk
 from aptlayer.composefs.scan import ScanError, scan, scan_entries
-from aptlayer.store import CreateOptions, Store, manifest_of
+from aptlayer.builder.strategies import manifest_of
+from aptlayer.store import CreateOptions, Store
 
 FAKE = bytes(range(32))
 
@@ -316,7 +318,7 @@ def test_reused_image_is_copied_where_the_file_system_cannot_link(tmp_path: Path
         monkeypatch.setattr(fsops, "link", refused)  # not a file system without links: an error
         with pytest.raises(Exception, match="Permission denied"):
             store.create(str(src), "three", opts)
-        assert "three" not in {i["name"] for i in store.images()}
+        assert "three" not in {i["name"] for i in inventory.images(store)}
 
 
 def test_reused_image_in_a_transaction_keeps_the_journal_whole(tmp_path: Path) -> None:
@@ -330,7 +332,7 @@ def test_reused_image_in_a_transaction_keeps_the_journal_whole(tmp_path: Path) -
         store.tx_commit(tx)
         assert store.journal.manifest(first["digest"]) and store.journal.verify() > 0
         assert store.journal.check() == []
-        assert store.image_info("two")["objects"] == first["objects"]
+        assert inventory.image_info(store, "two")["objects"] == first["objects"]
 
 
 def test_store_create_uses_the_cache(tmp_path: Path) -> None:

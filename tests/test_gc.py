@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from aptlayer import inventory
 from aptlayer.composefs import fsverity
 from aptlayer.journal.projection import TABLES
 from aptlayer.maintenance import Maintenance
@@ -125,7 +126,7 @@ def test_objects_of_an_open_transaction_are_kept(store: Store, tmp_path: Path) -
 
 def _force_delete(store: Store, name: str) -> None:
     """Delete through the journal alone: the Store refuses to delete an image in use."""
-    digest = store.image_info(name)["digest"]
+    digest = inventory.image_info(store, name)["digest"]
     with store.journal.transaction() as w:
         w.append("tx.begun", "forced", {}, "forced")
         w.append("image.deleted", name, {"digest": digest}, "forced")
@@ -140,12 +141,12 @@ def test_objects_of_a_deleted_but_deployed_image_are_kept(two: Store, tmp_path: 
     assert obj(blob("d1")) in stored(two)
     two.create(str(tmp_path / "keep"), "keep2", PY)
     two.deploy("keep2")
-    assert two.journal.deployments()["previous"]["image"] == "keep"
+    assert two.journal.deployments()["previous"].image == "keep"
     assert gc(two)["removed"] == 2
 
 
 def test_objects_of_a_deleted_but_mounted_image_are_kept(two: Store) -> None:
-    digest = two.image_info("drop")["digest"]
+    digest = inventory.image_info(two, "drop")["digest"]
     two.journal.append("mounted", "drop", {"mountpoint": "/mnt/x", "digest": digest, "boot_id": "b"}, "m")
     _force_delete(two, "drop")
     assert gc(two, full=True)["removed"] == 0

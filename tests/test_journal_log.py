@@ -162,8 +162,8 @@ def test_commit_tx_helper_makes_staged_work_effective(journal: Journal) -> None:
     assert [(e.kind, e.subject) for e in events] == [
         ("image.created", "new"), ("deployed", "new"), ("image.deleted", "old"), ("tx.committed", "T")]
     assert len({e.tx for e in events}) == 1
-    assert journal.image("new")["size"] == 7 and journal.image("old") is None
-    assert journal.deployments() == {"current": {"image": "new", "digest": "D2"}}
+    assert journal.image("new").size == 7 and journal.image("old") is None
+    assert {slot: d.ref() for slot, d in journal.deployments().items()} == {"current": {"image": "new", "digest": "D2"}}
     assert journal.transaction_state("T") == "committed"
     assert journal.garbage() == [("o1", 1)]
     assert journal.check() == [] and journal.verify() == journal.last_seq()

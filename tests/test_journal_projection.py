@@ -36,8 +36,9 @@ def create(j: Journal, name: str, digest: str) -> None:
 
 
 def deploy(j: Journal, name: str) -> None:
-    digest = j.image(name)["digest"]
-    previous = j.deployments().get("current")
+    digest = j.image(name).digest
+    current = j.deployments().get("current")
+    previous = current.ref() if current else None
     op(j, "deployed", name, {"current": {"image": name, "digest": digest}, "previous": previous, "digest": digest})
 
 
@@ -117,12 +118,13 @@ def test_rollback_swaps_slots(journal: Journal) -> None:
         journal.append("rolled-back", "a", {"current": None, "previous": None}, "r")
     deploy(journal, "a")
     deploy(journal, "b")
-    slots = journal.deployments()
+    slots = {slot: d.ref() for slot, d in journal.deployments().items()}
     bad = {"current": slots["current"], "previous": slots["previous"]}
     with pytest.raises(ProjectionError, match="swap"):
         journal.append("rolled-back", "a", bad, "r")
     journal.append("rolled-back", "a", {"current": slots["previous"], "previous": slots["current"]}, "r")
-    assert journal.deployments() == {"current": slots["previous"], "previous": slots["current"]}
+    assert {slot: d.ref() for slot, d in journal.deployments().items()} == {
+        "current": slots["previous"], "previous": slots["current"]}
     assert journal.check() == []
 
 
@@ -161,8 +163,8 @@ def test_staging_rules(journal: Journal) -> None:
     with pytest.raises(ProjectionError, match="not made effective"):
         journal.append("tx.committed", "T", {}, "T")
     journal.commit_tx("T")
-    assert journal.image("a")["digest"] == "D2"
-    assert journal.deployments()["current"] == {"image": "a", "digest": "D2"}
+    assert journal.image("a").digest == "D2"
+    assert journal.deployments()["current"].ref() == {"image": "a", "digest": "D2"}
     assert refs(journal) == {"o1": 0, "o2": 1, "shared": 1}
     assert journal.check() == []
 

@@ -110,5 +110,5 @@ def test_upgrade_from_version_1_builds_the_projection_from_old_events(path: Path
     raw.close()
     with Journal.open(path) as j:
         assert j.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-        assert j.image("a")["digest"] == "D" and j.is_referenced("o")
+        assert j.image("a").digest == "D" and j.is_referenced("o")
         assert j.check() == [] and j.verify() == 3

@@ -1,7 +1,9 @@
 """The layers of docs/architecture.md, checked on the source.
 
 composefs knows nothing of the journal, the journal nothing of composefs,
-and the CLI neither touches SQL nor reaches past the Store into the journal.
+the builder nothing of the journal, and the CLI neither touches SQL nor
+reaches past the Store into the journal, the layout or the effects. SQL
+stays inside journal/.
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ PKG = Path(__file__).resolve().parent.parent / "aptlayer"
 FORBIDDEN = {
     "composefs": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery", "sqlite3"),
     "journal": ("aptlayer.composefs", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery"),
-    "cli": ("aptlayer.journal", "sqlite3", "sqlite_utils"),
+    "cli": ("aptlayer.journal", "sqlite3", "sqlite_utils", "aptlayer.layout", "aptlayer.effects", "aptlayer.gc",
+            "aptlayer.builder.strategies"),
+    "builder": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery", "aptlayer.maintenance",
+                "sqlite3"),
+    "gc": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "sqlite3"),
 }
 
 
@@ -53,3 +59,85 @@ def test_layer_imports(layer: str, path: Path) -> None:
 def test_the_checker_sees_relative_imports() -> None:
     names = imported_modules(PKG / "cli" / "maint.py")
     assert "aptlayer.maintenance.Maintenance" in names
+
+
+def _outside_journal() -> list[Path]:
+    return [p for p in sorted(PKG.rglob("*.py")) if "journal" not in p.relative_to(PKG).parts]
+
+
+@pytest.mark.parametrize("path", _outside_journal(), ids=lambda p: str(p.relative_to(PKG)))
+def test_no_sql_outside_the_journal(path: Path) -> None:
+    """Neither sqlite3 nor a journal's connection (``.conn``) is used outside journal/."""
+    tree = ast.parse(path.read_text(), str(path))
+    imports = {m for m in imported_modules(path) if m == "sqlite3" or m.startswith("sqlite3.")}
+    conns = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "conn"]
+    assert not imports and not conns, f"{path.relative_to(PKG.parent)}: sqlite3 {sorted(imports)}, .conn at {conns}"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """aptlayer module -> the aptlayer modules it imports (a package's ``__init__`` for the package).
+
+    ``from . import x`` counts as importing the module ``x``, not its package.
+    """
+    files = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name in files)
+            elif isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
+                subs = {f"{module}.{a.name}" for a in node.names} & files.keys()
+                edges |= subs or ({module} & files.keys())
+                if node.module and subs and module in files and len(subs) < len(node.names):
+                    edges.add(module)
+        graph[name] = edges - {name}
+    return graph
+
+
+def test_no_import_cycles() -> None:
+    """No aptlayer module imports, however indirectly and however lazily, one that imports it back."""
+    graph = _import_graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    assert cycles == []
+
+
+def test_the_import_graph_sees_relative_and_lazy_imports() -> None:
+    graph = _import_graph()
+    assert "aptlayer.store" in graph["aptlayer.recovery"]  # from .store import Store
+    assert "aptlayer.composefs.upstream" in graph["aptlayer.builder.strategies"]  # inside a function
+    assert "aptlayer.journal.log" in graph["aptlayer.journal"]  # a package's __init__

@@ -88,7 +88,7 @@ def test_delete_paused_after_commit_does_not_unlink_a_new_image_of_the_same_name
     try:
         image = store.journal.image("x")
         assert image is not None
-        assert fsverity.digest_file(str(store.image_path("x"))).hex() == image["digest"]
+        assert fsverity.digest_file(str(store.image_path("x"))).hex() == image.digest
     finally:
         store.close()
 
@@ -110,7 +110,7 @@ def test_deploys_interleaved_leave_the_links_as_the_journal_says(tmp_path: Path)
     store = Store.open(root)
     try:
         deps = store.journal.deployments()
-        assert (deps["current"]["image"], deps["previous"]["image"]) == ("z", "y")
+        assert (deps["current"].image, deps["previous"].image) == ("z", "y")
     finally:
         store.close()
 
@@ -252,8 +252,8 @@ def test_rollback_to_an_image_whose_objects_went_missing_is_refused(tmp_path: Pa
     run_cli(root, "deploy", "y")
     store = Store.open(root)
     try:
-        unique = {o for o, _ in store.journal.manifest(store.journal.image("x")["digest"])} - \
-                 {o for o, _ in store.journal.manifest(store.journal.image("y")["digest"])}
+        unique = {o for o, _ in store.journal.manifest(store.journal.image("x").digest)} - \
+                 {o for o, _ in store.journal.manifest(store.journal.image("y").digest)}
     finally:
         store.close()
     for obj in unique:
@@ -332,7 +332,7 @@ def test_recover_and_status_report_a_missing_object_of_a_deployed_image(tmp_path
     run_cli(root, "deploy", "x")
     store = Store.open(root)
     try:
-        obj = store.journal.manifest(store.journal.image("x")["digest"])[0][0]
+        obj = store.journal.manifest(store.journal.image("x").digest)[0][0]
     finally:
         store.close()
     (root / "images" / "objects" / obj).unlink()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from aptlayer import inventory, mounts
 from aptlayer import errors
 from aptlayer.composefs import build, fsverity, listing, reader
 from aptlayer.journal.projection import TABLES
@@ -52,10 +53,10 @@ def assert_consistent(store: Store) -> None:
     before = projection(store)
     assert m.rebuild()["problems"] == []
     assert projection(store) == before
-    for image in store.images():
+    for image in inventory.images(store):
         assert store.missing_objects(image["name"]) == []
         assert store.image_path(image["name"]).is_file()
-    assert not any(store.staging_dir.iterdir()) or store.transactions("open")
+    assert not any(store.staging_dir.iterdir()) or inventory.transactions(store, "open")
 
 
 def kinds(store: Store, **filters) -> list[str]:
@@ -84,7 +85,7 @@ def test_second_image_of_the_same_files_dedupes(store: Store, src: Path) -> None
     second = store.create(str(src), "two", PY)
     assert second["digest"] == first["digest"]
     assert (second["objects_created"], second["objects_deduped"]) == (0, 3)
-    assert [i["name"] for i in store.images()] == ["one", "two"]
+    assert [i["name"] for i in inventory.images(store)] == ["one", "two"]
     assert store.journal.conn.execute("SELECT DISTINCT refcount FROM object_refs").fetchall() == [(1,)]
 
 
@@ -163,7 +164,7 @@ def test_existing_name_is_a_conflict(store: Store, src: Path, tmp_path: Path) ->
     with pytest.raises(errors.Conflict, match="^an image named 'base' exists$"):
         store.create(str(other), "base", PY)
     assert store.journal.last_seq() == seq
-    assert store.image_info("base")["digest"] == first["digest"]
+    assert inventory.image_info(store, "base")["digest"] == first["digest"]
     assert_consistent(store)
 
 
@@ -187,7 +188,7 @@ def test_unreadable_dump_aborts_its_transaction(store: Store, tmp_path: Path) ->
     with pytest.raises(errors.InvalidInput, match="bad.dump"):
         store.create(str(dump), "img", CreateOptions(from_file=True, backend="python"))
     assert kinds(store) == ["tx.begun", "tx.aborted"]
-    assert store.images() == [] and list(store.staging_dir.iterdir()) == []
+    assert inventory.images(store) == [] and list(store.staging_dir.iterdir()) == []
     assert_consistent(store)
 
 
@@ -251,7 +252,7 @@ def test_deployed_image_cannot_be_deleted(store: Store, src: Path) -> None:
     for name, slot in (("b", "current"), ("a", "previous")):
         with pytest.raises(errors.Conflict, match=f"^image '{name}' is the {slot} deployment; deploy another"):
             store.delete(name)
-    assert [i["name"] for i in store.images()] == ["a", "b"]
+    assert [i["name"] for i in inventory.images(store)] == ["a", "b"]
     assert_consistent(store)
 
 
@@ -260,7 +261,7 @@ def test_deploy_and_rollback_swap_the_links(store: Store, src: Path) -> None:
     store.create(str(src), "b", PY)
     with pytest.raises(errors.Conflict, match="^no previous deployment to roll back to$"):
         store.rollback()
-    assert store.deploy("a") == {"current": "a", "digest": store.image_info("a")["digest"], "previous": None,
+    assert store.deploy("a") == {"current": "a", "digest": inventory.image_info(store, "a")["digest"], "previous": None,
                                  "staged": False}
     with pytest.raises(errors.Conflict, match="^no previous deployment to roll back to$"):
         store.rollback()
@@ -283,7 +284,7 @@ def test_mounted_image_cannot_be_deleted(store: Store, src: Path, tmp_path: Path
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     try:
-        store.mount("m", str(mnt), readonly=True)
+        mounts.mount(store, "m", str(mnt), readonly=True)
     except (errors.PermissionDenied, errors.Unsupported) as e:
         pytest.skip(f"cannot mount here: {e}")
     try:
@@ -293,7 +294,7 @@ def test_mounted_image_cannot_be_deleted(store: Store, src: Path, tmp_path: Path
         result = Maintenance(store).gc(full=True)
         assert (result["removed"], result["marked"]) == (0, 3)
     finally:
-        store.unmount(str(mnt))
+        mounts.unmount(store, str(mnt))
     store.delete("m")
     assert_consistent(store)
 
@@ -312,9 +313,9 @@ def test_tx_commit_makes_every_staged_operation_effective_at_once(store: Store, 
     assert staged["staged"] and staged["tx"] == tx
     store.deploy("next", tx=tx)
     assert store.delete("spare", tx=tx)["staged"]
-    assert [i["name"] for i in store.images()] == ["old", "spare"]
+    assert [i["name"] for i in inventory.images(store)] == ["old", "spare"]
     assert not store.image_path("next").exists() and store.image_path("spare").exists()
-    assert store.journal.deployments()["current"]["image"] == "old"
+    assert store.journal.deployments()["current"].image == "old"
     assert store.missing_objects("old") == []
     seq = store.journal.last_seq()
     result = store.tx_commit(tx)
@@ -324,11 +325,11 @@ def test_tx_commit_makes_every_staged_operation_effective_at_once(store: Store, 
     committed = [(e.seq, e.kind) for e in store.journal.events(tx=tx) if e.seq > seq]
     assert committed == [(seq + 1, "image.created"), (seq + 2, "deployed"), (seq + 3, "image.deleted"),
                          (seq + 4, "tx.committed")]
-    assert [i["name"] for i in store.images()] == ["next", "old"] and not store.image_path("spare").exists()
-    assert store.journal.deployments()["current"]["image"] == "next"
+    assert [i["name"] for i in inventory.images(store)] == ["next", "old"] and not store.image_path("spare").exists()
+    assert store.journal.deployments()["current"].image == "next"
     assert os.readlink(store.deploy_dir / "current") == "../images/next.composefs"
     assert store.image_path("next").is_file() and not store.staging_path(tx).exists()
-    assert store.transaction(tx)["state"] == "committed"
+    assert inventory.transaction(store, tx)["state"] == "committed"
     assert_consistent(store)
 
 
@@ -338,9 +339,9 @@ def test_tx_delete_and_recreate_a_name(store: Store, src: Path, tmp_path: Path) 
     tx = store.tx_begin()
     store.delete("app", tx=tx)
     store.create(str(newer), "app", PY, tx=tx)
-    assert store.missing_objects("app") == [] and len(store.journal.manifest(store.image_info("app")["digest"])) == 3
+    assert store.missing_objects("app") == [] and len(store.journal.manifest(inventory.image_info(store, "app")["digest"])) == 3
     store.tx_commit(tx)
-    assert [o for o, _ in store.journal.manifest(store.image_info("app")["digest"])] == [
+    assert [o for o, _ in store.journal.manifest(inventory.image_info(store, "app")["digest"])] == [
         fsverity.object_path(fsverity.digest_bytes(blob("v2", 300)))]
     assert_consistent(store)
 
@@ -351,7 +352,7 @@ def test_tx_rollback_leaves_nothing_behind(store: Store, src: Path) -> None:
     assert store.staging_path(tx).is_dir()
     assert store.tx_rollback(tx) == {"tx": tx, "discarded": [{"op": "create", "name": "ghost"}]}
     assert not store.staging_path(tx).exists() and list(store.staging_dir.iterdir()) == []
-    assert store.images() == [] and not store.image_path("ghost").exists()
+    assert inventory.images(store) == [] and not store.image_path("ghost").exists()
     assert len(store.journal.garbage()) == 3
     assert Maintenance(store).gc()["removed"] == 3
     assert [p for p in store.objects_dir.rglob("*") if p.is_file()] == []
@@ -371,7 +372,7 @@ def test_closed_and_unknown_transactions_are_refused(store: Store, src: Path) ->
     with pytest.raises(errors.NotFound, match="^no transaction 'feedface'$"):
         store.tx_commit("feedface")
     with pytest.raises(errors.NotFound):
-        store.transaction("feedface")
+        inventory.transaction(store, "feedface")
     assert store.journal.last_seq() == seq and list(store.staging_dir.iterdir()) == []
     assert_consistent(store)
 
@@ -420,7 +421,7 @@ def test_commit_refuses_to_delete_an_image_deployed_since_the_delete_was_staged(
     store.deploy("y")
     with pytest.raises(errors.Conflict, match=f"^cannot commit {tx}: image 'x' is the previous deployment"):
         store.tx_commit(tx)
-    assert store.transaction(tx)["state"] == "open" and store.journal.last_seq() == seq + 3
+    assert inventory.transaction(store, tx)["state"] == "open" and store.journal.last_seq() == seq + 3
     assert os.readlink(store.deploy_dir / "previous") == "../images/x.composefs" and store.image_path("x").exists()
     store.tx_rollback(tx)
     assert_consistent(store)

@@ -61,7 +61,7 @@ def build(root: Path, tmp: Path, *images: tuple[str, int]) -> None:
 def objects_of(root: Path, name: str) -> list[str]:
     store = Store.open(root)
     try:
-        return [obj for obj, _ in store.journal.manifest(store.journal.image(name)["digest"])]
+        return [obj for obj, _ in store.journal.manifest(store.journal.image(name).digest)]
     finally:
         store.close()
 

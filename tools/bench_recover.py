@@ -24,7 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from aptlayer.store import CreateOptions, Store, new_tx_id  # noqa: E402
+from aptlayer.layout import new_id as new_tx_id  # noqa: E402
+from aptlayer.store import CreateOptions, Store  # noqa: E402
 
 
 def build(root: Path, events: int) -> int:
@@ -47,7 +48,7 @@ def build(root: Path, events: int) -> int:
                 w.append("rolled-back", deps["previous"]["image"], {"current": deps["previous"],
                                                                      "previous": deps["current"]}, tx)
                 w.append("tx.committed", tx, {"ops": 1}, tx)
-    store.sync_deployments()
+    store.links.sync()
     count = j.last_seq()
     store.close()
     return count

@@ -45,6 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from aptlayer import inventory
 from aptlayer.composefs import fsverity  # noqa: E402
 from aptlayer.maintenance import Maintenance  # noqa: E402
 from aptlayer.store import CreateOptions, Store  # noqa: E402
@@ -106,7 +107,7 @@ def create_from_tree(store: Store, scratch: Path, files: int) -> None:
 
 def append_events(store: Store, target: int, batch: int = 6000) -> None:
     """deploy/rollback pairs (3 events each: begun, the event, committed) up to ``target``."""
-    a, b = (store.image_info(n)["digest"] for n in ("img0000", "img0001"))
+    a, b = (inventory.image_info(store, n)["digest"] for n in ("img0000", "img0001"))
     first = {"image": "img0000", "digest": a}
     second = {"image": "img0001", "digest": b}
     store.deploy("img0000")
@@ -121,7 +122,7 @@ def append_events(store: Store, target: int, batch: int = 6000) -> None:
                 w.append("rolled-back", previous["image"], {"current": previous, "previous": current}, tx)
                 w.append("tx.committed", tx, {"ops": 1}, tx)
                 n += 1
-    store.sync_deployments()
+    store.links.sync()
 
 
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -168,7 +169,7 @@ def main() -> int:
         setup = time.perf_counter() - t0
         m = Maintenance(store)
         on_disk = sum(1 for _ in store.objects_dir.glob("??/*"))
-        print(f"store {root}: {len(store.images())} images, {on_disk} objects, "
+        print(f"store {root}: {len(inventory.images(store))} images, {on_disk} objects, "
               f"{store.journal.last_seq()} events (set-up {setup:.1f} s)\n")
 
         rows = []
@@ -188,7 +189,7 @@ def main() -> int:
         seconds, problems = timed(store.journal.check)
         rows.append(("journal rebuild: invariant check", seconds, f"{len(problems)} problems", None))
         seconds, verified = timed(m.verify)
-        rows.append(("journal verify", seconds, f"{verified} events, {len(store.images())} manifests", None))
+        rows.append(("journal verify", seconds, f"{verified} events, {len(inventory.images(store))} manifests", None))
         report(rows)
     finally:
         store.close()

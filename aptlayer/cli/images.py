@@ -15,17 +15,15 @@ tx_option = click.option("--tx", metavar="ID", help="Stage the change in open tr
 
 def complete_image_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     """Shell completion: the store's live image names (nothing if it cannot be read)."""
-    from .. import config
+    from .. import config, inventory
     from ..store import Store
 
     params = ctx.find_root().params
     try:
         cfg = config.load(params.get("config_path"), params.get("root"))
-        if not (cfg.root / "journal.db").exists():
-            return []
-        store = Store.open(cfg.root, config=cfg)
+        store = Store.open(cfg.root, config=cfg, create=False)
         try:
-            return [i["name"] for i in store.images() if i["name"].startswith(incomplete)]
+            return [i["name"] for i in inventory.images(store) if i["name"].startswith(incomplete)]
         finally:
             store.close()
     except Exception:  # completion must never print an error into the shell
@@ -134,7 +132,9 @@ def list_(ctx, as_json) -> None:
     Example:
       apt-layer image list --json | jq -r '.[].name'
     """
-    images = ctx.obj.store().images()
+    from .. import inventory
+
+    images = inventory.images(ctx.obj.store())
     if as_json:
         print_json(images)
         return
@@ -155,7 +155,9 @@ def info(ctx, name, as_json) -> None:
     Example:
       apt-layer image info base
     """
-    data = ctx.obj.store().image_info(name)
+    from .. import inventory
+
+    data = inventory.image_info(ctx.obj.store(), name)
     if as_json:
         print_json(data)
         return
@@ -303,9 +305,10 @@ def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, 
     """
     if (upperdir is None) != (workdir is None):
         raise click.UsageError("--upperdir and --workdir go together")
-    result = ctx.obj.store().mount(name, mountpoint, basedirs=basedirs, upperdir=upperdir,
-                                   workdir=workdir, readonly=readonly, verity=verity, idmap=idmap,
-                                   backend=backend)
+    from .. import mounts
+
+    result = mounts.mount(ctx.obj.store(), name, mountpoint, basedirs=basedirs, upperdir=upperdir,
+                          workdir=workdir, readonly=readonly, verity=verity, idmap=idmap, backend=backend)
     if as_json:
         print_json(result)
         return
@@ -331,7 +334,9 @@ def unmount(ctx, mountpoint, lazy, force, as_json) -> None:
     Example:
       apt-layer image unmount /mnt/base
     """
-    result = ctx.obj.store().unmount(mountpoint, lazy=lazy, force=force)
+    from .. import mounts
+
+    result = mounts.unmount(ctx.obj.store(), mountpoint, lazy=lazy, force=force)
     if as_json:
         print_json(result)
     else:

@@ -83,7 +83,9 @@ def list_(ctx, state, as_json) -> None:
     Example:
       apt-layer tx list --state open
     """
-    rows = ctx.obj.store().transactions(state)
+    from .. import inventory
+
+    rows = inventory.transactions(ctx.obj.store(), state)
     if as_json:
         print_json(rows)
     else:
@@ -103,7 +105,9 @@ def show(ctx, txid, as_json) -> None:
     Example:
       apt-layer tx show $TX --json
     """
-    info = ctx.obj.store().transaction(txid)
+    from .. import inventory
+
+    info = inventory.transaction(ctx.obj.store(), txid)
     if as_json:
         print_json(info)
         return

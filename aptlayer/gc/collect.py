@@ -31,15 +31,29 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ..composefs import fsops
 from ..composefs.fsverity import is_object_path
 from ..composefs.objectstore import ObjectStore
 from ..fault import fault
+
+class State(Protocol):
+    """What gc asks of the projection (the journal's state queries answer it)."""
+
+    def referenced_count(self) -> int:
+        """How many objects some root holds."""
+
+    def referenced(self) -> Iterable[str]:
+        """The objects some root holds."""
+
+    def garbage(self) -> list[tuple[str, int]]:
+        """(object, size) of the objects whose refcount reached 0, not yet swept."""
+
 
 #: unlinks in flight while emptying the trash
 UNLINK_THREADS = 16
@@ -62,14 +76,14 @@ class GcPlan:
         return sum(size for _, size in self.objects)
 
 
-def plan(conn, objects_dir: Path, *, full: bool, grace_seconds: int = 0) -> GcPlan:
+def plan(state: State, objects_dir: Path, *, full: bool, grace_seconds: int = 0) -> GcPlan:
     """What a sweep would remove, from the projection (and a walk with ``full``)."""
     result = GcPlan()
-    result.marked = conn.execute("SELECT count(*) FROM object_refs WHERE refcount > 0").fetchone()[0]
+    result.marked = state.referenced_count()
     cutoff = time.time() - grace_seconds
     if full:
-        live = {row[0] for row in conn.execute("SELECT object FROM object_refs WHERE refcount > 0")}
-        garbage = {row[0] for row in conn.execute("SELECT object FROM object_refs WHERE refcount = 0")}
+        live = set(state.referenced())
+        garbage = {obj for obj, _ in state.garbage()}
         result.refused = sorted(obj for obj in garbage if not is_object_path(obj))
         store = ObjectStore(objects_dir)
         for obj in store.iter_objects():
@@ -82,7 +96,7 @@ def plan(conn, objects_dir: Path, *, full: bool, grace_seconds: int = 0) -> GcPl
         result.kept = [obj for obj in result.spared if obj in garbage]
         result.temp_files = [t.path for t in store.iter_temp_files() if t.stale]
         return result
-    for obj, size in conn.execute("SELECT object, size FROM object_refs WHERE refcount = 0 ORDER BY object"):
+    for obj, _ in state.garbage():
         if not is_object_path(obj):
             result.refused.append(obj)
             continue

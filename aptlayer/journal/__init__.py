@@ -12,6 +12,7 @@ from .errors import (
     ChainBroken,
     JournalCorruptError,
     JournalError,
+    JournalStorageError,
     JournalVersionError,
     ManifestConflict,
     ProjectionError,
@@ -21,6 +22,7 @@ from .event import Event
 from .log import RECORDED, Derived, Journal, Writer, canonical, chain_hash, default_actor
 from .projection import APPLY, known_kind
 from .schema import SCHEMA_VERSION
+from .state import Deployment, Image, Mount, StagedOp, Transaction, Usage, as_dict
 
 __all__ = [
     "APPLY",
@@ -30,15 +32,23 @@ __all__ = [
     "AuditRefused",
     "AuditResult",
     "ChainBroken",
+    "Deployment",
     "Derived",
     "Event",
+    "Image",
     "Journal",
     "JournalCorruptError",
     "JournalError",
+    "JournalStorageError",
     "JournalVersionError",
     "ManifestConflict",
+    "Mount",
     "ProjectionError",
+    "StagedOp",
+    "Transaction",
+    "Usage",
     "Writer",
+    "as_dict",
     "audit_query",
     "canonical",
     "chain_hash",

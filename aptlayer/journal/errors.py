@@ -56,3 +56,23 @@ class AuditRefused(JournalError):
 
 class AuditQueryError(JournalError):
     """An audit query is not valid SQL for this journal (a typo, an unknown table)."""
+
+
+class JournalStorageError(JournalError):
+    """SQLite refused to open or write the journal: ``reason`` is "readonly", "full", "busy" or "other"."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+_REASONS = (("SQLITE_READONLY", "readonly"), ("SQLITE_CANTOPEN", "readonly"), ("SQLITE_PERM", "readonly"),
+            ("SQLITE_AUTH", "readonly"), ("SQLITE_FULL", "full"), ("SQLITE_BUSY", "busy"),
+            ("SQLITE_LOCKED", "busy"))
+
+
+def storage_error(e: Exception) -> JournalStorageError:
+    """An ``sqlite3.OperationalError`` as a :class:`JournalStorageError`."""
+    name = getattr(e, "sqlite_errorname", "")
+    reason = next((r for prefix, r in _REASONS if name.startswith(prefix)), "other")
+    return JournalStorageError(str(e), reason)

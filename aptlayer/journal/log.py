@@ -32,8 +32,9 @@ import blake3
 from ..names import boot_id
 from . import projection, schema
 from .event import COLUMNS, Event
-from .errors import ChainBroken, JournalError, ManifestConflict, ProjectionError
+from .errors import ChainBroken, JournalError, ManifestConflict, ProjectionError, storage_error
 from .invariants import check_invariants
+from .state import StateQueries
 
 GENESIS = "00" * 32
 Manifest = Iterable[tuple[str, int]]
@@ -254,7 +255,7 @@ class Writer:
         return events
 
 
-class Journal:
+class Journal(StateQueries):
     """The journal file: events, manifests, projection. ``Journal.open(path)``."""
 
     def __init__(self, conn: sqlite3.Connection, path: str):
@@ -263,7 +264,10 @@ class Journal:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> Journal:
-        return cls(schema.connect(path), os.fspath(path))
+        try:
+            return cls(schema.connect(path), os.fspath(path))
+        except sqlite3.OperationalError as e:
+            raise storage_error(e) from None
 
     def close(self) -> None:
         self.conn.close()
@@ -278,16 +282,24 @@ class Journal:
 
     @contextmanager
     def transaction(self) -> Iterator[Writer]:
-        """One SQLite write transaction for several events: all or none commit."""
+        """One SQLite write transaction for several events: all or none commit.
+
+        SQLite's refusals (read-only file, full disk, busy) come out as
+        :class:`JournalStorageError`.
+        """
         if self.conn.in_transaction:
             raise JournalError("a journal transaction is already open on this connection")
-        self.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield Writer(self.conn)
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield Writer(self.conn)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as e:
+            raise storage_error(e) from None
 
     def append(
         self,
@@ -421,63 +433,3 @@ class Journal:
     def check(self) -> list[str]:
         """Invariant violations of the projection (empty when sound)."""
         return check_invariants(self.conn)
-
-    # --- state queries for the Store ----------------------------------------
-
-    def image(self, name: str) -> dict | None:
-        """The live image ``name``: digest, size, created_seq, created_at, tx."""
-        row = self.conn.execute(
-            "SELECT digest, size, created_seq, created_at, tx FROM images WHERE name = ?", (name,)
-        ).fetchone()
-        return dict(zip(("digest", "size", "created_seq", "created_at", "tx"), row)) if row else None
-
-    def deployments(self) -> dict[str, dict]:
-        """``{"current": {"image", "digest"}, "previous": ...}`` for the slots that are set."""
-        return {
-            slot: {"image": image, "digest": digest}
-            for slot, image, digest in self.conn.execute("SELECT slot, image, digest FROM deployments")
-        }
-
-    def transaction_state(self, tx: str) -> str | None:
-        """'open', 'committed', 'aborted', or None for an unknown id."""
-        row = self.conn.execute("SELECT state FROM transactions WHERE id = ?", (tx,)).fetchone()
-        return row[0] if row else None
-
-    def open_transactions(self) -> list[tuple[str, bool, Event]]:
-        """(id, explicit, the ``tx.begun`` event) of every open transaction, oldest first."""
-        return [(tx, bool(explicit), Event.from_row(row)) for tx, explicit, *row in self.conn.execute(
-            f"SELECT t.id, t.explicit, {', '.join('e.' + c for c in COLUMNS.split(', '))} "
-            "FROM transactions t JOIN events e ON e.seq = t.begun_seq WHERE t.state = 'open' ORDER BY t.begun_seq")]
-
-    def staged_ops(self, tx: str) -> list[dict]:
-        """Operations staged in ``tx``, in order: seq, op, name, digest, data, effective_seq."""
-        return [
-            {"seq": s, "op": op, "name": n, "digest": d, "data": json.loads(data), "effective_seq": eff}
-            for s, op, n, d, data, eff in self.conn.execute(
-                "SELECT seq, op, name, digest, data, effective_seq FROM tx_ops WHERE tx = ? ORDER BY seq", (tx,)
-            )
-        ]
-
-    def manifest_summary(self, digest: str) -> tuple[int, int] | None:
-        """(objects, total size) of the manifest recorded for an image digest, or None."""
-        return self.conn.execute(
-            "SELECT objects, size FROM images_manifest WHERE digest = ?", (digest,)).fetchone()
-
-    def manifest_has(self, digest: str, obj: str) -> bool:
-        """Whether the manifest recorded for an image digest lists ``obj``."""
-        return self.conn.execute(
-            "SELECT 1 FROM image_objects WHERE digest = ? AND object = ?", (digest, obj)).fetchone() is not None
-
-    def manifest(self, digest: str) -> list[tuple[str, int]]:
-        """The (object, size) rows recorded for an image digest, sorted."""
-        return self.conn.execute(
-            "SELECT object, size FROM image_objects WHERE digest = ? ORDER BY object", (digest,)
-        ).fetchall()
-
-    def garbage(self) -> list[tuple[str, int]]:
-        """Objects whose refcount reached 0 and that no ``gc.swept`` removed yet."""
-        return self.conn.execute("SELECT object, size FROM object_refs WHERE refcount = 0 ORDER BY object").fetchall()
-
-    def is_referenced(self, obj: str) -> bool:
-        row = self.conn.execute("SELECT refcount FROM object_refs WHERE object = ?", (obj,)).fetchone()
-        return bool(row and row[0] > 0)

@@ -1,0 +1,62 @@
+"""What a build gives the Store to record, and what the builder asks of the store."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..composefs.lstatwalk import ScanStats
+
+
+@dataclass(frozen=True)
+class SameAs:
+    """The manifest is the one already recorded for the image's digest."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    """The manifest of ``base`` without ``removed``, plus ``added`` (object, size) rows."""
+
+    base: str
+    removed: frozenset[str]
+    added: tuple[tuple[str, int], ...]
+
+
+@dataclass
+class Outcome:
+    """One built image, in staging, with what its event records."""
+
+    staged: Path
+    digest: str
+    size: int
+    #: (object, size) rows, or SameAs / Delta where the journal can derive them cheaply
+    manifest: list[tuple[str, int]] | SameAs | Delta
+    objects: int
+    stats: ScanStats | None = None
+    #: the live image whose bytes were reused (an unchanged tree)
+    reused: str | None = None
+    #: the live image that was patched, and how many entries changed
+    patched_from: str | None = None
+    changed: int = 0
+
+    def provenance(self) -> dict:
+        """What the image's event says about how it was made (nothing for a plain render)."""
+        if self.reused is not None:
+            return {"reused": self.reused}
+        if self.patched_from is not None:
+            return {"patched": {"from": self.patched_from, "changed": self.changed}}
+        return {}
+
+
+class Known(Protocol):
+    """The three questions the builder asks of the store's journal (whose state queries answer them)."""
+
+    def images_with_digest(self, digest: str) -> list[str]:
+        """Names of the live images recorded with ``digest``."""
+
+    def manifest_has(self, digest: str, obj: str) -> bool:
+        """Whether the manifest recorded for ``digest`` lists the object ``obj``."""
+
+    def manifest_objects(self, digest: str) -> int:
+        """How many objects the manifest recorded for ``digest`` lists."""

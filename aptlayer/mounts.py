@@ -1,0 +1,77 @@
+"""Mounting and unmounting images, recorded in the journal.
+
+A mount is write-ahead like every other operation: ``mounted`` is recorded
+before the kernel call, so once the kernel holds the mount its objects are
+already protected from gc; a mount that then fails is recorded as undone,
+and one that never happened because the process was killed is marked lost
+by the next recovery. Unmounting goes the other way (the kernel first).
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import errors
+from .fault import fault
+from .store import Store
+
+
+def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...] = (),
+          upperdir: str | None = None, workdir: str | None = None, readonly: bool = False,
+          verity: str = "off", idmap: str | None = None, backend: str = "python") -> dict:
+    """Mount image ``name`` and record it; warns (in the result) about missing objects.
+
+    ``backend`` "python" mounts natively, "upstream" through
+    ``mount.composefs``, "auto" through it when installed.
+    """
+    from .composefs import mount as cfsmount, upstream
+
+    path = store.image_file(name)
+    image = store.journal.image(name)
+    target = os.path.realpath(mountpoint)
+    missing = store.missing_objects(name)
+    if backend == "auto":
+        backend = "upstream" if upstream.find_tool("mount.composefs") else "python"
+    if backend == "upstream" and upstream.find_tool("mount.composefs") is None:
+        raise errors.Unsupported("--backend upstream: mount.composefs is not installed")
+    do_mount = upstream.mount_with_tool if backend == "upstream" else cfsmount.mount
+    with store.writing():
+        event = store.record("mounted", name, {"mountpoint": target, "digest": image.digest,
+                                                "boot_id": store.boot_id, "writable": upperdir is not None,
+                                                "backend": backend})
+        fault("mount.after-event")
+        try:
+            do_mount(str(path), target, [str(store.layout.objects), *basedirs], upperdir=upperdir,
+                     workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
+        except BaseException as e:
+            store.record("unmounted", name, {"mountpoint": target, "reason": f"mount failed: {e}"[:500]}, event.tx)
+            if isinstance(e, cfsmount.MountError):
+                raise errors.from_mount_error(e) from None
+            raise
+        fault("mount.after-kernel")
+    return {"name": name, "mountpoint": target, "digest": image.digest, "missing_objects": missing}
+
+
+def unmount(store: Store, mountpoint: str, lazy: bool = False, force: bool = False) -> dict:
+    """Unmount a mount this store made (recorded in its journal); ``force`` for any other."""
+    from .composefs import mount as cfsmount
+
+    target = os.path.realpath(mountpoint)
+    row = store.journal.mount(target)
+    with store.writing():
+        if cfsmount.is_mounted(target):
+            if row is None and not force:
+                raise errors.Conflict(f"{target} is not a mount of this store (its journal has no record of it); "
+                                      "pass --force to unmount it anyway")
+            try:
+                cfsmount.unmount(target, lazy=lazy)
+            except cfsmount.MountError as e:
+                raise errors.from_mount_error(e) from None
+        elif row is None:
+            raise errors.NotFound(f"{target} is not mounted")
+        elif row.state == "mounted" and target in cfsmount.composefs_mount_points_elsewhere():
+            raise errors.Conflict(f"{target} is mounted in another mount namespace; unmount it there")
+        fault("unmount.after-kernel")
+        if row is not None:
+            store.record("unmounted", row.image, {"mountpoint": target})
+    return {"mountpoint": target, "image": row.image if row else None}
