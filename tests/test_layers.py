@@ -1,7 +1,8 @@
 """The layers of docs/architecture.md, checked on the source.
 
 composefs knows nothing of the journal, the journal nothing of composefs,
-and the CLI neither touches SQL nor reaches past the Store into the journal.
+the CLI neither touches SQL nor reaches past the Store into the journal, and
+packages/ uses composefs only through its public names.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ FORBIDDEN = {
     "composefs": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery", "sqlite3"),
     "journal": ("aptlayer.composefs", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery"),
     "cli": ("aptlayer.journal", "sqlite3", "sqlite_utils"),
+    # a room of its own: reads images through composefs, is called by the Store, never calls it
+    "packages": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery",
+                 "aptlayer.maintenance", "aptlayer.gc", "sqlite3", "sqlite_utils"),
 }
 
 
@@ -53,3 +57,14 @@ def test_layer_imports(layer: str, path: Path) -> None:
 def test_the_checker_sees_relative_imports() -> None:
     names = imported_modules(PKG / "cli" / "maint.py")
     assert "aptlayer.maintenance.Maintenance" in names
+
+
+PACKAGES = sorted((PKG / "packages").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", PACKAGES, ids=[p.name for p in PACKAGES])
+def test_packages_use_only_public_names_of_other_rooms(path: Path) -> None:
+    private = sorted(m for m in imported_modules(path)
+                     if m.startswith("aptlayer.") and not m.startswith("aptlayer.packages")
+                     and any(part.startswith("_") for part in m.split(".")))
+    assert not private, f"{path.relative_to(PKG.parent)} imports private names {private}"
