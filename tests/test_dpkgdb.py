@@ -7,12 +7,15 @@ writer from trees holding a database, and must read exactly like the tree.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aptlayer import errors
 from aptlayer.composefs import build
@@ -437,3 +440,67 @@ def test_hostile_payloads_never_leave_the_objects_directory(tmp_path: Path, payl
     (tmp_path / "escape").write_bytes(INSIDE)
     with pytest.raises(DamagedImage, match="not a path below the objects directory"):
         dpkgdb.read_database(ImageRoot(tmp_path / "image.cfs", tmp_path / "objects"))
+
+
+# --- fuzz: any bytes give a database or one MalformedDatabase ------------------------------------
+
+
+@st.composite
+def mutated_status(draw: st.DrawFn) -> bytes:
+    data = bytearray(TRICKY)
+    for _ in range(draw(st.integers(1, 8))):
+        pos = draw(st.integers(0, len(data)))
+        kind = draw(st.sampled_from(["insert", "delete", "replace"]))
+        chunk = draw(st.one_of(st.binary(max_size=8), st.sampled_from(
+            [b"\n", b"\n\n", b" ", b":", b"\t.\n", b"~", b"1:", b"Status: ", b"Package: x\n", b"\xff", b"\r"])))
+        if kind == "insert":
+            data[pos:pos] = chunk
+        elif kind == "delete":
+            del data[pos : pos + len(chunk) + 1]
+        else:
+            data[pos : pos + len(chunk)] = chunk
+    return bytes(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(mutated_status(), st.binary(max_size=300)))
+def test_any_bytes_parse_or_raise_one_clear_line(data: bytes) -> None:
+    try:
+        db = parse_status(data)
+    except MalformedDatabase as e:
+        assert "\n" not in str(e)
+        return
+    for package in db.installed + db.partial:
+        assert "/" not in package.name and "/" not in package.architecture
+    assert json.dumps(db.to_json())
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, Path]:
+    """An image holding TRICKY (a backing object), a format file and two lists, and its objects."""
+    out = tmp_path_factory.mktemp("small")
+    tree = out / "tree"
+    write = {"status": TRICKY, "info/format": b"1\n", "info/tool.list": b"/.\n/usr/bin/tool\n" * 5,
+             "info/libfoo1:amd64.list": b"/.\n/usr\n"}
+    for rel, data in write.items():
+        (tree / "var/lib/dpkg" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / "var/lib/dpkg" / rel).write_bytes(data)
+    return make_image(tree, out)._data, out / "objects"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_mutated_images_read_or_raise_a_typed_error(small_image: tuple[bytes, Path], tmp_path_factory, data) -> None:
+    image, objects = small_image
+    mutated = bytearray(image)
+    for _ in range(data.draw(st.integers(1, 6))):
+        pos = data.draw(st.integers(0, len(mutated) - 1))
+        mutated[pos] = data.draw(st.integers(0, 255))
+    path = tmp_path_factory.mktemp("mutant") / "image.cfs"
+    path.write_bytes(bytes(mutated))
+    try:
+        root = ImageRoot(path, objects)
+        db = dpkgdb.read_database(root)
+        dpkgdb.read_file_lists(root, db.installed)
+    except errors.AptLayerError as e:
+        assert "\n" not in str(e)
