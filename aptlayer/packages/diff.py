@@ -252,5 +252,9 @@ def diff_trees(old: Node, new: Node) -> TreeDiff:
             elif b_child is None:
                 removed.append(child_path)
             stack.append((child_path, a_child, b_child))
-    decode = lambda paths: tuple(p.decode("utf-8", "surrogateescape") for p in sorted(paths))  # noqa: E731
-    return TreeDiff(decode(added), decode(removed), decode(changed))
+    return TreeDiff(_decoded(added), _decoded(removed), _decoded(changed))
+
+
+def _decoded(paths: list[bytes]) -> tuple[str, ...]:
+    """Sorted as bytes, decoded as :func:`os.fsdecode` would (no byte is lost)."""
+    return tuple(p.decode("utf-8", "surrogateescape") for p in sorted(paths))

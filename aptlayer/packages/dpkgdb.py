@@ -41,6 +41,7 @@ A missing status file raises :class:`NoDpkgDatabase` and a malformed one
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -197,7 +198,7 @@ def parse_status(data: bytes, where: str = "status") -> Database:
             raise MalformedDatabase(f"{where}: stanza {number}: {package.key} appears twice")
         seen.add(package.key)
         (installed if package.state == "installed" and package.flag == "ok" else partial).append(package)
-    order = lambda p: (p.name, p.architecture)  # noqa: E731
+    order = operator.attrgetter("name", "architecture")
     return Database(tuple(sorted(installed, key=order)), tuple(sorted(partial, key=order)))
 
 
