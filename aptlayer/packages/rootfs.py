@@ -23,13 +23,11 @@ import stat
 
 from aptlayer import errors
 from aptlayer.composefs import fsverity
-from aptlayer.composefs.reader import ImageFormatError, SymlinkLoopError, read_path
+from aptlayer.composefs.reader import MAX_SYMLINK_HOPS, ImageFormatError, SymlinkLoopError, read_path
 from aptlayer.composefs.tree import Node
 
 #: largest file read (dpkg's status file of a big system is about 10 MiB)
 MAX_FILE_SIZE = 256 << 20
-#: symbolic links followed in one lookup in a tree (the kernel's limit)
-MAX_SYMLINK_HOPS = 40
 
 
 class MissingFile(errors.NotFound):
