@@ -7,7 +7,9 @@ The default run is short. For a long run::
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import io
 import os
 import stat
@@ -24,7 +26,8 @@ from aptlayer.composefs import format as fmt
 from aptlayer.composefs import reader
 from aptlayer.composefs.dumpfile import format_dump
 from aptlayer.composefs.listing import tree_objects, write_ls, write_objects
-from aptlayer.composefs.reader import ImageFormatError, _Image, image_objects, read_image
+from aptlayer.composefs.reader import ImageFormatError, _Image, image_objects, read_image, read_path
+from aptlayer.composefs.tree import Node
 
 from conftest import VECTORS, vector_names
 
@@ -102,6 +105,12 @@ def mutants(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+def same_entry(a: Node, b: Node) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return (a.mode, a.size, a.payload, a.content, a.digest, a.xattrs, sorted(a.children)) == \
+        (b.mode, b.size, b.payload, b.content, b.digest, b.xattrs, sorted(b.children))
+
+
 def exercise(data: bytes) -> bytes | None:
     """Run every reader entry point; return the dump, or None if the image was rejected."""
     try:
@@ -113,7 +122,13 @@ def exercise(data: bytes) -> bytes | None:
         root = read_image(data)
     except ImageFormatError as exc:
         assert "\n" not in str(exc)
+        for path in (b"/", b"/a/b", b"/usr/bin/../../etc/passwd"):
+            with contextlib.suppress(ImageFormatError):
+                read_path(data, path)
         return None
+    for path, node in itertools.islice(root.walk(), 16):
+        found = read_path(data, path, follow_symlinks=False)
+        assert found is not None and same_entry(found, node), f"read_path disagrees at {path!r}"
     entries = sum(1 for _ in root.walk())
     assert entries <= len(data) // fmt.DIRENT_SIZE + 1, "more nodes than the image can hold"
     assert objects == sorted(tree_objects(root)), "objects fast path disagrees with the tree"

@@ -1,9 +1,9 @@
 """The layers of docs/architecture.md, checked on the source.
 
 composefs knows nothing of the journal, the journal nothing of composefs,
-the builder nothing of the journal, and the CLI neither touches SQL nor
-reaches past the Store into the journal, the layout or the effects. SQL
-stays inside journal/.
+the builder nothing of the journal, packages/ uses composefs only through its
+public names, and the CLI neither touches SQL nor reaches past the Store into the
+journal, the layout or the effects. SQL stays inside journal/.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ FORBIDDEN = {
     "builder": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery", "aptlayer.maintenance",
                 "sqlite3"),
     "gc": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "sqlite3"),
+    # a room of its own: reads images through composefs, is called by the Store, never calls it
+    "packages": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery",
+                 "aptlayer.maintenance", "aptlayer.gc", "sqlite3", "sqlite_utils"),
 }
 
 
@@ -141,3 +144,14 @@ def test_the_import_graph_sees_relative_and_lazy_imports() -> None:
     assert "aptlayer.store" in graph["aptlayer.recovery"]  # from .store import Store
     assert "aptlayer.composefs.upstream" in graph["aptlayer.builder.strategies"]  # inside a function
     assert "aptlayer.journal.log" in graph["aptlayer.journal"]  # a package's __init__
+
+
+PACKAGES = sorted((PKG / "packages").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", PACKAGES, ids=[p.name for p in PACKAGES])
+def test_packages_use_only_public_names_of_other_rooms(path: Path) -> None:
+    private = sorted(m for m in imported_modules(path)
+                     if m.startswith("aptlayer.") and not m.startswith("aptlayer.packages")
+                     and any(part.startswith("_") for part in m.split(".")))
+    assert not private, f"{path.relative_to(PKG.parent)} imports private names {private}"

@@ -13,7 +13,7 @@ import pytest
 from aptlayer.composefs import format as fmt
 from aptlayer.composefs.dumpfile import format_dump
 from aptlayer.composefs.listing import write_ls, write_objects
-from aptlayer.composefs.reader import ImageFormatError, _Image, image_objects, read_image
+from aptlayer.composefs.reader import ImageFormatError, SymlinkLoopError, _Image, image_objects, read_image, read_path
 from aptlayer.composefs.tree import Node
 
 from conftest import UPSTREAM_TESTS, vector_names
@@ -312,3 +312,104 @@ def test_upstream_test_images_match_composefs_info(
     assert dump_bytes(root) == upstream(composefs_info, "dump", image).stdout
     assert ls_bytes(root) == upstream(composefs_info, "ls", image).stdout
     assert objects_bytes(root) == upstream(composefs_info, "objects", image).stdout
+
+
+# --- read_path: one entry by path, links resolved inside the image ----------------------
+
+
+def entry_facts(node: Node) -> tuple:
+    node = node.resolve()
+    return (node.mode, node.uid, node.gid, node.size, node.payload, node.content, node.digest,
+            node.xattrs, sorted(node.children))
+
+
+@pytest.mark.parametrize("name", VECTORS)
+def test_read_path_finds_every_entry_as_read_image_has_it(vectors: Path, name: str) -> None:
+    data = (vectors / name / "image.cfs").read_bytes()
+    root = read_image(data)
+    assert dump_bytes(read_path(data, b"/")) == dump_bytes(root)
+    for path, node in root.walk():
+        assert entry_facts(read_path(data, path, follow_symlinks=False)) == entry_facts(node), path
+        if node.is_dir and not any(n.link is not None for _p, n in node.walk()):
+            # without hard links (whose first occurrence may lie outside), the subtrees dump alike
+            assert dump_bytes(read_path(data, path)) == dump_bytes(node), path
+
+
+@pytest.fixture
+def linked_image(tmp_path: Path) -> bytes:
+    """An image full of symbolic links: inside, outside, relative, looping."""
+    from aptlayer.composefs import build
+
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "passwd").write_bytes(b"the image's own passwd\n")
+    (tree / "var" / "lib").mkdir(parents=True)
+    (tree / "var" / "lib" / "data").write_bytes(b"x" * 100)
+    links = {
+        "up": "../../../../../../../etc/passwd",  # climbs past the root: stays in the image
+        "abs": "/etc/passwd",
+        "rel": "var/../var/lib/./data",
+        "dirlink": "var/lib",
+        "chain": "abs",
+        "loop": "loop",
+        "pingpong": "pong", "pong": "pingpong",
+        "dangling": "/nowhere",
+        "host": "/proc/self/status",  # exists on the host, not in the image
+    }
+    for name, target in links.items():
+        (tree / name).symlink_to(target)
+    return build.make_image(str(tree), digest_store=str(tmp_path / "objects")).image
+
+
+@pytest.mark.parametrize("path,content", [
+    (b"/up", b"the image's own passwd\n"),
+    (b"/abs", b"the image's own passwd\n"),
+    (b"chain", b"the image's own passwd\n"),
+    (b"/dirlink/../../etc/passwd", b"the image's own passwd\n"),
+    (b"//etc//./passwd", b"the image's own passwd\n"),
+    (b"/../../etc/passwd", b"the image's own passwd\n"),
+])
+def test_read_path_resolves_links_inside_the_image(linked_image: bytes, path: bytes, content: bytes) -> None:
+    node = read_path(linked_image, path)
+    assert node is not None and node.is_reg and node.content == content
+
+
+def test_read_path_follows_links_on_the_way_and_at_the_end_on_request(linked_image: bytes) -> None:
+    data = read_path(linked_image, b"/rel")
+    assert data.is_reg and data.size == 100 and data.payload is not None
+    assert read_path(linked_image, b"/dirlink/data").payload == data.payload
+    assert sorted(read_path(linked_image, b"/dirlink").children) == [b"data"]
+    link = read_path(linked_image, b"/dirlink", follow_symlinks=False)
+    assert link.is_lnk and link.payload == b"var/lib" and not link.children
+    # a link on the way is always followed
+    assert read_path(linked_image, b"/dirlink/data", follow_symlinks=False).payload == data.payload
+
+
+@pytest.mark.parametrize("path", [b"/dangling", b"/host", b"/nothing", b"/etc/passwd/x",
+                                  b"/etc/passwd/.", b"/up/x", b"/etc/" + b"n" * 300, b"/etc/a\0b"])
+def test_read_path_gives_none_for_what_is_not_there(linked_image: bytes, path: bytes) -> None:
+    assert read_path(linked_image, path) is None
+
+
+@pytest.mark.parametrize("path", [b"/loop", b"/pingpong", b"/loop/x"])
+def test_read_path_stops_at_link_loops(linked_image: bytes, path: bytes) -> None:
+    with pytest.raises(SymlinkLoopError, match="symbolic links"):
+        read_path(linked_image, path)
+    assert read_path(linked_image, b"/loop", follow_symlinks=False).payload == b"loop"
+
+
+def test_read_path_of_a_damaged_image_raises_format_errors(linked_image: bytes) -> None:
+    for data in (b"", linked_image[:5000], b"\0" * 8192):
+        with pytest.raises(ImageFormatError):
+            read_path(data, b"/etc/passwd")
+
+
+def test_read_path_skips_whiteout_stubs(vectors: Path) -> None:
+    """The 00..ff stubs in an image's root are the writer's, not entries (read_image skips them too)."""
+    data = (vectors / "devices" / "image.cfs").read_bytes()
+    image = _Image(data)
+    stored = {name for name, _nid in image.dir_entries(image.inode(image.root_nid))}
+    stubs = sorted({b"%02x" % i for i in range(256)} & stored - set(read_image(data).children))
+    assert len(stubs) > 200, "the vector's root carries the stubs"
+    for name in stubs:
+        assert read_path(data, b"/" + name) is None

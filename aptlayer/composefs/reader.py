@@ -41,6 +41,10 @@ class ImageFormatError(ValueError):
     """The bytes are not a composefs image this reader can trust."""
 
 
+class SymlinkLoopError(ImageFormatError):
+    """A path lookup met more than :data:`MAX_SYMLINK_HOPS` symbolic links (``ELOOP``)."""
+
+
 #: deepest directory nesting accepted; a path of this many one-byte names
 #: already fills PATH_MAX (4096 bytes)
 MAX_DEPTH = 2048
@@ -50,6 +54,8 @@ MIN_IMAGE_SIZE = fmt.BLOCK_SIZE
 MAX_SYMLINK_TARGET = 4095
 #: largest inline content of a regular file (the C library refuses more)
 MAX_INLINE_CONTENT = 5000
+#: symbolic links :func:`read_path` follows in one lookup (the kernel's limit)
+MAX_SYMLINK_HOPS = 40
 
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
@@ -353,20 +359,74 @@ class _Image:
         entry = self._shared[ref] = (name, value)
         return entry
 
+    # --- path lookup ---------------------------------------------------------------
+
+    def lookup(self, path: bytes, follow_symlinks: bool) -> int | None:
+        """The nid that ``path`` names, symlinks resolved inside the image; None if absent.
+
+        Resolution works as in a chroot: an absolute target starts again at the
+        root and ``..`` stops there. Each directory is read once (its entries
+        are kept), so the budget bounds a lookup as it bounds a walk.
+        """
+        root = self.root_nid
+        trail = [root]  # the nids from the root down to the entry reached so far
+        pending = path.split(b"/")[::-1]  # components left, the next one last
+        entries: dict[int, dict[bytes, int]] = {}
+        hops = 0
+        while pending:
+            name = pending.pop()
+            parent = self.inode(trail[-1])
+            if parent.ftype != _S_IFDIR:
+                return None  # ENOTDIR, also for "file/" and "file/."
+            if name in (b"", b"."):
+                continue
+            if name == b"..":
+                if len(trail) > 1:
+                    trail.pop()
+                continue
+            if parent.nid not in entries:
+                entries[parent.nid] = dict(self.dir_entries(parent))
+            nid = entries[parent.nid].get(name)
+            if nid is None:
+                return None
+            ino = self.inode(nid)
+            if ino.ftype == _S_IFCHR and ino.u == 0:
+                return None  # a whiteout stub is not an entry
+            if ino.ftype == _S_IFLNK and (pending or follow_symlinks):
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise SymlinkLoopError(f"{path!r}: more than {MAX_SYMLINK_HOPS} symbolic links")
+                if not 0 < ino.size <= MAX_SYMLINK_TARGET:
+                    raise ImageFormatError(f"inode {nid}: symlink target of {ino.size} bytes")
+                target = self.content(ino)
+                if target.startswith(b"/"):
+                    del trail[1:]
+                pending.extend(target.split(b"/")[::-1])
+                continue
+            trail.append(nid)
+        return trail[-1]
+
     # --- the walk -----------------------------------------------------------------
 
-    def walk(self, filters: Collection[bytes] | None) -> Iterator[tuple[int, bytes, int, _Inode | None]]:
+    def walk(
+        self, filters: Collection[bytes] | None, top: int | None = None
+    ) -> Iterator[tuple[int, bytes, int, _Inode | None]]:
         """Depth-first pre-order over the tree, children in dirent order.
 
         Yields ``(depth, name, nid, inode)``: first the root at depth 0 with
         an empty name, then every entry below it, with ``inode`` None when
         ``nid`` was met before (a hard link). Stubs are skipped; ``filters``
         keeps only those root-level names. Each inode yielded has had its
-        header and xattr body charged to the budget.
+        header and xattr body charged to the budget. ``top`` starts the walk
+        at another inode than the root (which may then be of any type).
         """
-        root = self.inode(self.root_nid)
+        root = self.inode(self.root_nid if top is None else top)
         if root.ftype != stat.S_IFDIR:
-            raise ImageFormatError("the root inode is not a directory")
+            if top is None:
+                raise ImageFormatError("the root inode is not a directory")
+            self.spend(root.isize + root.xattr_size)
+            yield 0, b"", root.nid, root
+            return
         self.spend(root.isize + root.xattr_size)
         yield 0, b"", root.nid, root
         seen: set[int] = {root.nid}
@@ -537,12 +597,12 @@ def _read_tree(data: bytes, filters: frozenset[bytes] | None) -> Node:
         return _build_tree(_Image(data), filters)
 
 
-def _build_tree(image: _Image, filters: frozenset[bytes] | None) -> Node:
+def _build_tree(image: _Image, filters: frozenset[bytes] | None, top: int | None = None) -> Node:
     by_nid: dict[int, Node] = {}
     #: ``open_dirs[d]``: the children of the last directory met at depth ``d``,
     #: which in a pre-order walk is the parent of any entry at depth ``d + 1``
     open_dirs: list[dict[bytes, Node]] = []
-    for depth, name, nid, ino in image.walk(filters):
+    for depth, name, nid, ino in image.walk(filters, top):
         if ino is None:
             open_dirs[depth - 1][name] = Node.hardlink(by_nid[nid])
             continue
@@ -551,7 +611,46 @@ def _build_tree(image: _Image, filters: frozenset[bytes] | None) -> Node:
             open_dirs[depth - 1][name] = node
         if ino.ftype == _S_IFDIR:
             open_dirs[depth:] = (node.children,)
-    return by_nid[image.root_nid]
+    return by_nid[image.root_nid if top is None else top]
+
+
+def read_path(
+    data: bytes | bytearray | memoryview | str | os.PathLike[str],
+    path: bytes,
+    *,
+    follow_symlinks: bool = True,
+) -> Node | None:
+    """The entry at ``path`` in an image (bytes, or a path to one), or None if it has none.
+
+    Reads only the directories on the way and the entry itself, with its
+    subtree when it is a directory (hard links inside it as
+    :func:`read_image` would give them with the entry as root). Symbolic
+    links on the way, and at the end with ``follow_symlinks``, are resolved
+    inside the image as in a chroot: an absolute target starts again at the
+    image's root and ``..`` never climbs above it, so a hostile link cannot
+    name anything outside. A component that is not a directory makes the
+    path absent, as ``ENOTDIR`` would.
+
+    Raises:
+        ImageFormatError: the image is malformed or hostile.
+        SymlinkLoopError: (an ImageFormatError) the lookup meets more than
+            :data:`MAX_SYMLINK_HOPS` symbolic links.
+        OSError: ``data`` is a path that cannot be read.
+    """
+    return _read_path(_load(data), path, follow_symlinks)
+
+
+@_guarded
+def _read_path(data: bytes, path: bytes, follow_symlinks: bool) -> Node | None:
+    image = _Image(data)
+    nid = image.lookup(path, follow_symlinks)
+    if nid is None:
+        return None
+    # The lookup read each directory on the way once; the subtree gets a
+    # budget of its own, so a lookup plus a walk reads at most twice the file.
+    image.budget = image.size
+    with _gc_paused():
+        return _build_tree(image, None, nid)
 
 
 def image_objects(
