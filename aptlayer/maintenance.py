@@ -67,6 +67,11 @@ class Maintenance:
                                           newest_first=True, limit=1), None)
             if ev is not None:
                 info.update(created_at=ev.at, created_by=ev.actor.get("user"))
+                lineage = ev.data.get("lineage")
+                if lineage:
+                    info.update(base=lineage["base"]["image"], base_digest=lineage["base"]["digest"],
+                                layered=[p for p in lineage["request"]["install"] if p not in lineage["inactive"]],
+                                removed=lineage["request"]["remove"], inactive=lineage["inactive"])
             return info
 
         usage = self.journal.usage()

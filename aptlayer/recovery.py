@@ -73,6 +73,7 @@ class Recovery:
             self._verify_tail()
             for effect in s.effects:
                 effect.redo(self)
+            self._unmount_staging()
             self._abort_dead_transactions()
             self._clear_staging_leftovers()
             self._reconcile_mounts()
@@ -139,6 +140,24 @@ class Recovery:
                 self.problem(problem=f"{len(missing)} objects missing", image=image.name, objects=missing)
 
     # -- transactions and staging ------------------------------------------------------
+
+    def _unmount_staging(self) -> None:
+        """Detach what a killed layering left mounted in staging (an image mounted writable there).
+
+        No writer holds the lock, so every mount below ``staging/`` is stale;
+        its record is then marked lost like any vanished mount.
+        """
+        prefix = str(self.store.layout.staging) + "/"
+        with open("/proc/self/mountinfo", "rb") as f:
+            if os.fsencode(prefix) not in f.read():
+                return
+        from .composefs.mount import mount_info, unmount
+
+        stale = sorted({m.mount_point for m in mount_info() if m.mount_point.startswith(prefix)},
+                       key=len, reverse=True)
+        for mountpoint in stale:
+            unmount(mountpoint, lazy=True)
+            self.act("recover.staging-unmounted", mountpoint, {})
 
     def _abort_dead_transactions(self) -> None:
         s = self.store

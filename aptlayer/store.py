@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import errors, names
-from .builder import Builder, CreateOptions, Delta, Outcome, SameAs, source_for
+from .builder import Builder, CreateOptions, Delta, Outcome, SameAs, Source, source_for
 from .composefs import fsops
 from .effects import EFFECTS, DeployLinks, ImageFiles, clear_staging
 from .fault import fault
@@ -160,7 +160,8 @@ class Store:
         if state != "open":
             raise errors.Conflict(f"transaction {tx} is {state}")
 
-    def _name_free(self, name: str, tx: str | None) -> None:
+    def check_name_free(self, name: str, tx: str | None = None) -> None:
+        names.check_image_name(name)
         if self.journal.image(name) is not None:
             staged_delete = tx is not None and any(
                 op.op == "delete" and op.name == name for op in self.journal.staged_ops(tx))
@@ -192,9 +193,12 @@ class Store:
 
     # --- create -------------------------------------------------------------------
 
-    def create(self, source: str, name: str, options: CreateOptions = CreateOptions(),
-               tx: str | None = None, progress: Callable | None = None) -> dict:
-        """Build image ``name`` from a directory (or a dump with ``from_file``).
+    def create(self, source: str | Source, name: str, options: CreateOptions = CreateOptions(),
+               tx: str | None = None, progress: Callable | None = None, about: dict | None = None) -> dict:
+        """Build image ``name`` from a directory (or a dump with ``from_file``, or a given source).
+
+        ``about`` adds what the event should say of the image's making
+        (``origin``: a bootstrap or an import; ``lineage``: base and request).
 
         Objects go into the digest store as they are read; the image is
         written into the transaction's staging folder; then one SQLite
@@ -202,11 +206,11 @@ class Store:
         commits); only then is the image renamed into ``images/``.
         """
         names.check_image_name(name)
-        src = source_for(source, options.from_file)
+        src = source_for(source, options.from_file) if isinstance(source, str) else source
         with self.writing():
             if tx is not None:
                 self._open_tx(tx)
-            self._name_free(name, tx)
+            self.check_name_free(name, tx)
             implicit = tx is None
             txid = tx or new_id()
             if implicit:
@@ -224,7 +228,7 @@ class Store:
             manifest = _journal_manifest(built.manifest)
             missing = self._missing(manifest) if options.from_file else 0
             data = {"digest": built.digest, "size": built.size, "staged": self.layout.relative(built.staged),
-                    "source": src.recorded_as, "objects": built.objects, **built.provenance()}
+                    "source": src.recorded_as, "objects": built.objects, **built.provenance(), **(about or {})}
             if not implicit:
                 self.record("image.staged", name, data, txid, manifest=manifest)
                 fault("create.after-stage")
@@ -367,10 +371,15 @@ class Store:
 
     # --- explicit transactions -----------------------------------------------------------
 
-    def tx_begin(self) -> str:
+    def tx_begin(self, op: str | None = None, name: str | None = None) -> str:
+        """Open a transaction: explicit (``tx begin``), or, given ``op``, the implicit one of a
+        command made of several steps (``install``), which recovery aborts if its process dies."""
         txid = new_id()
+        data = {"explicit": op is None, "boot_id": self.boot_id}
+        if op is not None:
+            data.update(op=op, name=name)
         with self.writing():
-            self.record("tx.begun", txid, {"explicit": True, "boot_id": self.boot_id}, txid)
+            self.record("tx.begun", txid, data, txid)
         return txid
 
     def tx_commit(self, tx: str) -> dict:
@@ -400,11 +409,11 @@ class Store:
             if op.op == "delete" and op.effective_seq is None:
                 self._in_use(op.name)
 
-    def tx_rollback(self, tx: str) -> dict:
+    def tx_rollback(self, tx: str, reason: str = "rolled back by request") -> dict:
         with self.writing():
             self._open_tx(tx)
             ops = self.journal.staged_ops(tx)
-            left = self._abort(tx, reason="rolled back by request")
+            left = self._abort(tx, reason=reason)
             result = {"tx": tx, "discarded": [{"op": o.op, "name": o.name} for o in ops]}
             if left:
                 result["left_in_staging"] = left

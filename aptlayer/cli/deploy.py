@@ -76,6 +76,12 @@ def status(ctx, as_json) -> None:
         click.echo(f"      Digest: {dep['digest']}")
         if dep.get("created_at"):
             click.echo(f"     Created: {dep['created_at'][:19].replace('T', ' ')} UTC by {dep.get('created_by')}")
+        if dep.get("base"):
+            click.echo(f"   BaseImage: {dep['base']} ({dep['base_digest'][:16]})")
+            for label, key in (("LayeredPackages", "layered"), ("RemovedBasePackages", "removed"),
+                               ("InactiveRequests", "inactive")):
+                if dep[key]:
+                    click.echo(f"      {label}: {' '.join(dep[key])}")
     boot = info["next_boot"] or "nothing"
     click.echo(f"Next boot mounts: {boot}" + (f" on {info['boot_mount']}" if info["boot_mount"] else ""))
     txs = info["transactions"]

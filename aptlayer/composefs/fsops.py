@@ -18,6 +18,7 @@ every directory entry of that file system.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from collections.abc import Callable
@@ -181,13 +182,16 @@ def remove_tree_at(parent_fd: int, name: Path) -> None:
 
     Every step is relative to an fd opened with O_NOFOLLOW, so a directory
     swapped for a symlink meanwhile makes the removal fail rather than reach
-    outside the tree.
+    outside the tree; a directory on another file system (a mount point)
+    makes it fail too, rather than empty what is mounted there.
     """
     try:
         fd = open_dir(name, parent_fd)
     except FileNotFoundError:
         return
     try:
+        if os.fstat(fd).st_dev != os.fstat(parent_fd).st_dev:
+            raise OSError(errno.EBUSY, f"{fd_path(fd)} is a mount point: not removing across it")
         with os.scandir(fd) as it:
             entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
         for child, is_dir in entries:
