@@ -1,0 +1,1 @@
+"""Debian packages: dpkg databases, apt and dpkg in a sandbox, bootstraps."""
