@@ -466,7 +466,7 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
     try:
         output = []
         if refresh:
-            rc, out = work.host_apt("update")
+            rc, out = work.host_apt("update", "--error-on=any")
             output.append(out)
             problems = [line for line in _important(out) if line.startswith(("E:", "Err:"))]
             if rc != 0 or problems:
