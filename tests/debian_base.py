@@ -40,12 +40,10 @@ class Unavailable(Exception):
 def release_date(uri: str, suite: str) -> str:
     """The Release ``Date`` of *suite* at *uri*, as YYYYMMDDTHHMMSSZ."""
     with urllib.request.urlopen(f"{uri.rstrip('/')}/dists/{suite}/InRelease", timeout=20) as response:
-        for raw in response:
+        for _, raw in zip(range(100), response):  # the fields come first, Date among them
             line = raw.decode("utf-8", "replace")
             if line.startswith("Date:"):
                 return parsedate_to_datetime(line[5:].strip()).strftime("%Y%m%dT%H%M%SZ")
-            if not line.strip():
-                break
     raise Unavailable(f"{uri} {suite}: InRelease has no Date field")
 
 

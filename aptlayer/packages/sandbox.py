@@ -158,7 +158,7 @@ def bwrap_argv(root: Path, binds: tuple[Bind, ...] = (), tmpfs: tuple[str, ...] 
     for inside in tmpfs:
         argv += ["--tmpfs", inside]
     if policy_fd is not None:
-        argv += ["--ro-bind-data", str(policy_fd), POLICY_RC_D]
+        argv += ["--perms", "0755", "--ro-bind-data", str(policy_fd), POLICY_RC_D]
     return argv
 
 
