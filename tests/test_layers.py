@@ -1,7 +1,8 @@
 """The layers of docs/architecture.md, checked on the source.
 
 composefs knows nothing of the journal, the journal nothing of composefs,
-and the CLI neither touches SQL nor reaches past the Store into the journal.
+the CLI neither touches SQL nor reaches past the Store into the journal,
+and packages/ (apt, dpkg, mmdebstrap) knows nothing of the Store above it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ FORBIDDEN = {
     "composefs": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery", "sqlite3"),
     "journal": ("aptlayer.composefs", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery"),
     "cli": ("aptlayer.journal", "sqlite3", "sqlite_utils"),
+    # packages/ is a room of its own: layering calls it, it calls nothing above
+    "packages": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery",
+                 "aptlayer.maintenance", "aptlayer.watch", "sqlite3", "sqlite_utils"),
 }
 
 

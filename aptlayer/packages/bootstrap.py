@@ -151,7 +151,8 @@ def _failure(request: BootstrapRequest, output: str) -> BootstrapFailed:
     apt_lines = [line for line in lines if "mmdebstrap failed" not in line
                  and not re.match(r"E: apt-get .* failed$", line)] or lines
     text = "\n".join(lines)
-    headline = apt_lines[0] if apt_lines else "mmdebstrap failed"
+    headline = next((line for line in apt_lines if line.startswith("E:")),
+                    apt_lines[0] if apt_lines else "mmdebstrap failed")
     summary = f"cannot bootstrap {request.suite}"
     if "does not have a Release file" in text or re.search(
             rf"/dists/{re.escape(request.suite)}/\S*\s+(File not found|404)", text):
