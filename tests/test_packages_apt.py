@@ -102,7 +102,7 @@ def test_postinst_runs_and_prerm_runs_on_remove(debian_root: Path, install) -> N
     install(debian_root, "al-scripts")
     made = debian_root / "var/lib/al-scripts/made-by-postinst"
     assert made.read_text() == "configure \n"  # postinst configure, no previous version
-    outcome = apt.remove(debian_root, ["al-scripts"], cache=install.cache)
+    outcome = apt.remove(debian_root, ["al-scripts"])
     assert outcome.removed == [Package("al-scripts", "1.0", "all")]
     assert not made.exists()
     assert (debian_root / "var/lib/al-scripts/prerm-ran").read_text() == "remove\n"
@@ -155,7 +155,7 @@ def test_a_diversion_moves_the_base_file_aside_and_back(debian_root: Path, insta
     assert (debian_root / DIVERTED.lstrip("/")).read_text() == "#!/bin/sh\necho diverted by al-divert\n"
     assert (debian_root / f"{DIVERTED}.distrib".lstrip("/")).read_bytes() == original
     assert "diversion of" in in_root(debian_root, "dpkg-divert", "--list", DIVERTED)
-    apt.remove(debian_root, ["al-divert"], cache=install.cache)
+    apt.remove(debian_root, ["al-divert"])
     assert (debian_root / DIVERTED.lstrip("/")).read_bytes() == original
     assert not (debian_root / f"{DIVERTED}.distrib".lstrip("/")).exists()
 
@@ -223,9 +223,9 @@ def test_overwriting_a_base_file_without_replaces_quotes_dpkg(debian_root: Path,
 def test_removing_a_dependency_of_another_package_is_refused(debian_root: Path, install) -> None:
     install(debian_root, "al-app")
     with pytest.raises(Unsatisfiable, match="removing al-lib would also remove al-app"):
-        apt.remove(debian_root, ["al-lib"], cache=install.cache)
+        apt.remove(debian_root, ["al-lib"])
     with pytest.raises(PackageNotFound, match="not installed in the root: al-conf"):
-        apt.remove(debian_root, ["al-conf"], cache=install.cache)
+        apt.remove(debian_root, ["al-conf"])
     assert {"al-app", "al-lib"} <= {p.name for p in installed_packages(debian_root)}
 
 
@@ -250,12 +250,31 @@ def test_unsigned_repository_is_refused_unless_trusted(debian_root: Path, instal
     assert Package("al-unsigned", "1.0", "all") in outcome.installed
 
 
+@pytest.mark.parametrize("spec", ["-oDPkg::Pre-Invoke::=touch /tmp/pwned", "--purge", "al app",
+                                  "al-app=1.0;touch x", "../al-app", ""])
+def test_what_is_not_a_package_never_reaches_apt(tmp_path: Path, spec: str) -> None:
+    with pytest.raises(InvalidInput, match="invalid package"):
+        apt.check_package_specs(["al-app", spec])
+    apt.check_package_specs(["al-app", "al-app=2.0", "libc6:amd64", "hello/bookworm", "g++", "al-app=1:2.0~rc1+b1"])
+
+
+@needs_sandbox
+def test_install_and_remove_check_specs_before_running_anything(debian_root: Path, install) -> None:
+    status = (debian_root / "var/lib/dpkg/status").read_bytes()
+    with pytest.raises(InvalidInput, match="invalid package '-oAPT::Get::Simulate=false'"):
+        install(debian_root, "-oAPT::Get::Simulate=false")
+    with pytest.raises(InvalidInput, match="invalid package"):
+        apt.remove(debian_root, ["-y", "dpkg"])
+    assert (debian_root / "var/lib/dpkg/status").read_bytes() == status
+    assert not (install.cache / "lists").exists()  # apt never ran
+
+
 # -- local .deb files ------------------------------------------------------
 
 @pytest.mark.parametrize("members,why", [
-    ([("./usr/share/ok", "file"), ("/etc/cron.d/evil", "file")], "has an absolute path"),
-    ([("./usr/share/ok", "file"), ("./usr/../../escape", "file")], "has a '..' component"),
-    ([("./usr/share/ok", "file"), ("./etc/evil", "hardlink:../../etc/shadow")], "links to a path with a '..'"),
+    ([("./usr/share/ok", "file"), ("/etc/cron.d/evil", "file")], "its name is an absolute path"),
+    ([("./usr/share/ok", "file"), ("./usr/../../escape", "file")], "its name has a '..' component"),
+    ([("./usr/share/ok", "file"), ("./etc/evil", "hardlink:../../etc/shadow")], "its hard link target has a '..' component"),
     ([("./usr/share/ok", "file"), ("./dev/mem0", "chardev")], "is a device node"),
 ])
 def test_a_hostile_local_deb_is_refused(tmp_path: Path, members, why: str) -> None:

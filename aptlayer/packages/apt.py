@@ -37,7 +37,7 @@ from pathlib import Path
 
 from debian.deb822 import Deb822
 
-from ..errors import AptLayerError, Conflict, IntegrityError, InvalidInput, NoSpace, NotFound
+from ..errors import AptLayerError, Conflict, IntegrityError, InvalidInput, NoSpace, NotFound, Unsupported
 from . import sandbox
 from .sandbox import Bind
 from .sources import Source, render_deb822
@@ -186,18 +186,27 @@ def inspect_deb(path: Path) -> Package:
 
 
 def _check_member(deb: Path, member: tarfile.TarInfo) -> None:
-    def bad(why: str) -> BadDeb:
-        return BadDeb(f"{deb}: refused: member {member.name!r} {why}")
-
-    for name, what in ((member.name, "has"), (member.linkname if member.islnk() else "", "links to a path with")):
-        if not name:
-            continue
+    names = [("name", member.name)]
+    if member.islnk():
+        names.append(("hard link target", member.linkname))
+    for what, name in names:
         if name.startswith("/"):
-            raise bad(f"{what} an absolute path" if what == "has" else f"{what} an absolute path")
+            raise BadDeb(f"{deb}: refused: member {member.name!r}: its {what} is an absolute path")
         if ".." in name.split("/"):
-            raise bad(f"{what} a '..' component")
+            raise BadDeb(f"{deb}: refused: member {member.name!r}: its {what} has a '..' component")
     if member.ischr() or member.isblk():
-        raise bad("is a device node")
+        raise BadDeb(f"{deb}: refused: member {member.name!r} is a device node")
+
+
+#: what apt-layer passes to apt as a package: name[:arch][=version|/release]
+_PACKAGE_SPEC = re.compile(r"^[a-z0-9][a-z0-9+.-]*(:[a-z0-9-]+)?([=/][A-Za-z0-9.+~:_-]+)?$")
+
+
+def check_package_specs(specs: list[str]) -> None:
+    """Refuse anything apt would read as other than a package (``-o...`` above all)."""
+    for spec in specs:
+        if not _PACKAGE_SPEC.match(spec):
+            raise InvalidInput(f"invalid package {spec!r}: expected NAME[:ARCH][=VERSION|/RELEASE]")
 
 
 # -- running apt ------------------------------------------------------------
@@ -217,14 +226,16 @@ def _copy_uri(uri: str) -> str:
 class _Workspace:
     """apt's configuration for one operation, seen from the host and from the sandbox."""
 
-    def __init__(self, root: Path, sources: list[Source], cache: Path, *,
+    def __init__(self, root: Path, sources: list[Source], cache: Path | None, *,
                  trusted_parts: Path | None, recommends: bool) -> None:
         self.root = Path(root)
-        self.cache = Path(cache)
-        for sub in ("lists/partial", "lists/auxfiles", "archives/partial"):
-            (self.cache / sub).mkdir(parents=True, exist_ok=True)
+        if not sandbox.exists_in_root(self.root, "/usr/bin/apt-get"):
+            raise Unsupported(f"{root} has no apt-get: bootstrap the base with variant apt or larger")
         self.dir = Path(tempfile.mkdtemp(prefix="apt-layer-apt-"))
         os.chmod(self.dir, 0o755)
+        self.cache = Path(cache) if cache is not None else self.dir / "cache"
+        for sub in ("lists/partial", "lists/auxfiles", "archives/partial"):
+            (self.cache / sub).mkdir(parents=True, exist_ok=True)
         self.archs = root_architectures(self.root)
         keyrings = self.dir / "keyrings"
         keyrings.mkdir()
@@ -461,6 +472,7 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
     sandbox.check_available()
     if not packages and not debs:
         raise InvalidInput("nothing to install")
+    check_package_specs(packages)
     local = [(Path(d), inspect_deb(Path(d))) for d in debs]
     work = _Workspace(root, sources, cache, trusted_parts=trusted_parts, recommends=recommends)
     try:
@@ -509,22 +521,22 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
         work.close()
 
 
-def remove(root: Path, packages: list[str], *, purge: bool = False,
-           cache: Path, sources: list[Source] = ()) -> Outcome:
+def remove(root: Path, packages: list[str], *, purge: bool = False) -> Outcome:
     """Remove *packages* from *root* (their prerm and postrm run in the sandbox).
 
     Refused if another package depends on one of them (apt would remove it
-    too) or if one is not installed.
+    too) or if one is not installed. Needs no sources and no network.
     """
     sandbox.check_available()
     if not packages:
         raise InvalidInput("nothing to remove")
+    check_package_specs(packages)
     before = installed_packages(root)
     names = {p.name for p in before}
     missing = [p for p in packages if p.partition(":")[0] not in names]
     if missing:
         raise PackageNotFound(f"not installed in the root: {', '.join(missing)}")
-    work = _Workspace(root, list(sources), cache, trusted_parts=None, recommends=False)
+    work = _Workspace(root, [], None, trusted_parts=None, recommends=False)
     try:
         verb = "purge" if purge else "remove"
         rc, out = work.host_apt("-y", "-s", verb, *packages)

@@ -171,8 +171,8 @@ def run(root: Path, command: list[str], *, binds: tuple[Bind, ...] = (), tmpfs: 
     refusing policy-rc.d in place; its exit status is the command's.
     """
     root = Path(root)
-    if not (root / "bin").exists() and not (root / "usr" / "bin").is_dir():
-        raise SandboxError(f"{root} is not a root file system (no /usr/bin)")
+    if not exists_in_root(root, "/bin/sh"):
+        raise SandboxError(f"{root} is not a root file system (no /bin/sh)")
     policy_fd = None
     if exists_in_root(root, POLICY_RC_D):
         read_end, write_end = os.pipe()
