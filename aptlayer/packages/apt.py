@@ -231,51 +231,53 @@ class _Workspace:
         self.root = Path(root)
         if not sandbox.exists_in_root(self.root, "/usr/bin/apt-get"):
             raise Unsupported(f"{root} has no apt-get: bootstrap the base with variant apt or larger")
-        self.dir = Path(tempfile.mkdtemp(prefix="apt-layer-apt-"))
-        os.chmod(self.dir, 0o755)
-        self.cache = Path(cache) if cache is not None else self.dir / "cache"
-        for sub in ("lists/partial", "lists/auxfiles", "archives/partial"):
-            (self.cache / sub).mkdir(parents=True, exist_ok=True)
+        if '"' in str(self.root) or (cache is not None and '"' in str(cache)):
+            raise InvalidInput(f"a path with a double quote cannot go into apt's configuration: {root}, {cache}")
         self.archs = root_architectures(self.root)
-        keyrings = self.dir / "keyrings"
-        keyrings.mkdir()
-        trusted = self.dir / "trusted.gpg.d"
-        trusted.mkdir()
-        if trusted_parts is not None and trusted_parts.is_dir():
-            for key in sorted(trusted_parts.iterdir()):
-                if key.suffix in (".gpg", ".asc") and key.is_file():
-                    shutil.copyfile(key, trusted / key.name)
-        host_map: dict[str, str] = {}
-        inside_map: dict[str, str] = {}
+        self.dir = Path(tempfile.mkdtemp(prefix="apt-layer-apt-"))
+        try:
+            self.cache = Path(cache) if cache is not None else self.dir / "cache"
+            for sub in ("lists/partial", "lists/auxfiles", "archives/partial"):
+                (self.cache / sub).mkdir(parents=True, exist_ok=True)
+            for sub in ("keyrings", "trusted.gpg.d", "state", "log"):
+                (self.dir / sub).mkdir()
+            if trusted_parts is not None and trusted_parts.is_dir():
+                for key in sorted(trusted_parts.iterdir()):
+                    if key.suffix in (".gpg", ".asc") and key.is_file():
+                        shutil.copyfile(key, self.dir / "trusted.gpg.d" / key.name)
+            names = self._copy_keyrings(sources)
+            for view, prefix in (("host", str(self.dir)), ("inside", f"{INSIDE}/work")):
+                etc = self.dir / view
+                for sub in ("sources.list.d", "apt.conf.d", "preferences.d"):
+                    (etc / sub).mkdir(parents=True)
+                mapping = {key: f"{prefix}/keyrings/{name}" for key, name in names.items()}
+                (etc / "sources.list.d" / "apt-layer.sources").write_text(
+                    render_deb822(sources, mapping, _copy_uri))
+            self.host_config = self._config("host", recommends)
+            self.inside_config = self._config("inside", recommends)
+            # readable by apt's _apt user, which fetches where it can
+            for p in [self.dir, *self.dir.rglob("*")]:
+                p.chmod(0o755 if p.is_dir() else 0o644)
+        except BaseException:
+            self.close()
+            raise
+
+    def _copy_keyrings(self, sources: list[Source]) -> dict[str, str]:
+        """Copy every keyring the sources name into keyrings/: Signed-By entry -> file name."""
+        names: dict[str, str] = {}
         for number, source in enumerate(sources):
             for item in source.keyring_files():
-                if item in host_map:
+                if item in names:
                     continue
-                suffix = ".asc" if item.endswith(".asc") else ".gpg"
-                name = f"{len(host_map)}{suffix}"
+                names[item] = f"{len(names)}{'.asc' if item.endswith('.asc') else '.gpg'}"
                 try:
-                    shutil.copyfile(item, keyrings / name)
+                    shutil.copyfile(item, self.dir / "keyrings" / names[item])
                 except OSError as exc:
                     raise InvalidInput(f"{source.origin}: keyring {item}: {exc.strerror}") from None
-                host_map[item], inside_map[item] = str(keyrings / name), f"{INSIDE}/work/keyrings/{name}"
             if source.signed_by_key is not None:
-                name = f"inline-{number}.asc"
-                (keyrings / name).write_text(source.signed_by_key)
-                host_map[f"inline:{number}"] = str(keyrings / name)
-                inside_map[f"inline:{number}"] = f"{INSIDE}/work/keyrings/{name}"
-        for view, mapping in (("host", host_map), ("inside", inside_map)):
-            etc = self.dir / view
-            (etc / "sources.list.d").mkdir(parents=True)
-            (etc / "apt.conf.d").mkdir()
-            (etc / "preferences.d").mkdir()
-            (etc / "sources.list.d" / "apt-layer.sources").write_text(
-                render_deb822(sources, mapping, _copy_uri))
-        (self.dir / "state").mkdir()
-        (self.dir / "log").mkdir()
-        self.host_config = self._config("host", recommends)
-        self.inside_config = self._config("inside", recommends)
-        for p in [self.dir, *self.dir.rglob("*")]:
-            p.chmod(0o755 if p.is_dir() else 0o644)
+                names[f"inline:{number}"] = f"inline-{number}.asc"
+                (self.dir / "keyrings" / f"inline-{number}.asc").write_text(source.signed_by_key)
+        return names
 
     def _config(self, view: str, recommends: bool) -> Path:
         host = view == "host"
