@@ -14,6 +14,7 @@ al-conf            a conffile, /etc/al-conf.conf
 al-scripts         postinst creates /var/lib/al-scripts/made-by-postinst,
                    prerm removes it and leaves /var/lib/al-scripts/prerm-ran
 al-badpostinst     postinst prints a line and exits 1
+al-probe           postinst writes what it can reach to /var/lib/al-probe/report
 al-conflicts       Conflicts with a base package (:data:`BASE_PACKAGE`)
 al-replaces        ships a file the base has too (:data:`BASE_FILE`) with
                    Replaces on its owner
@@ -54,6 +55,18 @@ BASE_FILE = "/usr/share/lintian/overrides/tzdata"
 DIVERTED = "/usr/bin/ischroot"
 
 
+#: al-probe's postinst: what a maintainer script sees of the host, one answer a line
+PROBE = """\
+mkdir -p /var/lib/al-probe
+{
+  echo "interfaces: $(grep -c : /proc/net/dev)"
+  echo "pid1: $(cat /proc/1/comm)"
+  if touch /run/apt-layer/cache/archives/poison 2>/dev/null; then echo "cache: writable"; else echo "cache: read-only"; fi
+  if [ -e /usr/bin/mmdebstrap ]; then echo "host root: visible"; else echo "host root: hidden"; fi
+  echo "policy-rc.d: $(/usr/sbin/policy-rc.d x start >/dev/null 2>&1 || echo $?)"
+} > /var/lib/al-probe/report"""
+
+
 @dataclass
 class Pkg:
     """What goes into one test package."""
@@ -85,6 +98,7 @@ def default_packages() -> list[Pkg]:
         Pkg("al-badpostinst", files={"/usr/share/al-badpostinst/README": "bad\n"}, scripts={
             "postinst": 'echo "al-badpostinst: refusing to configure" >&2; exit 1',
         }),
+        Pkg("al-probe", files={"/usr/share/al-probe/README": "probe\n"}, scripts={"postinst": PROBE}),
         Pkg("al-conflicts", control={"Conflicts": BASE_PACKAGE},
             files={"/usr/share/al-conflicts/README": "conflicts\n"}),
         Pkg("al-replaces", control={"Replaces": BASE_PACKAGE},

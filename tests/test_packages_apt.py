@@ -111,6 +111,19 @@ def test_postinst_runs_and_prerm_runs_on_remove(debian_root: Path, install) -> N
 
 
 @needs_sandbox
+def test_maintainer_scripts_reach_neither_network_nor_host_nor_cache(debian_root: Path, install) -> None:
+    assert Path("/usr/bin/mmdebstrap").exists()  # on the host: the probe looks for it
+    install(debian_root, "al-probe")
+    assert (debian_root / "var/lib/al-probe/report").read_text() == (
+        "interfaces: 1\n"  # loopback only, in a network namespace of its own
+        "pid1: bwrap\n"
+        "cache: read-only\n"
+        "host root: hidden\n"
+        "policy-rc.d: 101\n")
+    assert not list(install.cache.rglob("poison"))
+
+
+@needs_sandbox
 def test_upgrade_to_the_newer_version(debian_root: Path, install, apt_repo: AptRepo) -> None:
     install(debian_root, "al-app=1.0")
     assert in_root(debian_root, "al-app") == "al-app 1.0\n"
