@@ -53,14 +53,19 @@ def install(apt_repo: AptRepo, tmp_path: Path):
     """install(root, *names, **kw) against the local repository, with one cache per test."""
     cache = tmp_path / "cache"
 
+    work = tmp_path / "work"
+    work.mkdir()
+
     def run(root: Path, *names: str, **kw):
         kw.setdefault("sources", [apt_repo.source()])
         kw.setdefault("cache", cache)
         kw.setdefault("trusted_parts", None)
+        kw.setdefault("workdir", work)
         return apt.install(root, list(names), **kw)
 
     run.cache = cache
-    return run
+    yield run
+    assert list(work.iterdir()) == []  # each operation removed its apt configuration, failed or not
 
 
 # -- success --------------------------------------------------------------

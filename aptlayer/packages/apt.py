@@ -227,14 +227,14 @@ class _Workspace:
     """apt's configuration for one operation, seen from the host and from the sandbox."""
 
     def __init__(self, root: Path, sources: list[Source], cache: Path | None, *,
-                 trusted_parts: Path | None, recommends: bool) -> None:
+                 trusted_parts: Path | None, recommends: bool, under: Path | None = None) -> None:
         self.root = Path(root)
         if not sandbox.exists_in_root(self.root, "/usr/bin/apt-get"):
             raise Unsupported(f"{root} has no apt-get: bootstrap the base with variant apt or larger")
         if '"' in str(self.root) or (cache is not None and '"' in str(cache)):
             raise InvalidInput(f"a path with a double quote cannot go into apt's configuration: {root}, {cache}")
         self.archs = root_architectures(self.root)
-        self.dir = Path(tempfile.mkdtemp(prefix="apt-layer-apt-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="apt-layer-apt-", dir=under))
         try:
             self.cache = Path(cache) if cache is not None else self.dir / "cache"
             for sub in ("lists/partial", "lists/auxfiles", "archives/partial"):
@@ -462,12 +462,15 @@ def _check_result(root: Path, before: list[Package], plan_in: list[Package], pla
 
 def install(root: Path, packages: list[str], *, sources: list[Source], cache: Path,
             debs: list[Path] = (), refresh: bool = True, recommends: bool = True,
-            trusted_parts: Path | None = TRUSTED_PARTS) -> Outcome:
+            trusted_parts: Path | None = TRUSTED_PARTS, workdir: Path | None = None) -> Outcome:
     """Install *packages* (apt names, ``name=version`` allowed) and local *debs* into *root*.
 
     *sources* are what apt fetches from (the host's, usually); *cache* is the
     download cache (lists and .debs), kept between calls. With *refresh*
-    the package lists are updated first. Raises an :class:`AptFailed`
+    the package lists are updated first. apt's configuration for the
+    operation lives in a temporary directory under *workdir* (the system's
+    temporary directory by default; the Store will pass its staging), removed
+    at the end whatever happens. Raises an :class:`AptFailed`
     subclass, quoting apt or dpkg, if anything goes wrong; the root is then
     in whatever state dpkg left it, and the caller discards it.
     """
@@ -476,7 +479,7 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
         raise InvalidInput("nothing to install")
     check_package_specs(packages)
     local = [(Path(d), inspect_deb(Path(d))) for d in debs]
-    work = _Workspace(root, sources, cache, trusted_parts=trusted_parts, recommends=recommends)
+    work = _Workspace(root, sources, cache, trusted_parts=trusted_parts, recommends=recommends, under=workdir)
     try:
         output = []
         if refresh:
@@ -523,7 +526,7 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
         work.close()
 
 
-def remove(root: Path, packages: list[str], *, purge: bool = False) -> Outcome:
+def remove(root: Path, packages: list[str], *, purge: bool = False, workdir: Path | None = None) -> Outcome:
     """Remove *packages* from *root* (their prerm and postrm run in the sandbox).
 
     Refused if another package depends on one of them (apt would remove it
@@ -538,7 +541,7 @@ def remove(root: Path, packages: list[str], *, purge: bool = False) -> Outcome:
     missing = [p for p in packages if p.partition(":")[0] not in names]
     if missing:
         raise PackageNotFound(f"not installed in the root: {', '.join(missing)}")
-    work = _Workspace(root, [], None, trusted_parts=None, recommends=False)
+    work = _Workspace(root, [], None, trusted_parts=None, recommends=False, under=workdir)
     try:
         verb = "purge" if purge else "remove"
         rc, out = work.host_apt("-y", "-s", verb, *packages)
