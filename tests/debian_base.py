@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def base_tree(suite: str = SUITE, variant: str = VARIANT) -> Path:
     return tree
 
 
-def writable_root(lower: Path, work: Path) -> tuple[Path, callable]:
+def writable_root(lower: Path, work: Path) -> tuple[Path, Callable[[], None]]:
     """A writable view of *lower* under *work*: (root, cleanup).
 
     An overlay mount where the kernel allows it (milliseconds), otherwise a

@@ -120,3 +120,10 @@ def test_binds_are_read_only_unless_asked(debian_root: Path, tmp_path: Path) -> 
                  binds=(Bind(ro, "/mnt/ro"), Bind(rw, "/mnt/rw", writable=True)))
     assert "ro\n" in out and "Read-only file system" in out and "wrote" in out
     assert not (ro / "new").exists() and (rw / "new").exists()
+
+
+def test_a_directory_without_a_shell_is_not_a_root(tmp_path: Path) -> None:
+    from aptlayer.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="is not a root file system"):
+        sandbox.run(tmp_path, ["true"])

@@ -33,7 +33,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import PermissionDenied, Unsupported
+from ..errors import InvalidInput, PermissionDenied, Unsupported
 
 BWRAP = "bwrap"
 
@@ -145,10 +145,9 @@ def bwrap_argv(root: Path, binds: tuple[Bind, ...] = (), tmpfs: tuple[str, ...] 
         "--ro-bind", "/sys", "/sys",
         "--tmpfs", "/tmp",
         "--tmpfs", "/run",
-        "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+        "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
         "--hostname", "apt-layer",
         "--die-with-parent", "--new-session",
-        "--unshare-net",
         "--chdir", "/",
     ]
     for cap in DROPPED_CAPS:
@@ -163,16 +162,18 @@ def bwrap_argv(root: Path, binds: tuple[Bind, ...] = (), tmpfs: tuple[str, ...] 
 
 
 def run(root: Path, command: list[str], *, binds: tuple[Bind, ...] = (), tmpfs: tuple[str, ...] = (),
-        env: dict[str, str] | None = None, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    """Run *command* in a sandbox on *root*; output (stdout and stderr merged) as text.
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run *command* in a sandbox on *root*, stdout and stderr merged (:func:`output_text`).
 
-    *tmpfs* lists paths (mount points that exist in a bind) that get an
-    empty writable tmpfs. The command runs from the root's own ``/bin/sh`` wrapper that puts the
-    refusing policy-rc.d in place; its exit status is the command's.
+    *binds* are host paths to show inside; *tmpfs* lists paths (mount points
+    that exist in a bind) that get an empty writable tmpfs; *env* adds to
+    the fixed environment. The command runs under the root's own
+    ``/bin/sh``, which puts the refusing policy-rc.d in place; the exit
+    status is the command's.
     """
     root = Path(root)
     if not exists_in_root(root, "/bin/sh"):
-        raise SandboxError(f"{root} is not a root file system (no /bin/sh)")
+        raise InvalidInput(f"{root} is not a root file system (no /bin/sh)")
     policy_fd = None
     if exists_in_root(root, POLICY_RC_D):
         read_end, write_end = os.pipe()
@@ -183,9 +184,9 @@ def run(root: Path, command: list[str], *, binds: tuple[Bind, ...] = (), tmpfs: 
         argv = bwrap_argv(root, binds, tmpfs, policy_fd)
         argv += ["--", "/bin/sh", "-c", _WRAPPER, "apt-layer-sandbox", *command]
         return subprocess.run(
-            argv, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env={**ENV, **(env or {})}, pass_fds=(policy_fd,) if policy_fd is not None else (),
-            text=False, check=False,
+            check=False,
         )
     finally:
         if policy_fd is not None:
