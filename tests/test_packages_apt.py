@@ -391,3 +391,15 @@ def test_a_dpkg_database_behind_a_symlink_is_not_read(tmp_path: Path) -> None:
     (root / "var/lib").symlink_to(real / "var/lib")
     with pytest.raises(InvalidInput, match="is a symlink"):
         installed_packages(root)
+
+
+@needs_sandbox
+def test_an_unreachable_repository_quotes_apt(debian_root: Path, install) -> None:
+    from aptlayer.packages.sources import Source
+
+    closed = Source(uris=("http://127.0.0.1:9/debian",), suites=("stable",), components=("main",))
+    with pytest.raises(DownloadFailed) as err:
+        install(debian_root, "al-app", sources=[closed])
+    assert str(err.value) == (
+        "cannot read the package lists: E: Failed to fetch http://127.0.0.1:9/debian/dists/stable/InRelease  "
+        "Could not connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)")

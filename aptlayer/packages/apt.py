@@ -401,7 +401,7 @@ def _failure(summary: str, output: str, default: type[AptFailed] = AptFailed) ->
 
 def _headline(lines: list[str]) -> str:
     """The one line of apt's or dpkg's that says best what went wrong."""
-    for prefix in ("dpkg: error", "E: The repository", "Err:"):
+    for prefix in ("dpkg: error", "E: The repository", "E: Failed to fetch", "Err:"):
         for line in lines:
             if line.startswith(prefix):
                 return line
