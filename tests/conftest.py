@@ -71,3 +71,37 @@ def store(tmp_path: Path):
 def as_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
+
+
+@pytest.fixture(scope="session")
+def debian_base_tree() -> Path:
+    """The cached bookworm minbase, extracted (read-only: use ``debian_root``)."""
+    from debian_base import Unavailable, base_tree
+
+    try:
+        return base_tree()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def debian_root(debian_base_tree: Path, tmp_path: Path):
+    """A writable bookworm minbase root of this test's own (an overlay on the cached tree)."""
+    from debian_base import writable_root
+
+    root, cleanup = writable_root(debian_base_tree, tmp_path / "base")
+    yield root
+    cleanup()
+
+
+@pytest.fixture(scope="session")
+def apt_repo(tmp_path_factory):
+    """The signed local apt repository of tests/aptrepo.py, built once per run."""
+    import shutil as _shutil
+
+    from aptrepo import AptRepo
+
+    for tool in ("dpkg-deb", "apt-ftparchive", "gpg"):
+        if _shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (tools/setup.sh installs it)")
+    return AptRepo.build(tmp_path_factory.mktemp("aptrepo") / "repo")

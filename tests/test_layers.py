@@ -26,7 +26,8 @@ FORBIDDEN = {
     "gc": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "sqlite3"),
     # a room of its own: reads images through composefs, is called by the Store, never calls it
     "packages": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery",
-                 "aptlayer.maintenance", "aptlayer.gc", "sqlite3", "sqlite_utils"),
+                 "aptlayer.maintenance", "aptlayer.gc", "aptlayer.watch", "aptlayer.layering",
+                 "sqlite3", "sqlite_utils"),
 }
 
 

@@ -13,6 +13,12 @@ command -v setfattr >/dev/null || need+=(attr)
 command -v losetup >/dev/null || need+=(util-linux)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
+# packages/: bootstrap a base, sandbox maintainer scripts; the tests build a signed repository
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v bwrap >/dev/null || need+=(bubblewrap)
+command -v apt-ftparchive >/dev/null || need+=(apt-utils)
+command -v gpg >/dev/null || need+=(gnupg)
+command -v dpkg-scanpackages >/dev/null || need+=(dpkg-dev)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null

@@ -1,5 +1,6 @@
-"""Debian packages: the dpkg database of a tree or an image, and package set diffs.
+"""Debian packages: dpkg databases of trees and images, package diffs, the host's apt
+sources, bootstraps, and apt and dpkg in a sandbox around a new root.
 
-This room reads roots through the composefs reader and knows nothing of the
-journal, the Store or the CLI (tests/test_layers.py holds it so).
+This room knows nothing of the journal, the Store or the CLI (tests/test_layers.py
+holds it so); the Store and layering call it.
 """
