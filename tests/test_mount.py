@@ -31,6 +31,7 @@ import pytest
 from aptlayer.composefs import fsverity
 from aptlayer.composefs import mount as cfsmount
 from aptlayer.composefs.mount import MountError, MountInfo, is_mounted, mount, mount_info, unmount
+from aptlayer.linux import verity
 from conftest import VECTORS, vector_names
 
 pytestmark = pytest.mark.root
@@ -518,7 +519,7 @@ def test_idmap_needs_a_user_namespace(vectors: Path, mnt: Path) -> None:
 
 
 def _kernel_has_fsverity() -> bool:
-    return not cfsmount._kernel_lacks_fsverity()
+    return not verity.kernel_lacks_fsverity()
 
 
 def test_verity_require_is_refused_without_fsverity(vectors: Path, mnt: Path) -> None:

@@ -16,6 +16,7 @@ from aptlayer.composefs.objectstore import (
     SourceChanged,
     UnsupportedSource,
 )
+from aptlayer.linux import verity
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_non_regular_refused(tmp_path: Path, kind: str) -> None:
 def test_verity_reported_not_fatal(tmp_path: Path) -> None:
     store = ObjectStore(tmp_path / "store")
     r = store.import_file(make(tmp_path, "a", b"v" * 100))
-    if fsverity.supported(tmp_path):
+    if verity.supported(tmp_path):
         assert r.verity and r.verity_error is None
     else:
         assert not r.verity

@@ -77,10 +77,10 @@ def fchmod(fd: int, mode: int) -> None:
 
 
 def enable_verity(fd: int) -> bool:
-    """``fsverity.enable`` (it makes the file immutable, so it counts as a change)."""
-    from . import fsverity
+    """``verity.enable`` (it makes the file immutable, so it counts as a change)."""
+    from aptlayer.linux import verity
 
-    result = fsverity.enable(fd)
+    result = verity.enable(fd)
     if recorder is not None:
         recorder("enable_verity", (fd_path(fd),))
     return result

@@ -34,7 +34,6 @@ import ctypes
 import dataclasses
 import errno
 import fcntl
-import gzip
 import os
 import platform
 import re
@@ -47,7 +46,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from aptlayer.composefs.format import COMPOSEFS_FLAGS_HAS_ACL, COMPOSEFS_HEADER, COMPOSEFS_MAGIC
-from aptlayer.composefs.fsverity import FS_IOC_MEASURE_VERITY
+from aptlayer.linux import verity
 
 StrPath: TypeAlias = str | os.PathLike[str]
 Verity = Literal["off", "try", "require"]
@@ -415,34 +414,19 @@ def _image_has_acl(fd: int, path: str) -> bool:
     return bool(flags & COMPOSEFS_FLAGS_HAS_ACL)
 
 
-def _kernel_lacks_fsverity() -> bool:
-    """Whether this kernel was built without ``CONFIG_FS_VERITY``, as far as can be told.
-
-    ``/proc/config.gz`` says so when present; otherwise ext4 lists a
-    ``verity`` feature in sysfs exactly when the kernel has fs-verity.
-    """
-    try:
-        with gzip.open("/proc/config.gz", "rt") as f:
-            return "CONFIG_FS_VERITY=y\n" not in f.read()
-    except OSError:
-        return os.path.isdir("/sys/fs/ext4/features") and not os.path.exists("/sys/fs/ext4/features/verity")
-
-
 def _verity_unsupported_reason(path: str) -> str:
-    if _kernel_lacks_fsverity():
+    if verity.kernel_lacks_fsverity():
         return "this kernel was built without fs-verity (CONFIG_FS_VERITY is not set)"
     return f"the file system holding {path} does not support fs-verity"
 
 
 def _measure(fd: int) -> tuple[int, str]:
-    """(errno, hex digest) of FS_IOC_MEASURE_VERITY: errno 0 when it has a digest."""
-    arg = bytearray(struct.pack("<HH", 0, 64) + bytes(64))
+    """(errno, hex digest) of the kernel's fs-verity measure: errno 0 when it has a digest."""
     try:
-        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, arg, True)
+        _alg, digest = verity.measure_raw(fd)
     except OSError as e:
         return e.errno or errno.EIO, ""
-    _alg, size = struct.unpack_from("<HH", arg)
-    return 0, arg[4 : 4 + size].hex()
+    return 0, digest.hex()
 
 
 def _check_digest(fd: int, path: str, expected: str) -> None:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from aptlayer.composefs import fsops, fsverity
 from aptlayer.composefs.fsverity import RawDigest
+from aptlayer.linux import verity
 
 OBJECT_MODE = 0o644
 #: a batch commits by itself once this many objects, or bytes, wait for it
@@ -352,7 +353,7 @@ class ObjectStore:
         placed = False
         try:
             self._fill(tmp, fd, before)
-            verity, why = self._enable_verity(tmp)
+            has_verity, why = self._enable_verity(tmp)
             if self.batch:
                 self._stage(tmp, dest, before.st_size)
             else:
@@ -363,7 +364,7 @@ class ObjectStore:
                 _unlink_quietly(tmp)
         if not self.batch:
             fsops.fsync_dir(os.path.dirname(dest))
-        return ImportResult(digest, dest, True, verity, before.st_size, why)
+        return ImportResult(digest, dest, True, has_verity, before.st_size, why)
 
     def _fill(self, tmp: str, fd: int, before: os.stat_result) -> None:
         """Create ``tmp`` with the content of ``fd``, mode 0644; fsynced unless batched."""
@@ -392,7 +393,7 @@ class ObjectStore:
         try:
             fsops.enable_verity(fd)
             return True, None
-        except fsverity.VerityUnsupported as e:
+        except verity.VerityUnsupported as e:
             self._no_verity = str(e)
             return False, self._no_verity
         except OSError as e:
@@ -462,11 +463,11 @@ class ObjectStore:
         except FileNotFoundError:
             return None
         try:
-            verity = fsverity.measure(ofd) is not None
+            has_verity = verity.measure(ofd) is not None
         finally:
             os.close(ofd)
-        why = None if verity else "not enabled on the existing object"
-        return ImportResult(digest, dest, False, verity, size, why)
+        why = None if has_verity else "not enabled on the existing object"
+        return ImportResult(digest, dest, False, has_verity, size, why)
 
     def _ensure_dir(self, path: str, parent: str) -> None:
         """Create ``path`` if needed and make its entry in ``parent`` durable.
