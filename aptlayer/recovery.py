@@ -31,10 +31,10 @@ from __future__ import annotations
 import os
 
 from . import mounts
-from .composefs import fsops
 from .damage import deployed_damage
 from .fault import fault
 from .layout import new_id
+from .linux import fsops
 from .store import Store
 
 

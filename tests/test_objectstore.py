@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from aptlayer.composefs import fsops, fsverity
+from aptlayer.composefs import fsverity
 from aptlayer.composefs import objectstore
 from aptlayer.composefs.objectstore import (
     ObjectStore,
     SourceChanged,
     UnsupportedSource,
 )
-from aptlayer.linux import verity
+from aptlayer.linux import fsops, verity
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ A caller whose collector cannot run meanwhile (the Store holds its lock)
 turns that off with ``refresh_hits=False``: one ``utime`` per hit is most
 of what an unchanged rebuild costs the file system.
 
-Every change to disk goes through :mod:`aptlayer.composefs.fsops`.
+Every change to disk goes through :mod:`aptlayer.linux.fsops`.
 Removing objects is the garbage collector's job; this module only lists them.
 """
 
@@ -38,9 +38,9 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from aptlayer.composefs import fsops, fsverity
+from aptlayer.composefs import fsverity
 from aptlayer.composefs.fsverity import RawDigest
-from aptlayer.linux import verity
+from aptlayer.linux import fsops, verity
 
 OBJECT_MODE = 0o644
 #: a batch commits by itself once this many objects, or bytes, wait for it

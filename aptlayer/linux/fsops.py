@@ -1,4 +1,4 @@
-"""The file system mutations of the digest store, in one place.
+"""The file system mutations of apt-layer's store, in one place.
 
 Every change the store makes to disk goes through these functions, so a
 crash-safety test can record the exact sequence (the ALICE method: replay
@@ -78,7 +78,7 @@ def fchmod(fd: int, mode: int) -> None:
 
 def enable_verity(fd: int) -> bool:
     """``verity.enable`` (it makes the file immutable, so it counts as a change)."""
-    from aptlayer.linux import verity
+    from . import verity
 
     result = verity.enable(fd)
     if recorder is not None:
