@@ -188,9 +188,10 @@ class Recovery:
         if not rows:
             return
         # ctypes: only when there are mounts to check
-        from .composefs.mount import composefs_mount_points_elsewhere, mount_info
+        from .composefs.mount import composefs_mount_points_elsewhere, is_composefs
+        from .linux.mountinfo import mount_info
 
-        present = {m.mount_point for m in mount_info() if m.is_composefs}
+        present = {m.mount_point for m in mount_info() if is_composefs(m)}
         elsewhere = None
         for mountpoint, image, boot in rows:
             if boot == self.store.boot_id and mountpoint not in present:
@@ -222,7 +223,7 @@ def mount_deployment(store: Store, target: str) -> dict:
     current = store.journal.deployments().get("current")
     if current is None:
         return {"mounted": None, "reason": "nothing deployed"}
-    from .composefs.mount import is_mounted
+    from .linux.mountinfo import is_mounted
 
     if is_mounted(target):
         return {"mounted": None, "reason": f"{target} is already mounted"}

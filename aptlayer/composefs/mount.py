@@ -24,8 +24,8 @@ string ``lowerdir=TMP::BASE1::BASE2`` (or ``TMP:BASE1:...`` before data-only
 layers existed, Linux < 6.5, where the 256 root whiteouts of the image hide
 the stores' ``xx/`` directories).
 
-``mount_info()`` and ``is_mounted()`` read ``/proc/self/mountinfo``, the truth
-that recovery reconciles its mount records against (CRASH-SAFETY.md).
+``is_composefs()`` tells a composefs overlay among the mounts that
+``aptlayer.linux.mountinfo`` lists.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from aptlayer.composefs.format import COMPOSEFS_FLAGS_HAS_ACL, COMPOSEFS_HEADER, COMPOSEFS_MAGIC
-from aptlayer.linux import verity
+from aptlayer.linux import mountinfo, verity
+from aptlayer.linux.mountinfo import MountInfo
 
 StrPath: TypeAlias = str | os.PathLike[str]
 Verity = Literal["off", "try", "require"]
@@ -202,60 +203,12 @@ class _FsContext:
                 return "; ".join(line for line in lines if line)
 
 
-# --- /proc/self/mountinfo ---------------------------------------------------------
-
-_OCTAL = re.compile(rb"\\([0-7]{3})")
+# --- which mounts are composefs ------------------------------------------------------
 
 
-def _unescape(field: bytes) -> str:
-    """Undo the kernel's ``\\NNN`` octal escapes (space, tab, newline, backslash...)."""
-    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    """One line of ``/proc/PID/mountinfo`` (see proc(5)), unescaped."""
-
-    mount_id: int
-    parent_id: int
-    major: int
-    minor: int
-    root: str
-    mount_point: str
-    options: tuple[str, ...]
-    optional: tuple[str, ...]
-    fstype: str
-    source: str
-    super_options: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, line: bytes) -> MountInfo:
-        fields = line.rstrip(b"\n").split(b" ")
-        sep = fields.index(b"-", 6)
-        major, minor = fields[2].split(b":")
-        return cls(
-            mount_id=int(fields[0]),
-            parent_id=int(fields[1]),
-            major=int(major),
-            minor=int(minor),
-            root=_unescape(fields[3]),
-            mount_point=_unescape(fields[4]),
-            options=tuple(_unescape(o) for o in fields[5].split(b",")),
-            optional=tuple(_unescape(o) for o in fields[6:sep]),
-            fstype=_unescape(fields[sep + 1]),
-            source=_unescape(fields[sep + 2]),
-            super_options=tuple(_unescape(o) for o in fields[sep + 3].split(b",") if o),
-        )
-
-    @property
-    def is_composefs(self) -> bool:
-        return self.fstype == "overlay" and self.source == SOURCE
-
-
-def mount_info(pid: int | str = "self") -> list[MountInfo]:
-    """The mounts in a process's mount namespace, in the kernel's order."""
-    with open(f"/proc/{pid}/mountinfo", "rb") as f:
-        return [MountInfo.parse(line) for line in f if line.strip()]
+def is_composefs(m: MountInfo) -> bool:
+    """Whether a mount is a composefs overlay (by the ``source`` every one of them shows)."""
+    return m.fstype == "overlay" and m.source == SOURCE
 
 
 def composefs_mount_points_elsewhere() -> set[str]:
@@ -263,35 +216,9 @@ def composefs_mount_points_elsewhere() -> set[str]:
 
     A mount made inside ``unshare -m``, a unit with ``PrivateMounts=`` or a
     container is absent from this process's mountinfo yet keeps using its
-    objects. Each namespace is read once, through the first process found in
-    it; processes that vanish or cannot be read are skipped. The paths are as
-    the processes of that namespace see them.
+    objects.
     """
-    seen = {os.stat("/proc/self/ns/mnt").st_ino}
-    points: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
-            if ns in seen:
-                continue
-            found = mount_info(pid)
-        except (OSError, ValueError):
-            continue
-        seen.add(ns)
-        points.update(m.mount_point for m in found if m.is_composefs)
-    return points
-
-
-def _mounts_at(path: str) -> list[MountInfo]:
-    real = os.path.realpath(path)
-    return [m for m in mount_info() if m.mount_point == real]
-
-
-def is_mounted(path: StrPath) -> bool:
-    """Whether ``path`` (symlinks resolved) is a mount point."""
-    return bool(_mounts_at(os.fspath(path)))
+    return mountinfo.mount_points_elsewhere(is_composefs)
 
 
 # --- the request ----------------------------------------------------------------
@@ -365,7 +292,7 @@ def _request(
         raise MountError(errno.EINVAL,
                          f"digest {digest!r} is not a hex fs-verity digest (64 or 128 hex digits)")
     target_dir = _existing_dir(target, "mount point")
-    if not overmount and is_mounted(target_dir):
+    if not overmount and mountinfo.is_mounted(target_dir):
         raise MountError(errno.EBUSY,
                          f"{target_dir} is already a mount point; unmount it first or pass overmount=True")
     if digest is not None and verity == "off":
@@ -834,11 +761,11 @@ def unmount(target: StrPath, *, lazy: bool = False) -> None:
     a composefs overlay.  ``lazy`` detaches it even while busy (MNT_DETACH).
     """
     path = os.path.realpath(os.fspath(target))
-    mounts = _mounts_at(path)
+    mounts = mountinfo.mounts_at(path)
     if not mounts:
         raise MountError(errno.EINVAL, f"{path} is not mounted")
-    top = _topmost(mounts)
-    if not top.is_composefs:
+    top = mountinfo.topmost(mounts)
+    if not is_composefs(top):
         raise MountError(errno.EINVAL,
                          f"{path} is not a composefs mount (it is {top.fstype} from {top.source})")
     try:
@@ -850,10 +777,4 @@ def unmount(target: StrPath, *, lazy: bool = False) -> None:
         if e.errno == errno.EPERM:
             raise MountError(errno.EPERM, "unmounting composefs needs root (CAP_SYS_ADMIN)") from None
         raise MountError(e.errno, f"unmounting {path} failed: {e.strerror}") from None
-
-
-def _topmost(mounts: list[MountInfo]) -> MountInfo:
-    """The mount on top of a stack of mounts at one path: the one no other sits on."""
-    parents = {m.parent_id for m in mounts}
-    return next((m for m in mounts if m.mount_id not in parents), mounts[-1])
 
