@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from aptlayer.composefs import fsverity
 from aptlayer.composefs.fsverity import RawDigest
 from aptlayer.linux import fsops, verity
+from aptlayer.linux.boot import boot_id
 
 OBJECT_MODE = 0o644
 #: a batch commits by itself once this many objects, or bytes, wait for it
@@ -101,17 +102,8 @@ class TempFile:
     stale: bool
 
 
-def _boot_tag() -> str:
-    """First 8 hex digits of this boot's id (it changes at every boot)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip().replace("-", "")[:8]
-    except OSError:
-        return "00000000"
-
-
-#: identifies this boot in temp file names
-BOOT_TAG = _boot_tag()
+#: identifies this boot in temp file names: the first 8 hex digits of its id
+BOOT_TAG = (boot_id() or "00000000")[:8]
 
 
 def _pid_alive(pid: int) -> bool:
