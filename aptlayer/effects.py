@@ -27,10 +27,11 @@ from pathlib import Path
 from typing import Protocol
 
 from . import layout as names
-from .composefs import fsops, fsverity
+from .composefs import fsverity
 from .fault import fault
 from .journal import Event, Journal
 from .layout import Layout
+from .linux import fsops
 
 
 @dataclass(frozen=True)

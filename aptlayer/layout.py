@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from . import errors
-from .composefs import fsops
+from .linux import fsops
 
 IMAGE_SUFFIX = ".composefs"
 #: the deployment slots, in the order their links are written

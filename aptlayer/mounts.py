@@ -55,11 +55,12 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
 def unmount(store: Store, mountpoint: str, lazy: bool = False, force: bool = False) -> dict:
     """Unmount a mount this store made (recorded in its journal); ``force`` for any other."""
     from .composefs import mount as cfsmount
+    from .linux.mountinfo import is_mounted
 
     target = os.path.realpath(mountpoint)
     row = store.journal.mount(target)
     with store.writing():
-        if cfsmount.is_mounted(target):
+        if is_mounted(target):
             if row is None and not force:
                 raise errors.Conflict(f"{target} is not a mount of this store (its journal has no record of it); "
                                       "pass --force to unmount it anyway")

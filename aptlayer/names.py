@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .errors import InvalidInput
+from .linux import boot
 
 MAX_NAME = 255 - len(".composefs")
 
@@ -29,9 +30,5 @@ def check_image_name(name: str) -> str:
 
 
 def boot_id() -> str:
-    """This boot's id (changes at each boot), without dashes."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip().replace("-", "")
-    except OSError:
-        return "noboot"
+    """This boot's id (changes at each boot), without dashes, as journal actors and staging names carry it."""
+    return boot.boot_id() or "noboot"

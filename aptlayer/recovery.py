@@ -31,10 +31,10 @@ from __future__ import annotations
 import os
 
 from . import mounts
-from .composefs import fsops
 from .damage import deployed_damage
 from .fault import fault
 from .layout import new_id
+from .linux import fsops
 from .store import Store
 
 
@@ -207,9 +207,10 @@ class Recovery:
         if not rows:
             return
         # ctypes: only when there are mounts to check
-        from .composefs.mount import composefs_mount_points_elsewhere, mount_info
+        from .composefs.mount import composefs_mount_points_elsewhere, is_composefs
+        from .linux.mountinfo import mount_info
 
-        present = {m.mount_point for m in mount_info() if m.is_composefs}
+        present = {m.mount_point for m in mount_info() if is_composefs(m)}
         elsewhere = None
         for mountpoint, image, boot in rows:
             if boot == self.store.boot_id and mountpoint not in present:
@@ -241,7 +242,7 @@ def mount_deployment(store: Store, target: str) -> dict:
     current = store.journal.deployments().get("current")
     if current is None:
         return {"mounted": None, "reason": "nothing deployed"}
-    from .composefs.mount import is_mounted
+    from .linux.mountinfo import is_mounted
 
     if is_mounted(target):
         return {"mounted": None, "reason": f"{target} is already mounted"}

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from . import errors, names
 from .builder import Builder, CreateOptions, Delta, Outcome, SameAs, Source, source_for
-from .composefs import fsops
 from .effects import EFFECTS, DeployLinks, ImageFiles, clear_staging
 from .fault import fault
 from .journal import (RECORDED, Derived, Journal, JournalCorruptError, JournalStorageError, JournalVersionError,
                       ProjectionError)
 from .layout import Layout, new_id
+from .linux import fsops
 from .lock import LockTimeout, locked
 
 __all__ = ["CreateOptions", "Store"]

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO
 
-from aptlayer.composefs.mount import is_mounted, mount_info
+from aptlayer.linux.mountinfo import is_mounted, mount_info
 
 pytestmark = pytest.mark.root
 

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 
 from aptlayer import inventory
-from aptlayer.composefs import fsops, fsverity, reader
+from aptlayer.composefs import fsverity, reader
 from aptlayer.composefs.build import render
 from aptlayer.composefs.digestcache import DigestCache, key_of, lstat_of
 from aptlayer.composefs.objectstore import ObjectStore
 from aptlayer.composefs.lstatwalk import walk
 from aptlayer.composefs.scan import ScanError, scan, scan_entries
 from aptlayer.builder.strategies import manifest_of
+from aptlayer.linux import fsops
 from aptlayer.store import CreateOptions, Store
 
 FAKE = bytes(range(32))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aptlayer.composefs import forked
+from aptlayer.linux import forked
 
 pytestmark = pytest.mark.skipif(not forked.helper_allowed(),
                                 reason="a helper needs two CPUs and a single-threaded process")
@@ -101,7 +101,7 @@ def test_a_helper_outliving_its_parent_holds_no_lock_and_no_pipe(tmp_path: Path)
     lock, helper_pid = tmp_path / "lock", tmp_path / "helper.pid"
     code = f"""
 import fcntl, os, time
-from aptlayer.composefs import forked
+from aptlayer.linux import forked
 fd = os.open({str(lock)!r}, os.O_RDWR | os.O_CREAT)
 fcntl.flock(fd, fcntl.LOCK_EX)
 def theirs():

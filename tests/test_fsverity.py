@@ -123,25 +123,6 @@ def test_object_path() -> None:
         fsverity.object_path(b"short")
 
 
-def test_kernel_ioctls_agree_with_support_probe(tmp_path) -> None:
-    p = tmp_path / "f"
-    p.write_bytes(b"data")
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        assert fsverity.measure(fd) is None  # never enabled on this file
-        if fsverity.supported(tmp_path):
-            assert fsverity.enable(fd) is True
-            assert fsverity.enable(fd) is False
-            assert fsverity.measure(fd) == fsverity.digest_bytes(b"data")
-        else:
-            with pytest.raises(fsverity.VerityUnsupported):
-                fsverity.enable(fd)
-    finally:
-        os.close(fd)
-    # the probe leaves nothing behind
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["f"]
-
-
 @pytest.mark.upstream
 @pytest.mark.parametrize("size", [0, *SIZES[:9]])
 def test_same_as_composefs_info_measure_file(composefs_info: str, tmp_path, size: int) -> None:

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from aptlayer.composefs import forked, lstatwalk
+from aptlayer.composefs import lstatwalk
 from aptlayer.composefs.digestcache import key_of, lstat_of
+from aptlayer.linux import forked
 
 SETTLED = 1 << 62  # a limit every ctime is before
 

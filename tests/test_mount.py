@@ -30,7 +30,9 @@ import pytest
 
 from aptlayer.composefs import fsverity
 from aptlayer.composefs import mount as cfsmount
-from aptlayer.composefs.mount import MountError, MountInfo, is_mounted, mount, mount_info, unmount
+from aptlayer.composefs.mount import MountError, is_composefs, mount, unmount
+from aptlayer.linux import verity
+from aptlayer.linux.mountinfo import MountInfo, is_mounted, mount_info
 from conftest import VECTORS, vector_names
 
 pytestmark = pytest.mark.root
@@ -518,7 +520,7 @@ def test_idmap_needs_a_user_namespace(vectors: Path, mnt: Path) -> None:
 
 
 def _kernel_has_fsverity() -> bool:
-    return not cfsmount._kernel_lacks_fsverity()
+    return not verity.kernel_lacks_fsverity()
 
 
 def test_verity_require_is_refused_without_fsverity(vectors: Path, mnt: Path) -> None:
@@ -561,7 +563,7 @@ def test_mount_on_a_path_that_needs_escaping(vectors: Path, tmp_path: Path, clea
     mount(image("symlinks"), odd, [OBJECTS])
     try:
         assert is_mounted(odd)
-        assert composefs_mount(odd).is_composefs
+        assert is_composefs(composefs_mount(odd))
     finally:
         unmount(odd)
     assert not is_mounted(odd)
@@ -683,21 +685,12 @@ def test_unmount_busy_then_lazy(vectors: Path, mnt: Path) -> None:
         os.close(fd)
 
 
-# --- mountinfo ------------------------------------------------------------------------------
+# --- which mounts are composefs ---------------------------------------------------------
 
 
-def test_mountinfo_line_is_parsed_and_unescaped() -> None:
+def test_composefs_overlay_is_told_by_its_source() -> None:
     line = (rb"45 27 0:40 / /tmp/a\040b\011c\012d\134e rw,relatime shared:1 master:2 - overlay composefs "
             rb"ro,lowerdir+=/,datadir+=/srv/o\054x,redirect_dir=on,metacopy=on" b"\n")
-    info = MountInfo.parse(line)
-    assert info == MountInfo(
-        mount_id=45, parent_id=27, major=0, minor=40, root="/", mount_point="/tmp/a b\tc\nd\\e",
-        options=("rw", "relatime"), optional=("shared:1", "master:2"), fstype="overlay", source="composefs",
-        super_options=("ro", "lowerdir+=/", "datadir+=/srv/o,x", "redirect_dir=on", "metacopy=on"))
-    assert info.is_composefs
-
-
-def test_mount_info_lists_the_root() -> None:
-    assert any(m.mount_point == "/" for m in mount_info())
-    assert is_mounted("/") and is_mounted("/proc")
-    assert not is_mounted("/proc/self")
+    assert is_composefs(MountInfo.parse(line))
+    assert not is_composefs(MountInfo.parse(line.replace(b" overlay composefs ", b" overlay overlay ")))
+    assert not is_composefs(MountInfo.parse(line.replace(b" overlay composefs ", b" erofs composefs ")))

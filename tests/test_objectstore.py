@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from aptlayer.composefs import fsops, fsverity
+from aptlayer.composefs import fsverity
 from aptlayer.composefs import objectstore
 from aptlayer.composefs.objectstore import (
     ObjectStore,
     SourceChanged,
     UnsupportedSource,
 )
+from aptlayer.linux import fsops, verity
 
 
 @pytest.fixture
@@ -101,7 +102,7 @@ def test_non_regular_refused(tmp_path: Path, kind: str) -> None:
 def test_verity_reported_not_fatal(tmp_path: Path) -> None:
     store = ObjectStore(tmp_path / "store")
     r = store.import_file(make(tmp_path, "a", b"v" * 100))
-    if fsverity.supported(tmp_path):
+    if verity.supported(tmp_path):
         assert r.verity and r.verity_error is None
     else:
         assert not r.verity

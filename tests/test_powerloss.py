@@ -39,9 +39,10 @@ import pytest
 
 from crashkit import check_store, kill_at, make_tree, populate, run_cli, shared_pool
 
-from aptlayer.composefs import fsops, objectstore
+from aptlayer.composefs import objectstore
 from aptlayer.composefs.digestcache import SETTLE_NS
 from aptlayer.journal import Journal
+from aptlayer.linux import fsops
 from aptlayer.recovery import recover
 from aptlayer.maintenance import Maintenance
 from aptlayer.store import CreateOptions, Store

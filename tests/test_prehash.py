@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from aptlayer.composefs import forked, fsverity, prehash, scan
+from aptlayer.composefs import fsverity, prehash, scan
 from aptlayer.composefs.build import render
 from aptlayer.composefs.digestcache import DigestCache
 from aptlayer.composefs.lstatwalk import walk
 from aptlayer.composefs.objectstore import ObjectStore
+from aptlayer.linux import forked
 
 needs_helper = pytest.mark.skipif(not forked.helper_allowed(),
                                   reason="hashing ahead needs two CPUs and a single-threaded process")

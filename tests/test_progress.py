@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from aptlayer.composefs import forked, prehash
+from aptlayer.composefs import prehash
+from aptlayer.linux import forked
 
 #: enough content to be hashed ahead on two cores (MIN_BYTES), in two batches
 MIB = 1 << 20

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import errors
-from ..composefs import fsops
 from ..fault import fault
+from ..linux import fsops
 from .options import CreateOptions, scan_key
 from .outcome import Delta, Known, Outcome, SameAs
 from .sources import DumpSource, Source

@@ -135,7 +135,8 @@ def mkcomposefs_main(argv: list[str]) -> int:
     min_version = min_version or 0
     max_version = max(max_version or 0, min_version)
 
-    from ..composefs import build, fsops
+    from ..composefs import build
+    from ..linux import fsops
 
     try:
         built = build.make_image(

@@ -48,8 +48,8 @@ import struct
 import time
 from typing import NamedTuple
 
-from aptlayer.composefs import fsops
 from aptlayer.composefs.fsverity import RawDigest
+from aptlayer.linux import fsops
 
 MAGIC = b"apt-layer entry cache 3\n"
 TREES_MAGIC = b"apt-layer tree results 2\n"

@@ -1,4 +1,4 @@
-"""fs-verity digests: computed in user space, or asked of the kernel.
+"""fs-verity digests computed in user space, and the digest store's object names.
 
 composefs names every backing object by its fs-verity digest with fixed
 parameters: SHA-256, 4096-byte Merkle blocks, no salt.  The Merkle tree hashes
@@ -18,15 +18,12 @@ different value than the same file with verity enabled.  The functions here
 use the kernel's value; ``legacy_empty=True`` reproduces the old C output for
 callers that must print it.
 
-The ioctls (``measure``, ``enable``) work on this kernel only if it has
-``CONFIG_FS_VERITY`` and the file system supports it; ``measure_file`` falls
-back to computing when the kernel cannot answer.
+The kernel's ioctls live in ``aptlayer.linux.verity``; ``measure_file``
+asks the kernel first and computes when it cannot answer.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import os
 import re
@@ -34,24 +31,17 @@ import struct
 import threading
 from typing import BinaryIO, TypeAlias
 
+from aptlayer.linux import verity
+
 RawDigest: TypeAlias = bytes
 HexDigest: TypeAlias = str
 
 BLOCK_SIZE = 4096
 DIGEST_SIZE = 32
 _LOG_BLOCK_SIZE = 12
-_HASH_ALG_SHA256 = 1
 _HASHES_PER_BLOCK = BLOCK_SIZE // DIGEST_SIZE
 #: bytes hashed per read when digesting a stream (a multiple of BLOCK_SIZE)
 READ_SIZE = 1 << 20
-
-# ioctl numbers: _IOW('f', 133, struct fsverity_enable_arg) (128 bytes) and
-# _IOWR('f', 134, struct fsverity_digest) (4-byte header).
-FS_IOC_ENABLE_VERITY = 0x40806685
-FS_IOC_MEASURE_VERITY = 0xC0046686
-
-#: errnos meaning "this kernel or file system has no fs-verity"
-_UNSUPPORTED = frozenset({errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 _local = threading.local()
@@ -65,14 +55,10 @@ def _read_buffer() -> memoryview:
     return buf
 
 
-class VerityUnsupported(OSError):
-    """The kernel or the file system cannot enable fs-verity on this file."""
-
-
 def _descriptor(size: int, root: bytes) -> bytes:
     """The 256-byte fsverity_descriptor whose SHA-256 is the digest."""
     return struct.pack(
-        "<BBBBIQ64s32s144x", 1, _HASH_ALG_SHA256, _LOG_BLOCK_SIZE, 0, 0, size, root, b""
+        "<BBBBIQ64s32s144x", 1, verity.HASH_ALG_SHA256, _LOG_BLOCK_SIZE, 0, 0, size, root, b""
     )
 
 
@@ -186,25 +172,6 @@ def digest_file(path: str | bytes | os.PathLike, *, legacy_empty: bool = False) 
         os.close(fd)
 
 
-def measure(fd: int) -> RawDigest | None:
-    """The digest the kernel holds for a verity file, or None if it has none.
-
-    None covers "no verity on this file" (ENODATA) and "no fs-verity in this
-    kernel or file system" (ENOTTY, EOPNOTSUPP); other errors are raised.
-    """
-    arg = bytearray(struct.pack("<HH", 0, 64) + bytes(64))
-    try:
-        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, arg, True)
-    except OSError as e:
-        if e.errno in _UNSUPPORTED or e.errno == errno.ENODATA:
-            return None
-        raise
-    alg, size = struct.unpack_from("<HH", arg)
-    if alg != _HASH_ALG_SHA256 or size != DIGEST_SIZE:
-        return None
-    return bytes(arg[4 : 4 + DIGEST_SIZE])
-
-
 def measure_file(path: str | bytes | os.PathLike, *, legacy_empty: bool = False) -> RawDigest:
     """Digest of a file as ``composefs-info measure-file`` gives it.
 
@@ -214,57 +181,10 @@ def measure_file(path: str | bytes | os.PathLike, *, legacy_empty: bool = False)
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        got = measure(fd)
+        got = verity.measure(fd)
         return got if got is not None else digest_fd(fd, legacy_empty=legacy_empty)
     finally:
         os.close(fd)
-
-
-def enable(fd: int) -> bool:
-    """Enable fs-verity on a file opened read-only with no writer left.
-
-    Returns True if this call enabled it and False if the file already had
-    it.  Raises ``VerityUnsupported`` when the kernel or file system lacks
-    fs-verity, and ``OSError`` for anything else (e.g. ETXTBSY while a
-    writable fd is open, EACCES, EROFS).
-    """
-    arg = bytearray(struct.pack("<IIIIQIIQ", 1, _HASH_ALG_SHA256, BLOCK_SIZE, 0, 0, 0, 0, 0))
-    arg += bytes(128 - len(arg))
-    try:
-        fcntl.ioctl(fd, FS_IOC_ENABLE_VERITY, arg, False)
-    except OSError as e:
-        if e.errno == errno.EEXIST:
-            return False
-        if e.errno in _UNSUPPORTED:
-            raise VerityUnsupported(e.errno, f"fs-verity not supported: {os.strerror(e.errno)}") from e
-        raise
-    return True
-
-
-def supported(directory: str | bytes | os.PathLike) -> bool:
-    """Whether files created in ``directory`` can get fs-verity.
-
-    Tries it on an unnamed ``O_TMPFILE`` there, so nothing is left behind.
-    File systems without ``O_TMPFILE`` report False.
-    """
-    try:
-        wfd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
-    except OSError:
-        return False
-    try:
-        os.write(wfd, b"x")
-        rfd = os.open(f"/proc/self/fd/{wfd}", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    finally:
-        os.close(wfd)
-    try:
-        enable(rfd)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(rfd)
 
 
 def object_path(digest: RawDigest) -> str:

@@ -43,8 +43,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
-from aptlayer.composefs import forked
 from aptlayer.composefs.digestcache import KEY_SIZE, Key, key_of
+from aptlayer.linux import forked
 
 #: largest regular file whose content is inlined in the image
 INLINE_MAX = 64

@@ -24,22 +24,19 @@ string ``lowerdir=TMP::BASE1::BASE2`` (or ``TMP:BASE1:...`` before data-only
 layers existed, Linux < 6.5, where the 256 root whiteouts of the image hide
 the stores' ``xx/`` directories).
 
-``mount_info()`` and ``is_mounted()`` read ``/proc/self/mountinfo``, the truth
-that recovery reconciles its mount records against (CRASH-SAFETY.md).
+This module is the plan: which mounts, with which options, the checks and
+the errors that explain a refusal.  The system calls, loop devices and
+mountinfo are ``aptlayer.linux``'s; ``is_composefs()`` tells a composefs
+overlay among the mounts it lists.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import errno
-import fcntl
-import gzip
 import os
-import platform
 import re
 import stat
-import struct
 import tempfile
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -47,7 +44,8 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from aptlayer.composefs.format import COMPOSEFS_FLAGS_HAS_ACL, COMPOSEFS_HEADER, COMPOSEFS_MAGIC
-from aptlayer.composefs.fsverity import FS_IOC_MEASURE_VERITY
+from aptlayer.linux import capability, loop, mountapi, mountinfo, verity
+from aptlayer.linux.mountinfo import MountInfo
 
 StrPath: TypeAlias = str | os.PathLike[str]
 Verity = Literal["off", "try", "require"]
@@ -69,194 +67,12 @@ class MountError(OSError):
         return str(self.strerror)
 
 
-# --- system calls -------------------------------------------------------------
-
-#: Most architectures share the generic numbers of the new mount API
-#: (open_tree 428 ... mount_setattr 442); alpha is offset by 110.
-_GENERIC_ARCHES = frozenset(
-    {"x86_64", "aarch64", "arm64", "i386", "i686", "armv7l", "armv8l", "riscv64",
-     "ppc64le", "ppc64", "s390x", "loongarch64"}
-)
-_ARCH_OFFSET = {"alpha": 110}
-_NR = {"move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432, "mount_setattr": 442}
-
-FSOPEN_CLOEXEC = 0x1
-FSMOUNT_CLOEXEC = 0x1
-FSCONFIG_SET_FLAG = 0
-FSCONFIG_SET_STRING = 1
-FSCONFIG_SET_FD = 5
-FSCONFIG_CMD_CREATE = 6
-MOUNT_ATTR_RDONLY = 0x1
-MOUNT_ATTR_IDMAP = 0x100000
-MOVE_MOUNT_F_EMPTY_PATH = 0x4
-AT_FDCWD = -100
-AT_EMPTY_PATH = 0x1000
-MS_RDONLY = 0x1
-MNT_DETACH = 0x2
-
-LOOP_CTL_GET_FREE = 0x4C82
-LOOP_CONFIGURE = 0x4C0A
-LO_FLAGS_READ_ONLY = 0x1
-LO_FLAGS_AUTOCLEAR = 0x4
-LO_FLAGS_DIRECT_IO = 0x10
-#: struct loop_config: fd, block_size, then struct loop_info64 (device, inode,
-#: rdevice, offset, sizelimit; number, encrypt_type, encrypt_key_size, flags;
-#: file_name, crypt_name, encrypt_key, init[2]), then 64 reserved bytes
-_LOOP_CONFIG = struct.Struct("<II 5Q 4I 64s64s32s 2Q 64x")
-_LOOP_BLOCK_SIZE = 4096
+# --- which mounts are composefs ------------------------------------------------------
 
 
-def _loop_config(image_fd: int) -> bytes:
-    flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | LO_FLAGS_DIRECT_IO
-    return _LOOP_CONFIG.pack(image_fd, _LOOP_BLOCK_SIZE, 0, 0, 0, 0, 0, 0, 0, 0, flags, b"", b"", b"", 0, 0)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
-
-
-def _check(ret: int) -> int:
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return ret
-
-
-def _carg(a: int | bytes | ctypes.Array[ctypes.c_char] | None) -> object:
-    """A syscall argument; ints widened to long, as the variadic syscall() reads them."""
-    if isinstance(a, int):
-        return ctypes.c_long(a)
-    if isinstance(a, ctypes.Array):
-        return a
-    return ctypes.c_char_p(a)
-
-
-def _syscall(name: str, *args: int | bytes | ctypes.Array[ctypes.c_char] | None) -> int:
-    """Call a mount-API syscall by name; OSError(ENOSYS) where its number is unknown."""
-    machine = platform.machine()
-    if machine not in _GENERIC_ARCHES and machine not in _ARCH_OFFSET:
-        raise OSError(errno.ENOSYS, f"mount API syscall numbers unknown on {machine}")
-    nr = _NR[name] + _ARCH_OFFSET.get(machine, 0)
-    return _check(_libc.syscall(ctypes.c_long(nr), *(_carg(a) for a in args)))
-
-
-def _fsopen(fstype: str) -> int:
-    return _syscall("fsopen", fstype.encode(), FSOPEN_CLOEXEC)
-
-
-def _fsmount(ctx: int, attrs: int) -> int:
-    return _syscall("fsmount", ctx, FSMOUNT_CLOEXEC, attrs)
-
-
-def _move_mount(mnt: int, target: str) -> None:
-    _syscall("move_mount", mnt, b"", AT_FDCWD, os.fsencode(target), MOVE_MOUNT_F_EMPTY_PATH)
-
-
-def _set_idmap(mnt: int, userns: int) -> None:
-    """Make a detached mount idmapped with the mapping of a user namespace."""
-    attr = ctypes.create_string_buffer(struct.pack("<QQQQ", MOUNT_ATTR_IDMAP, 0, 0, userns), 32)
-    _syscall("mount_setattr", mnt, b"", AT_EMPTY_PATH, attr, 32)
-
-
-def _legacy_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    _check(_libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(),
-                       ctypes.c_ulong(flags), os.fsencode(data)))
-
-
-def _umount(target: str, flags: int = 0) -> None:
-    _check(_libc.umount2(os.fsencode(target), ctypes.c_int(flags)))
-
-
-class _FsContext:
-    """An ``fsopen`` file system context: set parameters, create, mount detached."""
-
-    def __init__(self, fstype: str) -> None:
-        self.fd = _fsopen(fstype)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def _config(self, cmd: int, key: str | None, value: bytes | None, aux: int) -> None:
-        _syscall("fsconfig", self.fd, cmd, key.encode() if key else None, value, aux)
-
-    def flag(self, key: str) -> None:
-        self._config(FSCONFIG_SET_FLAG, key, None, 0)
-
-    def string(self, key: str, value: str) -> None:
-        self._config(FSCONFIG_SET_STRING, key, os.fsencode(value), 0)
-
-    def fd_param(self, key: str, fd: int) -> None:
-        self._config(FSCONFIG_SET_FD, key, None, fd)
-
-    def create(self) -> None:
-        self._config(FSCONFIG_CMD_CREATE, None, None, 0)
-
-    def mount(self, attrs: int) -> int:
-        return _fsmount(self.fd, attrs)
-
-    def log(self) -> str:
-        """The kernel's messages for this context (``e overlay: ...`` lines), if any."""
-        lines = []
-        while True:
-            try:
-                lines.append(os.read(self.fd, 4096).decode(errors="replace").strip())
-            except OSError:
-                return "; ".join(line for line in lines if line)
-
-
-# --- /proc/self/mountinfo ---------------------------------------------------------
-
-_OCTAL = re.compile(rb"\\([0-7]{3})")
-
-
-def _unescape(field: bytes) -> str:
-    """Undo the kernel's ``\\NNN`` octal escapes (space, tab, newline, backslash...)."""
-    return os.fsdecode(_OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), field))
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    """One line of ``/proc/PID/mountinfo`` (see proc(5)), unescaped."""
-
-    mount_id: int
-    parent_id: int
-    major: int
-    minor: int
-    root: str
-    mount_point: str
-    options: tuple[str, ...]
-    optional: tuple[str, ...]
-    fstype: str
-    source: str
-    super_options: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, line: bytes) -> MountInfo:
-        fields = line.rstrip(b"\n").split(b" ")
-        sep = fields.index(b"-", 6)
-        major, minor = fields[2].split(b":")
-        return cls(
-            mount_id=int(fields[0]),
-            parent_id=int(fields[1]),
-            major=int(major),
-            minor=int(minor),
-            root=_unescape(fields[3]),
-            mount_point=_unescape(fields[4]),
-            options=tuple(_unescape(o) for o in fields[5].split(b",")),
-            optional=tuple(_unescape(o) for o in fields[6:sep]),
-            fstype=_unescape(fields[sep + 1]),
-            source=_unescape(fields[sep + 2]),
-            super_options=tuple(_unescape(o) for o in fields[sep + 3].split(b",") if o),
-        )
-
-    @property
-    def is_composefs(self) -> bool:
-        return self.fstype == "overlay" and self.source == SOURCE
-
-
-def mount_info(pid: int | str = "self") -> list[MountInfo]:
-    """The mounts in a process's mount namespace, in the kernel's order."""
-    with open(f"/proc/{pid}/mountinfo", "rb") as f:
-        return [MountInfo.parse(line) for line in f if line.strip()]
+def is_composefs(m: MountInfo) -> bool:
+    """Whether a mount is a composefs overlay (by the ``source`` every one of them shows)."""
+    return m.fstype == "overlay" and m.source == SOURCE
 
 
 def composefs_mount_points_elsewhere() -> set[str]:
@@ -264,35 +80,9 @@ def composefs_mount_points_elsewhere() -> set[str]:
 
     A mount made inside ``unshare -m``, a unit with ``PrivateMounts=`` or a
     container is absent from this process's mountinfo yet keeps using its
-    objects. Each namespace is read once, through the first process found in
-    it; processes that vanish or cannot be read are skipped. The paths are as
-    the processes of that namespace see them.
+    objects.
     """
-    seen = {os.stat("/proc/self/ns/mnt").st_ino}
-    points: set[str] = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
-            if ns in seen:
-                continue
-            found = mount_info(pid)
-        except (OSError, ValueError):
-            continue
-        seen.add(ns)
-        points.update(m.mount_point for m in found if m.is_composefs)
-    return points
-
-
-def _mounts_at(path: str) -> list[MountInfo]:
-    real = os.path.realpath(path)
-    return [m for m in mount_info() if m.mount_point == real]
-
-
-def is_mounted(path: StrPath) -> bool:
-    """Whether ``path`` (symlinks resolved) is a mount point."""
-    return bool(_mounts_at(os.fspath(path)))
+    return mountinfo.mount_points_elsewhere(is_composefs)
 
 
 # --- the request ----------------------------------------------------------------
@@ -317,15 +107,12 @@ class _Request:
         return self.upperdir is not None
 
 
-CAP_SYS_ADMIN = 21
 _NOT_ROOT = "mounting composefs needs root (CAP_SYS_ADMIN in the initial user namespace)"
 
 
 def _require_cap_sys_admin() -> None:
     """Fail early, before any path is looked at, when the caller cannot mount at all."""
-    with open("/proc/self/status") as f:
-        caps = next((line.split()[1] for line in f if line.startswith("CapEff:")), "0")
-    if not int(caps, 16) >> CAP_SYS_ADMIN & 1:
+    if not capability.effective(capability.CAP_SYS_ADMIN):
         raise MountError(errno.EPERM, _NOT_ROOT)
 
 
@@ -366,7 +153,7 @@ def _request(
         raise MountError(errno.EINVAL,
                          f"digest {digest!r} is not a hex fs-verity digest (64 or 128 hex digits)")
     target_dir = _existing_dir(target, "mount point")
-    if not overmount and is_mounted(target_dir):
+    if not overmount and mountinfo.is_mounted(target_dir):
         raise MountError(errno.EBUSY,
                          f"{target_dir} is already a mount point; unmount it first or pass overmount=True")
     if digest is not None and verity == "off":
@@ -415,34 +202,19 @@ def _image_has_acl(fd: int, path: str) -> bool:
     return bool(flags & COMPOSEFS_FLAGS_HAS_ACL)
 
 
-def _kernel_lacks_fsverity() -> bool:
-    """Whether this kernel was built without ``CONFIG_FS_VERITY``, as far as can be told.
-
-    ``/proc/config.gz`` says so when present; otherwise ext4 lists a
-    ``verity`` feature in sysfs exactly when the kernel has fs-verity.
-    """
-    try:
-        with gzip.open("/proc/config.gz", "rt") as f:
-            return "CONFIG_FS_VERITY=y\n" not in f.read()
-    except OSError:
-        return os.path.isdir("/sys/fs/ext4/features") and not os.path.exists("/sys/fs/ext4/features/verity")
-
-
 def _verity_unsupported_reason(path: str) -> str:
-    if _kernel_lacks_fsverity():
+    if verity.kernel_lacks_fsverity():
         return "this kernel was built without fs-verity (CONFIG_FS_VERITY is not set)"
     return f"the file system holding {path} does not support fs-verity"
 
 
 def _measure(fd: int) -> tuple[int, str]:
-    """(errno, hex digest) of FS_IOC_MEASURE_VERITY: errno 0 when it has a digest."""
-    arg = bytearray(struct.pack("<HH", 0, 64) + bytes(64))
+    """(errno, hex digest) of the kernel's fs-verity measure: errno 0 when it has a digest."""
     try:
-        fcntl.ioctl(fd, FS_IOC_MEASURE_VERITY, arg, True)
+        _alg, digest = verity.measure_raw(fd)
     except OSError as e:
         return e.errno or errno.EIO, ""
-    _alg, size = struct.unpack_from("<HH", arg)
-    return 0, arg[4 : 4 + size].hex()
+    return 0, digest.hex()
 
 
 def _check_digest(fd: int, path: str, expected: str) -> None:
@@ -519,9 +291,9 @@ class _Fallback(Exception):
         self.plan = plan
 
 
-def _context(fstype: str, plan: _Plan) -> _FsContext:
+def _context(fstype: str, plan: _Plan) -> mountapi.FsContext:
     try:
-        return _FsContext(fstype)
+        return mountapi.FsContext(fstype)
     except OSError as e:
         if e.errno == errno.ENOSYS:
             raise _Fallback(dataclasses.replace(plan, lower="tmpdir", api="legacy")) from None
@@ -539,28 +311,16 @@ def _no_fs_message(fstype: str) -> str:
 
 
 def _attach_loop(image_fd: int, stack: ExitStack) -> str:
-    """Attach the image to a free loop device: read-only, direct I/O, 4 KiB blocks.
-
-    The device clears itself (autoclear) once the erofs mount and our fd,
-    closed by ``stack``, let go of it.  Another process may grab the same
-    free device first: then ask again.
-    """
-    with open("/dev/loop-control", "rb", buffering=0) as ctl:
-        for _ in range(16):
-            n = fcntl.ioctl(ctl.fileno(), LOOP_CTL_GET_FREE)
-            path = f"/dev/loop{n}"
-            loop_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                fcntl.ioctl(loop_fd, LOOP_CONFIGURE, _loop_config(image_fd))
-            except OSError as e:
-                os.close(loop_fd)
-                if e.errno == errno.EBUSY:
-                    continue
-                raise MountError(e.errno,
-                                 f"cannot set up a loop device for the image: {e.strerror}") from None
-            stack.callback(os.close, loop_fd)
-            return path
-    raise MountError(errno.EBUSY, "no free loop device for the image")
+    """Attach the image to a free loop device, which goes once the erofs mount and our fd
+    (closed by ``stack``) let go of it."""
+    try:
+        path, loop_fd = loop.attach_read_only(image_fd)
+    except loop.ConfigureError as e:
+        if e.errno == errno.EBUSY:
+            raise MountError(errno.EBUSY, "no free loop device for the image") from None
+        raise MountError(e.errno, f"cannot set up a loop device for the image: {e.strerror}") from None
+    stack.callback(os.close, loop_fd)
+    return path
 
 
 def _erofs_source(image_fd: int, plan: _Plan, stack: ExitStack) -> str:
@@ -602,7 +362,7 @@ def _idmap(mnt: int, req: _Request, stack: ExitStack) -> None:
     userns = _open_userns(req.idmap)
     stack.callback(os.close, userns)
     try:
-        _set_idmap(mnt, userns)
+        mountapi.set_idmap(mnt, userns)
     except OSError as e:
         not_userns = e.errno in (errno.EINVAL, errno.EPERM)
         hint = " (is it a user namespace with a uid and gid map?)" if not_userns else ""
@@ -620,7 +380,7 @@ def _erofs_new(req: _Request, image_fd: int, has_acl: bool, plan: _Plan, stack: 
         if not has_acl:
             ctx.flag("noacl")
         ctx.create()
-        mnt = ctx.mount(MOUNT_ATTR_RDONLY)
+        mnt = ctx.mount(mountapi.MOUNT_ATTR_RDONLY)
     except OSError as e:
         raise _erofs_failed(req, plan, e, ctx.log()) from None
     stack.callback(os.close, mnt)
@@ -636,7 +396,7 @@ def _temp_mountpoint(stack: ExitStack) -> str:
 
 
 def _detach_on_exit(path: str, stack: ExitStack) -> None:
-    stack.callback(_umount, path, MNT_DETACH)
+    stack.callback(mountapi.umount, path, mountapi.MNT_DETACH)
 
 
 def _erofs_legacy(req: _Request, image_fd: int, has_acl: bool, plan: _Plan, stack: ExitStack) -> str:
@@ -647,7 +407,7 @@ def _erofs_legacy(req: _Request, image_fd: int, has_acl: bool, plan: _Plan, stac
     tmp = _temp_mountpoint(stack)
     source = _erofs_source(image_fd, plan, stack)
     try:
-        _legacy_mount(source, tmp, "erofs", MS_RDONLY, "" if has_acl else "noacl")
+        mountapi.legacy_mount(source, tmp, "erofs", mountapi.MS_RDONLY, "" if has_acl else "noacl")
     except OSError as e:
         raise _erofs_failed(req, plan, e) from None
     _detach_on_exit(tmp, stack)
@@ -672,9 +432,9 @@ def _legacy_options(req: _Request, lower: str, plan: _Plan, verity: bool) -> str
 
 
 def _overlay_legacy(req: _Request, lower: str, plan: _Plan, verity: bool) -> None:
-    flags = MS_RDONLY if req.readonly else 0
+    flags = mountapi.MS_RDONLY if req.readonly else 0
     try:
-        _legacy_mount(SOURCE, req.target, "overlay", flags, _legacy_options(req, lower, plan, verity))
+        mountapi.legacy_mount(SOURCE, req.target, "overlay", flags, _legacy_options(req, lower, plan, verity))
     except OSError as e:
         if e.errno == errno.EINVAL and plan.data_only:
             raise _Fallback(dataclasses.replace(plan, data_only=False)) from None
@@ -693,7 +453,7 @@ def _overlay_failed(req: _Request, e: OSError, log: str = "") -> MountError:
     return MountError(e.errno, f"mounting the composefs overlay on {req.target} failed: {e.strerror}{detail}")
 
 
-def _overlay_param(ctx: _FsContext, key: str, value: str, req: _Request) -> None:
+def _overlay_param(ctx: mountapi.FsContext, key: str, value: str, req: _Request) -> None:
     try:
         ctx.string(key, value)
     except OSError as e:
@@ -707,7 +467,7 @@ def _overlay_param(ctx: _FsContext, key: str, value: str, req: _Request) -> None
                          f"{f' ({log})' if log else ''}") from None
 
 
-def _overlay_verity(ctx: _FsContext, req: _Request) -> None:
+def _overlay_verity(ctx: mountapi.FsContext, req: _Request) -> None:
     """``verity=require``; with ``verity="try"`` an overlayfs without that option is fine."""
     try:
         ctx.string("verity", "require")
@@ -720,7 +480,7 @@ def _overlay_verity(ctx: _FsContext, req: _Request) -> None:
                              "this kernel's overlayfs has no 'verity' option (Linux 6.6+)") from None
 
 
-def _overlay_lower(ctx: _FsContext, req: _Request, erofs: int, plan: _Plan, stack: ExitStack) -> None:
+def _overlay_lower(ctx: mountapi.FsContext, req: _Request, erofs: int, plan: _Plan, stack: ExitStack) -> None:
     """Give overlayfs its lower layer: the erofs mount fd, or a temp directory path."""
     if plan.lower == "fd":
         try:
@@ -731,7 +491,7 @@ def _overlay_lower(ctx: _FsContext, req: _Request, erofs: int, plan: _Plan, stac
             raise _overlay_failed(req, e, ctx.log()) from None
         return
     tmp = _temp_mountpoint(stack)
-    _move_mount(erofs, tmp)
+    mountapi.move_mount(erofs, tmp)
     _detach_on_exit(tmp, stack)
     try:
         ctx.string("lowerdir+", tmp)
@@ -765,7 +525,7 @@ def _overlay_new(req: _Request, erofs: int, plan: _Plan, verity: bool, stack: Ex
         _overlay_param(ctx, "workdir", req.workdir or "", req)
     try:
         ctx.create()
-        mnt = ctx.mount(MOUNT_ATTR_RDONLY if req.readonly else 0)
+        mnt = ctx.mount(mountapi.MOUNT_ATTR_RDONLY if req.readonly else 0)
     except OSError as e:
         if e.errno == errno.EINVAL and plan.lower == "fd":
             # a kernel may take layer fds yet refuse to stack on a detached
@@ -774,7 +534,7 @@ def _overlay_new(req: _Request, erofs: int, plan: _Plan, verity: bool, stack: Ex
         raise _overlay_failed(req, e, ctx.log()) from None
     stack.callback(os.close, mnt)
     try:
-        _move_mount(mnt, req.target)
+        mountapi.move_mount(mnt, req.target)
     except OSError as e:
         raise _overlay_failed(req, e) from None
 
@@ -850,15 +610,15 @@ def unmount(target: StrPath, *, lazy: bool = False) -> None:
     a composefs overlay.  ``lazy`` detaches it even while busy (MNT_DETACH).
     """
     path = os.path.realpath(os.fspath(target))
-    mounts = _mounts_at(path)
+    mounts = mountinfo.mounts_at(path)
     if not mounts:
         raise MountError(errno.EINVAL, f"{path} is not mounted")
-    top = _topmost(mounts)
-    if not top.is_composefs:
+    top = mountinfo.topmost(mounts)
+    if not is_composefs(top):
         raise MountError(errno.EINVAL,
                          f"{path} is not a composefs mount (it is {top.fstype} from {top.source})")
     try:
-        _umount(path, MNT_DETACH if lazy else 0)
+        mountapi.umount(path, mountapi.MNT_DETACH if lazy else 0)
     except OSError as e:
         if e.errno == errno.EBUSY:
             raise MountError(errno.EBUSY, f"{path} is busy: a process has files open or its working "
@@ -866,10 +626,4 @@ def unmount(target: StrPath, *, lazy: bool = False) -> None:
         if e.errno == errno.EPERM:
             raise MountError(errno.EPERM, "unmounting composefs needs root (CAP_SYS_ADMIN)") from None
         raise MountError(e.errno, f"unmounting {path} failed: {e.strerror}") from None
-
-
-def _topmost(mounts: list[MountInfo]) -> MountInfo:
-    """The mount on top of a stack of mounts at one path: the one no other sits on."""
-    parents = {m.parent_id for m in mounts}
-    return next((m for m in mounts if m.mount_id not in parents), mounts[-1])
 

@@ -23,7 +23,7 @@ A caller whose collector cannot run meanwhile (the Store holds its lock)
 turns that off with ``refresh_hits=False``: one ``utime`` per hit is most
 of what an unchanged rebuild costs the file system.
 
-Every change to disk goes through :mod:`aptlayer.composefs.fsops`.
+Every change to disk goes through :mod:`aptlayer.linux.fsops`.
 Removing objects is the garbage collector's job; this module only lists them.
 """
 
@@ -38,8 +38,10 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from aptlayer.composefs import fsops, fsverity
+from aptlayer.composefs import fsverity
 from aptlayer.composefs.fsverity import RawDigest
+from aptlayer.linux import fsops, verity
+from aptlayer.linux.boot import boot_id
 
 OBJECT_MODE = 0o644
 #: a batch commits by itself once this many objects, or bytes, wait for it
@@ -100,17 +102,8 @@ class TempFile:
     stale: bool
 
 
-def _boot_tag() -> str:
-    """First 8 hex digits of this boot's id (it changes at every boot)."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip().replace("-", "")[:8]
-    except OSError:
-        return "00000000"
-
-
-#: identifies this boot in temp file names
-BOOT_TAG = _boot_tag()
+#: identifies this boot in temp file names: the first 8 hex digits of its id
+BOOT_TAG = (boot_id() or "00000000")[:8]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -352,7 +345,7 @@ class ObjectStore:
         placed = False
         try:
             self._fill(tmp, fd, before)
-            verity, why = self._enable_verity(tmp)
+            has_verity, why = self._enable_verity(tmp)
             if self.batch:
                 self._stage(tmp, dest, before.st_size)
             else:
@@ -363,7 +356,7 @@ class ObjectStore:
                 _unlink_quietly(tmp)
         if not self.batch:
             fsops.fsync_dir(os.path.dirname(dest))
-        return ImportResult(digest, dest, True, verity, before.st_size, why)
+        return ImportResult(digest, dest, True, has_verity, before.st_size, why)
 
     def _fill(self, tmp: str, fd: int, before: os.stat_result) -> None:
         """Create ``tmp`` with the content of ``fd``, mode 0644; fsynced unless batched."""
@@ -392,7 +385,7 @@ class ObjectStore:
         try:
             fsops.enable_verity(fd)
             return True, None
-        except fsverity.VerityUnsupported as e:
+        except verity.VerityUnsupported as e:
             self._no_verity = str(e)
             return False, self._no_verity
         except OSError as e:
@@ -462,11 +455,11 @@ class ObjectStore:
         except FileNotFoundError:
             return None
         try:
-            verity = fsverity.measure(ofd) is not None
+            has_verity = verity.measure(ofd) is not None
         finally:
             os.close(ofd)
-        why = None if verity else "not enabled on the existing object"
-        return ImportResult(digest, dest, False, verity, size, why)
+        why = None if has_verity else "not enabled on the existing object"
+        return ImportResult(digest, dest, False, has_verity, size, why)
 
     def _ensure_dir(self, path: str, parent: str) -> None:
         """Create ``path`` if needed and make its entry in ``parent`` durable.

@@ -23,9 +23,10 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 
-from aptlayer.composefs import forked, fsverity
+from aptlayer.composefs import fsverity
 from aptlayer.composefs.digestcache import DigestCache, Key, key_of, mode_and_size
 from aptlayer.composefs.lstatwalk import INLINE_MAX, OPEN_DIR, OPEN_FILE
+from aptlayer.linux import forked
 
 #: below this much to hash in all, a helper costs more than it saves
 MIN_BYTES = 16 << 20

@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
-from aptlayer.composefs import forked, fsverity, prehash
+from aptlayer.composefs import fsverity, prehash
 from aptlayer.composefs.digestcache import DigestCache, Entry, Key, Lstat, key_of, lstat_of
 from aptlayer.composefs.lstatwalk import (
     FS_ENCODING, FS_ERRORS, INLINE_MAX, NAME_MAX, OPEN_DIR, OPEN_FILE, REPRESENTABLE, ScanOptions, ScanStats,
@@ -64,6 +64,7 @@ from aptlayer.composefs.lstatwalk import (
 )
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
+from aptlayer.linux import forked
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor

@@ -37,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ..composefs import fsops
 from ..composefs.fsverity import is_object_path
 from ..composefs.objectstore import ObjectStore
 from ..fault import fault
+from ..linux import fsops
 
 class State(Protocol):
     """What gc asks of the projection (the journal's state queries answer it)."""

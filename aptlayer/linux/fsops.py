@@ -1,4 +1,4 @@
-"""The file system mutations of the digest store, in one place.
+"""The file system mutations of apt-layer's store, in one place.
 
 Every change the store makes to disk goes through these functions, so a
 crash-safety test can record the exact sequence (the ALICE method: replay
@@ -78,10 +78,10 @@ def fchmod(fd: int, mode: int) -> None:
 
 
 def enable_verity(fd: int) -> bool:
-    """``fsverity.enable`` (it makes the file immutable, so it counts as a change)."""
-    from . import fsverity
+    """``verity.enable`` (it makes the file immutable, so it counts as a change)."""
+    from . import verity
 
-    result = fsverity.enable(fd)
+    result = verity.enable(fd)
     if recorder is not None:
         recorder("enable_verity", (fd_path(fd),))
     return result
