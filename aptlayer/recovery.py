@@ -151,7 +151,8 @@ class Recovery:
         with open("/proc/self/mountinfo", "rb") as f:
             if os.fsencode(prefix) not in f.read():
                 return
-        from .composefs.mount import mount_info, unmount
+        from .composefs.mount import unmount
+        from .linux.mountinfo import mount_info
 
         stale = sorted({m.mount_point for m in mount_info() if m.mount_point.startswith(prefix)},
                        key=len, reverse=True)
