@@ -19,6 +19,8 @@ command -v bwrap >/dev/null || need+=(bubblewrap)
 command -v apt-ftparchive >/dev/null || need+=(apt-utils)
 command -v gpg >/dev/null || need+=(gnupg)
 command -v dpkg-scanpackages >/dev/null || need+=(dpkg-dev)
+command -v mksquashfs >/dev/null || need+=(squashfs-tools)
+command -v zstd >/dev/null || need+=(zstd)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null

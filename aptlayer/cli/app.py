@@ -30,6 +30,7 @@ COMMANDS = {
     "audit": "maint:audit",
     "recover": "recover:recover",
     "watch": "watch:watch",
+    "base": "base:base",
 }
 
 

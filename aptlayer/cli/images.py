@@ -341,3 +341,58 @@ def unmount(ctx, mountpoint, lazy, force, as_json) -> None:
         print_json(result)
     else:
         click.echo(f"unmounted {result['mountpoint']}")
+
+
+@image.command("import")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("name")
+@json_option
+@click.pass_context
+def import_(ctx, file, name, as_json) -> None:
+    """Make image NAME from a tarball or a squashfs file (a base for layering).
+
+    FILE is .tar, .tar.gz, .tar.xz, .tar.zst (extracted with tar, owners,
+    modes, xattrs, hard links and device nodes kept) or .squashfs
+    (unsquashfs). `image export` writes them back.
+
+    \b
+    Example:
+      apt-layer image import rootfs.tar.zst base
+      apt-layer image import filesystem.squashfs live-base
+    """
+    from .. import bases
+
+    result = bases.import_file(ctx.obj.store(create=True), file, name)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"{result['name']}  {result['digest']}  {human_bytes(result['size'])}, {result['objects']} objects")
+
+
+@image.command("export")
+@image_name
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["tar", "squashfs"]),
+              help="Archive format (default: from FILE's name).")
+@json_option
+@click.pass_context
+def export(ctx, name, file, fmt, as_json) -> None:
+    """Write image NAME's tree to FILE as a tarball or a squashfs file (needs root: the image is mounted).
+
+    A tarball is POSIX (pax) format with numeric owners, xattrs and
+    nanosecond mtimes, compressed as its name says (.gz, .xz, .zst):
+    importing it gives an image with the same digest. squashfs keeps
+    mtimes in whole seconds.
+
+    \b
+    Example:
+      apt-layer image export base base.tar.zst
+      apt-layer image export base base.squashfs
+    """
+    from .. import bases
+
+    result = bases.export_file(ctx.obj.store(), name, file, fmt)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"wrote {result['file']} ({result['format']}, {human_bytes(result['size'])})")
