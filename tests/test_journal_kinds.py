@@ -55,6 +55,8 @@ def test_the_fixture_has_an_event_of_every_class(recorded) -> None:
 def test_optional_keys_are_written_only_when_set() -> None:
     """As the emitters wrote them: no null for what a create did not do, no empty spared list."""
     assert k.GcSwept(removed=2, bytes=500, temp_files=0).to_data() == {"removed": 2, "bytes": 500, "temp_files": 0}
+    assert k.GcSwept(removed=2, bytes=500, temp_files=0, spared=[]).to_data() == {
+        "removed": 2, "bytes": 500, "temp_files": 0}
     assert k.GcSwept(removed=0, bytes=0, temp_files=0, spared=["a/b"]).to_data() == {
         "removed": 0, "bytes": 0, "temp_files": 0, "spared": ["a/b"]}
     made = k.ImageCreated(subject="x", digest="d", size=1, staged="s", source="/src", objects=2)
