@@ -19,6 +19,7 @@ from .errors import (
 )
 from .invariants import check_invariants
 from .event import Event
+from .kinds import EventData, EventDataError
 from .log import RECORDED, Derived, Journal, Writer, canonical, chain_hash, default_actor
 from .projection import APPLY, known_kind
 from .schema import SCHEMA_VERSION
@@ -35,6 +36,8 @@ __all__ = [
     "Deployment",
     "Derived",
     "Event",
+    "EventData",
+    "EventDataError",
     "Image",
     "Journal",
     "JournalCorruptError",

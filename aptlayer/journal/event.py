@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from . import kinds
+
 COLUMNS = "seq, at, tx, kind, subject, data, actor, hash"
 
 
@@ -24,3 +26,7 @@ class Event:
         """An event from a row of ``SELECT {COLUMNS} FROM events``."""
         seq, at, tx, kind, subject, data, actor, hash_ = row
         return cls(seq, at, tx, kind, subject, json.loads(data), json.loads(actor), hash_)
+
+    def typed(self) -> kinds.EventData:
+        """The subject and data as the kind's class (:mod:`.kinds`); EventDataError if they do not fit."""
+        return kinds.parse(self.kind, self.subject, self.data)

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 import blake3
 
 from ..names import boot_id
-from . import projection, schema
+from . import kinds, projection, schema
 from .event import COLUMNS, Event
 from .errors import ChainBroken, JournalError, ManifestConflict, ProjectionError, storage_error
 from .invariants import check_invariants
@@ -147,6 +147,16 @@ class Writer:
         self._conn.execute("RELEASE append_event")
         return event
 
+    def append_event(
+        self,
+        event: kinds.EventData,
+        tx: str,
+        actor: dict | None = None,
+        manifest: Manifest | _Recorded | Derived | None = None,
+    ) -> Event:
+        """Record a typed event (:mod:`.kinds`): its kind, subject and ``to_data()``, as :meth:`append`."""
+        return self.append(event.kind, event.subject, event.to_data(), tx, actor, manifest)
+
     def _append(
         self, kind: str, subject: str, data: dict, tx: str, actor: dict | None,
         manifest: Manifest | _Recorded | Derived | None,
@@ -242,16 +252,17 @@ class Writer:
         ).fetchall()
         events = []
         for op, name, digest, data in ops:
-            if op == "create":
-                events.append(self.append("image.created", name, json.loads(data), tx, actor))
+            effective: kinds.EventData
+            if op == "create":  # the staged data, manifest hash included
+                effective = kinds.ImageCreated.from_data(name, json.loads(data))
             elif op == "delete":
-                events.append(self.append("image.deleted", name, {"digest": digest}, tx, actor))
+                effective = kinds.ImageDeleted(subject=name, digest=digest)
             else:
                 row = self._conn.execute("SELECT image, digest FROM deployments WHERE slot = 'current'").fetchone()
-                previous = {"image": row[0], "digest": row[1]} if row else None
-                body = {"current": {"image": name, "digest": digest}, "previous": previous}
-                events.append(self.append("deployed", name, body, tx, actor))
-        events.append(self.append("tx.committed", tx, {"ops": len(ops)}, tx, actor))
+                effective = kinds.Deployed(subject=name, current=kinds.Slot(name, digest),
+                                           previous=kinds.Slot(*row) if row else None)
+            events.append(self.append_event(effective, tx, actor))
+        events.append(self.append_event(kinds.TxCommitted(subject=tx, ops=len(ops)), tx, actor))
         return events
 
 
@@ -313,6 +324,17 @@ class Journal(StateQueries):
         """Append one event in its own SQLite transaction (see Writer.append)."""
         with self.transaction() as w:
             return w.append(kind, subject, data, tx, actor, manifest)
+
+    def append_event(
+        self,
+        event: kinds.EventData,
+        tx: str,
+        actor: dict | None = None,
+        manifest: Manifest | _Recorded | Derived | None = None,
+    ) -> Event:
+        """Append one typed event in its own SQLite transaction (see Writer.append_event)."""
+        with self.transaction() as w:
+            return w.append_event(event, tx, actor, manifest)
 
     def commit_tx(self, tx: str, actor: dict | None = None) -> list[Event]:
         """Commit an explicit transaction in one SQLite transaction (see Writer.commit_tx)."""

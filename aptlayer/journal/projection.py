@@ -33,6 +33,7 @@ import json
 import sqlite3
 from collections.abc import Callable
 
+from . import kinds as k
 from .errors import ChainBroken, ProjectionError
 from .event import COLUMNS, Event
 
@@ -90,8 +91,6 @@ INDEXES: tuple[str, ...] = (
     "CREATE INDEX object_refs_garbage ON object_refs(object) WHERE refcount = 0",
     "CREATE INDEX tx_ops_tx ON tx_ops(tx, op, name)",
 )
-
-INFO_PREFIXES = ("recover.", "drift.")
 
 
 def create(conn: sqlite3.Connection) -> None:
@@ -306,9 +305,9 @@ def _settle(conn: sqlite3.Connection, ev: Event, refs: Refs, op: str, name: str)
             _set_root(conn, refs, f"staged:{ev.tx}:{name}", None)
 
 
-def _slot(conn: sqlite3.Connection, slot: str) -> dict | None:
+def _slot(conn: sqlite3.Connection, slot: str) -> k.Slot | None:
     row = conn.execute("SELECT image, digest FROM deployments WHERE slot = ?", (slot,)).fetchone()
-    return {"image": row[0], "digest": row[1]} if row else None
+    return k.Slot(row[0], row[1]) if row else None
 
 
 def _fail(ev: Event, message: str) -> ProjectionError:
@@ -316,15 +315,18 @@ def _fail(ev: Event, message: str) -> ProjectionError:
 
 
 # --- apply functions, one per event kind ---------------------------------
+#
+# Each takes the event row (seq, at, tx, subject) and its data as the kind's
+# class (``kinds``), already checked field by field.
 
 
-def _tx_begun(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+def _tx_begun(conn: sqlite3.Connection, ev: Event, body: k.TxBegun, refs: Refs) -> None:
     if ev.subject != ev.tx:
         raise _fail(ev, "subject must be the transaction id")
     try:
         conn.execute(
             "INSERT INTO transactions (id, state, explicit, begun_seq, begun_at) VALUES (?, 'open', ?, ?, ?)",
-            (ev.tx, int(bool(ev.data.get("explicit", False))), ev.seq, ev.at),
+            (ev.tx, int(bool(body.explicit)), ev.seq, ev.at),
         )
     except sqlite3.IntegrityError:
         raise _fail(ev, "transaction id already used") from None
@@ -352,19 +354,18 @@ def _tx_end(conn: sqlite3.Connection, ev: Event, refs: Refs, state: str) -> None
     )
 
 
-def _tx_committed(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+def _tx_committed(conn: sqlite3.Connection, ev: Event, body: k.TxCommitted, refs: Refs) -> None:
     _tx_end(conn, ev, refs, "committed")
 
 
-def _tx_aborted(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+def _tx_aborted(conn: sqlite3.Connection, ev: Event, body: k.TxAborted, refs: Refs) -> None:
     _tx_end(conn, ev, refs, "aborted")
 
 
-def _stage(conn: sqlite3.Connection, ev: Event, refs: Refs, op: str) -> None:
+def _stage(conn: sqlite3.Connection, ev: Event, body: k.ImageStaged | k.DeleteStaged | k.DeployStaged,
+           refs: Refs, op: str) -> None:
     _require_open_tx(conn, ev)
-    name, digest = ev.subject, ev.data.get("digest")
-    if not isinstance(digest, str):
-        raise _fail(ev, "data.digest missing")
+    name, digest = ev.subject, body.digest
     if _pending(conn, ev.tx, op, name) is not None:
         raise _fail(ev, f"already staged in transaction {ev.tx}")
     live = _image_digest(conn, name)
@@ -384,140 +385,131 @@ def _stage(conn: sqlite3.Connection, ev: Event, refs: Refs, op: str) -> None:
         raise _fail(ev, "image with that digest is neither live nor staged in this transaction")
     conn.execute(
         "INSERT INTO tx_ops (seq, tx, op, name, digest, data) VALUES (?, ?, ?, ?, ?, ?)",
-        (ev.seq, ev.tx, op, name, digest, json.dumps(ev.data, sort_keys=True, separators=(",", ":"))),
+        (ev.seq, ev.tx, op, name, digest, json.dumps(body.to_data(), sort_keys=True, separators=(",", ":"))),
     )
     if op == "create":
         _set_root(conn, refs, f"staged:{ev.tx}:{name}", digest)
 
 
-def _image_staged(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    _stage(conn, ev, refs, "create")
+def _image_staged(conn: sqlite3.Connection, ev: Event, body: k.ImageStaged, refs: Refs) -> None:
+    _stage(conn, ev, body, refs, "create")
 
 
-def _delete_staged(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    _stage(conn, ev, refs, "delete")
+def _delete_staged(conn: sqlite3.Connection, ev: Event, body: k.DeleteStaged, refs: Refs) -> None:
+    _stage(conn, ev, body, refs, "delete")
 
 
-def _deploy_staged(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    _stage(conn, ev, refs, "deploy")
+def _deploy_staged(conn: sqlite3.Connection, ev: Event, body: k.DeployStaged, refs: Refs) -> None:
+    _stage(conn, ev, body, refs, "deploy")
 
 
-def _image_created(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    digest = ev.data.get("digest")
-    if not isinstance(digest, str):
-        raise _fail(ev, "data.digest missing")
+def _image_created(conn: sqlite3.Connection, ev: Event, body: k.ImageCreated, refs: Refs) -> None:
     if _image_digest(conn, ev.subject) is not None:
         raise _fail(ev, "name is taken by a live image")
     conn.execute(
         "INSERT INTO images (name, digest, size, created_seq, created_at, tx) VALUES (?, ?, ?, ?, ?, ?)",
-        (ev.subject, digest, int(ev.data.get("size", 0)), ev.seq, ev.at, ev.tx),
+        (ev.subject, body.digest, body.size or 0, ev.seq, ev.at, ev.tx),
     )
-    _set_root(conn, refs, f"image:{ev.subject}", digest)
+    _set_root(conn, refs, f"image:{ev.subject}", body.digest)
     _settle(conn, ev, refs, "create", ev.subject)
 
 
-def _image_deleted(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+def _image_deleted(conn: sqlite3.Connection, ev: Event, body: k.ImageDeleted, refs: Refs) -> None:
     live = _image_digest(conn, ev.subject)
     if live is None:
         raise _fail(ev, "no live image of that name")
-    if ev.data.get("digest", live) != live:
-        raise _fail(ev, f"live image has digest {live}, not {ev.data['digest']}")
+    if body.digest is not None and body.digest != live:
+        raise _fail(ev, f"live image has digest {live}, not {body.digest}")
     conn.execute("DELETE FROM images WHERE name = ?", (ev.subject,))
     _set_root(conn, refs, f"image:{ev.subject}", None)
     _settle(conn, ev, refs, "delete", ev.subject)
 
 
-def _set_deployments(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    for slot in ("current", "previous"):
-        target = ev.data[slot]
+def _set_deployments(conn: sqlite3.Connection, ev: Event, body: k.Deployed | k.RolledBack, refs: Refs) -> None:
+    for slot, target in (("current", body.current), ("previous", body.previous)):
         if target is None:
             conn.execute("DELETE FROM deployments WHERE slot = ?", (slot,))
             _set_root(conn, refs, f"deploy:{slot}", None)
         else:
             conn.execute(
                 "INSERT OR REPLACE INTO deployments (slot, image, digest, seq) VALUES (?, ?, ?, ?)",
-                (slot, target["image"], target["digest"], ev.seq),
+                (slot, target.image, target.digest, ev.seq),
             )
-            _set_root(conn, refs, f"deploy:{slot}", target["digest"])
+            _set_root(conn, refs, f"deploy:{slot}", target.digest)
 
 
-def _deployed(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    current = ev.data.get("current")
-    if not isinstance(current, dict) or current.get("image") != ev.subject:
+def _deployed(conn: sqlite3.Connection, ev: Event, body: k.Deployed, refs: Refs) -> None:
+    if body.current.image != ev.subject:
         raise _fail(ev, "data.current must be {image: subject, digest}")
-    if _image_digest(conn, ev.subject) != current.get("digest"):
+    if _image_digest(conn, ev.subject) != body.current.digest:
         raise _fail(ev, "only a live image can be deployed")
-    if ev.data.get("previous") != _slot(conn, "current"):
-        raise _fail(ev, f"data.previous must be the current deployment {_slot(conn, 'current')}")
-    _set_deployments(conn, ev, refs)
+    current = _slot(conn, "current")
+    if body.previous != current:
+        shown = current.to_data() if current else None
+        raise _fail(ev, f"data.previous must be the current deployment {shown}")
+    _set_deployments(conn, ev, body, refs)
     _settle(conn, ev, refs, "deploy", ev.subject)
 
 
-def _rolled_back(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+def _rolled_back(conn: sqlite3.Connection, ev: Event, body: k.RolledBack, refs: Refs) -> None:
     before_current, before_previous = _slot(conn, "current"), _slot(conn, "previous")
     if before_previous is None:
         raise _fail(ev, "no previous deployment")
-    if ev.data.get("current") != before_previous or ev.data.get("previous") != before_current:
+    if body.current != before_previous or body.previous != before_current:
         raise _fail(ev, "data must swap the current and previous deployments")
-    if ev.subject != before_previous["image"]:
+    if ev.subject != before_previous.image:
         raise _fail(ev, "subject must be the image rolled back to")
-    _set_deployments(conn, ev, refs)
+    _set_deployments(conn, ev, body, refs)
 
 
-def _mounted(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    mountpoint, digest = ev.data.get("mountpoint"), ev.data.get("digest")
-    if not isinstance(mountpoint, str) or not isinstance(digest, str):
-        raise _fail(ev, "data.mountpoint and data.digest are required")
+def _mounted(conn: sqlite3.Connection, ev: Event, body: k.Mounted, refs: Refs) -> None:
+    mountpoint, digest = body.mountpoint, body.digest
     row = conn.execute("SELECT state FROM mounts WHERE mountpoint = ?", (mountpoint,)).fetchone()
     if row is not None and row[0] == "mounted":
         raise _fail(ev, f"{mountpoint} is already mounted")
     conn.execute(
         "INSERT OR REPLACE INTO mounts (mountpoint, image, digest, boot_id, state, seq) "
         "VALUES (?, ?, ?, ?, 'mounted', ?)",
-        (mountpoint, ev.subject, digest, str(ev.data.get("boot_id", "")), ev.seq),
+        (mountpoint, ev.subject, digest, body.boot_id or "", ev.seq),
     )
     _set_root(conn, refs, f"mount:{mountpoint}", digest)
 
 
-def _mount_row(conn: sqlite3.Connection, ev: Event) -> tuple[str, str]:
-    mountpoint = ev.data.get("mountpoint")
+def _mount_row(conn: sqlite3.Connection, ev: Event, mountpoint: str) -> tuple[str, str]:
     row = conn.execute("SELECT mountpoint, state FROM mounts WHERE mountpoint = ?", (mountpoint,)).fetchone()
     if row is None:
         raise _fail(ev, f"nothing recorded as mounted at {mountpoint}")
     return row[0], row[1]
 
 
-def _unmounted(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    mountpoint, _ = _mount_row(conn, ev)
+def _unmounted(conn: sqlite3.Connection, ev: Event, body: k.Unmounted, refs: Refs) -> None:
+    mountpoint, _ = _mount_row(conn, ev, body.mountpoint)
     conn.execute("DELETE FROM mounts WHERE mountpoint = ?", (mountpoint,))
     _set_root(conn, refs, f"mount:{mountpoint}", None)
 
 
-def _mount_lost(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
-    mountpoint, state = _mount_row(conn, ev)
+def _mount_lost(conn: sqlite3.Connection, ev: Event, body: k.MountLost, refs: Refs) -> None:
+    mountpoint, state = _mount_row(conn, ev, body.mountpoint)
     if state != "mounted":
         raise _fail(ev, f"{mountpoint} is already marked lost")
     conn.execute("UPDATE mounts SET state = 'lost', seq = ? WHERE mountpoint = ?", (ev.seq, mountpoint))
     _set_root(conn, refs, f"mount:{mountpoint}", None)
 
 
-def _gc_swept(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+def _gc_swept(conn: sqlite3.Connection, ev: Event, body: k.GcSwept, refs: Refs) -> None:
     """Forget the garbage rows (gc removed their objects), but the ``spared`` ones.
 
     Before ``spared`` existed a sweep dropped every row at zero, as one
     without it still does.
     """
-    spared = ev.data.get("spared", [])
-    if not isinstance(spared, list) or not all(isinstance(obj, str) for obj in spared):
-        raise _fail(ev, "spared must be a list of object names")
-    refs.swept(conn, spared)
+    refs.swept(conn, list(body.spared))
 
 
-def _info(conn: sqlite3.Connection, ev: Event, refs: Refs) -> None:
+def _info(conn: sqlite3.Connection, ev: Event, body: k.EventData, refs: Refs) -> None:
     """Events recorded for the audit only (gc.begun, recover.*, drift.*)."""
 
 
-APPLY: dict[str, Callable[[sqlite3.Connection, Event, Refs], None]] = {
+APPLY: dict[str, Callable[[sqlite3.Connection, Event, k.EventData, Refs], None]] = {
     "tx.begun": _tx_begun,
     "tx.committed": _tx_committed,
     "tx.aborted": _tx_aborted,
@@ -537,7 +529,7 @@ APPLY: dict[str, Callable[[sqlite3.Connection, Event, Refs], None]] = {
 
 
 def known_kind(kind: str) -> bool:
-    return kind in APPLY or (kind.startswith(INFO_PREFIXES) and kind not in INFO_PREFIXES)
+    return kind in k.KINDS or k.is_other_info(kind)
 
 
 def apply(conn: sqlite3.Connection, ev: Event, refs: Refs = INCREMENTAL) -> None:
@@ -549,7 +541,11 @@ def apply(conn: sqlite3.Connection, ev: Event, refs: Refs = INCREMENTAL) -> None
     if not known_kind(ev.kind):
         raise ProjectionError(f"unknown event kind {ev.kind!r}", ev.seq, ev.kind)
     refs.advance(conn, ev)
-    APPLY.get(ev.kind, _info)(conn, ev, refs)
+    try:
+        body = ev.typed()
+    except k.EventDataError as e:
+        raise _fail(ev, str(e)) from None
+    APPLY.get(ev.kind, _info)(conn, ev, body, refs)
 
 
 def _replay(conn: sqlite3.Connection, after: int, refs: Refs) -> int:
