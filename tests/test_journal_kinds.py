@@ -9,6 +9,8 @@ instances and random data.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import sqlite3
@@ -135,7 +137,7 @@ def test_append_event_records_what_append_would(tmp_path: Path) -> None:
         assert (ev.kind, ev.subject, ev.data) == ("tx.begun", "t", {"explicit": True, "boot_id": "b"})
         assert created.typed() == k.ImageCreated(subject="x", digest="D", size=3, manifest=created.data["manifest"])
         assert [(e.kind, e.data) for e in typed.events()] == [(e.kind, e.data) for e in plain.events()]
-        assert typed.image("x") == {**plain.image("x"), "created_at": typed.image("x")["created_at"]}
+        assert typed.image("x") == dataclasses.replace(plain.image("x"), created_at=typed.image("x").created_at)
 
 
 # --- random instances and random data ----------------------------------------------------------
