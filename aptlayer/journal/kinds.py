@@ -140,6 +140,16 @@ def _patched(value: Any) -> Patched:
 PATCHED = _Type("{from, changed}", _patched, Patched.to_data, check=_instance(Patched))
 
 
+def _object(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError("a JSON object")
+    return value
+
+
+#: a JSON object recorded as given (what the journal keeps without interpreting it)
+OBJECT = _Type("a JSON object", _object)
+
+
 @dataclass(frozen=True)
 class _Spec:
     type: _Type
@@ -304,6 +314,10 @@ class _ImageBuilt(EventData):
     #: the live image an unchanged tree reused
     reused: str | None = _field(STR, optional=True)
     patched: Patched | None = _field(PATCHED, optional=True)
+    #: a base image's making: {"bootstrap": {suite, variant, ...}} or {"import": {file, format}}
+    origin: dict | None = _field(OBJECT, optional=True)
+    #: a layered image's making: {"base": {image, digest}, "request": {install, remove}, "inactive", "debs"}
+    lineage: dict | None = _field(OBJECT, optional=True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -452,6 +466,13 @@ class RecoverStagingRemoved(EventData):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RecoverStagingUnmounted(EventData):
+    """Subject: a mount point under ``staging/`` a killed operation left mounted, detached."""
+
+    KIND: ClassVar[str] = "recover.staging-unmounted"
+
+
+@dataclass(frozen=True, kw_only=True)
 class RecoverDeployTempRemoved(EventData):
     KIND: ClassVar[str] = "recover.deploy-temp-removed"
     subject: str = "deploy"
@@ -554,7 +575,7 @@ class OtherInfo(EventData):
 KINDS: dict[str, type[EventData]] = {cls.KIND: cls for cls in (
     TxBegun, TxCommitted, TxAborted, ImageStaged, DeleteStaged, DeployStaged, ImageCreated, ImageDeleted,
     Deployed, RolledBack, Mounted, Unmounted, MountLost, GcBegun, GcSwept,
-    RecoverEventsLost, RecoverImagePlaced, RecoverImageUnlinked, RecoverStagingRemoved,
+    RecoverEventsLost, RecoverImagePlaced, RecoverImageUnlinked, RecoverStagingRemoved, RecoverStagingUnmounted,
     RecoverDeployTempRemoved, RecoverDeploySynced,
     DriftObjectDeleted, DriftObjectModified, DriftImageDeleted, DriftImageModified, DriftImageUnknown,
     DriftDeployChanged,
