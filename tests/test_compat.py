@@ -168,3 +168,16 @@ def test_mount_usage_and_option_errors():
     assert r.returncode == 1 and b"Both workdir and upperdir" in r.stderr
     r = ours("mount", "-t", "ext4", "-o", "basedir=/tmp", "img", "/mnt")
     assert r.returncode == 1 and b"Unsupported fs type 'ext4'" in r.stderr
+
+
+@pytest.mark.parametrize("program, tool", [("mkcomposefs", "mkcomposefs"), ("composefs-info", "info"),
+                                           ("mount.composefs", "mount")])
+def test_run_under_a_tool_name_it_is_that_tool(tmp_path, program, tool):
+    """The Debian package links /usr/bin/mkcomposefs etc. to apt-layer: argv[0] picks the tool."""
+    link = tmp_path / program
+    code = "import sys; from aptlayer.cli import main; sys.exit(main())"
+    link.write_text(f"#!{sys.executable}\n{code}\n")
+    link.chmod(0o755)
+    r = run([str(link), "--bogus"])
+    assert r.returncode == 1 and f"{program}: ".encode() in r.stderr
+    assert r.stderr.splitlines()[1:] == ours(tool, "--bogus").stderr.splitlines()[1:]
