@@ -13,6 +13,12 @@ command -v setfattr >/dev/null || need+=(attr)
 command -v losetup >/dev/null || need+=(util-linux)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv python3-pip)
+# The Debian package (tools/build-deb.sh) and its test in Debian 12 and 13 roots.
+command -v dpkg-buildpackage >/dev/null || need+=(dpkg-dev)
+command -v dh >/dev/null || need+=(debhelper)
+command -v lintian >/dev/null || need+=(lintian)
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v unshare >/dev/null || need+=(util-linux)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
