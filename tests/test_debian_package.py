@@ -192,6 +192,7 @@ def installed(request, debs, tmp_path_factory) -> Iterator[tuple[str, Path, set[
              "mkfifo /srv/rootfs/fifo && : > /srv/rootfs/empty && mknod /srv/rootfs/null c 1 3 && "
              "python3 -c 'import os; os.setxattr(\"/srv/rootfs/empty\", \"user.note\", b\"hello\")'")
     yield release, root, before, out
+    shutil.rmtree(root)  # some 300 MB; nothing is mounted there (each chroot had its own namespace)
 
 
 @pytest.fixture
