@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,24 @@ def test_mount8_reports_the_helpers_error(vectors, namespace_with_helper):
                           f"{VECTORS / 'sizes' / 'image.cfs'} {tmp}/mnt")
     assert r.returncode != 0
     assert "mount.composefs: Unsupported option nodev" in r.stderr
+
+
+def test_dash_n_mounts_in_the_given_namespace(vectors, tmp_path, kernel):
+    """``-N PID`` (or a namespace path), as ``mount -N`` passes it: the mount appears there only."""
+    holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "600"])
+    try:
+        while os.readlink(f"/proc/{holder.pid}/ns/mnt") == os.readlink("/proc/self/ns/mnt"):
+            time.sleep(0.01)
+        (tmp_path / "mnt").mkdir()
+        # Relative paths are taken from here, not from the namespace's root.
+        r = subprocess.run([sys.executable, "-m", "aptlayer", "composefs", "mount", "-N", str(holder.pid),
+                            "-o", f"basedir={VECTORS / 'objects'}", str(VECTORS / "sizes" / "image.cfs"),
+                            "mnt"], capture_output=True, text=True, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert r.returncode == 0, r.stderr
+        theirs = Path(f"/proc/{holder.pid}/mountinfo").read_text()
+        assert f" {tmp_path}/mnt " in theirs
+        assert f" {tmp_path}/mnt " not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        holder.kill()  # the namespace, and the mount with it, goes with its last process
+        holder.wait()

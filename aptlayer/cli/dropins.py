@@ -281,6 +281,11 @@ def mount_main(argv: list[str]) -> int:
     if "-f" in flags:
         return 0
     if namespace is not None:
+        # setns(2) moves the working directory to the namespace's root: paths first.
+        image, target = os.path.abspath(image), os.path.abspath(target)
+        kwargs = {k: os.path.abspath(v) if k in ("upperdir", "workdir", "idmap") else v
+                  for k, v in kwargs.items()}
+        basedirs = [os.path.abspath(d) for d in basedirs]
         _enter_mount_namespace(namespace)
     try:
         mount.mount(image, target, basedirs, **kwargs)
