@@ -51,3 +51,29 @@ def test_the_launcher_runs_aptlayer_from_its_private_directory():
     rules = (REPO / "debian" / "rules").read_text()
     for unit in (REPO / "aptlayer" / "data").glob("*.service"):
         assert unit.name in rules  # each unit gets an explicit enable/start policy
+
+
+def _archive_uri(etc: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "tools" / "archive-uri.sh")], capture_output=True, text=True,
+                          env={"APT_ETC": str(etc), "PATH": "/usr/bin:/bin"})
+
+
+def test_archive_uri_is_read_from_the_hosts_apt_sources(tmp_path):
+    """Scripts name no mirror: the archive is the host's first non-security, non-updates deb source."""
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n"
+        "Components: main\n\n"
+        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\nComponents: main\n\n"
+        "Enabled: no\nTypes: deb\nURIs: http://off.example/debian\nSuites: bookworm\n\n"
+        "Types: deb\n# a comment\nURIs: http://archive.example/debian/\nSuites: bookworm bookworm-updates\n"
+        "Components: main\n")
+    r = _archive_uri(tmp_path)
+    assert (r.returncode, r.stdout) == (0, "http://archive.example/debian\n"), r.stderr
+    (tmp_path / "sources.list.d" / "debian.sources").unlink()
+    (tmp_path / "sources.list").write_text("# deb http://commented.example/debian bookworm main\n"
+                                           "deb [signed-by=/k.gpg] http://one.example/debian bookworm main\n")
+    assert _archive_uri(tmp_path).stdout == "http://one.example/debian\n"
+    (tmp_path / "sources.list").write_text("")
+    r = _archive_uri(tmp_path)
+    assert r.returncode == 1 and "no Debian archive found" in r.stderr
