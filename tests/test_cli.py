@@ -525,6 +525,15 @@ def test_audit_formats(root: Path, history: list[dict]) -> None:
     assert run(root, "audit", "SELECT name, deployed FROM v_images").out == "NAME  DEPLOYED\nbase  current\n"
 
 
+def test_audit_takes_json_like_the_other_commands(root: Path, history: list[dict]) -> None:
+    sql = "SELECT seq, kind FROM v_events WHERE subject = 'base' ORDER BY seq"
+    assert run(root, "audit", "--json", sql).out == run(root, "audit", "--format", "json", sql).out
+    assert run(root, "audit", "--json", sql).json() == [{"seq": 2, "kind": "image.created"},
+                                                        {"seq": 5, "kind": "deployed"}]
+    r = run(root, "audit", "--json", "--format", "csv", sql)
+    assert (r.rc, r.out) == (2, "") and "--json and --format csv disagree" in r.err
+
+
 @pytest.mark.parametrize("sql, refused", [
     ("INSERT INTO events (seq) VALUES (99)", "insert events"),
     ("UPDATE events SET kind = 'x'", "update events"),

@@ -168,3 +168,46 @@ def test_mount_usage_and_option_errors():
     assert r.returncode == 1 and b"Both workdir and upperdir" in r.stderr
     r = ours("mount", "-t", "ext4", "-o", "basedir=/tmp", "img", "/mnt")
     assert r.returncode == 1 and b"Unsupported fs type 'ext4'" in r.stderr
+
+
+def test_mount_takes_what_mount8_passes_a_helper():
+    """mount(8) runs ``mount.composefs IMAGE DIR [-sfnv] [-N NS] -o rw,...``; -f checks and mounts nothing."""
+    r = ours("mount", "img", "/nonexistent", "-f", "-n", "-v", "-o", "rw,basedir=/a:/b,nofail,_netdev,x-systemd.automount")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    r = ours("mount", "img", "/nonexistent", "-f", "-o", "rw,basedir=/a,noatime")
+    assert r.returncode == 1 and r.stderr == b"mount.composefs: Unsupported option noatime\n"
+    r = ours("mount", "img", "/nonexistent", "-s", "-f", "-o", "rw,basedir=/a,noatime")
+    assert (r.returncode, r.stderr) == (0, b"")
+    r = ours("mount", "img", "/nonexistent", "-f", "-t", "composefs.x", "-o", "basedir=/a")
+    assert r.returncode == 1 and b"Unsupported fs type 'composefs.x'" in r.stderr
+
+
+def test_mount_options_as_mount8_gives_them():
+    from aptlayer.cli.dropins import Fail, _mount_options
+
+    kw = _mount_options(["rw", "basedir=/a:/b", "basedir=/c", "digest=ab", "verity", "idmap=/ns",
+                         "upperdir=/u", "workdir=/w", "nofail", "comment=x"])
+    assert kw == {"basedirs": ["/a", "/b", "/c"], "digest": "ab", "verity": "require", "idmap": "/ns",
+                  "upperdir": "/u", "workdir": "/w", "readonly": False}
+    assert _mount_options(["rw", "basedir=/a", "ro"])["readonly"] is True
+    with pytest.raises(Fail, match="Unsupported option nodev"):
+        _mount_options(["basedir=/a", "nodev"])
+
+
+def test_mount_in_a_namespace_that_does_not_exist_says_so():
+    r = ours("mount", "-N", "/nonexistent/ns", "-o", "basedir=/a", "img", "/mnt")
+    assert r.returncode == 1
+    assert r.stderr == b"mount.composefs: Failed to open namespace /nonexistent/ns: No such file or directory\n"
+
+
+@pytest.mark.parametrize("program, tool", [("mkcomposefs", "mkcomposefs"), ("composefs-info", "info"),
+                                           ("mount.composefs", "mount")])
+def test_run_under_a_tool_name_it_is_that_tool(tmp_path, program, tool):
+    """The Debian package links /usr/bin/mkcomposefs etc. to apt-layer: argv[0] picks the tool."""
+    link = tmp_path / program
+    code = "import sys; from aptlayer.cli import main; sys.exit(main())"
+    link.write_text(f"#!{sys.executable}\n{code}\n")
+    link.chmod(0o755)
+    r = run([str(link), "--bogus"])
+    assert r.returncode == 1 and f"{program}: ".encode() in r.stderr
+    assert r.stderr.splitlines()[1:] == ours(tool, "--bogus").stderr.splitlines()[1:]

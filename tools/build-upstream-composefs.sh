@@ -17,10 +17,11 @@ trap 'rm -rf "$work"' EXIT
 export DEBIAN_FRONTEND=noninteractive
 deps=(meson ninja-build pkg-config libssl-dev dpkg-dev gcc)
 apt-get install -y -qq "${deps[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${deps[@]}" >/dev/null; }
-# A private apt configuration that knows only sid's sources, so the host's
-# package lists are left alone.
+# A private apt configuration that knows only sid's sources (from the archive
+# the host's apt uses), so the host's package lists are left alone.
+archive=$("$(dirname "$0")/archive-uri.sh")
 mkdir -p "$work/apt/lists/partial"
-echo "deb-src http://deb.debian.org/debian sid main" > "$work/apt/sources.list"
+echo "deb-src $archive sid main" > "$work/apt/sources.list"
 aptopts=(-o "Dir::Etc::SourceList=$work/apt/sources.list" -o "Dir::Etc::SourceParts=-"
          -o "Dir::State::Lists=$work/apt/lists" -o "APT::Sandbox::User=root")
 apt-get "${aptopts[@]}" update -qq >/dev/null

@@ -21,6 +21,10 @@ command -v gpg >/dev/null || need+=(gnupg)
 command -v dpkg-scanpackages >/dev/null || need+=(dpkg-dev)
 command -v mksquashfs >/dev/null || need+=(squashfs-tools)
 command -v zstd >/dev/null || need+=(zstd)
+# The Debian package (tools/build-deb.sh) and its test in Debian 12 and 13 roots.
+command -v dpkg-buildpackage >/dev/null || need+=(dpkg-dev)
+command -v dh >/dev/null || need+=(debhelper)
+command -v lintian >/dev/null || need+=(lintian)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null

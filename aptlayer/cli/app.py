@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from .. import __version__
 from ..errors import AptLayerError
 
 #: command name -> "module:attribute", relative to this package
@@ -89,7 +90,7 @@ class Settings:
 @click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="FILE",
               help="Configuration file (default /etc/apt-layer/config.toml).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-@click.version_option(package_name="apt-layer", prog_name="apt-layer")
+@click.version_option(__version__, prog_name="apt-layer")
 @click.pass_context
 def cli(ctx: click.Context, root: str | None, config_path: Path | None, quiet: bool) -> None:
     """Atomic, deduplicated ComposeFS images for Debian and Ubuntu.

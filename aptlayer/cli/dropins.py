@@ -41,6 +41,8 @@ MOUNT_USAGE = """\
 usage: mount.composefs [-t type] [-o opt[,opts..]] IMAGE MOUNTPOINT
 Example:
   mount.composefs -o basedir=/composefs/objects exampleimage.cfs /mnt/exampleimage
+As the helper of mount(8):
+  mount -t composefs -o basedir=/composefs/objects exampleimage.cfs /mnt/exampleimage
 
 Supported options:
   basedir=PATH[:PATH]    Specify location of basedir(s)
@@ -235,37 +237,96 @@ def _measure_files(paths: list[str], out) -> int:
 
 # --- mount.composefs -------------------------------------------------------------
 
+#: options that mount(8) passes on but that are meant for mount(8) itself (fstab's
+#: ``nofail``, ``_netdev``, ...): the helper accepts and ignores them
+MOUNT8_OPTIONS = frozenset({"defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser",
+                            "users", "owner", "group", "loud", "silent"})
+
+
 def mount_main(argv: list[str]) -> int:
+    """mount.composefs: ``[-t composefs] [-o OPTS] IMAGE MOUNTPOINT``, also as mount(8)'s helper.
+
+    mount(8) runs ``/sbin/mount.composefs IMAGE MOUNTPOINT [-sfnv] [-N NS]
+    [-o OPTS]`` (util-linux's helper convention), adding ``rw`` or ``ro`` to
+    the options and passing fstab options such as ``nofail`` on. So on top
+    of upstream's ``-t`` and ``-o`` this takes ``-s`` (sloppy: ignore
+    unknown options), ``-f`` (fake: check everything, mount nothing), ``-n``
+    (no mtab: there is none to write), ``-v`` (say what was mounted) and
+    ``-N NS`` (mount in the mount namespace NS, a path or a pid).
+    """
     if "-h" in argv or "--help" in argv:
         sys.stderr.write(MOUNT_USAGE)
         return 0
     try:
-        opts, args = getopt.gnu_getopt(argv, "t:o:h")
+        opts, args = getopt.gnu_getopt(argv, "t:o:hsfnvN:")
     except getopt.GetoptError as e:
         raise Fail(f"mount.composefs: {e.msg}", MOUNT_USAGE) from None
     options: list[str] = []
+    flags = {key for key, _ in opts}
+    namespace = None
     for key, value in opts:
         if key == "-t" and value != "composefs":
             raise Fail(_err("mount.composefs", f"Unsupported fs type '{value}'"))
         if key == "-o":
             options.extend(p for p in value.split(",") if p)
+        if key == "-N":
+            namespace = value
     if len(args) != 2:
         raise Fail("Expected IMAGE and MOUNTPOINT", MOUNT_USAGE)
     image, target = args
 
     from ..composefs import mount
 
-    kwargs = _mount_options(options)
+    kwargs = _mount_options(options, sloppy="-s" in flags)
     basedirs = kwargs.pop("basedirs")
+    if "-f" in flags:
+        return 0
+    if namespace is not None:
+        # setns(2) moves the working directory to the namespace's root: paths first.
+        image, target = os.path.abspath(image), os.path.abspath(target)
+        kwargs = {k: os.path.abspath(v) if k in ("upperdir", "workdir", "idmap") else v
+                  for k, v in kwargs.items()}
+        basedirs = [os.path.abspath(d) for d in basedirs]
+        _enter_mount_namespace(namespace)
     try:
         mount.mount(image, target, basedirs, **kwargs)
     except mount.MountError as e:
         raise Fail(_err("mount.composefs", f"Failed to mount composefs {image}: {e.strerror or e}")) from None
+    if "-v" in flags:
+        print(f"mount.composefs: {image} mounted on {target}", flush=True)
     return 0
 
 
-def _mount_options(options: list[str]) -> dict:
-    """mount.composefs ``-o`` options as keyword arguments of ``mount.mount``."""
+def _enter_mount_namespace(name: str) -> None:
+    """setns(2) into the mount namespace at path ``name``, or of process ``name``."""
+    path = f"/proc/{name}/ns/mnt" if name.isdigit() else name
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise Fail(_err("mount.composefs", f"Failed to open namespace {path}: {_strerror(e)}")) from None
+    try:
+        if hasattr(os, "setns"):  # Python 3.12+
+            os.setns(fd, os.CLONE_NEWNS)
+        else:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, 0x00020000) != 0:  # CLONE_NEWNS
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+    except OSError as e:
+        raise Fail(_err("mount.composefs", f"Failed to enter namespace {path}: {_strerror(e)}")) from None
+    finally:
+        os.close(fd)
+
+
+def _mount_options(options: list[str], sloppy: bool = False) -> dict:
+    """mount.composefs ``-o`` options as keyword arguments of ``mount.mount``.
+
+    The last of ``ro`` and ``rw`` wins (mount(8) puts its own first). With
+    ``sloppy``, options this helper does not know are ignored, as mount(8)'s
+    ``-s`` asks.
+    """
     kw: dict = {"basedirs": []}
     for opt in options:
         key, has_value, value = opt.partition("=")
@@ -281,7 +342,9 @@ def _mount_options(options: list[str]) -> dict:
             kw["verity"] = "try"
         elif key in ("ro", "rw") and not has_value:
             kw["readonly"] = key == "ro"
-        else:
+        elif opt in MOUNT8_OPTIONS or key == "comment" or key.startswith("x-"):
+            continue
+        elif not sloppy:
             raise Fail(_err("mount.composefs", f"Unsupported option {opt}"))
     if not kw["basedirs"]:
         raise Fail("No object dirs specified", MOUNT_USAGE)

@@ -165,20 +165,25 @@ def log(ctx, subject, kind, tx, since, until, limit, as_json) -> None:
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
+@json_option
 @click.pass_context
-def audit(ctx, sql, fmt) -> None:
+def audit(ctx, sql, fmt, as_json) -> None:
     """Run a read-only SQL query on the journal (writes, ATTACH and pragmas are refused).
 
     The views are documented in docs/journal.md, e.g. v_events, v_images.
+    --json is short for --format json.
 
     \b
     Example:
       apt-layer audit "SELECT kind, count(*) FROM events GROUP BY kind"
       apt-layer audit --format csv "SELECT * FROM v_events WHERE kind = 'image.deleted'"
+      apt-layer audit --json "SELECT name, digest FROM v_images"
     """
+    if as_json and fmt not in ("table", "json"):
+        raise click.UsageError(f"--json and --format {fmt} disagree")
     result = _maint(ctx).audit(sql)
     columns, rows = result.columns, result.rows
-    if fmt == "json":
+    if as_json or fmt == "json":
         click.echo(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))
     elif fmt == "csv":
         click.echo(csv_text(rows, columns))

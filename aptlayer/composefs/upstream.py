@@ -9,21 +9,39 @@ prefix, as ``tools/build-upstream-composefs.sh`` makes).
 from __future__ import annotations
 
 import os
-import shutil
 
 TOOLS = ("mkcomposefs", "composefs-info", "mount.composefs")
+
+#: what the head of apt-layer's own launcher says (see :func:`_is_apt_layer`)
+LAUNCHER_MARK = b"apt-layer launcher"
+
+
+def _is_apt_layer(path: str) -> bool:
+    """True for apt-layer's own drop-in under an upstream name (a Python launcher).
+
+    Debian's ``apt-layer-composefs-tools`` installs ``/usr/bin/mkcomposefs``
+    and friends as apt-layer itself: taking them for upstream would only run
+    apt-layer again in a subprocess, and compare it with itself in tests.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return False
+    return head.startswith(b"#!") and LAUNCHER_MARK in head
 
 
 def find_tool(name: str) -> str | None:
     """Absolute path of an upstream tool, or None if it is not installed."""
-    extra = os.environ.get("APT_LAYER_COMPOSEFS_BIN")
-    if extra:
-        for d in extra.split(os.pathsep):
-            for sub in ("", "../sbin"):
-                cand = os.path.normpath(os.path.join(d, sub, name))
-                if os.access(cand, os.X_OK):
-                    return cand
-    return shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    dirs = []
+    for d in filter(None, os.environ.get("APT_LAYER_COMPOSEFS_BIN", "").split(os.pathsep)):
+        dirs += [d, os.path.join(d, "../sbin")]
+    dirs += [d for d in os.environ.get("PATH", "").split(os.pathsep) if d] + ["/usr/sbin", "/sbin"]
+    for d in dirs:
+        cand = os.path.normpath(os.path.join(d, name))
+        if os.path.isfile(cand) and os.access(cand, os.X_OK) and not _is_apt_layer(cand):
+            return cand
+    return None
 
 
 def mount_with_tool(image: str, target: str, basedirs: list[str], *, upperdir: str | None = None,
