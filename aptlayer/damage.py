@@ -42,7 +42,7 @@ def dead_transactions(store: Store) -> list[dict]:
     for t, begun in store.journal.open_transactions():
         tx = t.id
         pid = begun.actor.get("pid")
-        if str(begun.data.get("boot_id", "")) != store.boot_id:
+        if begun.typed().boot_id != store.boot_id:
             why = "opened in an earlier boot"
         elif not t.explicit and not _alive(pid):
             why = f"its process {pid} is gone"

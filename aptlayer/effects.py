@@ -29,7 +29,7 @@ from typing import Protocol
 from . import layout as names
 from .composefs import fsverity
 from .fault import fault
-from .journal import Event, Journal
+from .journal import Event, Journal, kinds
 from .layout import Layout
 from .linux import fsops
 
@@ -52,7 +52,7 @@ class Drift:
 class Report(Protocol):
     """What recovery gives an effect's ``redo``."""
 
-    def act(self, kind: str, subject: str, data: dict) -> None:
+    def act(self, event: kinds.EventData) -> None:
         """Journal a repair (a ``recover.*`` event) and list it."""
 
     def problem(self, **fields) -> None:
@@ -80,7 +80,7 @@ class ImageFiles:
     def apply(self, events: list[Event]) -> None:
         for ev in events:
             if ev.kind == "image.created":
-                self.place(ev.subject, self.layout.root / ev.data["staged"])
+                self.place(ev.subject, self.layout.root / ev.typed().staged)
                 fault("effects.after-place")
             elif ev.kind == "image.deleted":
                 self.remove(ev.subject)
@@ -115,11 +115,11 @@ class ImageFiles:
         live = self.journal.images()
         for image in live:
             created = self.journal.event(image.created_seq) if staged else None
-            rel = created.data.get("staged") if created is not None else None
+            rel = created.typed().staged if created is not None else None
             if rel is not None and rel in staged:
                 self.place(image.name, staged[rel])
                 fault("recover.after-place")
-                report.act("recover.image-placed", image.name, {"digest": image.digest, "from": rel})
+                report.act(kinds.RecoverImagePlaced(subject=image.name, digest=image.digest, from_=rel))
                 continue
             path = self.layout.image(image.name)
             try:
@@ -135,10 +135,10 @@ class ImageFiles:
         for name in sorted(files - {image.name for image in live}):
             last = self.journal.last_image_event(name)
             if last is not None and last.kind == "image.deleted" and \
-                    file_digest(self.layout.image(name)) == last.data.get("digest"):
+                    file_digest(self.layout.image(name)) == last.typed().digest:
                 self.remove(name)
                 fault("recover.after-unlink")
-                report.act("recover.image-unlinked", name, {})
+                report.act(kinds.RecoverImageUnlinked(subject=name))
             else:
                 report.problem(problem="unknown image file", image=name, path=str(self.layout.image(name)))
 
@@ -237,11 +237,11 @@ class DeployLinks:
             fsops.unlink(str(deploy / name))
         if temps:
             fsops.fsync_dir(str(deploy))
-            report.act("recover.deploy-temp-removed", "deploy", {"links": temps})
+            report.act(kinds.RecoverDeployTempRemoved(subject="deploy", links=temps))
         changed = self.sync()
         if changed:
             fault("recover.after-deploy-sync")
-            report.act("recover.deploy-synced", "deploy", {"slots": changed})
+            report.act(kinds.RecoverDeploySynced(subject="deploy", slots=changed))
 
     def keys(self) -> list[str]:
         return list(names.SLOTS)

@@ -35,7 +35,7 @@ def image_info(store: Store, name: str) -> dict:
     created = next(journal.events(subject=name, kind="image.created", newest_first=True, limit=1), None)
     if created is not None:
         info["created_by"] = {k: created.actor.get(k) for k in ("user", "uid", "host", "pid")}
-        info["source"] = created.data.get("source")
+        info["source"] = created.typed().source
     return info
 
 

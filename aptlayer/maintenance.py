@@ -11,7 +11,7 @@ from collections.abc import Callable
 from . import errors
 from .damage import dead_transactions, deployed_damage
 from .fault import fault
-from .journal import as_dict
+from .journal import as_dict, kinds
 from .layout import new_id
 from .store import Store
 
@@ -39,16 +39,14 @@ class Maintenance:
                 result["objects"] = [{"object": o, "size": n} for o, n in gc_plan.objects]
                 return result
             txid = new_id()
-            s.record("gc.begun", "store", {"full": full, "marked": gc_plan.marked,
-                                            "candidates": len(gc_plan.objects),
-                                            "candidate_bytes": gc_plan.bytes}, txid)
+            s.record(kinds.GcBegun(subject="store", full=full, marked=gc_plan.marked,
+                                   candidates=len(gc_plan.objects), candidate_bytes=gc_plan.bytes), txid)
             fault("gc.after-begun")
             removed, freed = collect.sweep(gc_plan, s.objects_dir, s.trash_dir, progress)
             fault("gc.after-sweep")
-            swept = {"removed": removed, "bytes": freed, "temp_files": len(gc_plan.temp_files)}
-            if gc_plan.kept:  # their rows stay: the next gc sees them again
-                swept["spared"] = gc_plan.kept
-            s.record("gc.swept", "store", swept, txid)
+            # the kept objects' rows stay: the next gc sees them again
+            s.record(kinds.GcSwept(subject="store", removed=removed, bytes=freed, temp_files=len(gc_plan.temp_files),
+                                   spared=tuple(gc_plan.kept)), txid)
             result.update(removed=removed, bytes_freed=freed)
             return result
 
@@ -67,7 +65,7 @@ class Maintenance:
                                           newest_first=True, limit=1), None)
             if ev is not None:
                 info.update(created_at=ev.at, created_by=ev.actor.get("user"))
-                lineage = ev.data.get("lineage")
+                lineage = ev.typed().lineage
                 if lineage:
                     info.update(base=lineage["base"]["image"], base_digest=lineage["base"]["digest"],
                                 layered=[p for p in lineage["request"]["install"] if p not in lineage["inactive"]],

@@ -13,6 +13,7 @@ import os
 
 from . import errors
 from .fault import fault
+from .journal import kinds
 from .store import Store
 
 
@@ -36,15 +37,14 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
         raise errors.Unsupported("--backend upstream: mount.composefs is not installed")
     do_mount = upstream.mount_with_tool if backend == "upstream" else cfsmount.mount
     with store.writing():
-        event = store.record("mounted", name, {"mountpoint": target, "digest": image.digest,
-                                                "boot_id": store.boot_id, "writable": upperdir is not None,
-                                                "backend": backend})
+        event = store.record(kinds.Mounted(subject=name, mountpoint=target, digest=image.digest,
+                                           boot_id=store.boot_id, writable=upperdir is not None, backend=backend))
         fault("mount.after-event")
         try:
             do_mount(str(path), target, [str(store.layout.objects), *basedirs], upperdir=upperdir,
                      workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
         except BaseException as e:
-            store.record("unmounted", name, {"mountpoint": target, "reason": f"mount failed: {e}"[:500]}, event.tx)
+            store.record(kinds.Unmounted(subject=name, mountpoint=target, reason=f"mount failed: {e}"[:500]), event.tx)
             if isinstance(e, cfsmount.MountError):
                 raise errors.from_mount_error(e) from None
             raise
@@ -74,5 +74,5 @@ def unmount(store: Store, mountpoint: str, lazy: bool = False, force: bool = Fal
             raise errors.Conflict(f"{target} is mounted in another mount namespace; unmount it there")
         fault("unmount.after-kernel")
         if row is not None:
-            store.record("unmounted", row.image, {"mountpoint": target})
+            store.record(kinds.Unmounted(subject=row.image, mountpoint=target))
     return {"mountpoint": target, "image": row.image if row else None}

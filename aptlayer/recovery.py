@@ -33,6 +33,7 @@ import os
 from . import mounts
 from .damage import deployed_damage
 from .fault import fault
+from .journal import kinds
 from .layout import new_id
 from .linux import fsops
 from .store import Store
@@ -46,10 +47,10 @@ class Recovery:
         self.problems: list[dict] = []
         self._tx = new_id()
 
-    def act(self, kind: str, subject: str, data: dict) -> None:
+    def act(self, event: kinds.EventData) -> None:
         """Journal one repair and list it (``effects.Report``)."""
-        self.store.record(kind, subject, data, self._tx)
-        self.actions.append({"kind": kind, "subject": subject, **data})
+        self.store.record(event, self._tx)
+        self.actions.append({"kind": event.kind, "subject": event.subject, **event.to_data()})
 
     def problem(self, **fields) -> None:
         self.problems.append(fields)
@@ -102,7 +103,7 @@ class Recovery:
         if start > last:
             self.problems.append({"problem": f"the journal ends at seq {last}, but seq {start} was "
                                              "verified before: committed events were lost", "seq": last + 1})
-            self.act("recover.events-lost", "journal", {"verified_up_to": start, "journal_ended_at": last})
+            self.act(kinds.RecoverEventsLost(subject="journal", verified_up_to=start, journal_ended_at=last))
             start, last = 0, self.journal.last_seq()
         try:
             if start:
@@ -158,16 +159,16 @@ class Recovery:
                        key=len, reverse=True)
         for mountpoint in stale:
             unmount(mountpoint, lazy=True)
-            self.act("recover.staging-unmounted", mountpoint, {})
+            self.act(kinds.RecoverStagingUnmounted(subject=mountpoint))
 
     def _abort_dead_transactions(self) -> None:
         s = self.store
         for t, begun in self.journal.open_transactions():
             txid = t.id
-            if t.explicit and begun.data.get("boot_id") == s.boot_id:
+            if t.explicit and begun.typed().boot_id == s.boot_id:
                 continue
             why = "interrupted" if not t.explicit else "left open by an earlier boot"
-            s.record("tx.aborted", txid, {"reason": f"recovery: transaction {why}"}, txid)
+            s.record(kinds.TxAborted(subject=txid, reason=f"recovery: transaction {why}"), txid)
             self.actions.append({"kind": "tx.aborted", "subject": txid, "reason": why})
             fault("recover.after-abort")
             s.clear_staging(txid)
@@ -198,7 +199,7 @@ class Recovery:
         if removed:
             fsops.fsync_dir(str(s.staging_dir))
         for name in removed:
-            self.act("recover.staging-removed", name, {})
+            self.act(kinds.RecoverStagingRemoved(subject=name))
             fault("recover.after-staging-removed")
 
     # -- mounts ----------------------------------------------------------------------------
@@ -221,9 +222,8 @@ class Recovery:
                     present.add(mountpoint)
             if boot == self.store.boot_id and mountpoint in present:
                 continue
-            self.store.record("mount.lost", image, {"mountpoint": mountpoint,
-                                                     "reason": "not mounted" if boot == self.store.boot_id
-                                                     else "mounted in an earlier boot"}, self._tx)
+            reason = "not mounted" if boot == self.store.boot_id else "mounted in an earlier boot"
+            self.store.record(kinds.MountLost(subject=image, mountpoint=mountpoint, reason=reason), self._tx)
             self.actions.append({"kind": "mount.lost", "subject": image, "mountpoint": mountpoint})
 
 

@@ -22,7 +22,7 @@ from .builder import Builder, CreateOptions, Delta, Outcome, SameAs, Source, sou
 from .effects import EFFECTS, DeployLinks, ImageFiles, clear_staging
 from .fault import fault
 from .journal import (RECORDED, Derived, Journal, JournalCorruptError, JournalStorageError, JournalVersionError,
-                      ProjectionError)
+                      ProjectionError, kinds)
 from .layout import Layout, new_id
 from .linux import fsops
 from .lock import LockTimeout, locked
@@ -138,12 +138,12 @@ class Store:
     def staging_path(self, tx: str) -> Path:
         return self.layout.staging_dir(self.boot_id, tx)
 
-    def record(self, kind: str, subject: str, data: dict, tx: str | None = None, manifest=None):
-        """Append one event in its own SQLite transaction, under apt-layer
+    def record(self, event: kinds.EventData, tx: str | None = None, manifest=None):
+        """Append one typed event in its own SQLite transaction, under apt-layer
         transaction ``tx`` (a fresh id if None); an event the projection
         refuses is a Conflict."""
         try:
-            return self.journal.append(kind, subject, data, tx or new_id(), manifest=manifest)
+            return self.journal.append_event(event, tx or new_id(), manifest=manifest)
         except ProjectionError as e:
             raise errors.Conflict(str(e)) from None
 
@@ -214,8 +214,8 @@ class Store:
             implicit = tx is None
             txid = tx or new_id()
             if implicit:
-                self.record("tx.begun", txid, {"explicit": False, "boot_id": self.boot_id,
-                                                 "op": "create", "name": name}, txid)
+                self.record(kinds.TxBegun(subject=txid, explicit=False, boot_id=self.boot_id, op="create",
+                                          name=name), txid)
             fault("create.after-begin")
             try:
                 built = self._build(src, name, txid, options, progress)
@@ -227,18 +227,20 @@ class Store:
                 raise
             manifest = _journal_manifest(built.manifest)
             missing = self._missing(manifest) if options.from_file else 0
-            data = {"digest": built.digest, "size": built.size, "staged": self.layout.relative(built.staged),
-                    "source": src.recorded_as, "objects": built.objects, **built.provenance(), **(about or {})}
+            data = dict(digest=built.digest, size=built.size, staged=self.layout.relative(built.staged),
+                        source=src.recorded_as, objects=built.objects, reused=built.reused,
+                        patched=kinds.Patched(built.patched_from, built.changed) if built.patched_from else None,
+                        **(about or {}))
             if not implicit:
-                self.record("image.staged", name, data, txid, manifest=manifest)
+                self.record(kinds.ImageStaged(subject=name, **data), txid, manifest=manifest)
                 fault("create.after-stage")
                 return _created(name, data, txid, built, staged=True, missing=missing)
             with self.publishing():
                 try:
                     with self.journal.transaction() as w:
-                        w.append("image.created", name, data, txid, manifest=manifest)
+                        w.append_event(kinds.ImageCreated(subject=name, **data), txid, manifest=manifest)
                         fault("create.mid-commit")
-                        w.append("tx.committed", txid, {"ops": 1}, txid)
+                        w.append_event(kinds.TxCommitted(subject=txid, ops=1), txid)
                 except ProjectionError as e:
                     self._abort(txid, reason=str(e))
                     raise errors.Conflict(str(e)) from None
@@ -275,14 +277,14 @@ class Store:
         Returns what :meth:`clear_staging` left alone.
         """
         if self.journal.transaction_state(tx) == "open":
-            data = {"reason": reason[:500]}
+            aborted = kinds.TxAborted(subject=tx, reason=reason[:500])
             try:
-                self.record("tx.aborted", tx, data, tx)
+                self.record(aborted, tx)
             except JournalStorageError as e:
                 if e.reason != "full":
                     raise
                 self.clear_staging(tx)
-                self.record("tx.aborted", tx, data, tx)
+                self.record(aborted, tx)
         fault("abort.after-event")
         return self.clear_staging(tx)
 
@@ -295,20 +297,19 @@ class Store:
             self._in_use(name)
             if tx is not None:
                 self._open_tx(tx)
-                self.record("delete.staged", name, {"digest": image.digest}, tx)
+                self.record(kinds.DeleteStaged(subject=name, digest=image.digest), tx)
                 fault("delete.after-stage")
                 return {"name": name, "digest": image.digest, "tx": tx, "staged": True}
             with self.publishing():
                 # Checked again inside the write transaction: a deploy or mount
                 # committed since the check above must win over this delete.
-                events = self._single(name, "image.deleted", {"digest": image.digest}, op="delete",
+                events = self._single(kinds.ImageDeleted(subject=name, digest=image.digest), op="delete",
                                       check=lambda: self._in_use(name))
                 fault("delete.after-commit")
                 self.apply_effects(events)
             return {"name": name, "digest": image.digest, "tx": events[0].tx, "staged": False}
 
-    def _single(self, subject: str, kind: str, data: dict, op: str,
-                check: Callable[[], None] | None = None) -> list:
+    def _single(self, event: kinds.EventData, op: str, check: Callable[[], None] | None = None) -> list:
         """One operation as its own transaction: begun, the event, committed, atomically.
 
         ``check`` runs inside the SQLite write transaction (which excludes
@@ -319,11 +320,11 @@ class Store:
             with self.journal.transaction() as w:
                 if check is not None:
                     check()
-                w.append("tx.begun", txid, {"explicit": False, "boot_id": self.boot_id,
-                                            "op": op, "name": subject}, txid)
-                ev = w.append(kind, subject, data, txid)
+                w.append_event(kinds.TxBegun(subject=txid, explicit=False, boot_id=self.boot_id, op=op,
+                                             name=event.subject), txid)
+                ev = w.append_event(event, txid)
                 fault(f"{op}.mid-commit")
-                w.append("tx.committed", txid, {"ops": 1}, txid)
+                w.append_event(kinds.TxCommitted(subject=txid, ops=1), txid)
         except ProjectionError as e:
             raise errors.Conflict(str(e)) from None
         return [ev]
@@ -338,7 +339,7 @@ class Store:
                           if op.op == "create" and op.name == name and op.effective_seq is None]
                 digest = staged[-1].digest if staged else self._live(name).digest
                 self._whole(name, digest)
-                self.record("deploy.staged", name, {"digest": digest}, tx)
+                self.record(kinds.DeployStaged(subject=name, digest=digest), tx)
                 fault("deploy.after-stage")
                 return {"current": name, "digest": digest, "tx": tx, "staged": True}
             with self.publishing():
@@ -347,9 +348,8 @@ class Store:
                 if current is not None and current.image == name and current.digest == image.digest:
                     raise errors.Conflict(f"image {name!r} is already the current deployment")
                 self._whole(name, image.digest)
-                events = self._single(name, "deployed", {
-                    "current": {"image": name, "digest": image.digest},
-                    "previous": current.ref() if current else None}, op="deploy")
+                events = self._single(kinds.Deployed(subject=name, current=kinds.Slot(name, image.digest),
+                                                     previous=_slot(current)), op="deploy")
                 fault("deploy.after-commit")
                 self.apply_effects(events)
             return {"current": name, "digest": image.digest,
@@ -363,8 +363,8 @@ class Store:
                 raise errors.Conflict("no previous deployment to roll back to")
             previous, current = deps["previous"], deps.get("current")
             self._whole(previous.image, previous.digest)
-            events = self._single(previous.image, "rolled-back", {
-                "current": previous.ref(), "previous": current.ref() if current else None}, op="rollback")
+            events = self._single(kinds.RolledBack(subject=previous.image, current=_slot(previous),
+                                                   previous=_slot(current)), op="rollback")
             fault("rollback.after-commit")
             self.apply_effects(events)
             return {"current": previous.image, "previous": current.image if current else None}
@@ -375,11 +375,9 @@ class Store:
         """Open a transaction: explicit (``tx begin``), or, given ``op``, the implicit one of a
         command made of several steps (``install``), which recovery aborts if its process dies."""
         txid = new_id()
-        data = {"explicit": op is None, "boot_id": self.boot_id}
-        if op is not None:
-            data.update(op=op, name=name)
         with self.writing():
-            self.record("tx.begun", txid, data, txid)
+            self.record(kinds.TxBegun(subject=txid, explicit=op is None, boot_id=self.boot_id, op=op, name=name),
+                        txid)
         return txid
 
     def tx_commit(self, tx: str) -> dict:
@@ -433,6 +431,11 @@ class Store:
         return [obj for obj, _ in self.journal.manifest(self._live(name).digest)
                 if not (self.layout.objects / obj).is_file()]
 
+def _slot(deployment) -> kinds.Slot | None:
+    """A deployment as events name it."""
+    return kinds.Slot(deployment.image, deployment.digest) if deployment is not None else None
+
+
 def _journal_manifest(manifest):
     """The builder's manifest in the journal's terms."""
     if isinstance(manifest, SameAs):
@@ -445,8 +448,8 @@ def _journal_manifest(manifest):
 def _created(name: str, data: dict, txid: str, built: Outcome, staged: bool, missing: int) -> dict:
     """What ``image create`` reports."""
     info = {"name": name, "digest": data["digest"], "size": data["size"], "objects": data["objects"],
-            "objects_missing": missing, "tx": txid, "staged": staged, "reused": data.get("reused"),
-            "patched": data.get("patched")}
+            "objects_missing": missing, "tx": txid, "staged": staged, "reused": built.reused,
+            "patched": built.provenance().get("patched")}
     stats = built.stats
     if stats is not None:
         info.update(files=stats.files, bytes=stats.bytes,

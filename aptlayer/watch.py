@@ -68,7 +68,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from .effects import EFFECTS, Drift, file_digest
-from .journal import Event
+from .journal import Event, kinds
 from .layout import new_id
 from .lock import is_held
 from .store import Store
@@ -330,7 +330,7 @@ class Watcher:
             return
         tx = new_id()
         with self.store.journal.transaction() as w:
-            events = [w.append(d.kind, d.subject, d.data, tx) for d in new]
+            events = [w.append_event(kinds.parse(d.kind, d.subject, d.data), tx) for d in new]
         for event in events:
             self.on_drift(event)
 
