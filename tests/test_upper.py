@@ -348,6 +348,22 @@ def test_prepare_upper_gives_the_merged_root_the_base_root(layering: Layering, t
         base.mode, base.mtime_sec, base.mtime_nsec, base.xattrs)
 
 
+def test_base_hard_links_become_the_files_a_scan_of_the_merged_view_gives(store: Store, layering: Layering,
+                                                                         tmp_path: Path) -> None:
+    dump = tmp_path / "linked.dump"
+    dump.write_bytes(b"/ 0 40755 2 0 0 0 0.0 - - -\n"
+                     b"/a 5 100644 3 0 0 0 0.0 - hello -\n/b 0 @100644 0 0 0 0 0.0 /a - -\n"
+                     b"/c 0 @100644 0 0 0 0 0.0 /a - -\n")
+    store.create(str(dump), "linked", CreateOptions(backend="python", from_file=True))
+    (tmp_path / "linked").mkdir()
+    linked = Layering(store, tmp_path / "linked", base="linked")
+    linked.change(lambda m: (os.unlink(m / "a"), os.chmod(m / "c", 0o600)))
+    built = linked.check()
+    tree = reader.read_image(built.staged)
+    assert sorted(tree.children) == [b"b", b"c"]
+    assert [(n.link, n.nlink, n.content) for n in tree.children.values()] == [(None, 1, b"hello")] * 2
+
+
 # --- a hostile or malformed upper directory ----------------------------------------------
 
 
