@@ -251,7 +251,8 @@ OPERATIONS: dict[str, tuple[Callable[[Path], object], dict[str, str]]] = {
     "utime": (lambda m: os.utime(m / "etc/big.conf", ns=(5, 7_000_000_001)),
               {"/etc": "dir", "/etc/big.conf": "metacopy"}),
     "rename file": (lambda m: os.rename(m / "usr/bin/tool", m / "usr/bin/tool2"),
-                    {"/usr": "dir", "/usr/bin": "dir", "/usr/bin/tool": "whiteout", "/usr/bin/tool2": "metacopy -> tool"}),
+                    {"/usr": "dir", "/usr/bin": "dir", "/usr/bin/tool": "whiteout",
+                     "/usr/bin/tool2": "metacopy -> tool"}),
     "move file across": (lambda m: os.rename(m / "usr/share/doc/a/README", m / "etc/README"),
                          {"/etc": "dir", "/etc/README": "metacopy -> /usr/share/doc/a/README", "/usr": "dir",
                           "/usr/share": "dir", "/usr/share/doc": "dir", "/usr/share/doc/a": "dir",
@@ -324,7 +325,8 @@ def test_only_new_data_is_read_and_unchanged_files_keep_their_objects(layering: 
     tree = reader.read_image(built.staged)
     base = reader.read_image(layering.store.image_file("base"))
     tool = tree.children[b"usr"].children[b"bin"].children[b"tool"]
-    assert (tool.mode, tool.digest) == (stat.S_IFREG | 0o700, base.children[b"usr"].children[b"bin"].children[b"tool"].digest)
+    base_tool = base.children[b"usr"].children[b"bin"].children[b"tool"]
+    assert (tool.mode, tool.digest) == (stat.S_IFREG | 0o700, base_tool.digest)
     docs = tree.children[b"usr"].children[b"share"].children[b"doc"].children
     assert sorted(docs) == [b"b", b"c"] and sorted(docs[b"c"].children) == [b"README", b"copyright"]
     assert built.provenance() == {"layered": {"base": layering.store.journal.image("base").digest, "changed": 13}}
@@ -390,6 +392,25 @@ def test_a_metacopy_without_base_data_is_refused(tmp_path: Path) -> None:
     delta = upper.read_upper(up)
     with pytest.raises(upper.UpperError, match="^/ghost: metadata-only copy without its data in the base$"):
         upper.apply(Node(), delta)
+
+
+def test_a_metacopy_recording_another_digest_than_its_base_data_is_refused(tmp_path: Path) -> None:
+    data = blob("data", 100)
+    digest = fsverity.digest_bytes(data)
+
+    def base() -> Node:
+        return Node(children={b"f": Node(mode=stat.S_IFREG | 0o644, size=100, digest=digest,
+                                         payload=fsverity.object_path(digest).encode())})
+
+    up = tmp_path / "up"
+    up.mkdir()
+    (up / "f").touch()
+    os.truncate(up / "f", 100)
+    os.setxattr(up / "f", "trusted.overlay.metacopy", bytes.fromhex("00240001") + digest)
+    assert upper.apply(base(), upper.read_upper(up)).children[b"f"].digest == digest
+    os.setxattr(up / "f", "trusted.overlay.metacopy", bytes.fromhex("00240001") + bytes(32))
+    with pytest.raises(upper.UpperError, match="^/f: metadata-only copy records another digest"):
+        upper.apply(base(), upper.read_upper(up))
 
 
 def test_a_relative_redirect_with_a_slash_is_refused(tmp_path: Path) -> None:
@@ -523,8 +544,8 @@ def test_dpkg_install_in_a_chroot_gives_mkcomposefs_bytes(store: Store, tmp_path
         subprocess.run(["mount", "--bind", "/proc", str(m / "proc")], check=True)
         subprocess.run(["mount", "--rbind", "/dev", str(m / "dev")], check=True)
         try:
-            subprocess.run([shutil.which("chroot"), str(m), "/usr/bin/dpkg", "--force-bad-path", "-i", "/tmp/hello.deb"],
-                           check=True, capture_output=True, env={"PATH": "/usr/bin:/bin"})
+            subprocess.run([shutil.which("chroot"), str(m), "/usr/bin/dpkg", "--force-bad-path", "-i",
+                            "/tmp/hello.deb"], check=True, capture_output=True, env={"PATH": "/usr/bin:/bin"})
         finally:
             subprocess.run(["umount", "-R", str(m / "dev")], check=True)
             subprocess.run(["umount", str(m / "proc")], check=True)

@@ -126,6 +126,8 @@ class MetaCopy:
     #: its metadata, size included (no data)
     meta: Node
     redirect: bytes | None
+    #: the fs-verity digest the metacopy xattr records (only with ``verity=``), else None
+    digest: bytes | None = None
 
 
 @dataclass
@@ -179,7 +181,7 @@ class _Reading:
         except OSError as e:
             reason = "not a directory" if e.errno in (errno.ENOTDIR, errno.ELOOP) else e.strerror
             raise UpperError(f"upper directory {os.fsdecode(upper)}: {reason}") from e
-        #: the directories being listed: (path, fd, names left, reversed)
+        #: the directories being listed: (path, fd, the names left in reverse order)
         stack: list[tuple[bytes, int, list[bytes]]] = []
         try:
             st = os.fstat(root_fd)
@@ -224,7 +226,9 @@ class _Reading:
             fd = _open(dfd, name, path, st, OPEN_DIR)
             return Directory(path, node, raw.get(fmt.XATTR_OPAQUE) == _OPAQUE, raw.get(fmt.XATTR_REDIRECT)), fd
         if kind == stat.S_IFREG and fmt.XATTR_METACOPY in raw:
-            return MetaCopy(path, node, raw.get(fmt.XATTR_REDIRECT)), None
+            recorded = raw[fmt.XATTR_METACOPY]
+            digest = recorded[4:] if len(recorded) == fmt.METACOPY_SIZE else None
+            return MetaCopy(path, node, raw.get(fmt.XATTR_REDIRECT), digest), None
         if kind == stat.S_IFREG:
             self._read_file(dfd, name, path, st, node)
         elif kind == stat.S_IFLNK:
@@ -287,8 +291,10 @@ def _open(dfd: int, name: bytes, path: bytes, st: os.stat_result, flags: int) ->
     except OSError as e:
         raise UpperError(f"{os.fsdecode(path)}: cannot open: {e.strerror}") from e
     now = os.fstat(fd)
-    if (now.st_dev, now.st_ino, now.st_mode, now.st_size) != (st.st_dev, st.st_ino, st.st_mode, st.st_size) \
-            and not (stat.S_ISDIR(st.st_mode) and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)):
+    same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
+    if same and not stat.S_ISDIR(st.st_mode):
+        same = (now.st_mode, now.st_size) == (st.st_mode, st.st_size)
+    if not same:
         os.close(fd)
         raise UpperError(f"{os.fsdecode(path)}: changed while it was read")
     return fd
@@ -396,6 +402,8 @@ def _with_data(change: MetaCopy, data: Node | None) -> Node:
                          f"{f' (redirect {change.redirect!r})' if change.redirect else ''}")
     if data.size != change.meta.size:
         raise UpperError(f"{where}: metadata-only copy of {change.meta.size} bytes over base data of {data.size}")
+    if change.digest is not None and change.digest != data.digest:
+        raise UpperError(f"{where}: metadata-only copy records another digest than its base data")
     node = _with_meta(change.meta, Node())
     node.payload, node.content, node.digest = data.payload, data.content, data.digest
     return node
