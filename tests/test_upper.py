@@ -384,6 +384,15 @@ def test_symlinks_in_the_upper_directory_are_never_followed(tmp_path: Path) -> N
         upper.read_upper(tmp_path / "up-link")
 
 
+def test_an_upper_directory_deeper_than_the_limit_is_refused(tmp_path: Path) -> None:
+    deepest = tmp_path.joinpath("up", *["d"] * upper.MAX_DEPTH)
+    deepest.mkdir(parents=True)
+    assert len(upper.read_upper(tmp_path / "up").changes) == upper.MAX_DEPTH
+    (deepest / "d").mkdir()
+    with pytest.raises(upper.UpperError, match=f"more than {upper.MAX_DEPTH} levels deep$"):
+        upper.read_upper(tmp_path / "up")
+
+
 def test_a_metacopy_without_base_data_is_refused(tmp_path: Path) -> None:
     up = tmp_path / "up"
     up.mkdir()
@@ -512,60 +521,76 @@ def chroot_base(root: Path) -> None:
             shutil.copy(os.path.realpath(lib), into / os.path.basename(lib))
 
 
-def make_deb(tmp: Path) -> Path:
-    pkg = tmp / "pkg"
-    for d in ("DEBIAN", "usr/share/hello-layer", "usr/bin"):
-        (pkg / d).mkdir(parents=True)
-    (pkg / "DEBIAN/control").write_text("Package: hello-layer\nVersion: 1.0\nArchitecture: all\n"
+def make_deb(tmp: Path, version: str, files: dict[str, bytes]) -> Path:
+    """A package ``hello-layer`` of ``files``; its postinst writes the version into /etc."""
+    pkg = tmp / f"pkg-{version}"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "DEBIAN/control").write_text(f"Package: hello-layer\nVersion: {version}\nArchitecture: all\n"
                                         "Maintainer: apt-layer tests <tests@example.org>\nDescription: a test\n")
-    (pkg / "DEBIAN/postinst").write_text("#!/bin/sh\necho configured > /etc/hello-layer.state\n")
+    (pkg / "DEBIAN/postinst").write_text(f"#!/bin/sh\necho configured {version} > /etc/hello-layer.state\n")
     os.chmod(pkg / "DEBIAN/postinst", 0o755)
-    write(pkg / "usr/share/hello-layer/data", blob("data", 3000))
-    write(pkg / "usr/bin/hello-layer", b"#!/bin/sh\necho hello\n")
+    for rel, data in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(pkg / rel, data)
     os.chmod(pkg / "usr/bin/hello-layer", 0o755)
-    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(pkg), str(tmp / "hello.deb")], check=True,
-                   capture_output=True)
-    return tmp / "hello.deb"
+    deb = tmp / f"hello-layer_{version}_all.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(pkg), str(deb)], check=True, capture_output=True)
+    return deb
 
 
-def test_dpkg_install_in_a_chroot_gives_mkcomposefs_bytes(store: Store, tmp_path: Path, as_root: None) -> None:
-    for tool in (*CHROOT_PROGRAMS, "ldd", "chroot"):
+def dpkg_install(root: Path, deb: Path) -> None:
+    """``dpkg -i`` in a chroot of ``root``, with /proc and /dev bound."""
+    shutil.copy(deb, root / "tmp/package.deb")
+    subprocess.run(["mount", "--bind", "/proc", str(root / "proc")], check=True)
+    try:
+        subprocess.run(["mount", "--rbind", "/dev", str(root / "dev")], check=True)
+        try:
+            subprocess.run([shutil.which("chroot"), str(root), "/usr/bin/dpkg", "--force-bad-path", "-i",
+                            "/tmp/package.deb"], check=True, capture_output=True, env={"PATH": "/usr/bin:/bin"})
+        finally:
+            subprocess.run(["umount", "-R", str(root / "dev")], check=True)
+    finally:
+        subprocess.run(["umount", str(root / "proc")], check=True)
+    os.unlink(root / "tmp/package.deb")
+
+
+SCRIPT = b"#!/bin/sh\necho hello\n"
+
+
+def test_dpkg_upgrade_in_a_chroot_gives_mkcomposefs_bytes(store: Store, tmp_path: Path, as_root: None) -> None:
+    for tool in (*CHROOT_PROGRAMS, "ldd", "chroot", "mount", "umount"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     if not Path("/lib64/ld-linux-x86-64.so.2").exists():
         pytest.skip("the chroot is laid out for x86-64")
-    chroot_base(tmp_path / "src")
-    store.create(str(tmp_path / "src"), "base", PY)
-    deb = make_deb(tmp_path)
+    src = tmp_path / "src"
+    chroot_base(src)
+    dpkg_install(src, make_deb(tmp_path, "1.0", {"usr/share/hello-layer/data": blob("data", 3000),
+                                                 "usr/share/hello-layer/old": blob("old", 200),
+                                                 "usr/bin/hello-layer": SCRIPT}))
+    store.create(str(src), "base", PY)
+    v2 = make_deb(tmp_path, "2.0", {"usr/share/hello-layer/data": blob("data2", 3000),
+                                    "usr/share/hello-layer/extra/new": blob("new", 100),
+                                    "usr/bin/hello-layer": SCRIPT})
     layering = Layering(store, tmp_path)
-
-    def install(m: Path) -> None:
-        shutil.copy(deb, m / "tmp/hello.deb")
-        subprocess.run(["mount", "--bind", "/proc", str(m / "proc")], check=True)
-        subprocess.run(["mount", "--rbind", "/dev", str(m / "dev")], check=True)
-        try:
-            subprocess.run([shutil.which("chroot"), str(m), "/usr/bin/dpkg", "--force-bad-path", "-i",
-                            "/tmp/hello.deb"], check=True, capture_output=True, env={"PATH": "/usr/bin:/bin"})
-        finally:
-            subprocess.run(["umount", "-R", str(m / "dev")], check=True)
-            subprocess.run(["umount", str(m / "proc")], check=True)
-        os.unlink(m / "tmp/hello.deb")
-
     try:
-        layering.change(install)
+        layering.change(lambda m: dpkg_install(m, v2))
     except (errors.PermissionDenied, errors.Unsupported) as e:
         pytest.skip(f"cannot mount writable composefs here: {e}")
     found = kinds(layering.upper)
-    assert found["/usr/share"] == "opaque dir"  # a directory dpkg made inside a base one
+    assert found["/usr/share/hello-layer/old"] == "whiteout"
+    assert found["/usr/share/hello-layer/extra"] == "opaque dir"  # a directory dpkg made inside a base one
     assert found["/usr/share/hello-layer/data"] == found["/etc/hello-layer.state"] == "- new"
     built = layering.check()
-    # read: only regular files the upper directory holds data for, none of the base's programs
-    data_files = [p for p, kind in found.items() if kind == "- new"]
-    assert built.stats.files == len(data_files) < 30
-    base_bytes = sum(p.stat().st_size for p in (tmp_path / "src").rglob("*") if p.is_file() and not p.is_symlink())
-    assert built.stats.bytes < 10_000 < base_bytes
+    # read: only the regular files the upper directory holds data for, none of the base's programs
+    assert built.stats.files == sum(kind == "- new" for kind in found.values()) < 30
+    base_bytes = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    assert built.stats.bytes < 20_000 < base_bytes
     tree = reader.read_image(built.staged)
     status = reader.read_path(built.staged, b"/var/lib/dpkg/status")
-    assert b"Package: hello-layer\nStatus: install ok installed\n" in (status.content or b"") or status.digest
-    data = tree.children[b"usr"].children[b"share"].children[b"hello-layer"].children[b"data"]
-    assert data.digest == fsverity.digest_bytes(blob("data", 3000))
+    recorded = (store.layout.objects / os.fsdecode(status.payload)).read_bytes() if status.payload else status.content
+    assert b"Package: hello-layer\nStatus: install ok installed\n" in recorded and b"Version: 2.0\n" in recorded
+    assert reader.read_path(built.staged, b"/etc/hello-layer.state").content == b"configured 2.0\n"
+    share = tree.children[b"usr"].children[b"share"].children[b"hello-layer"].children
+    assert sorted(share) == [b"data", b"extra"]
+    assert share[b"data"].digest == fsverity.digest_bytes(blob("data2", 3000))

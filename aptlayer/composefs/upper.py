@@ -91,7 +91,7 @@ from .lstatwalk import INLINE_MAX, OPEN_DIR, OPEN_FILE, REPRESENTABLE, ScanStats
 from .objectstore import ObjectStore, ObjectStoreError
 from .tree import Node
 
-#: deepest upper directory read (one fd stays open per level)
+#: most levels of directories read below the upper root (one fd stays open per level)
 MAX_DEPTH = 512
 _OPAQUE = b"y"
 
@@ -197,7 +197,7 @@ class _Reading:
                 change, child_fd = self._entry(dfd, name, path)
                 delta.changes.append(change)
                 if child_fd is not None:
-                    if len(stack) >= MAX_DEPTH:
+                    if len(stack) > MAX_DEPTH:
                         os.close(child_fd)
                         raise UpperError(f"{os.fsdecode(path)}: more than {MAX_DEPTH} levels deep")
                     stack.append((path, child_fd, _names(path, child_fd)))
