@@ -366,6 +366,25 @@ def test_base_hard_links_become_the_files_a_scan_of_the_merged_view_gives(store:
     assert [(n.link, n.nlink, n.content) for n in tree.children.values()] == [(None, 1, b"hello")] * 2
 
 
+def test_a_layered_source_is_checked_and_built_by_apt_layer_alone(store: Store, tmp_path: Path) -> None:
+    store.create(str(make_base(tmp_path / "src")), "base", PY)
+    base = str(store.image_file("base"))
+    (tmp_path / "up").mkdir()
+    with pytest.raises(errors.NotFound, match="^upper directory .*/nosuch: no such directory$"):
+        LayeredSource(base, str(tmp_path / "nosuch")).check()
+    with pytest.raises(errors.NotFound, match="^base image .*/nosuch.cfs: no such file$"):
+        LayeredSource(str(tmp_path / "nosuch.cfs"), str(tmp_path / "up")).check()
+    source = LayeredSource(base, str(tmp_path / "up"))
+    with pytest.raises(errors.Unsupported, match="mkcomposefs cannot lay an upper directory over an image"):
+        store.builder.build(source, tmp_path / "x.cfs", CreateOptions(backend="upstream"))
+    with pytest.raises(errors.InvalidInput, match="takes no scan options"):
+        store.builder.build(source, tmp_path / "x.cfs", CreateOptions(use_epoch=True))
+    (tmp_path / "bad.cfs").write_bytes(b"not an image")
+    with pytest.raises(errors.InvalidInput, match="^base image .*/bad.cfs: image too small"):
+        store.builder.build(LayeredSource(str(tmp_path / "bad.cfs"), str(tmp_path / "up")), tmp_path / "x.cfs", PY)
+    assert not (tmp_path / "x.cfs").exists()
+
+
 # --- a hostile or malformed upper directory ----------------------------------------------
 
 

@@ -64,14 +64,12 @@ class Builder:
               progress: Callable | None = None, what: str = "building the image") -> Outcome:
         """Objects into the store, the image into ``staged``; failures as apt-layer errors, told as ``what``."""
         backend = options.backend
-        if isinstance(source, LayeredSource):
-            backend = "layered"
-        elif backend == "auto":
+        if backend == "auto" and not isinstance(source, LayeredSource):
             from ..composefs import upstream
 
             backend = "upstream" if upstream.find_tool("mkcomposefs") else "python"
         try:
-            if backend == "layered":
+            if isinstance(source, LayeredSource):
                 outcome = self._layered(source, staged, options)
             elif backend == "upstream":
                 outcome = self._upstream(source, staged, options)
