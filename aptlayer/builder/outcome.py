@@ -38,6 +38,9 @@ class Outcome:
     reused: str | None = None
     #: the live image that was patched, and how many entries changed
     patched_from: str | None = None
+    #: the base image (digest) an upper directory was laid over
+    layered_on: str | None = None
+    #: entries changed: since the last build (patch), or in the upper directory (layered)
     changed: int = 0
 
     def provenance(self) -> dict:
@@ -46,6 +49,8 @@ class Outcome:
             return {"reused": self.reused}
         if self.patched_from is not None:
             return {"patched": {"from": self.patched_from, "changed": self.changed}}
+        if self.layered_on is not None:
+            return {"layered": {"base": self.layered_on, "changed": self.changed}}
         return {}
 
 

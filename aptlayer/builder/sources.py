@@ -1,9 +1,9 @@
-"""What an image is built from: a directory tree or a composefs-dump(5) file.
+"""What an image is built from: a directory tree, a composefs-dump(5) file, or a base image
+with an overlay's upper directory over it.
 
 A source checks that it exists before any work starts (a missing source is
-NotFound, not a build failure) and says which strategies can build it. A
-layered source (a base image plus an overlay's upper directory) and an OCI
-source will be the next kinds.
+NotFound, not a build failure) and says which strategies can build it. An
+OCI source will be the next kind.
 """
 
 from __future__ import annotations
@@ -45,7 +45,30 @@ class DumpSource:
         return os.path.abspath(self.path)
 
 
-Source = DirectorySource | DumpSource
+@dataclass(frozen=True)
+class LayeredSource:
+    """A base image file and the upper directory of a writable mount of it (unmounted by now).
+
+    Built as the merged view would scan, reading only what the upper
+    directory holds (:mod:`aptlayer.composefs.upper`).
+    """
+
+    base_image: str
+    upper: str
+
+    def check(self) -> None:
+        if not os.path.isfile(self.base_image):
+            raise errors.NotFound(f"base image {self.base_image}: no such file")
+        if os.path.islink(self.upper) or not os.path.isdir(self.upper):
+            raise errors.NotFound(f"upper directory {self.upper}: not a directory" if os.path.lexists(self.upper)
+                                  else f"upper directory {self.upper}: no such directory")
+
+    @property
+    def recorded_as(self) -> str:
+        return os.path.abspath(self.upper)
+
+
+Source = DirectorySource | DumpSource | LayeredSource
 
 
 def source_for(path: str, from_file: bool) -> Source:

@@ -16,6 +16,12 @@ For a directory, with the pure-Python backend:
 
 A dump is rendered. With the upstream backend, ``mkcomposefs`` builds
 either, and its image is read back for the manifest.
+
+A layered source (a base image and an overlay's upper directory) is built
+by the pure-Python backend alone: the upper directory is read as a delta,
+only its new files hashed and imported, and laid over the base image's tree
+(:mod:`aptlayer.composefs.upper`); the merged tree is rendered, and its
+manifest given as a delta of the base's when the journal holds that.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from ..fault import fault
 from ..linux import fsops
 from .options import CreateOptions, scan_key
 from .outcome import Delta, Known, Outcome, SameAs
-from .sources import DumpSource, Source
+from .sources import DumpSource, LayeredSource, Source
 
 #: a build patches the last image only if at most 1/PATCH_MAX_SHARE of the entries changed;
 #: past that, reading them one by one costs more than a scan that skips unchanged ones
@@ -58,12 +64,14 @@ class Builder:
               progress: Callable | None = None, what: str = "building the image") -> Outcome:
         """Objects into the store, the image into ``staged``; failures as apt-layer errors, told as ``what``."""
         backend = options.backend
-        if backend == "auto":
+        if backend == "auto" and not isinstance(source, LayeredSource):
             from ..composefs import upstream
 
             backend = "upstream" if upstream.find_tool("mkcomposefs") else "python"
         try:
-            if backend == "upstream":
+            if isinstance(source, LayeredSource):
+                outcome = self._layered(source, staged, options)
+            elif backend == "upstream":
                 outcome = self._upstream(source, staged, options)
             elif isinstance(source, DumpSource):
                 outcome = self._render(source.path, staged, options, progress, None, None)
@@ -220,6 +228,41 @@ class Builder:
             fsops.fsync_dir(str(staged.parent))
         return Outcome(staged, digest.hex(), len(image), SameAs(), self.known.manifest_objects(digest.hex()),
                        reused=name)
+
+    # --- a base image and an upper directory ------------------------------------------
+
+    def _layered(self, source: LayeredSource, staged: Path, options: CreateOptions) -> Outcome:
+        """The base image's tree with the upper directory's changes, rendered; only new files read."""
+        from ..composefs import build, fsverity, upper
+        from ..composefs.lstatwalk import ScanOptions
+        from ..composefs.reader import ImageFormatError, read_image
+
+        if options.backend == "upstream":
+            raise errors.Unsupported("--backend upstream: mkcomposefs cannot lay an upper directory over an image")
+        if options.from_file or options.scan != ScanOptions():
+            raise errors.InvalidInput("a layered image is built as its base was: it takes no scan options")
+        base_bytes = Path(source.base_image).read_bytes()
+        base_hex = fsverity.digest_bytes(base_bytes).hex()
+        try:
+            base = read_image(base_bytes)
+        except ImageFormatError as e:
+            raise build.BuildError(f"base image {source.base_image}: {e}") from None
+        base_rows = manifest_of(base)
+        store = self._object_store()
+        delta = upper.read_upper(source.upper, store)
+        store.sync()
+        fault("create.after-objects")
+        merged = upper.apply(base, delta)
+        image, digest = build.render(merged, min_version=options.min_version, max_version=options.max_version)
+        fsops.write_file_atomic(staged, image)
+        rows = manifest_of(merged)
+        manifest: list[tuple[str, int]] | Delta = rows
+        if base_rows and self.known.manifest_objects(base_hex) == len(base_rows):
+            before, after = dict(base_rows), dict(rows)
+            manifest = Delta(base_hex, frozenset(before.keys() - after.keys()),
+                             tuple(sorted(row for row in rows if row[0] not in before)))
+        return Outcome(staged, digest.hex(), len(image), manifest, len(rows), delta.stats,
+                       layered_on=base_hex, changed=len(delta.changes))
 
     # --- the upstream backend -----------------------------------------------------------
 
