@@ -143,7 +143,8 @@ class Builder:
         manifest = manifest_of(root)
         return Outcome(staged, digest.hex(), len(image), manifest, len(manifest), stats)
 
-    def _patch(self, source: str, staged: Path, options: CreateOptions, walked, last, cache) -> tuple[Outcome | None, int]:
+    def _patch(self, source: str, staged: Path, options: CreateOptions, walked, last,
+               cache) -> tuple[Outcome | None, int]:
         """Read the entries changed since the last build and patch its image.
 
         Returns the outcome (None if it cannot be patched) and how many

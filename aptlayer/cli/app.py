@@ -32,6 +32,13 @@ COMMANDS = {
     "recover": "recover:recover",
     "watch": "watch:watch",
     "base": "base:base",
+    "install": "layer:install",
+    "uninstall": "layer:uninstall",
+    "override": "layer:override",
+    "upgrade": "layer:upgrade",
+    "rebase": "layer:rebase",
+    "packages": "layer:packages",
+    "diff": "layer:diff",
 }
 
 
