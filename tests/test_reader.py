@@ -13,7 +13,8 @@ import pytest
 from aptlayer.composefs import format as fmt
 from aptlayer.composefs.dumpfile import format_dump
 from aptlayer.composefs.listing import write_ls, write_objects
-from aptlayer.composefs.reader import ImageFormatError, SymlinkLoopError, _Image, image_objects, read_image, read_path
+from aptlayer.composefs.imageview import ImageView
+from aptlayer.composefs.reader import ImageFormatError, SymlinkLoopError, image_objects, read_image, read_path
 from aptlayer.composefs.tree import Node
 
 from conftest import UPSTREAM_TESTS, vector_names
@@ -166,7 +167,7 @@ def test_redirect_length_multiple_of_four_from_writer() -> None:
 
 def _rewrite_shared_refs_absolute(data: bytearray) -> None:
     """Turn an image into the composefs-rs V2 addressing: xattr_blkaddr 0, refs absolute."""
-    image = _Image(bytes(data))
+    image = ImageView(bytes(data))
     base = image.xattr_start // 4
     for _depth, _name, _nid, ino in image.walk(None):
         if ino is None or not ino.xattr_size:
@@ -247,7 +248,7 @@ def test_truncated_everywhere(basic: bytes) -> None:
 
 
 def test_root_must_be_a_directory(basic: bytes) -> None:
-    image = _Image(basic)
+    image = ImageView(basic)
     file_nid = next(nid for _d, _n, nid, ino in image.walk(None) if ino and ino.ftype == 0o100000)
     with pytest.raises(ImageFormatError, match="root"):
         read_image(_patched(basic, fmt.EROFS_SUPER_OFFSET + 14, "<H", file_nid))
@@ -407,7 +408,7 @@ def test_read_path_of_a_damaged_image_raises_format_errors(linked_image: bytes) 
 def test_read_path_skips_whiteout_stubs(vectors: Path) -> None:
     """The 00..ff stubs in an image's root are the writer's, not entries (read_image skips them too)."""
     data = (vectors / "devices" / "image.cfs").read_bytes()
-    image = _Image(data)
+    image = ImageView(data)
     stored = {name for name, _nid in image.dir_entries(image.inode(image.root_nid))}
     stubs = sorted({b"%02x" % i for i in range(256)} & stored - set(read_image(data).children))
     assert len(stubs) > 200, "the vector's root carries the stubs"

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from . import format as F
 from .fsverity import RawDigest
-from .reader import ImageFormatError, _Image, _Inode
+from .imageview import ImageFormatError, ImageView, InodeView
 from .tree import Node
 from .writer import ImageError, chunk_count, chunk_format, is_compact, rewritten
 
@@ -71,8 +71,8 @@ def patch_image(
 
 class _Patcher:
     def __init__(self, image: bytes, in_image: Callable[[RawDigest], bool]) -> None:
-        self.img = _Image(image)
-        self.version = F.COMPOSEFS_HEADER.unpack_from(image, 0)[3]
+        self.img = ImageView(image)
+        self.version = self.img.composefs_version
         self.min_mtime = (self.img.build_time, self.img.build_time_nsec)
         self.in_image = in_image
         self.out = Patched(bytearray(image))
@@ -123,7 +123,7 @@ class _Patcher:
             self._header(old, **header)
         self._xattrs(old, new)
 
-    def _data(self, old: _Inode, new, header: dict) -> int:
+    def _data(self, old: InodeView, new, header: dict) -> int:
         """Patch the data, note new header fields; returns the size the compact test looks at."""
         if new.ftype == stat.S_IFDIR:
             return old.size  # the dirents are not the node's: its size is the image's
@@ -140,13 +140,13 @@ class _Patcher:
         if len(data) != old.size:
             raise _Refused("inline size")
         if data:
-            block_start, block_len, tail_len = self.img.flat_data(old)
+            block_start, block_len, tail_len = self.img.data_ranges(old)
             image = self.out.image
             image[block_start : block_start + block_len] = data[:block_len]
             image[old.tail_offset : old.tail_offset + tail_len] = data[block_len:]
         return old.size
 
-    def _times(self, old: _Inode, new, size: int, header: dict) -> None:
+    def _times(self, old: InodeView, new, size: int, header: dict) -> None:
         """Keep the build time and the inode's compact/extended form; patch the mtime."""
         low = self.min_mtime
         if new.mtime < low or ((old.mtime_sec, old.mtime_nsec) == low and new.mtime != low):
@@ -159,7 +159,7 @@ class _Patcher:
         if not compact:
             header["mtime"] = new.mtime
 
-    def _header(self, old: _Inode, *, size: int | None = None, u: int | None = None,
+    def _header(self, old: InodeView, *, size: int | None = None, u: int | None = None,
                 mtime: tuple[int, int] | None = None) -> None:
         image = self.out.image
         extended = old.isize == F.INODE_EXTENDED_SIZE
@@ -174,24 +174,18 @@ class _Patcher:
             fields[8], fields[9] = mtime
         layout.pack_into(image, old.offset, *fields)
 
-    def _xattrs(self, old: _Inode, new) -> None:
+    def _xattrs(self, old: InodeView, new) -> None:
         """Same names; only the digest xattrs stored in the inode may take new values."""
         if not old.xattr_size and not new.xattrs:
             return
         if not old.xattr_size:
             raise _Refused("xattr names")
-        image = self.out.image
-        body = old.offset + old.isize
-        shared_count = image[body + 4]
-        if shared_count >= F.XATTR_MAX_SHARED_REFS:
+        entries = self.img.xattr_entries(old)
+        if sum(entry.shared for entry in entries) >= F.XATTR_MAX_SHARED_REFS:
             raise _Refused("as many shared xattrs as an inode may reference")
-        inline: dict[bytes, int] = {}  # name -> where its value starts
-        pos = body + F.XATTR_BODY_HEADER_SIZE + 4 * shared_count
-        while pos + F.XATTR_ENTRY_SIZE < old.tail_offset:
-            name, _value, next_pos = self.img._xattr_entry(pos, old.tail_offset, old.nid)
-            inline[name] = pos + F.XATTR_ENTRY_SIZE + image[pos]
-            pos = next_pos
-        current = dict(self.img.xattrs(old))
+        current = {entry.name: entry.value for entry in entries}
+        #: where the values stored in the inode itself start, by name
+        inline = {entry.name: entry.value_offset for entry in entries if not entry.shared}
         if current.keys() != new.xattrs.keys():
             raise _Refused("xattr names")
         for name, value in new.xattrs.items():
@@ -201,7 +195,7 @@ class _Patcher:
             if name not in _DIGEST_XATTRS or name not in inline or len(value) != len(was):
                 raise _Refused(f"xattr {name!r} changed")
             start = inline[name]
-            image[start : start + len(value)] = value
+            self.out.image[start : start + len(value)] = value
         self._objects(current.get(F.XATTR_METACOPY), new)
 
     def _objects(self, metacopy: bytes | None, new) -> None:
