@@ -49,7 +49,8 @@ from pathlib import Path
 from crashkit import (check_committed_images, check_gc, check_projection, check_uncommitted, cli_env,
                       disk_objects, kill_at, make_tree, populate, run_cli, shared_pool, spawn_cli)
 
-from aptlayer.composefs import mount as cfsmount
+from aptlayer.composefs.mount import is_composefs
+from aptlayer.linux.mountinfo import MountInfo, mount_info
 from aptlayer.recovery import recover
 from aptlayer.store import Store
 
@@ -367,9 +368,9 @@ def check_referenced_objects(store) -> list[str]:
     return problems
 
 
-def _kernel_mounts(where: Path) -> dict[str, cfsmount.MountInfo]:
+def _kernel_mounts(where: Path) -> dict[str, MountInfo]:
     prefix = str(where) + "/"
-    return {m.mount_point: m for m in cfsmount.mount_info() if m.is_composefs and m.mount_point.startswith(prefix)}
+    return {m.mount_point: m for m in mount_info() if is_composefs(m) and m.mount_point.startswith(prefix)}
 
 
 def check_mounts_recorded(store, where: Path) -> list[str]:
@@ -417,7 +418,7 @@ def check_mounts_read(where: Path) -> list[str]:
 def clear(where: Path) -> None:
     """Unmount whatever is mounted under ``where`` (deepest first), then remove it."""
     prefix = str(where) + "/"
-    for m in sorted((m for m in cfsmount.mount_info() if m.mount_point.startswith(prefix)),
+    for m in sorted((m for m in mount_info() if m.mount_point.startswith(prefix)),
                     key=lambda m: -len(m.mount_point)):
         subprocess.run(["umount", "-l", m.mount_point], check=False, capture_output=True)
     shutil.rmtree(where, ignore_errors=True)

@@ -82,9 +82,10 @@ HANG_S = 120.0
 #: run in a namespace: whether a composefs mount is at argv[1], and which of its files do not read
 _READ_MOUNT = r"""
 import json, os, sys
-from aptlayer.composefs.mount import mount_info
+from aptlayer.composefs.mount import is_composefs
+from aptlayer.linux.mountinfo import mount_info
 mp = sys.argv[1]
-mounted = any(m.mount_point == mp and m.is_composefs for m in mount_info())
+mounted = any(m.mount_point == mp and is_composefs(m) for m in mount_info())
 bad = []
 for d, _, files in os.walk(mp) if mounted else ():
     for f in files:
