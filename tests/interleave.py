@@ -4,9 +4,9 @@ The crash tests kill one process at a time. Here two run against one store,
 in a known order: the first runs with ``APT_LAYER_PAUSE=POINT:N`` and stops
 itself (SIGSTOP) at the Nth hit of a fault point, holding whatever it holds
 there (the store lock, an SQLite write transaction); the second is started
-and given BLOCK_WAIT seconds to finish (it may legitimately wait for a lock
-the first holds); then the first is resumed and both must finish. Neither
-finishing is a deadlock. The points of the first operation are discovered
+and runs until it ends or waits (asleep, using no CPU) for a lock the first
+holds; then the first is resumed and both must finish. Neither finishing is
+a deadlock. The points of the first operation are discovered
 from its fault log on an identical store, as ``crashkit.fault_points`` does.
 
 No recovery runs in between: two operations that both ran to their end must
@@ -58,8 +58,10 @@ from aptlayer.store import Store
 OPS = ("create", "delete", "deploy", "rollback", "tx-commit", "tx-rollback", "gc", "gc-full", "recover",
        "mount", "unmount")
 MOUNT_OPS = frozenset({"mount", "unmount"})
-#: how long the second operation may take before it counts as waiting for the paused first
-BLOCK_WAIT = 1.0
+#: the second operation counts as waiting for the paused first once it has run this long and its
+#: processes have all been asleep, using no CPU, for IDLE seconds (slow to start under load is not waiting)
+BLOCK_WAIT = 0.5
+IDLE = 0.3
 #: how long both may take once the first is resumed; past it, a deadlock
 FINISH_WAIT = 60.0
 #: exit codes of a refusal that a racing operation can legitimately cause
@@ -258,11 +260,9 @@ class Harness:
             return Result(case, "unreached", (p1.returncode, None), False, time.monotonic() - start,
                           [f"{case.first} ended (exit {p1.returncode}) before {case.point}:{case.nth}: {err}"])
         p2 = spawn_cli(root, *second.args)
-        waited = False
-        try:
-            out2 = p2.communicate(timeout=BLOCK_WAIT)
-        except subprocess.TimeoutExpired:
-            waited = True
+        waited = not _ends_or_waits(p2, FINISH_WAIT)
+        if not waited:
+            out2 = p2.communicate()
         os.kill(p1.pid, signal.SIGCONT)
         out1 = _finish(p1, FINISH_WAIT)
         if waited:
@@ -336,6 +336,46 @@ def _stopped(proc: subprocess.Popen, timeout: float) -> bool:
             pass
         time.sleep(0.005)
     raise TimeoutError(f"{proc.args} neither stopped nor ended within {timeout} s")
+
+
+def _tree_activity(pid: int) -> tuple[int, bool]:
+    """CPU ticks used so far by ``pid`` and its descendants, and whether one of them is running or in I/O."""
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            # after the name: state, ppid, ..., utime and stime (the 12th and 13th)
+            stats[int(entry)] = (fields[0], int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, changed = {pid}, True
+    while changed:
+        changed = False
+        for p, (_, ppid, _) in stats.items():
+            if ppid in tree and p not in tree:
+                tree.add(p)
+                changed = True
+    members = [stats[p] for p in tree if p in stats]
+    return sum(used for _, _, used in members), any(state in (b"R", b"D") for state, _, _ in members)
+
+
+def _ends_or_waits(proc: subprocess.Popen, timeout: float) -> bool:
+    """True once ``proc`` ends; False once it waits: asleep, with no CPU used for IDLE seconds."""
+    start = time.monotonic()
+    last, idle_since = None, start
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            return True
+        ticks, busy = _tree_activity(proc.pid)
+        now = time.monotonic()
+        if busy or ticks != last:
+            last, idle_since = ticks, now
+        elif now - start >= BLOCK_WAIT and now - idle_since >= IDLE:
+            return False
+        time.sleep(0.02)
+    return False
 
 
 def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str] | None:
