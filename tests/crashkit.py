@@ -44,8 +44,8 @@ KILLED = -signal.SIGKILL
 
 
 def cli_env(**extra: str) -> dict[str, str]:
-    """The environment for a child apt-layer: this checkout first, no fault unless asked."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APT_LAYER_FAULT")}
+    """The environment for a child apt-layer: this checkout first, no fault or pause unless asked."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APT_LAYER_FAULT", "APT_LAYER_PAUSE"))}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.update(extra)
     return env

@@ -14,10 +14,27 @@ Source trees are tiny and drawn from a shared pool of contents, so objects
 are deduplicated between images. A failing iteration keeps a copy of its
 store under ``WORKDIR/failures`` and the worker continues on a fresh store.
 
+``--clients N`` starts N operations at once against the store in each
+iteration (two or three clients), each killed after its own random delay or
+left to finish. An iteration in which every operation finished must leave
+nothing for recovery to repair (issue 17: two operations interleaved, then
+``tests/interleave.py``'s checks, before the usual recovery and checks).
+
+``--mount-ns`` adds ``image mount`` and ``image unmount``, each mount made
+inside a mount namespace of its own (``unshare --mount=FILE``, kept by a
+bind mount of its nsfs file and, once the mount command ended, a sleeping
+process in it), the unmount run inside it (``nsenter``). Such a mount is not
+in the mount table of recovery's namespace, yet it uses the store's objects:
+after recovery and gc every file of every namespace's mount must still read.
+``--mount-ns pinned`` puts no process in the namespaces: only the bind mount
+keeps them (as ``unshare --mount=FILE`` alone does). Needs root, erofs and
+overlayfs.
+
 Example::
 
     tools/torture.py --iterations 200 --workers 2
     tools/torture.py --iterations 20 --seed 7 --json   # what CI runs
+    tools/torture.py --iterations 200 --clients 3 --mount-ns
 
 Exit status 0 if no invariant was violated, 1 otherwise.
 """
@@ -44,7 +61,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from crashkit import KILLED, check_store, make_tree, run_cli, shared_pool, spawn_cli  # noqa: E402
+from crashkit import (KILLED, check_committed_images, check_projection, check_store,  # noqa: E402
+                      check_uncommitted, cli_args, cli_env, make_tree, run_cli, shared_pool)
+from interleave import check_nothing_to_recover, mount_unsupported  # noqa: E402
+
+from aptlayer.store import Store  # noqa: E402
 
 MAX_IMAGES = 8
 #: run the full-gc invariant (5) every this many iterations; it empties the garbage incremental gc works on
@@ -54,6 +75,29 @@ RECOVER_KILL_ODDS = 4
 #: one run in this many of each operation is left to finish, to measure how long it takes
 CALIBRATE_ODDS = 8
 STARTUP_EVERY = 50
+#: at most this many mount namespaces with a mount at a time (--mount-ns)
+MAX_NAMESPACES = 3
+#: operations of one iteration still running after this many seconds are a deadlock
+HANG_S = 120.0
+#: run in a namespace: whether a composefs mount is at argv[1], and which of its files do not read
+_READ_MOUNT = r"""
+import json, os, sys
+from aptlayer.composefs.mount import is_composefs
+from aptlayer.linux.mountinfo import mount_info
+mp = sys.argv[1]
+mounted = any(m.mount_point == mp and is_composefs(m) for m in mount_info())
+bad = []
+for d, _, files in os.walk(mp) if mounted else ():
+    for f in files:
+        p = os.path.join(d, f)
+        try:
+            if not os.path.islink(p):
+                with open(p, "rb") as fh:
+                    fh.read()
+        except OSError as e:
+            bad.append(f"{os.path.relpath(p, mp)}: {e.strerror}")
+print(json.dumps({"mounted": mounted, "unreadable": bad}))
+"""
 
 
 @dataclass
@@ -64,13 +108,18 @@ class Stats:
     kills_before_effect: int = 0
     completed: int = 0
     recover_kills: int = 0
+    #: iterations whose operations all finished, checked before any recovery
+    checked_unrecovered: int = 0
+    #: --mount-ns: mounts made in a namespace of their own, and how often recovery marked one lost while it lived
+    ns_mounts: int = 0
+    ns_marked_lost: int = 0
     failures: list[dict] = field(default_factory=list)
     per_op: Counter = field(default_factory=Counter)
     per_op_mid: Counter = field(default_factory=Counter)
 
     def merge(self, other: Stats) -> None:
         for name in ("iterations", "kills", "kills_mid_operation", "kills_before_effect", "completed",
-                     "recover_kills"):
+                     "recover_kills", "checked_unrecovered", "ns_mounts", "ns_marked_lost"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.failures += other.failures
         self.per_op.update(other.per_op)
@@ -106,13 +155,41 @@ def fingerprint(root: Path) -> tuple:
     return events, tuple(sorted(paths))
 
 
+@dataclass
+class Namespace:
+    """A mount namespace of its own, for one ``image mount``: pinned by a bind mount of its nsfs file."""
+
+    file: Path
+    mountpoint: Path
+    image: str
+    #: a process sleeping in it, started once the mount command ended: namespaces in use have processes
+    holder: subprocess.Popen | None = None
+
+
+@dataclass
+class Planned:
+    op: str
+    args: list[str]
+    #: the namespace a mount or unmount runs in
+    ns: Namespace | None = None
+
+
 class Worker:
-    def __init__(self, seed: int, workdir: Path):
+    def __init__(self, seed: int, workdir: Path, clients: int = 1, mount_ns: str | None = None):
         self.rng = random.Random(seed)
         self.workdir = workdir
         self.pool = shared_pool(self.rng)
         self.root = workdir / "store"
         self.serial = 0
+        self.clients = clients
+        self.mount_ns = mount_ns
+        self.namespaces: list[Namespace] = []
+        self.ns_dir = workdir / "ns"
+        if mount_ns:
+            # a bind mount of a namespace file needs a mount with private propagation around it
+            self.ns_dir.mkdir(exist_ok=True)
+            subprocess.run(["mount", "--bind", str(self.ns_dir), str(self.ns_dir)], check=True)
+            subprocess.run(["mount", "--make-private", str(self.ns_dir)], check=True)
         #: how long each operation took when it was left to finish (seconds)
         self.durations: dict[str, list[float]] = {}
         self.startup: float | None = None
@@ -121,7 +198,7 @@ class Worker:
 
     # -- choosing an operation ---------------------------------------------------------
 
-    def choose(self) -> tuple[str, list[str]]:
+    def choose(self) -> Planned:
         st = store_state(self.root)
         rng = self.rng
         images, deployed = st["images"], st["deployed"]
@@ -148,7 +225,23 @@ class Worker:
             if images:
                 choices.append(("deploy-tx", ["deploy", rng.choice(images), "--tx", tx]))
         choices += [("gc", ["gc"]), ("gc-full", ["gc", "--full"])]
-        return rng.choice(choices)
+        if self.mount_ns:
+            if images and len(self.namespaces) < MAX_NAMESPACES:
+                choices += [("mount-ns", ["image", "mount", rng.choice(images)])] * 2
+            if self.namespaces:
+                choices.append(("unmount-ns", ["image", "unmount"]))
+        op, args = rng.choice(choices)
+        if op == "mount-ns":
+            self.serial += 1
+            ns = Namespace(self.ns_dir / f"ns-{self.serial}", self.workdir / "mnt" / str(self.serial), args[-1])
+            ns.file.touch()
+            ns.mountpoint.mkdir(parents=True)
+            self.namespaces.append(ns)
+            return Planned(op, [*args, str(ns.mountpoint)], ns)
+        if op == "unmount-ns":
+            ns = rng.choice(self.namespaces)
+            return Planned(op, [*args, str(ns.mountpoint)], ns)
+        return Planned(op, args)
 
     def _create_args(self, tx: str | None) -> list[str]:
         self.serial += 1
@@ -174,31 +267,63 @@ class Worker:
             self.startup = sorted(times)[1]
         return self.startup
 
-    def kill_randomly(self, op: str, args: list[str]) -> str:
-        """Run ``args``, SIGKILL it after a random delay; 'killed' or 'completed'.
+    def _kill_delay(self, op: str) -> float | None:
+        """When to kill a run of ``op``: None (let it finish) for the first runs and one in CALIBRATE_ODDS.
 
         The delay falls between the end of the start-up and the end of a
-        typical run of that operation. The first runs of each operation, and
-        one in CALIBRATE_ODDS after, are left to finish to measure that.
+        typical run of that operation, as measured on the runs left to finish.
         """
         runs = self.durations.setdefault(op, [])
-        delay = None
         if len(runs) >= 2 and self.rng.randrange(CALIBRATE_ODDS):
             typical = statistics.median(runs[-20:])
-            delay = self.rng.uniform(0.9 * min(self._startup(), typical), 1.05 * typical)
+            return self.rng.uniform(0.9 * min(self._startup(), typical), 1.05 * typical)
+        return None
+
+    def _argv(self, plan: Planned) -> list[str]:
+        argv = cli_args(self.root, *plan.args)
+        if plan.op == "mount-ns":
+            return ["unshare", f"--mount={plan.ns.file}", "--propagation", "private", "--", *argv]
+        if plan.op == "unmount-ns":
+            return ["nsenter", f"--mount={plan.ns.file}", "--", *argv]
+        return argv
+
+    def run_killing(self, plans: list[Planned]) -> list[str]:
+        """Start every plan at once, SIGKILL each after its own delay; 'killed' or 'completed' each.
+
+        unshare and nsenter exec apt-layer in the same process, so the kill
+        lands on apt-layer. Operations still running after HANG_S are killed
+        and reported as 'hung'.
+        """
         start = time.monotonic()
-        proc = spawn_cli(self.root, *args)
-        try:
-            proc.wait(timeout=delay)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        proc.communicate()
-        if proc.returncode == KILLED:
-            return "killed"
-        if delay is None:  # a run that finished before its kill would bias the measure down
-            runs.append(time.monotonic() - start)
-        return "completed"
+        running = [(plan, self._kill_delay(plan.op),
+                    subprocess.Popen(self._argv(plan), env=cli_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)) for plan in plans]
+        outcomes: list[str | None] = [None] * len(running)
+        while None in outcomes:
+            elapsed = time.monotonic() - start
+            for i, (plan, delay, proc) in enumerate(running):
+                if outcomes[i] is not None:
+                    continue
+                if proc.poll() is None and (elapsed >= HANG_S or (delay is not None and elapsed >= delay)):
+                    proc.kill()
+                    proc.wait()
+                    if elapsed >= HANG_S:
+                        outcomes[i] = "hung"
+                        continue
+                if proc.returncode is None:
+                    continue
+                outcomes[i] = "killed" if proc.returncode == KILLED else "completed"
+                if delay is None and outcomes[i] == "completed":  # a finish before its kill would bias the measure
+                    self.durations[plan.op].append(elapsed)
+            time.sleep(0.002)
+        for plan, _, proc in running:
+            proc.communicate()
+            if plan.op == "mount-ns" and proc.returncode == 0:
+                self.stats.ns_mounts += 1
+        return outcomes
+
+    def kill_randomly(self, op: str, args: list[str]) -> str:
+        return self.run_killing([Planned(op, args)])[0]
 
     def recover(self) -> dict:
         if self.rng.randrange(RECOVER_KILL_ODDS) == 0:
@@ -210,39 +335,117 @@ class Worker:
         return json.loads(proc.stdout)
 
     def iterate(self, i: int) -> None:
-        op, args = self.choose()
+        plans = [self.choose() for _ in range(self.clients)]
         before = fingerprint(self.root)
-        outcome = self.kill_randomly(op, args)
+        outcomes = self.run_killing(plans)
+        changed = fingerprint(self.root) != before
         s = self.stats
         s.iterations += 1
-        s.per_op[op] += 1
-        if outcome == "killed":
-            s.kills += 1
-            if fingerprint(self.root) != before:
-                s.kills_mid_operation += 1
-                s.per_op_mid[op] += 1
-            else:
-                s.kills_before_effect += 1
-        else:
-            s.completed += 1
-        problems = check_store(self.root, self.recover(), gc=(i % GC_CHECK_EVERY == 0))
+        for plan, outcome in zip(plans, outcomes):
+            s.per_op[plan.op] += 1
+            if outcome == "killed":
+                s.kills += 1
+                if changed:  # with several clients: the store changed while this one ran
+                    s.kills_mid_operation += 1
+                    s.per_op_mid[plan.op] += 1
+                else:
+                    s.kills_before_effect += 1
+            elif outcome == "completed":
+                s.completed += 1
+        self._hold_namespaces()
+        problems = [f"{' '.join(p.args)} still running after {HANG_S:.0f} s: deadlock?"
+                    for p, o in zip(plans, outcomes) if o == "hung"]
+        if all(o == "completed" for o in outcomes):
+            s.checked_unrecovered += 1
+            problems += [f"before recovery: {p}" for p in self.check_unrecovered()]
+        recovered = self.recover()
+        alive = {str(ns.mountpoint) for ns in self.namespaces}
+        for a in recovered.get("actions", []):
+            if a.get("kind") == "mount.lost" and a.get("mountpoint") in alive:
+                s.ns_marked_lost += 1
+                problems.append(f"recover marked the mount at {a['mountpoint']} lost, but it lives in another "
+                                "mount namespace: gc no longer protects its objects")
+        problems += check_store(self.root, recovered, gc=(i % GC_CHECK_EVERY == 0))
+        problems += self.check_namespaces()
         if problems:
             kept = self.workdir / "failures" / f"iter-{i}"
             shutil.copytree(self.root, kept, symlinks=True)
-            s.failures.append({"iteration": i, "op": " ".join(args), "outcome": outcome,
-                               "problems": problems, "store": str(kept)})
+            s.failures.append({"iteration": i, "op": " & ".join(" ".join(p.args) for p in plans),
+                               "outcome": "/".join(outcomes), "problems": problems, "store": str(kept)})
+            self.release_namespaces()
             shutil.rmtree(self.root)
 
+    def check_unrecovered(self) -> list[str]:
+        """Operations that all finished leave a whole store: invariants 1-3, and nothing to recover."""
+        store = Store.open(self.root)
+        try:
+            problems = []
+            for check in (check_committed_images, check_uncommitted, check_projection):
+                problems += check(store)
+            alive = {str(ns.mountpoint) for ns in self.namespaces}
+            for p in check_nothing_to_recover(store):
+                if "'mount.lost'" in p and any(f"'{mp}'" in p for mp in alive):
+                    self.stats.ns_marked_lost += 1
+                problems.append(p)
+            return problems
+        finally:
+            store.close()
 
-def run_worker(seed: int, iterations: int, workdir: str) -> Stats:
+    # -- mount namespaces (--mount-ns) --------------------------------------------------------
+
+    def _hold_namespaces(self) -> None:
+        """Give every namespace that holds its mount a process (unless pinned only); drop those that hold none."""
+        for ns in list(self.namespaces):
+            if ns.holder is None and self._in_namespace(ns) is not None and self.mount_ns == "held":
+                ns.holder = subprocess.Popen(["nsenter", f"--mount={ns.file}", "--", "sleep", "infinity"])
+
+    def _in_namespace(self, ns: Namespace) -> dict | None:
+        """What the namespace shows at its mountpoint; None (and the namespace dropped) if it holds no mount."""
+        proc = subprocess.run(["nsenter", f"--mount={ns.file}", "--", sys.executable, "-c", _READ_MOUNT,
+                               str(ns.mountpoint)], env=cli_env(), capture_output=True, text=True)
+        found = json.loads(proc.stdout) if proc.returncode == 0 else {"mounted": False}
+        if not found["mounted"]:
+            self._release(ns)
+            return None
+        return found
+
+    def check_namespaces(self) -> list[str]:
+        """After recovery (and gc): every file of every namespace's mount still reads."""
+        problems = []
+        for ns in list(self.namespaces):
+            found = self._in_namespace(ns)
+            if found and found["unreadable"]:
+                problems.append(f"mount of {ns.image} at {ns.mountpoint} in another mount namespace: files "
+                                f"do not read (their objects were removed): {found['unreadable'][:5]}")
+        return problems
+
+    def _release(self, ns: Namespace) -> None:
+        if ns.holder is not None:
+            ns.holder.kill()
+            ns.holder.wait()
+        subprocess.run(["umount", "-l", str(ns.file)], capture_output=True)
+        ns.file.unlink(missing_ok=True)
+        self.namespaces.remove(ns)
+
+    def release_namespaces(self) -> None:
+        for ns in list(self.namespaces):
+            self._release(ns)
+
+
+def run_worker(seed: int, iterations: int, workdir: str, clients: int = 1, mount_ns: str | None = None) -> Stats:
     work = Path(workdir) / f"worker-{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    worker = Worker(seed, work)
-    for i in range(iterations):
-        worker.iterate(i)
-        if (i + 1) % 100 == 0:
-            print(f"worker {seed}: {i + 1}/{iterations} iterations, {worker.stats.kills} kills, "
-                  f"{len(worker.stats.failures)} failures", file=sys.stderr, flush=True)
+    worker = Worker(seed, work, clients, mount_ns)
+    try:
+        for i in range(iterations):
+            worker.iterate(i)
+            if (i + 1) % 100 == 0:
+                print(f"worker {seed}: {i + 1}/{iterations} iterations, {worker.stats.kills} kills, "
+                      f"{len(worker.stats.failures)} failures", file=sys.stderr, flush=True)
+    finally:
+        worker.release_namespaces()
+        if mount_ns:
+            subprocess.run(["umount", "-l", str(worker.ns_dir)], capture_output=True)
     shutil.rmtree(work / "store", ignore_errors=True)
     return worker.stats
 
@@ -254,6 +457,9 @@ def summary(stats: Stats, seconds: float) -> str:
             ("operations that finished first", stats.completed),
             ("recoveries killed", stats.recover_kills),
             ("total SIGKILLs", stats.kills + stats.recover_kills),
+            ("iterations checked before recovery", stats.checked_unrecovered),
+            ("mounts made in a namespace of their own", stats.ns_mounts),
+            ("  marked lost by recovery while mounted", stats.ns_marked_lost),
             ("invariant failures", len(stats.failures)), ("seconds", round(seconds, 1))]
     width = max(len(r[0]) for r in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
@@ -274,24 +480,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="seed of the first worker (default: random)")
     parser.add_argument("--workdir", type=Path, default=None, help="where stores live (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--clients", "-c", type=int, default=1, choices=(1, 2, 3),
+                        help="operations started at once against the store in each iteration")
+    parser.add_argument("--mount-ns", nargs="?", const="held", choices=("held", "pinned"),
+                        help="add mounts, each in a mount namespace of its own (held by a process in it, "
+                             "or pinned by a bind mount only), and unmounts")
     args = parser.parse_args(argv)
+    if args.mount_ns and mount_unsupported():
+        parser.error(f"--mount-ns: {mount_unsupported()}")
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="apt-layer-torture-"))
     start = time.monotonic()
     total = Stats()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         for stats in pool.map(run_worker, [seed + k for k in range(args.workers)],
-                              [args.iterations] * args.workers, [str(workdir)] * args.workers):
+                              [args.iterations] * args.workers, [str(workdir)] * args.workers,
+                              [args.clients] * args.workers, [args.mount_ns] * args.workers):
             total.merge(stats)
     seconds = time.monotonic() - start
     if args.json:
         print(json.dumps({"seed": seed, "iterations": total.iterations, "kills": total.kills,
                           "kills_mid_operation": total.kills_mid_operation,
                           "kills_before_effect": total.kills_before_effect, "completed": total.completed,
-                          "recover_kills": total.recover_kills, "failures": total.failures,
+                          "recover_kills": total.recover_kills, "checked_unrecovered": total.checked_unrecovered,
+                          "ns_mounts": total.ns_mounts, "ns_marked_lost": total.ns_marked_lost,
+                          "failures": total.failures,
                           "per_op": dict(total.per_op), "seconds": round(seconds, 1)}, indent=2))
     else:
-        print(f"seed {seed}, {args.workers} workers, workdir {workdir}")
+        print(f"seed {seed}, {args.workers} workers, {args.clients} clients each"
+              f"{', mounts in namespaces' if args.mount_ns else ''}, workdir {workdir}")
         print(summary(total, seconds))
     if not total.failures and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
