@@ -49,7 +49,8 @@ def _string(path: Path, key: str, value: object) -> str:
     return value
 
 
-def _parse(path: Path, data: dict) -> dict:
+def parse(path: Path, data: dict) -> dict:
+    """The settings a configuration file's TOML ``data`` makes (only the keys it sets); errors name ``path``."""
     out: dict = {}
     known = {"root", "backend", "deploy", "gc"}
     for key in data:
@@ -102,7 +103,7 @@ def load(path: Path | None = None, root: str | os.PathLike | None = None) -> Con
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise InvalidInput(f"{cfg_path}: not valid TOML: {e}") from None
-        values = _parse(cfg_path, data)
+        values = parse(cfg_path, data)
         values["source"] = cfg_path
     env_root = os.environ.get("APT_LAYER_ROOT")
     if env_root is not None:

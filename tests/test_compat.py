@@ -183,15 +183,15 @@ def test_mount_takes_what_mount8_passes_a_helper():
 
 
 def test_mount_options_as_mount8_gives_them():
-    from aptlayer.cli.dropins import Fail, _mount_options
+    from aptlayer.cli.dropins import Fail, mount_options
 
-    kw = _mount_options(["rw", "basedir=/a:/b", "basedir=/c", "digest=ab", "verity", "idmap=/ns",
+    kw = mount_options(["rw", "basedir=/a:/b", "basedir=/c", "digest=ab", "verity", "idmap=/ns",
                          "upperdir=/u", "workdir=/w", "nofail", "comment=x"])
     assert kw == {"basedirs": ["/a", "/b", "/c"], "digest": "ab", "verity": "require", "idmap": "/ns",
                   "upperdir": "/u", "workdir": "/w", "readonly": False}
-    assert _mount_options(["rw", "basedir=/a", "ro"])["readonly"] is True
+    assert mount_options(["rw", "basedir=/a", "ro"])["readonly"] is True
     with pytest.raises(Fail, match="Unsupported option nodev"):
-        _mount_options(["basedir=/a", "nodev"])
+        mount_options(["basedir=/a", "nodev"])
 
 
 def test_mount_in_a_namespace_that_does_not_exist_says_so():

@@ -347,14 +347,14 @@ def test_mount_options_through_mount8(installed, mounts):
 def test_digest_and_verity_through_mount8(installed, mounts):
     """digest= and verity reach the helper through mount(8); they need fs-verity, and where
     the kernel has none (as here) the mount fails with that reason, leaving nothing mounted."""
-    from aptlayer.composefs.mount import _kernel_lacks_fsverity
+    from aptlayer.linux.verity import kernel_lacks_fsverity
 
     _, root, _, _ = installed
     ok(root, "mkdir -p /srv/v /mnt/v && mkcomposefs --digest-store=/srv/v/o /srv/rootfs/etc /srv/v/img.cfs")
     digest = ok(root, "mkcomposefs --print-digest-only /srv/rootfs/etc").strip()
     bad = chroot(root, "mount -t composefs -o basedir=/srv/v/o,digest=00 /srv/v/img.cfs /mnt/v")
     assert bad.returncode != 0 and "mount.composefs: Failed to mount composefs /srv/v/img.cfs:" in bad.stderr
-    if not _kernel_lacks_fsverity():
+    if not kernel_lacks_fsverity():
         pytest.skip("this kernel has fs-verity: mounting with digest= and verity needs a verity-enabled store")
     r = chroot(root, f"mount -t composefs -o basedir=/srv/v/o,digest={digest} /srv/v/img.cfs /mnt/v")
     assert r.returncode != 0

@@ -152,7 +152,7 @@ JSON = st.recursive(
     max_leaves=8)
 
 
-def _values(t: k._Type) -> st.SearchStrategy:
+def _values(t) -> st.SearchStrategy:
     if t.nullable_of is not None:
         return st.none() | _values(t.nullable_of)
     return {

@@ -61,7 +61,7 @@ def unchanged_since(store: Store, images: list[str], deps: tuple) -> None:
 
 def mkcomposefs_digest(store: Store, name: str, tmp_path: Path) -> str:
     """The digest mkcomposefs gives the image's own tree, read through a read-only mount."""
-    from aptlayer.composefs import build, fsverity  # noqa: F401  (the project's writer: identical to upstream)
+    from aptlayer.composefs import build  # the project's writer: identical to upstream 1.0.8
 
     mnt = tmp_path / f"mnt-{name}"
     mnt.mkdir()

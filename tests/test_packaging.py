@@ -38,7 +38,7 @@ def test_the_conffile_has_every_key_commented_out(tmp_path):
     # ... and uncommented it sets every key config.py knows, with its default.
     uncommented = tmp_path / "config.toml"
     uncommented.write_text(re.sub(r"^#(\w+\s*=)", r"\1", text, flags=re.M))
-    parsed = config._parse(uncommented, tomllib.loads(uncommented.read_text()))
+    parsed = config.parse(uncommented, tomllib.loads(uncommented.read_text()))
     fields = {f.name for f in dataclasses.fields(config.Config)} - {"source"}
     assert set(parsed) == fields
     assert config.load(uncommented).root == config.DEFAULT_ROOT

@@ -277,7 +277,7 @@ def mount_main(argv: list[str]) -> int:
 
     from ..composefs import mount
 
-    kwargs = _mount_options(options, sloppy="-s" in flags)
+    kwargs = mount_options(options, sloppy="-s" in flags)
     basedirs = kwargs.pop("basedirs")
     if "-f" in flags:
         return 0
@@ -320,7 +320,7 @@ def _enter_mount_namespace(name: str) -> None:
         os.close(fd)
 
 
-def _mount_options(options: list[str], sloppy: bool = False) -> dict:
+def mount_options(options: list[str], sloppy: bool = False) -> dict:
     """mount.composefs ``-o`` options as keyword arguments of ``mount.mount``.
 
     The last of ``ro`` and ``rw`` wins (mount(8) puts its own first). With
