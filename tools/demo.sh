@@ -5,7 +5,9 @@
 # images from real directory trees into one deduplicated store, deploys one,
 # stages the next image and its deployment in a transaction and commits it
 # atomically, mounts the deployment with the kernel, rolls back, deletes and
-# collects garbage, then audits the journal with SQL and checks everything.
+# collects garbage, layers a Debian package onto a bootstrapped base (install,
+# status, packages, diff, uninstall back to the base's digest, rollback), then
+# audits the journal with SQL and checks everything.
 #
 # Usage (as root): tools/demo.sh [WORKDIR]    (default: a new temp dir, removed at the end)
 set -euo pipefail
@@ -82,6 +84,30 @@ step "Delete the draft and collect the objects nothing needs any more"
 run apt-layer image delete release-2-draft
 run apt-layer gc --dry-run | tail -n 1
 run apt-layer gc
+
+step "Package layering: a Debian base bootstrapped from the archive this host's apt uses"
+if run apt-layer base bootstrap bookworm bookworm-base; then
+  run apt-layer deploy bookworm-base
+  step "apt-layer install hello: base + request -> a new image and the next deployment, atomically"
+  run apt-layer install hello
+  run apt-layer status
+  layered=$(apt-layer status --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["deployments"]["current"]["image"])')
+  run apt-layer packages "$layered" | grep -E '^MARK|layered'
+  run apt-layer diff bookworm-base "$layered" --files
+  if apt-layer image mount "$layered" "$mnt" >/dev/null; then
+    run chroot "$mnt" /usr/bin/hello
+    run apt-layer image unmount "$mnt"
+  fi
+  step "Uninstall: back to the base itself, the same digest"
+  run apt-layer uninstall hello
+  apt-layer image info bookworm-base --json | python3 -c 'import json,sys; print("base digest:   ", json.load(sys.stdin)["digest"])'
+  apt-layer status --json | python3 -c 'import json,sys; print("current digest:", json.load(sys.stdin)["deployments"]["current"]["digest"])'
+  step "Roll back to the layered image"
+  run apt-layer rollback
+  run apt-layer status
+else
+  echo "(the Debian archive cannot be reached, or mmdebstrap is missing: skipped)"
+fi
 
 step "The journal: every operation is an event; audit it with SQL"
 run apt-layer log -n 8
