@@ -230,11 +230,11 @@ class Store:
             data = dict(digest=built.digest, size=built.size, staged=self.layout.relative(built.staged),
                         source=src.recorded_as, objects=built.objects, reused=built.reused,
                         patched=kinds.Patched(built.patched_from, built.changed) if built.patched_from else None,
-                        **(about or {}))
+                        layered=built.provenance().get("layered"), **(about or {}))
             if not implicit:
                 self.record(kinds.ImageStaged(subject=name, **data), txid, manifest=manifest)
                 fault("create.after-stage")
-                return _created(name, data, txid, built, staged=True, missing=missing)
+                return built.report(name, txid, staged=True, missing=missing)
             with self.publishing():
                 try:
                     with self.journal.transaction() as w:
@@ -248,7 +248,7 @@ class Store:
                 self.image_files.place(name, built.staged)
                 fault("create.after-place")
             self.clear_staging(txid)
-            return _created(name, data, txid, built, staged=False, missing=missing)
+            return built.report(name, txid, staged=False, missing=missing)
 
     def _build(self, source, name: str, tx: str, options: CreateOptions, progress) -> Outcome:
         """Objects into the store, the image into the transaction's staging folder."""
@@ -431,6 +431,7 @@ class Store:
         return [obj for obj, _ in self.journal.manifest(self._live(name).digest)
                 if not (self.layout.objects / obj).is_file()]
 
+
 def _slot(deployment) -> kinds.Slot | None:
     """A deployment as events name it."""
     return kinds.Slot(deployment.image, deployment.digest) if deployment is not None else None
@@ -443,15 +444,3 @@ def _journal_manifest(manifest):
     if isinstance(manifest, Delta):
         return Derived(manifest.base, manifest.removed, manifest.added)
     return manifest
-
-
-def _created(name: str, data: dict, txid: str, built: Outcome, staged: bool, missing: int) -> dict:
-    """What ``image create`` reports."""
-    info = {"name": name, "digest": data["digest"], "size": data["size"], "objects": data["objects"],
-            "objects_missing": missing, "tx": txid, "staged": staged, "reused": built.reused,
-            "patched": built.provenance().get("patched")}
-    stats = built.stats
-    if stats is not None:
-        info.update(files=stats.files, bytes=stats.bytes,
-                    objects_created=stats.objects_created, objects_deduped=stats.objects_deduped)
-    return info

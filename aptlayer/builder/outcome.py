@@ -43,6 +43,16 @@ class Outcome:
     #: entries changed: since the last build (patch), or in the upper directory (layered)
     changed: int = 0
 
+    def report(self, name: str, tx: str, staged: bool, missing: int) -> dict:
+        """What ``image create`` reports of this build of image ``name`` (``missing``: objects the store lacks)."""
+        info = {"name": name, "digest": self.digest, "size": self.size, "objects": self.objects,
+                "objects_missing": missing, "tx": tx, "staged": staged, "reused": self.reused,
+                "patched": self.provenance().get("patched")}
+        if self.stats is not None:
+            info.update(files=self.stats.files, bytes=self.stats.bytes,
+                        objects_created=self.stats.objects_created, objects_deduped=self.stats.objects_deduped)
+        return info
+
     def provenance(self) -> dict:
         """What the image's event says about how it was made (nothing for a plain render)."""
         if self.reused is not None:

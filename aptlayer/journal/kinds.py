@@ -314,6 +314,8 @@ class _ImageBuilt(EventData):
     #: the live image an unchanged tree reused
     reused: str | None = _field(STR, optional=True)
     patched: Patched | None = _field(PATCHED, optional=True)
+    #: a layered build: {"base": the base image's digest, "changed": entries of the upper directory}
+    layered: dict | None = _field(OBJECT, optional=True)
     #: a base image's making: {"bootstrap": {suite, variant, ...}} or {"import": {file, format}}
     origin: dict | None = _field(OBJECT, optional=True)
     #: a layered image's making: {"base": {image, digest}, "request": {install, remove}, "inactive", "debs"}
