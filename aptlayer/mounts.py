@@ -27,16 +27,18 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
     """
     from .composefs import mount as cfsmount, upstream
 
-    path = store.image_file(name)
-    image = store.journal.image(name)
     target = os.path.realpath(mountpoint)
-    missing = store.missing_objects(name)
     if backend == "auto":
         backend = "upstream" if upstream.find_tool("mount.composefs") else "python"
     if backend == "upstream" and upstream.find_tool("mount.composefs") is None:
         raise errors.Unsupported("--backend upstream: mount.composefs is not installed")
     do_mount = upstream.mount_with_tool if backend == "upstream" else cfsmount.mount
-    with store.writing():
+    # The publish lock from reading the image to the kernel's mount: a commit that
+    # replaces or places the file of that name cannot come in between.
+    with store.writing(), store.publishing():
+        path = store.image_file(name)
+        image = store.journal.image(name)
+        missing = store.missing_objects(name)
         event = store.record(kinds.Mounted(subject=name, mountpoint=target, digest=image.digest,
                                            boot_id=store.boot_id, writable=upperdir is not None, backend=backend))
         fault("mount.after-event")
@@ -58,8 +60,8 @@ def unmount(store: Store, mountpoint: str, lazy: bool = False, force: bool = Fal
     from .linux.mountinfo import is_mounted
 
     target = os.path.realpath(mountpoint)
-    row = store.journal.mount(target)
-    with store.writing():
+    with store.writing(), store.publishing():  # not between a mount's event and its kernel call
+        row = store.journal.mount(target)
         if is_mounted(target):
             if row is None and not force:
                 raise errors.Conflict(f"{target} is not a mount of this store (its journal has no record of it); "
