@@ -206,7 +206,7 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
     (:class:`aptlayer.packages.sources.Source`), the host's by default.
     """
     from .composefs import upper as upper_root
-    from .composefs.reader import read_path
+    from .composefs.reader import read_root
     from .packages import apt
     from .packages.sources import read_sources
 
@@ -225,7 +225,7 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
             for d in (root, upper, work):
                 d.mkdir(parents=True, exist_ok=True)
             # the mount shows the upper directory's own metadata as its root's
-            upper_root.prepare_upper(upper, read_path(str(store.image_file(base)), b"/"))
+            upper_root.prepare_upper(upper, read_root(str(store.image_file(base))))
             mounts.mount(store, base, str(root), upperdir=str(upper), workdir=str(work))
             fault("layer.after-mount")
             try:

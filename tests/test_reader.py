@@ -414,3 +414,15 @@ def test_read_path_skips_whiteout_stubs(vectors: Path) -> None:
     assert len(stubs) > 200, "the vector's root carries the stubs"
     for name in stubs:
         assert read_path(data, b"/" + name) is None
+
+
+def test_read_root_is_the_root_of_read_image(vectors) -> None:
+    from aptlayer.composefs.reader import read_root
+
+    images = sorted(vectors.glob("*/image.cfs"))
+    assert len(images) > 10
+    for image in images:
+        whole, root = read_image(image), read_root(image)
+        assert (root.mode, root.uid, root.gid, root.mtime_sec, root.mtime_nsec, root.xattrs) == \
+            (whole.mode, whole.uid, whole.gid, whole.mtime_sec, whole.mtime_nsec, whole.xattrs), image.parent.name
+        assert not root.children

@@ -191,6 +191,17 @@ def _build_tree(image: ImageView, filters: frozenset[bytes] | None, top: int | N
     return by_nid[image.root_nid if top is None else top]
 
 
+def read_root(data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> Node:
+    """The image's root directory alone, without its entries (its owner, mode, times, xattrs)."""
+    return _read_root(_load(data))
+
+
+@guarded
+def _read_root(data: bytes) -> Node:
+    image = ImageView(data)
+    return _make_node(image, image.inode(image.root_nid))
+
+
 def read_path(
     data: bytes | bytearray | memoryview | str | os.PathLike[str],
     path: bytes,
