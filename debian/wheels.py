@@ -87,7 +87,8 @@ def unpack(wheel: Path, dest: Path) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             with z.open(info) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out)
-            os.chmod(target, 0o755 if target.suffix == ".so" else 0o644)
+            executable = target.suffix == ".so" or (info.external_attr >> 16) & 0o111
+            os.chmod(target, 0o755 if executable else 0o644)  # a script the wheel ships stays executable
 
 
 def install(wheelhouse: str, dest: str) -> int:
