@@ -227,8 +227,8 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
             # the mount shows the upper directory's own metadata as its root's
             upper_root.prepare_upper(upper, read_root(str(store.image_file(base))))
             mounts.mount(store, base, str(root), upperdir=str(upper), workdir=str(work))
-            fault("layer.after-mount")
             try:
+                fault("layer.after-mount")
                 before = {p.key: p for p in apt.installed_packages(root)}
                 have = {p.name for p in before.values()}
                 removed = apt.remove(root, list(request.remove), workdir=staging) if request.remove else None
@@ -240,7 +240,7 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
                 after = {p.key: p for p in apt.installed_packages(root)}
                 fault("layer.after-apt")
             finally:
-                mounts.unmount(store, str(root))
+                _unmount(store, root)
             if decide is not None:
                 decide({k: p.version for k, p in after.items()}, _changes(before, after))
             lineage = Lineage(base, base_image.digest, request, inactive,
@@ -252,6 +252,7 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
                 store.deploy(name, tx=tx)
             store.tx_commit(tx)
         except BaseException as e:
+            _unmount(store, root)  # interrupted right after mounting: staging must not be removed across it
             if store.journal.transaction_state(tx) == "open":
                 why = "nothing to change" if isinstance(e, Discarded) else f"{type(e).__name__}: {e}"
                 store.tx_rollback(tx, reason=why[:500])
@@ -262,6 +263,14 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
     return {"image": name, "digest": created["digest"], "base": base, "request": request.to_data(),
             "inactive": inactive, "deployed": deploy, "changes": changes,
             "removed_by_request": [p.key for p in removed.removed] if removed else []}
+
+
+def _unmount(store: Store, root: Path) -> None:
+    """Unmount the writable base at ``root`` if it is mounted (idempotent)."""
+    from .linux.mountinfo import is_mounted
+
+    if is_mounted(root):
+        mounts.unmount(store, str(root))
 
 
 def _layered_source(store: Store, base: str, upper: Path):

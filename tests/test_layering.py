@@ -209,3 +209,33 @@ def test_hello_from_the_debian_archive_runs_in_the_layered_image(store: Store, t
     assert ran.returncode == 0 and ran.stdout == "Hello, world!\n"
     status = run_cli(store.root, "status").stdout
     assert f"current: {result['image']}" in status and "LayeredPackages: hello" in status
+
+
+@pytest.mark.parametrize("point", ["layer.after-mount", "layer.after-apt", "create.after-begin"])
+def test_ctrl_c_during_an_install_leaves_the_store_as_it_was(store: Store, apt_repo, point: str) -> None:
+    """SIGINT with the base mounted writable, after apt, or while building: exit 130, the store as it was."""
+    import signal
+    import sys
+
+    from crashkit import cli_env
+
+    source = apt_repo.source()
+    code = ("import sys\n"
+            "from aptlayer.cli import main\n"
+            "from aptlayer import layering\n"
+            "from aptlayer.packages.sources import Source\n"
+            "source = Source(uris=(sys.argv[2],), suites=('stable',), components=('main',), signed_by=(sys.argv[3],))\n"
+            "real = layering.install\n"
+            "layering.install = lambda store, specs, **kw: real(store, specs, **{**kw, 'sources': [source]})\n"
+            "sys.exit(main(['--root', sys.argv[1], '-q', 'install', 'al-scripts']))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(store.root), source.uris[0], source.signed_by[0]],
+                            env=cli_env(APT_LAYER_PAUSE=point), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
+    os.kill(proc.pid, signal.SIGINT)
+    os.kill(proc.pid, signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    unchanged_since(store, ["base"], ("base", None))
+    assert [m for m in inventory.mounts(store) if m["state"] == "mounted"] == []
