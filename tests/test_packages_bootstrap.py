@@ -25,13 +25,13 @@ needs_mmdebstrap = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mmdebst
 
 HOST_LIKE = parse_deb822("""\
 Types: deb
-URIs: http://archive.example.invalid/debian
+URIs: file:/srv/archive/debian
 Suites: bookworm bookworm-updates
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 Types: deb
-URIs: http://archive.example.invalid/debian-security
+URIs: file:/srv/archive/debian-security
 Suites: bookworm-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
@@ -45,18 +45,18 @@ def test_without_mirror_the_hosts_archive_and_its_keyring_are_used(tmp_path: Pat
         "mmdebstrap", "--mode=unshare", "--variant=apt", "--components=main,contrib",
         "--include=htop,less", "--architectures=arm64",
         "--keyring=/usr/share/keyrings/debian-archive-keyring.gpg",
-        "trixie", str(tmp_path / "out.tar"), "http://archive.example.invalid/debian"]
+        "trixie", str(tmp_path / "out.tar"), "file:/srv/archive/debian"]
 
 
 def test_an_explicit_mirror_wins_and_brings_no_host_keyring(tmp_path: Path) -> None:
-    request = BootstrapRequest(suite="bookworm", mirror="http://other.example.invalid/debian")
+    request = BootstrapRequest(suite="bookworm", mirror="file:/srv/other/debian")
     argv = command(request, tmp_path / "root", HOST_LIKE)
-    assert argv[-1] == "http://other.example.invalid/debian"
+    assert argv[-1] == "file:/srv/other/debian"
     assert not any(a.startswith("--keyring") for a in argv)
 
 
 def test_no_archive_in_the_host_sources_asks_for_a_mirror(tmp_path: Path) -> None:
-    only_security = parse_one_line("deb http://s.invalid/debian-security bookworm-security main\n")
+    only_security = parse_one_line("deb file:/srv/s/debian-security bookworm-security main\n")
     with pytest.raises(NotFound, match="pass --mirror"):
         command(BootstrapRequest(suite="bookworm"), tmp_path / "x.tar", only_security)
 

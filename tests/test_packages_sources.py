@@ -14,19 +14,19 @@ from aptlayer.packages.sources import (Source, SourcesError, archive_source, arc
 DEB822 = textwrap.dedent("""\
     Types: deb deb-src
     # a comment inside the stanza, as Debian's installer writes
-    URIs: http://archive.example.invalid/debian
+    URIs: file:/srv/archive/debian
     Suites: bookworm bookworm-updates
     Components: main contrib
     Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
     Types: deb
-    URIs: http://security.example.invalid/debian-security
+    URIs: file:/srv/security/debian-security
     Suites: bookworm-security
     Components: main
     Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
     Types: deb
-    URIs: http://off.example.invalid/debian
+    URIs: file:/srv/off/debian
     Suites: sid
     Components: main
     Enabled: no
@@ -45,7 +45,7 @@ def etc_apt(tmp_path: Path, files: dict[str, str]) -> Path:
 def test_deb822_stanzas_fields_and_disabled_entries() -> None:
     first, second = parse_deb822(DEB822, "debian.sources")
     assert first.types == ("deb", "deb-src")
-    assert first.uris == ("http://archive.example.invalid/debian",)
+    assert first.uris == ("file:/srv/archive/debian",)
     assert first.suites == ("bookworm", "bookworm-updates")
     assert first.components == ("main", "contrib")
     assert first.signed_by == ("/usr/share/keyrings/debian-archive-keyring.gpg",)
@@ -57,7 +57,7 @@ def test_deb822_stanzas_fields_and_disabled_entries() -> None:
 def test_deb822_inline_key_and_trusted() -> None:
     text = textwrap.dedent("""\
         Types: deb
-        URIs: http://example.invalid/repo
+        URIs: file:/srv/example/repo
         Suites: stable
         Components: main
         Trusted: yes
@@ -77,12 +77,12 @@ def test_deb822_inline_key_and_trusted() -> None:
 def test_one_line_options_flat_repositories_and_comments() -> None:
     text = textwrap.dedent("""\
         # the main archive
-        deb [arch=amd64,arm64 signed-by=/k/a.gpg trusted=yes] http://a.invalid/debian bookworm main non-free
-        deb-src http://a.invalid/debian bookworm main
+        deb [arch=amd64,arm64 signed-by=/k/a.gpg trusted=yes] file:/srv/a/debian bookworm main non-free
+        deb-src file:/srv/a/debian bookworm main
         deb file:/srv/flat ./   # a flat repository needs no component
         """)
     main, src, flat = parse_one_line(text, "sources.list")
-    assert main == Source(uris=("http://a.invalid/debian",), suites=("bookworm",),
+    assert main == Source(uris=("file:/srv/a/debian",), suites=("bookworm",),
                           components=("main", "non-free"), signed_by=("/k/a.gpg",), trusted=True,
                           architectures=("amd64", "arm64"))
     assert main.origin == "sources.list:2"
@@ -91,12 +91,12 @@ def test_one_line_options_flat_repositories_and_comments() -> None:
 
 
 @pytest.mark.parametrize("line,why", [
-    ("deb http://a.invalid/debian bookworm", "component is required"),
-    ("rpm http://a.invalid/debian bookworm main", "expected deb or deb-src"),
-    ("deb [arch=amd64 http://a.invalid bookworm main", "unclosed"),
-    ("deb [trusted] http://a.invalid bookworm main", "has no value"),
-    ("deb [trusted=maybe] http://a.invalid bookworm main", "expected yes or no"),
-    ("deb http://a.invalid", "expected URI and suite"),
+    ("deb file:/srv/a/debian bookworm", "component is required"),
+    ("rpm file:/srv/a/debian bookworm main", "expected deb or deb-src"),
+    ("deb [arch=amd64 file:/srv/a bookworm main", "unclosed"),
+    ("deb [trusted] file:/srv/a bookworm main", "has no value"),
+    ("deb [trusted=maybe] file:/srv/a bookworm main", "expected yes or no"),
+    ("deb file:/srv/a", "expected URI and suite"),
 ])
 def test_one_line_errors_name_file_and_line(line: str, why: str) -> None:
     with pytest.raises(SourcesError, match=why) as err:
@@ -112,16 +112,16 @@ def test_deb822_missing_field_is_an_error() -> None:
 
 def test_read_sources_reads_what_apt_reads_in_apts_order(tmp_path: Path) -> None:
     etc = etc_apt(tmp_path, {
-        "sources.list": "deb http://list.invalid/debian bookworm main\n",
+        "sources.list": "deb file:/srv/list/debian bookworm main\n",
         "sources.list.d/b.sources": DEB822,
-        "sources.list.d/a.list": "deb http://a-list.invalid/debian bookworm main\n",
-        "sources.list.d/old.list.disabled": "deb http://ignored.invalid/debian bookworm main\n",
+        "sources.list.d/a.list": "deb file:/srv/a-list/debian bookworm main\n",
+        "sources.list.d/old.list.disabled": "deb file:/srv/ignored/debian bookworm main\n",
         "sources.list.d/notes.txt": "not a source\n",
     })
     uris = [s.uris[0] for s in read_sources(etc)]
-    assert uris == ["http://list.invalid/debian", "http://a-list.invalid/debian",
-                    "http://archive.example.invalid/debian",
-                    "http://security.example.invalid/debian-security"]
+    assert uris == ["file:/srv/list/debian", "file:/srv/a-list/debian",
+                    "file:/srv/archive/debian",
+                    "file:/srv/security/debian-security"]
 
 
 def test_read_sources_of_an_empty_etc(tmp_path: Path) -> None:
@@ -130,19 +130,19 @@ def test_read_sources_of_an_empty_etc(tmp_path: Path) -> None:
 
 def test_archive_is_the_release_suite_not_security_or_updates() -> None:
     sources = parse_one_line(
-        "deb http://sec.invalid/debian-security bookworm-security main\n"
-        "deb http://upd.invalid/debian bookworm-updates main\n"
-        "deb http://ppa.invalid/flat ./\n") + parse_deb822(DEB822)
-    assert archive_uri(sources) == "http://archive.example.invalid/debian"
+        "deb file:/srv/sec/debian-security bookworm-security main\n"
+        "deb file:/srv/upd/debian bookworm-updates main\n"
+        "deb file:/srv/ppa/flat ./\n") + parse_deb822(DEB822)
+    assert archive_uri(sources) == "file:/srv/archive/debian"
     # a suite listed exactly wins, whatever its name
-    assert archive_uri(sources, "bookworm-security") == "http://sec.invalid/debian-security"
+    assert archive_uri(sources, "bookworm-security") == "file:/srv/sec/debian-security"
     # another release comes from the same archive
     assert archive_source(sources, "trixie").signed_by == ("/usr/share/keyrings/debian-archive-keyring.gpg",)
 
 
 def test_no_archive_in_the_sources_is_not_found() -> None:
-    sources = parse_one_line("deb http://sec.invalid/debian-security bookworm-security main\n"
-                             "deb-src http://a.invalid/debian bookworm main\n")
+    sources = parse_one_line("deb file:/srv/sec/debian-security bookworm-security main\n"
+                             "deb-src file:/srv/a/debian bookworm main\n")
     with pytest.raises(NotFound, match="pass --mirror"):
         archive_uri(sources)
 

@@ -62,18 +62,18 @@ def test_archive_uri_is_read_from_the_hosts_apt_sources(tmp_path):
     """Scripts name no mirror: the archive is the host's first non-security, non-updates deb source."""
     (tmp_path / "sources.list.d").mkdir()
     (tmp_path / "sources.list.d" / "debian.sources").write_text(
-        "Types: deb\nURIs: http://security.example/debian-security\nSuites: bookworm-security\n"
+        "Types: deb\nURIs: file:/srv/security/debian-security\nSuites: bookworm-security\n"
         "Components: main\n\n"
-        "Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\nComponents: main\n\n"
-        "Enabled: no\nTypes: deb\nURIs: http://off.example/debian\nSuites: bookworm\n\n"
-        "Types: deb\n# a comment\nURIs: http://archive.example/debian/\nSuites: bookworm bookworm-updates\n"
+        "Types: deb-src\nURIs: file:/srv/src/debian\nSuites: bookworm\nComponents: main\n\n"
+        "Enabled: no\nTypes: deb\nURIs: file:/srv/off/debian\nSuites: bookworm\n\n"
+        "Types: deb\n# a comment\nURIs: file:/srv/archive/debian/\nSuites: bookworm bookworm-updates\n"
         "Components: main\n")
     r = _archive_uri(tmp_path)
-    assert (r.returncode, r.stdout) == (0, "http://archive.example/debian\n"), r.stderr
+    assert (r.returncode, r.stdout) == (0, "file:/srv/archive/debian\n"), r.stderr
     (tmp_path / "sources.list.d" / "debian.sources").unlink()
-    (tmp_path / "sources.list").write_text("# deb http://commented.example/debian bookworm main\n"
-                                           "deb [signed-by=/k.gpg] http://one.example/debian bookworm main\n")
-    assert _archive_uri(tmp_path).stdout == "http://one.example/debian\n"
+    (tmp_path / "sources.list").write_text("# deb file:/srv/commented/debian bookworm main\n"
+                                           "deb [signed-by=/k.gpg] file:/srv/one/debian bookworm main\n")
+    assert _archive_uri(tmp_path).stdout == "file:/srv/one/debian\n"
     (tmp_path / "sources.list").write_text("")
     r = _archive_uri(tmp_path)
     assert r.returncode == 1 and "no Debian archive found" in r.stderr
