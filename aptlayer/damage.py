@@ -9,8 +9,7 @@ reported where an administrator looks, not only by an explicit ``fsck``.
 
 from __future__ import annotations
 
-import os
-
+from .linux.process import pid_alive
 from .store import Store
 
 
@@ -44,21 +43,9 @@ def dead_transactions(store: Store) -> list[dict]:
         pid = begun.actor.get("pid")
         if begun.typed().boot_id != store.boot_id:
             why = "opened in an earlier boot"
-        elif not t.explicit and not _alive(pid):
+        elif not t.explicit and not pid_alive(pid):
             why = f"its process {pid} is gone"
         else:
             continue
         dead.append({"problem": f"transaction {tx} is open but {why} (run apt-layer recover)", "tx": tx})
     return dead
-
-
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -42,6 +42,7 @@ from aptlayer.composefs import fsverity
 from aptlayer.composefs.fsverity import RawDigest
 from aptlayer.linux import fsops, verity
 from aptlayer.linux.boot import boot_id
+from aptlayer.linux.process import pid_alive
 
 OBJECT_MODE = 0o644
 #: a batch commits by itself once this many objects, or bytes, wait for it
@@ -104,16 +105,6 @@ class TempFile:
 
 #: identifies this boot in temp file names: the first 8 hex digits of its id
 BOOT_TAG = (boot_id() or "00000000")[:8]
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -238,7 +229,7 @@ class ObjectStore:
             m = _TEMP_RE.fullmatch(ent.name)
             if m:
                 boot, pid = m.group(1), int(m.group(2))
-                stale = boot != BOOT_TAG or not _pid_alive(pid)
+                stale = boot != BOOT_TAG or not pid_alive(pid)
                 yield TempFile(ent.path, boot, pid, stale)
 
     # -- writing ---------------------------------------------------------

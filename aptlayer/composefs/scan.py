@@ -65,6 +65,7 @@ from aptlayer.composefs.lstatwalk import (
 from aptlayer.composefs.objectstore import ObjectStore, ObjectStoreError
 from aptlayer.composefs.tree import Node
 from aptlayer.linux import forked
+from aptlayer.linux.listed import EntryChanged, open_as_listed
 
 if TYPE_CHECKING:
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -574,17 +575,11 @@ class _Walker:
         Returns the fd and its ``fstat``.
         """
         try:
-            fd = os.open(name, flags, dir_fd=dfd)
+            return open_as_listed(dfd, name, st, flags)
         except OSError as e:
             raise ScanError(path, f"cannot open: {e.strerror}") from e
-        now = os.fstat(fd)
-        same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-        if same and not stat.S_ISDIR(st.st_mode):
-            same = (now.st_mode, now.st_size) == (st.st_mode, st.st_size)
-        if not same:
-            os.close(fd)
-            raise ScanError(path, "changed during the scan")
-        return fd, now
+        except EntryChanged:
+            raise ScanError(path, "changed during the scan") from None
 
     def _file(
         self, dfd: int, name: bytes, path: bytes, st: os.stat_result, node: Node, hit: Entry | None

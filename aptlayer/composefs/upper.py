@@ -84,6 +84,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from aptlayer.linux.listed import EntryChanged, open_as_listed
+
 from . import format as fmt
 from . import fsverity
 from .build import BuildError
@@ -287,17 +289,11 @@ def _names(path: bytes, dfd: int) -> list[bytes]:
 def _open(dfd: int, name: bytes, path: bytes, st: os.stat_result, flags: int) -> int:
     """Open an entry relative to its directory; it must be the one ``st`` describes."""
     try:
-        fd = os.open(name, flags, dir_fd=dfd)
+        return open_as_listed(dfd, name, st, flags)[0]
     except OSError as e:
         raise UpperError(f"{os.fsdecode(path)}: cannot open: {e.strerror}") from e
-    now = os.fstat(fd)
-    same = (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-    if same and not stat.S_ISDIR(st.st_mode):
-        same = (now.st_mode, now.st_size) == (st.st_mode, st.st_size)
-    if not same:
-        os.close(fd)
-        raise UpperError(f"{os.fsdecode(path)}: changed while it was read")
-    return fd
+    except EntryChanged:
+        raise UpperError(f"{os.fsdecode(path)}: changed while it was read") from None
 
 
 def _xattrs(path: bytes, target: bytes | int) -> dict[bytes, bytes]:
