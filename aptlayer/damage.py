@@ -22,8 +22,7 @@ def deployed_damage(store: Store, files: bool = True) -> list[dict]:
         if files and not path.is_file():
             problems.append({"problem": f"the {slot} deployment's image file is missing", "image": name,
                              "deployed": slot, "path": str(path)})
-        missing = [obj for obj, _ in store.journal.manifest(dep.digest)
-                   if not (store.objects_dir / obj).is_file()]
+        missing = store.absent(store.journal.manifest(dep.digest))
         if missing:
             problems.append({"problem": f"the {slot} deployment lacks {len(missing)} of its objects "
                                         "(run apt-layer fsck)", "image": name, "deployed": slot,

@@ -14,12 +14,9 @@ def images(store: Store) -> list[dict]:
     """Every live image, by name, with its manifest's size and its deployment slot."""
     journal = store.journal
     deps = {d.image: slot for slot, d in journal.deployments().items()}
-    out = []
-    for i in journal.images():
-        objects, content = journal.manifest_summary(i.digest) or (0, 0)
-        out.append({"name": i.name, "digest": i.digest, "size": i.size, "created_at": i.created_at, "tx": i.tx,
-                    "objects": objects, "content_bytes": content, "deployed": deps.get(i.name)})
-    return out
+    return [{"name": i.name, "digest": i.digest, "size": i.size, "created_at": i.created_at, "tx": i.tx,
+             "objects": objects, "content_bytes": content, "deployed": deps.get(i.name)}
+            for i, objects, content in journal.images_with_manifests()]
 
 
 def image_info(store: Store, name: str) -> dict:

@@ -136,7 +136,7 @@ class Recovery:
     def _report_missing_objects(self) -> None:
         s = self.store
         for image in self.journal.images():
-            missing = [o for o, _ in self.journal.manifest(image.digest) if not (s.objects_dir / o).is_file()]
+            missing = s.absent(self.journal.manifest(image.digest))
             if missing:
                 self.problem(problem=f"{len(missing)} objects missing", image=image.name, objects=missing)
 

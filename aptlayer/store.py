@@ -179,13 +179,13 @@ class Store:
         if mounted:
             raise errors.Conflict(f"image {name!r} is mounted at {mounted[0]}; unmount it first")
 
-    def _missing(self, rows) -> int:
-        """How many of the (object, size) rows the digest store lacks."""
-        return sum(1 for obj, _ in rows if not (self.layout.objects / obj).is_file())
+    def absent(self, rows) -> list[str]:
+        """The objects of the (object, size) rows that the digest store lacks."""
+        return [obj for obj, _ in rows if not (self.layout.objects / obj).is_file()]
 
     def _whole(self, name: str, digest: str) -> None:
         """Refuse to deploy an image the digest store cannot back: its next boot would fail."""
-        missing = self._missing(self.journal.manifest(digest))
+        missing = len(self.absent(self.journal.manifest(digest)))
         if missing:
             raise errors.StoreCorrupt(
                 f"image {name!r} cannot be deployed: {missing} of its objects are missing from the store "
@@ -226,7 +226,7 @@ class Store:
                     raise errors.from_os_error(e, f"creating image {name!r}") from None
                 raise
             manifest = _journal_manifest(built.manifest)
-            missing = self._missing(manifest) if options.from_file else 0
+            missing = len(self.absent(manifest)) if options.from_file else 0
             data = dict(digest=built.digest, size=built.size, staged=self.layout.relative(built.staged),
                         source=src.recorded_as, objects=built.objects, reused=built.reused,
                         patched=kinds.Patched(built.patched_from, built.changed) if built.patched_from else None,
@@ -428,8 +428,7 @@ class Store:
 
     def missing_objects(self, name: str) -> list[str]:
         """Objects the image's manifest lists that are not in the digest store."""
-        return [obj for obj, _ in self.journal.manifest(self._live(name).digest)
-                if not (self.layout.objects / obj).is_file()]
+        return self.absent(self.journal.manifest(self._live(name).digest))
 
 
 def _slot(deployment) -> kinds.Slot | None:

@@ -115,6 +115,12 @@ class StateQueries:
         """Every live image, by name."""
         return [Image(*row) for row in self.conn.execute(_IMAGE + " ORDER BY name")]
 
+    def images_with_manifests(self) -> list[tuple[Image, int, int]]:
+        """Every live image, by name, with its manifest's object count and content bytes (0, 0 if none)."""
+        return [(Image(*row[:6]), row[6] or 0, row[7] or 0) for row in self.conn.execute(
+            "SELECT i.name, i.digest, i.size, i.created_seq, i.created_at, i.tx, m.objects, m.size "
+            "FROM images i LEFT JOIN images_manifest m ON m.digest = i.digest ORDER BY i.name")]
+
     def images_with_digest(self, digest: str) -> list[str]:
         """Names of the live images recorded with ``digest``, sorted."""
         return [r[0] for r in self.conn.execute("SELECT name FROM images WHERE digest = ? ORDER BY name", (digest,))]
