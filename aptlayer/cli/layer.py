@@ -13,7 +13,15 @@ no_deploy_option = click.option("--no-deploy", is_flag=True, help="Only build th
 name_option = click.option("--name", metavar="NAME", help="Name of the new image (default BASE+N).")
 
 
-def _report(ctx, result: dict, as_json: bool) -> None:
+def layering_options(command):
+    """``--from``, ``--no-deploy``, ``--name`` and ``--json``: what every command that builds an image takes."""
+    command = click.pass_context(command)
+    for option in (json_option, name_option, no_deploy_option, from_option):
+        command = option(command)
+    return command
+
+
+def _report(result: dict, as_json: bool) -> None:
     if as_json:
         print_json(result)
         return
@@ -29,22 +37,20 @@ def _report(ctx, result: dict, as_json: bool) -> None:
     click.echo(f"Image {result['image']!r} ({result['digest'][:16]}) on base {result['base']!r}: {where}")
 
 
-def _run(ctx, operation, *args, as_json: bool, **kwargs) -> dict:
+def _run(ctx, operation, *args, from_image, no_deploy, name, as_json, **kwargs) -> dict:
+    """Run a layering ``operation`` on the store, with progress on a terminal."""
     progress = make_progress(ctx, "building", as_json)
     try:
-        return operation(ctx.obj.store(), *args, progress=progress, **kwargs)
+        return operation(ctx.obj.store(), *args, from_image=from_image, deploy=not no_deploy, name=name,
+                         progress=progress, **kwargs)
     finally:
         progress.done()
 
 
 @click.command()
 @click.argument("packages", nargs=-1, required=True)
-@from_option
-@no_deploy_option
-@name_option
-@json_option
-@click.pass_context
-def install(ctx, packages, from_image, no_deploy, name, as_json) -> None:
+@layering_options
+def install(ctx, packages, **options) -> None:
     """Layer PACKAGES onto the deployed image: a new image, deployed for the next boot.
 
     PACKAGES are package names, NAME=VERSION, or local .deb files. apt
@@ -64,19 +70,13 @@ def install(ctx, packages, from_image, no_deploy, name, as_json) -> None:
     """
     from .. import layering
 
-    result = _run(ctx, layering.install, list(packages), from_image=from_image, deploy=not no_deploy, name=name,
-                  as_json=as_json)
-    _report(ctx, result, as_json)
+    _report(_run(ctx, layering.install, list(packages), **options), options["as_json"])
 
 
 @click.command()
 @click.argument("packages", nargs=-1, required=True)
-@from_option
-@no_deploy_option
-@name_option
-@json_option
-@click.pass_context
-def uninstall(ctx, packages, from_image, no_deploy, name, as_json) -> None:
+@layering_options
+def uninstall(ctx, packages, **options) -> None:
     """Remove layered PACKAGES: rebuild from the base with the rest of the request.
 
     Uninstalling every layered package deploys the base image itself (the
@@ -89,9 +89,7 @@ def uninstall(ctx, packages, from_image, no_deploy, name, as_json) -> None:
     """
     from .. import layering
 
-    result = _run(ctx, layering.uninstall, list(packages), from_image=from_image, deploy=not no_deploy, name=name,
-                  as_json=as_json)
-    _report(ctx, result, as_json)
+    _report(_run(ctx, layering.uninstall, list(packages), **options), options["as_json"])
 
 
 @click.group()
@@ -107,12 +105,8 @@ def override() -> None:
 
 @override.command("remove")
 @click.argument("packages", nargs=-1, required=True)
-@from_option
-@no_deploy_option
-@name_option
-@json_option
-@click.pass_context
-def override_remove(ctx, packages, from_image, no_deploy, name, as_json) -> None:
+@layering_options
+def override_remove(ctx, packages, **options) -> None:
     """Remove base PACKAGES from the layered image (dpkg's dependency checks apply).
 
     \b
@@ -121,19 +115,13 @@ def override_remove(ctx, packages, from_image, no_deploy, name, as_json) -> None
     """
     from .. import layering
 
-    result = _run(ctx, layering.override_remove, list(packages), from_image=from_image, deploy=not no_deploy,
-                  name=name, as_json=as_json)
-    _report(ctx, result, as_json)
+    _report(_run(ctx, layering.override_remove, list(packages), **options), options["as_json"])
 
 
 @override.command("reset")
 @click.argument("packages", nargs=-1)
-@from_option
-@no_deploy_option
-@name_option
-@json_option
-@click.pass_context
-def override_reset(ctx, packages, from_image, no_deploy, name, as_json) -> None:
+@layering_options
+def override_reset(ctx, packages, **options) -> None:
     """Bring back removed base PACKAGES (all of them without arguments).
 
     \b
@@ -142,19 +130,13 @@ def override_reset(ctx, packages, from_image, no_deploy, name, as_json) -> None:
     """
     from .. import layering
 
-    result = _run(ctx, layering.override_reset, list(packages) or None, from_image=from_image,
-                  deploy=not no_deploy, name=name, as_json=as_json)
-    _report(ctx, result, as_json)
+    _report(_run(ctx, layering.override_reset, list(packages) or None, **options), options["as_json"])
 
 
 @click.command()
 @click.option("--check", is_flag=True, help="Only say what would change: exit 0 if something would, 77 if not.")
-@from_option
-@no_deploy_option
-@name_option
-@json_option
-@click.pass_context
-def upgrade(ctx, check, from_image, no_deploy, name, as_json) -> None:
+@layering_options
+def upgrade(ctx, check, **options) -> None:
     """Upgrade the layered packages: re-resolve the request on the same base.
 
     A new image is built and deployed only if some package's version
@@ -166,26 +148,21 @@ def upgrade(ctx, check, from_image, no_deploy, name, as_json) -> None:
     """
     from .. import layering
 
-    result = _run(ctx, layering.upgrade, check=check, from_image=from_image, deploy=not no_deploy, name=name,
-                  as_json=as_json)
-    if as_json:
+    result = _run(ctx, layering.upgrade, check=check, **options)
+    if options["as_json"]:
         print_json(result)
     elif not result.get("changed"):
         click.echo("No upgrades: every layered package is at its newest version")
     else:
-        _report(ctx, {**result, "image": None if check else result.get("image")}, False)
+        _report({**result, "image": None if check else result.get("image")}, False)
     if check and not result.get("changed"):
         ctx.exit(77)
 
 
 @click.command()
 @click.argument("new_base", shell_complete=complete_image_names)
-@from_option
-@no_deploy_option
-@name_option
-@json_option
-@click.pass_context
-def rebase(ctx, new_base, from_image, no_deploy, name, as_json) -> None:
+@layering_options
+def rebase(ctx, new_base, **options) -> None:
     """Apply the deployed image's request to another base image NEW_BASE.
 
     \b
@@ -194,9 +171,7 @@ def rebase(ctx, new_base, from_image, no_deploy, name, as_json) -> None:
     """
     from .. import layering
 
-    result = _run(ctx, layering.rebase, new_base, from_image=from_image, deploy=not no_deploy, name=name,
-                  as_json=as_json)
-    _report(ctx, result, as_json)
+    _report(_run(ctx, layering.rebase, new_base, **options), options["as_json"])
 
 
 @click.command()
