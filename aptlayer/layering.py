@@ -140,20 +140,26 @@ def base_and_request(store: Store, start: str) -> tuple[str, Request]:
     return lineage.base, lineage.request
 
 
+def _is_local_deb(spec: str) -> bool:
+    """A spec that names a .deb file (as apt does: a path with a slash, or an existing file)."""
+    return spec.endswith(".deb") and ("/" in spec or os.path.exists(spec))
+
+
 def keep_local_debs(store: Store, specs: list[str]) -> list[str]:
     """Local ``.deb`` files among ``specs`` copied into the store (``deb:SHA256``); names pass through."""
+    from .packages import apt
+
     out = []
     for spec in specs:
-        if not spec.endswith(".deb") or "/" not in spec and not os.path.exists(spec):
+        if not _is_local_deb(spec):
             out.append(spec)
             continue
         path = Path(spec)
         if not path.is_file():
             raise errors.NotFound(f"{spec}: no such .deb file")
-        from .packages import apt
-
         apt.inspect_deb(path)  # refuses hostile members before anything is copied
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
         folder = store.layout.cache_file(LOCAL_DEBS)
         folder.mkdir(parents=True, exist_ok=True)
         kept = folder / f"{digest}.deb"
@@ -165,18 +171,18 @@ def keep_local_debs(store: Store, specs: list[str]) -> list[str]:
     return out
 
 
-def _apt_specs(store: Store, specs: tuple[str, ...]) -> list[str]:
-    """Request specs as apt takes them: ``deb:SHA`` back to the kept file's path."""
-    out = []
+def _apt_specs(store: Store, specs) -> tuple[list[str], list[Path]]:
+    """Request specs as apt takes them: package names, and the kept files of ``deb:SHA`` specs."""
+    names, debs = [], []
     for spec in specs:
-        if spec.startswith("deb:"):
-            kept = store.layout.cache_file(LOCAL_DEBS) / f"{spec[4:]}.deb"
-            if not kept.is_file():
-                raise errors.NotFound(f"the local package {spec} of this request is gone from {kept.parent}")
-            out.append(str(kept))
-        else:
-            out.append(spec)
-    return out
+        if not spec.startswith("deb:"):
+            names.append(spec)
+            continue
+        kept = store.layout.cache_file(LOCAL_DEBS) / f"{spec[4:]}.deb"
+        if not kept.is_file():
+            raise errors.NotFound(f"the local package {spec} of this request is gone from {kept.parent}")
+        debs.append(kept)
+    return names, debs
 
 
 def _free_name(store: Store, base: str) -> str:
@@ -235,8 +241,9 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
                 wanted = [s for s in request.install if s.startswith("deb:") or package_name(s) not in have
                           or "=" in s]
                 inactive = [s for s in request.install if s not in wanted]
-                installed = apt.install(root, _apt_specs(store, tuple(wanted)), sources=sources,
-                                        cache=store.layout.cache_file("apt"), workdir=staging) if wanted else None
+                names, debs = _apt_specs(store, wanted)
+                installed = apt.install(root, names, debs=debs, sources=sources, cache=store.layout.cache_file("apt"),
+                                        workdir=staging) if wanted else None
                 after = {p.key: p for p in apt.installed_packages(root)}
                 fault("layer.after-apt")
             finally:

@@ -239,3 +239,16 @@ def test_ctrl_c_during_an_install_leaves_the_store_as_it_was(store: Store, apt_r
     assert proc.returncode == 130, err
     unchanged_since(store, ["base"], ("base", None))
     assert [m for m in inventory.mounts(store) if m["state"] == "mounted"] == []
+
+
+def test_a_local_deb_is_kept_in_the_store_and_replayed_by_the_request(store: Store, apt_repo) -> None:
+    import hashlib
+
+    deb = apt_repo.deb("al-lib")
+    result = layering.install(store, [str(deb)], sources=[apt_repo.source()])
+    digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+    assert layering.lineage_of(store, result["image"]).request.install == (f"deb:{digest}",)
+    assert (store.root / "cache" / "debs" / f"{digest}.deb").read_bytes() == deb.read_bytes()
+    assert ("added", "al-lib") in {(c["change"], c["package"]) for c in result["changes"]}
+    again = layering.install(store, ["al-app"], sources=[apt_repo.source()])  # the .deb replayed from the store
+    assert layering.lineage_of(store, again["image"]).request.install == (f"deb:{digest}", "al-app")
