@@ -73,6 +73,16 @@ def as_root() -> None:
         pytest.skip("needs root")
 
 
+@pytest.fixture
+def kernel(as_root: None) -> None:
+    """Root, and a kernel with erofs and overlayfs: what a composefs mount needs."""
+    with open("/proc/filesystems") as f:
+        have = {line.split()[-1] for line in f if line.strip()}
+    missing = [fs for fs in ("erofs", "overlay") if fs not in have]
+    if missing:
+        pytest.skip(f"kernel lacks {', '.join(missing)} (not in /proc/filesystems)")
+
+
 @pytest.fixture(scope="session")
 def debian_base_tree() -> Path:
     """The cached bookworm minbase, extracted (read-only: use ``debian_root``)."""

@@ -19,17 +19,6 @@ pytestmark = pytest.mark.root
 NS = 123_456_789
 
 
-@pytest.fixture
-def kernel() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount and to keep owners and device nodes")
-    with open("/proc/filesystems") as f:
-        have = {line.split()[-1] for line in f if line.strip()}
-    missing = [fs for fs in ("erofs", "overlay") if fs not in have]
-    if missing:
-        pytest.skip(f"kernel lacks {', '.join(missing)} (not in /proc/filesystems)")
-
-
 def rich_tree(root: Path, nanoseconds: bool) -> Path:
     """Owners, modes, xattrs, hard links, symlinks, device nodes, a fifo, and set mtimes."""
     (root / "etc").mkdir(parents=True)

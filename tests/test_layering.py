@@ -25,17 +25,6 @@ pytestmark = pytest.mark.root
 
 
 @pytest.fixture
-def kernel() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount")
-    with open("/proc/filesystems") as f:
-        have = {line.split()[-1] for line in f if line.strip()}
-    missing = [fs for fs in ("erofs", "overlay") if fs not in have]
-    if missing:
-        pytest.skip(f"kernel lacks {', '.join(missing)} (not in /proc/filesystems)")
-
-
-@pytest.fixture
 def store(tmp_path: Path, debian_base_tree: Path, kernel: None):
     s = Store.open(tmp_path / "store")
     s.create(str(debian_base_tree), "base", CreateOptions(backend="python"))

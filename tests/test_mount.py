@@ -209,19 +209,6 @@ def check_content(full: bytes, e: Entry, objects: Path) -> None:
 # --- fixtures ---------------------------------------------------------------------------
 
 
-def _missing_filesystems() -> list[str]:
-    with open("/proc/filesystems") as f:
-        have = {line.split()[-1] for line in f if line.strip()}
-    return [fs for fs in ("erofs", "overlay") if fs not in have]
-
-
-@pytest.fixture
-def kernel(as_root: None) -> None:
-    missing = _missing_filesystems()
-    if missing:
-        pytest.skip(f"kernel lacks {', '.join(missing)} (not in /proc/filesystems)")
-
-
 def _mount_set() -> set[tuple[str, str, str]]:
     return {(m.mount_point, m.fstype, m.source) for m in mount_info()}
 

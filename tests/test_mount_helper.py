@@ -53,15 +53,6 @@ def in_namespace(tmp_path: Path, script: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "WALK": WALK})
 
 
-@pytest.fixture
-def kernel(as_root) -> None:
-    with open("/proc/filesystems") as f:
-        have = {line.split()[-1] for line in f if line.strip()}
-    missing = [fs for fs in ("erofs", "overlay") if fs not in have]
-    if missing:
-        pytest.skip(f"kernel lacks {', '.join(missing)}")
-
-
 def test_mount_t_composefs_runs_apt_layer_as_the_helper(vectors, namespace_with_helper):
     tmp = namespace_with_helper
     image, objects = VECTORS / "sizes" / "image.cfs", VECTORS / "objects"
