@@ -105,6 +105,17 @@ class Lineage:
         return {"base": {"image": self.base, "digest": self.base_digest}, "request": self.request.to_data(),
                 "inactive": self.inactive, "debs": self.debs}
 
+    @classmethod
+    def from_data(cls, data: dict) -> Lineage:
+        return cls(data["base"]["image"], data["base"]["digest"], Request.from_data(data.get("request")),
+                   list(data.get("inactive", ())), dict(data.get("debs", {})))
+
+    def summary(self) -> dict:
+        """What ``status`` shows: base image, layered packages, removed base packages, inactive requests."""
+        return {"base": self.base, "base_digest": self.base_digest,
+                "layered": [s for s in self.request.install if s not in self.inactive],
+                "removed": list(self.request.remove), "inactive": self.inactive}
+
 
 def lineage_of(store: Store, name: str) -> Lineage | None:
     """The lineage recorded for live image ``name`` (None for a base image)."""
@@ -113,10 +124,7 @@ def lineage_of(store: Store, name: str) -> Lineage | None:
         raise errors.NotFound(f"no image named {name!r}")
     created = store.journal.event(image.created_seq)
     data = created.typed().lineage if created is not None else None
-    if not data:
-        return None
-    return Lineage(data["base"]["image"], data["base"]["digest"], Request.from_data(data.get("request")),
-                   list(data.get("inactive", ())), dict(data.get("debs", {})))
+    return Lineage.from_data(data) if data else None
 
 
 def current_image(store: Store, from_image: str | None) -> str:
@@ -423,16 +431,6 @@ def packages(store: Store, image: str | None = None) -> dict:
     return {"image": name, "base": lineage.base if lineage else name,
             "packages": [m.to_json() for m in mark_packages(db.installed, base)],
             "inactive": lineage.inactive if lineage else []}
-
-
-def status_of(store: Store, image: str) -> dict:
-    """For ``status``: base image, layered packages, removed base packages, inactive requests."""
-    lineage = lineage_of(store, image)
-    if lineage is None:
-        return {"base": image, "layered": [], "removed": [], "inactive": []}
-    return {"base": lineage.base, "base_digest": lineage.base_digest,
-            "layered": [s for s in lineage.request.install if s not in lineage.inactive],
-            "removed": list(lineage.request.remove), "inactive": lineage.inactive}
 
 
 def diff(store: Store, a: str, b: str, files: bool = False) -> dict:

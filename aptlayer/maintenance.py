@@ -52,6 +52,7 @@ class Maintenance:
 
     def status(self) -> dict:
         from . import inventory
+        from .layering import Lineage
 
         s = self.store
         deps = self.journal.deployments()
@@ -67,9 +68,7 @@ class Maintenance:
                 info.update(created_at=ev.at, created_by=ev.actor.get("user"))
                 lineage = ev.typed().lineage
                 if lineage:
-                    info.update(base=lineage["base"]["image"], base_digest=lineage["base"]["digest"],
-                                layered=[p for p in lineage["request"]["install"] if p not in lineage["inactive"]],
-                                removed=lineage["request"]["remove"], inactive=lineage["inactive"])
+                    info.update(Lineage.from_data(lineage).summary())
             return info
 
         usage = self.journal.usage()
