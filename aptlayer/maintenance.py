@@ -65,7 +65,7 @@ class Maintenance:
             ev = next(self.journal.events(subject=dep.image, kind="image.created",
                                           newest_first=True, limit=1), None)
             if ev is not None:
-                info.update(created_at=ev.at, created_by=ev.actor.get("user"))
+                info.update(created_at=ev.at, created_by=inventory.actor(ev))
                 lineage = ev.typed().lineage
                 if lineage:
                     info.update(Lineage.from_data(lineage).summary())

@@ -51,7 +51,7 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
                 raise errors.from_mount_error(e) from None
             raise
         fault("mount.after-kernel")
-    return {"name": name, "mountpoint": target, "digest": image.digest, "missing_objects": missing}
+    return {"image": name, "mountpoint": target, "digest": image.digest, "missing_objects": missing}
 
 
 def unmount(store: Store, mountpoint: str, lazy: bool = False, force: bool = False) -> dict:

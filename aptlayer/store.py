@@ -341,7 +341,9 @@ class Store:
                 self._whole(name, digest)
                 self.record(kinds.DeployStaged(subject=name, digest=digest), tx)
                 fault("deploy.after-stage")
-                return {"current": name, "digest": digest, "tx": tx, "staged": True}
+                current = self.journal.deployments().get("current")
+                return {"current": name, "digest": digest, "previous": current.image if current else None,
+                        "tx": tx, "staged": True}
             with self.publishing():
                 image = self._live(name)
                 current = self.journal.deployments().get("current")
@@ -353,7 +355,7 @@ class Store:
                 fault("deploy.after-commit")
                 self.apply_effects(events)
             return {"current": name, "digest": image.digest,
-                    "previous": current.image if current else None, "staged": False}
+                    "previous": current.image if current else None, "tx": events[0].tx, "staged": False}
 
     def rollback(self) -> dict:
         """Swap the current and previous deployments, like ``rpm-ostree rollback``."""

@@ -168,7 +168,7 @@ def test_list(root: Path, src: Path, base: dict) -> None:
     run(root, "deploy", "base")
     listed = run(root, "image", "list", "--json").json()
     assert listed == [{"name": "base", "digest": base["digest"], "size": base["size"], "objects": 3,
-                       "content_bytes": 5400, "deployed": "current", "created_at": listed[0]["created_at"],
+                       "content_bytes": 5400, "deployed": ["current"], "created_at": listed[0]["created_at"],
                        "tx": base["tx"]}]
     size = f"{base['size'] / 1024:.1f} KiB"
     assert run(root, "image", "list").out == (
@@ -280,9 +280,13 @@ def test_deploy_rollback_status(root: Path, src: Path, base: dict) -> None:
     status = run(root, "status", "--json").json()
     created = {i["name"]: i["created_at"] for i in run(root, "image", "list", "--json").json()}
     user = pwd.getpwuid(os.getuid()).pw_name
+    by = {"user": user, "uid": os.getuid(), "host": os.uname().nodename}
+    assert [{k: v for k, v in d["created_by"].items() if k != "pid"} for d in status["deployments"].values()] == [by, by]
     assert status["deployments"] == {
-        "current": {"image": "next", "digest": base["digest"], "created_at": created["next"], "created_by": user},
-        "previous": {"image": "base", "digest": base["digest"], "created_at": created["base"], "created_by": user}}
+        "current": {"image": "next", "digest": base["digest"], "created_at": created["next"],
+                    "created_by": status["deployments"]["current"]["created_by"]},
+        "previous": {"image": "base", "digest": base["digest"], "created_at": created["base"],
+                     "created_by": status["deployments"]["previous"]["created_by"]}}
     assert (status["next_boot"], status["transactions"], status["mounts"]) == ("next", [], [])
     assert status["store"] == {"images": 2, "image_bytes": 2 * base["size"], "objects": 3, "object_bytes": 5400,
                                "reclaimable_objects": 0, "reclaimable_bytes": 0}
@@ -307,8 +311,8 @@ def test_status_of_an_empty_store(root: Path) -> None:
 
 
 def test_deploy_json(root: Path, base: dict) -> None:
-    assert run(root, "deploy", "base", "--json").json() == {"current": "base", "digest": base["digest"],
-                                                            "previous": None, "staged": False}
+    out = run(root, "deploy", "base", "--json").json()
+    assert out == {"current": "base", "digest": base["digest"], "previous": None, "tx": out["tx"], "staged": False}
     assert os.readlink(root / "deploy/current") == "../images/base.composefs"
 
 
@@ -319,7 +323,7 @@ def test_mounted_image_cannot_be_deleted(root: Path, base: dict, tmp_path: Path,
     if mounted.rc in (7, 9):
         pytest.skip(f"cannot mount here: {mounted.err.strip()}")
     try:
-        assert mounted.json() == {"name": "base", "mountpoint": str(mnt), "digest": base["digest"],
+        assert mounted.json() == {"image": "base", "mountpoint": str(mnt), "digest": base["digest"],
                                   "missing_objects": []}
         r = run(root, "image", "delete", "base")
         assert (r.rc, r.err) == (4, f"apt-layer: image 'base' is mounted at {mnt}; unmount it first\n")
@@ -531,7 +535,8 @@ def test_audit_takes_json_like_the_other_commands(root: Path, history: list[dict
     assert run(root, "audit", "--json", sql).json() == [{"seq": 2, "kind": "image.created"},
                                                         {"seq": 5, "kind": "deployed"}]
     r = run(root, "audit", "--json", "--format", "csv", sql)
-    assert (r.rc, r.out) == (2, "") and "--json and --format csv disagree" in r.err
+    assert (r.rc, json.loads(r.out)) == (2, {"error": "--json and --format csv disagree", "exit": 2})
+    assert "--json and --format csv disagree" in r.err
 
 
 @pytest.mark.parametrize("sql, refused", [

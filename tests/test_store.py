@@ -261,8 +261,9 @@ def test_deploy_and_rollback_swap_the_links(store: Store, src: Path) -> None:
     store.create(str(src), "b", PY)
     with pytest.raises(errors.Conflict, match="^no previous deployment to roll back to$"):
         store.rollback()
-    assert store.deploy("a") == {"current": "a", "digest": inventory.image_info(store, "a")["digest"], "previous": None,
-                                 "staged": False}
+    deployed = store.deploy("a")
+    assert deployed == {"current": "a", "digest": inventory.image_info(store, "a")["digest"], "previous": None,
+                        "tx": deployed["tx"], "staged": False}
     with pytest.raises(errors.Conflict, match="^no previous deployment to roll back to$"):
         store.rollback()
     with pytest.raises(errors.Conflict, match="^image 'a' is already the current deployment$"):

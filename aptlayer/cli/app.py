@@ -15,6 +15,7 @@ import click
 
 from .. import __version__
 from ..errors import AptLayerError
+from .options import CONFIG_HELP, QUIET_HELP, ROOT_HELP, adopt, check_root, error_json, json_requested
 
 #: command name -> "module:attribute", relative to this package
 COMMANDS = {
@@ -53,10 +54,12 @@ class LazyGroup(click.Group):
         return sorted(set(super().list_commands(ctx)) | set(self.lazy))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        """The command ``name``, given the global options (see :func:`.options.adopt`)."""
         if name in self.lazy:
             module, attr = self.lazy[name].split(":")
-            return getattr(importlib.import_module(f"{__package__}.{module}"), attr)
-        return super().get_command(ctx, name)
+            return adopt(getattr(importlib.import_module(f"{__package__}.{module}"), attr))
+        command = super().get_command(ctx, name)
+        return adopt(command) if command is not None else None
 
 
 class Settings:
@@ -92,11 +95,9 @@ class Settings:
 
 
 @click.group(cls=LazyGroup, lazy=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--root", type=click.Path(path_type=str), metavar="DIR",
-              help="Store root (default /var/lib/apt-layer; env APT_LAYER_ROOT).")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="FILE",
-              help="Configuration file (default /etc/apt-layer/config.toml).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--root", type=click.Path(path_type=str), metavar="DIR", help=ROOT_HELP)
+@click.option("--config", "config_path", type=click.Path(path_type=Path), metavar="FILE", help=CONFIG_HELP)
+@click.option("-q", "--quiet", is_flag=True, help=QUIET_HELP)
 @click.version_option(__version__, prog_name="apt-layer")
 @click.pass_context
 def cli(ctx: click.Context, root: str | None, config_path: Path | None, quiet: bool) -> None:
@@ -113,35 +114,44 @@ def cli(ctx: click.Context, root: str | None, config_path: Path | None, quiet: b
       apt-layer deploy base
       apt-layer status
     """
-    if root is not None and not str(root):
-        raise click.BadParameter("must not be empty", param_hint="'--root'")
+    check_root(root)
     ctx.obj = Settings(Path(root) if root is not None else None, config_path, quiet)
 
 
 def main(args: list[str]) -> int:
-    """Run a command line: one-line errors with distinct exit codes, no tracebacks."""
+    """Run a command line: one-line errors with distinct exit codes, no tracebacks.
+
+    This is the one place where an error becomes an exit code. Under
+    ``--json`` the error is also printed on stdout as ``{"error": MESSAGE,
+    "exit": CODE}`` (docs/json.md), so a script reads one JSON document
+    whatever happened.
+    """
+    as_json = json_requested(args)
+
+    def fail(message: str, code: int, usage: click.ClickException | None = None) -> int:
+        if usage is not None:
+            usage.show()
+        else:
+            click.echo(f"apt-layer: {message}", err=True)
+        if as_json:
+            click.echo(error_json(message, code))
+        return code
+
     try:
         rc = cli.main(args=args, prog_name="apt-layer", standalone_mode=False)
     except AptLayerError as e:
-        click.echo(f"apt-layer: {e}", err=True)
-        return e.exit_code
+        return fail(str(e), e.exit_code)
     except click.ClickException as e:
-        e.show()
-        return e.exit_code
-    except click.exceptions.Abort:
-        click.echo("apt-layer: aborted", err=True)
-        return 130
+        return fail(e.format_message(), e.exit_code, usage=e)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        return fail("interrupted", 130)
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        return 130
     except Exception as e:  # a bug of ours: say so in one line, unless debugging
         if os.environ.get("APT_LAYER_DEBUG"):
             raise
-        click.echo(f"apt-layer: internal error: {type(e).__name__}: {e} "
-                   "(set APT_LAYER_DEBUG=1 for a traceback)", err=True)
-        return 70
+        return fail(f"internal error: {type(e).__name__}: {e} (set APT_LAYER_DEBUG=1 for a traceback)", 70)
     return rc if isinstance(rc, int) else 0
 

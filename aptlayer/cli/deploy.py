@@ -75,7 +75,7 @@ def status(ctx, as_json) -> None:
         click.echo(f"{marker} {slot}: {dep['image']}")
         click.echo(f"      Digest: {dep['digest']}")
         if dep.get("created_at"):
-            click.echo(f"     Created: {dep['created_at'][:19].replace('T', ' ')} UTC by {dep.get('created_by')}")
+            click.echo(f"     Created: {dep['created_at'][:19].replace('T', ' ')} UTC by {dep['created_by']['user']}")
         if dep.get("base"):
             click.echo(f"   BaseImage: {dep['base']} ({dep['base_digest'][:16]})")
             for label, key in (("LayeredPackages", "layered"), ("RemovedBasePackages", "removed"),

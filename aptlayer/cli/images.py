@@ -139,7 +139,7 @@ def list_(ctx, as_json) -> None:
         print_json(images)
         return
     click.echo(table(((i["name"], i["digest"][:16], human_bytes(i["size"]), i["objects"],
-                       human_bytes(i["content_bytes"]), i["deployed"] or "", i["created_at"][:19])
+                       human_bytes(i["content_bytes"]), ", ".join(i["deployed"]) or None, i["created_at"][:19])
                       for i in images),
                      ("name", "digest", "size", "objects", "content", "deployed", "created")))
 
@@ -168,6 +168,8 @@ def info(ctx, name, as_json) -> None:
             value = ", ".join(value) or "-"
         elif isinstance(value, dict):
             value = " ".join(f"{k}={v}" for k, v in value.items())
+        elif value is None:
+            value = "-"
         click.echo(f"{key + ':':15} {value}")
 
 
@@ -192,7 +194,7 @@ def delete(ctx, name, tx, as_json) -> None:
         click.echo(f"deleted {name}" + (f" (staged in transaction {tx})" if tx else ""))
 
 
-def _listing(ctx, name: str, what: str, filters: tuple[str, ...] = ()) -> None:
+def _listing(ctx, name: str, what: str, filters: tuple[str, ...] = (), as_json: bool = False) -> None:
     from ..composefs import dumpfile, listing, reader
 
     store = ctx.obj.store()
@@ -204,6 +206,9 @@ def _listing(ctx, name: str, what: str, filters: tuple[str, ...] = ()) -> None:
         from ..errors import StoreCorrupt
 
         raise StoreCorrupt(f"image {name!r} ({path}): {e}") from None
+    if as_json:
+        print_json(listing.objects_list([root]) if what == "objects" else list(listing.entry_records(root)))
+        return
     out = sys.stdout.buffer
     if what == "ls":
         listing.write_ls(root, out)
@@ -221,42 +226,48 @@ filter_option = click.option("--filter", "filters", multiple=True, metavar="NAME
 @image.command("ls")
 @image_name
 @filter_option
+@json_option
 @click.pass_context
-def ls(ctx, name, filters) -> None:
+def ls(ctx, name, filters, as_json) -> None:
     """List the files of image NAME (as `composefs-info ls`).
 
     \b
     Example:
       apt-layer image ls base --filter etc
     """
-    _listing(ctx, name, "ls", filters)
+    _listing(ctx, name, "ls", filters, as_json)
 
 
 @image.command("dump")
 @image_name
 @filter_option
+@json_option
 @click.pass_context
-def dump(ctx, name, filters) -> None:
+def dump(ctx, name, filters, as_json) -> None:
     """Print image NAME as composefs-dump(5) text (as `composefs-info dump`).
+
+    With --json, the entries as `image ls --json` prints them (every field
+    of the dump but inline file contents).
 
     \b
     Example:
       apt-layer image dump base > base.dump
     """
-    _listing(ctx, name, "dump", filters)
+    _listing(ctx, name, "dump", filters, as_json)
 
 
 @image.command("objects")
 @image_name
+@json_option
 @click.pass_context
-def objects(ctx, name) -> None:
+def objects(ctx, name, as_json) -> None:
     """List the backing objects image NAME needs (as `composefs-info objects`).
 
     \b
     Example:
       apt-layer image objects base | wc -l
     """
-    _listing(ctx, name, "objects")
+    _listing(ctx, name, "objects", as_json=as_json)
 
 
 @image.command("missing-objects")

@@ -154,8 +154,9 @@ def log(ctx, subject, kind, tx, since, until, limit, as_json) -> None:
     """
     events = _maint(ctx).history(subject=subject, kind=kind, tx=tx, since=since, until=until, limit=limit)
     if as_json:
-        print_json([{"seq": e.seq, "at": e.at, "tx": e.tx, "kind": e.kind, "subject": e.subject,
-                     "data": e.data, "actor": e.actor} for e in events])
+        from ..inventory import event
+
+        print_json([event(e) for e in events])
         return
     click.echo(table(((e.seq, e.at[:19].replace("T", " "), e.kind, e.subject, e.actor.get("user"), e.tx)
                       for e in events), ("seq", "at (utc)", "kind", "subject", "user", "tx")))

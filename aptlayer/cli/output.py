@@ -12,7 +12,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import click
 
-json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help='Print JSON for scripts (docs/json.md); an error as {"error": ..., "exit": N}.')
 
 
 def print_json(value: object) -> None:

@@ -51,7 +51,7 @@ def commit(ctx, txid, as_json) -> None:
     """
     result = ctx.obj.store().tx_commit(txid)
     if as_json:
-        print_json(result)
+        _print_transaction(ctx, txid)
     else:
         click.echo(f"committed {txid}: " + (", ".join(f"{o['kind']} {o['subject']}" for o in result["ops"])
                                             or "nothing staged"))
@@ -68,8 +68,15 @@ def rollback(ctx, txid, as_json) -> None:
     Example:
       apt-layer tx rollback $TX
     """
-    result = ctx.obj.store().tx_rollback(txid)
-    print_json(result) if as_json else click.echo(f"rolled back {txid}")
+    ctx.obj.store().tx_rollback(txid)
+    _print_transaction(ctx, txid) if as_json else click.echo(f"rolled back {txid}")
+
+
+def _print_transaction(ctx, txid: str) -> None:
+    """A transaction as `tx show --json` prints it (commit and rollback print it as they leave it)."""
+    from .. import inventory
+
+    print_json(inventory.transaction(ctx.obj.store(), txid))
 
 
 @tx.command("list")

@@ -29,10 +29,11 @@ def _detail(kind: str, data: dict) -> str:
 
 
 def _printer(as_json: bool):
+    from .. import inventory
+
     def show(event) -> None:
         if as_json:
-            click.echo(json.dumps({"seq": event.seq, "at": event.at, "kind": event.kind,
-                                   "subject": event.subject, "data": event.data}, sort_keys=True))
+            click.echo(json.dumps(inventory.event(event), sort_keys=True))
         else:
             click.echo(f"{event.at[:19].replace('T', ' ')} {event.kind.removeprefix('drift.')} "
                        f"{event.subject}: {_detail(event.kind, event.data)}")

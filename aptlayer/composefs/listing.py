@@ -21,6 +21,7 @@ tree read without filters lists the same as the C tool reading with them.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
@@ -136,3 +137,39 @@ def write_missing_objects(
 ) -> None:
     """Write the objects found in none of ``basedirs`` like ``composefs-info missing-objects``."""
     _write_sorted(missing_objects(roots, basedirs, filters), out)
+
+
+_TYPES = {stat.S_IFDIR: "directory", stat.S_IFREG: "file", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char-device",
+          stat.S_IFBLK: "block-device", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+
+
+def entry_records(root: Node, filters: Collection[bytes] | None = None) -> Iterator[dict]:
+    """The entries below the root, in ``ls`` order, as plain records (for JSON).
+
+    Paths and names are decoded with ``os.fsdecode`` (bytes that are not
+    UTF-8 become surrogate escapes). A later name of a hard-linked node has
+    ``hardlink_of``, the first path it was listed under, instead of metadata.
+    """
+    first: dict[int, str] = {}
+    for raw, entry in _entries(root, filters):
+        path = os.fsdecode(raw)
+        node = entry.resolve()
+        if id(node) in first:
+            yield {"path": path, "hardlink_of": first[id(node)]}
+            continue
+        first[id(node)] = path
+        record = {"path": path, "type": _TYPES.get(node.ftype, "unknown"), "mode": stat.S_IMODE(node.mode),
+                  "uid": node.uid, "gid": node.gid, "size": node.size, "mtime": node.mtime_sec,
+                  "mtime_nsec": node.mtime_nsec, "nlink": node.nlink, "rdev": node.rdev,
+                  "object": None, "target": None, "digest": node.digest.hex() if node.digest else None,
+                  "xattrs": {os.fsdecode(k): os.fsdecode(v) for k, v in sorted(node.xattrs.items())}}
+        if node.is_lnk:
+            record["target"] = os.fsdecode(node.payload or b"")
+        elif node.is_reg and node.payload is not None:
+            record["object"] = os.fsdecode(node.payload)
+        yield record
+
+
+def objects_list(roots: Iterable[Node], filters: Collection[bytes] | None = None) -> list[str]:
+    """The sorted objects of ``write_objects``, as strings."""
+    return [os.fsdecode(obj) for obj in sorted(_union(roots, filters))]
