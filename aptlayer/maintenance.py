@@ -6,6 +6,8 @@ apart because none of it is one image's operation.
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from collections.abc import Callable
 
 from . import errors
@@ -14,6 +16,20 @@ from .fault import fault
 from .journal import as_dict, kinds
 from .layout import new_id
 from .store import Store
+
+
+#: an ISO 8601 UTC time or a prefix of one (2026, 2026-11-25, 2026-11-25T10:00:00.5Z), as events' ``at`` sorts
+_ISO_PREFIX = re.compile(r"\d{4}(-\d{2}(-\d{2}([T ]\d{2}(:\d{2}(:\d{2}(\.\d+)?)?)?)?)?)?Z?")
+
+
+def _check_kind(kind: str) -> None:
+    """An event kind (or a ``family.*`` pattern) that events can have."""
+    known = sorted(kinds.KINDS)
+    if kind in known or kinds.is_other_info(kind) or (kind.endswith("*") and (
+            fnmatch.filter(known, kind) or any(p.startswith(kind[:-1]) for p in kinds.INFO_PREFIXES))):
+        return
+    raise errors.InvalidInput(f"--kind {kind!r}: no event has that kind; the kinds are {', '.join(known)} "
+                              "(a pattern such as 'tx.*' matches a family)")
 
 
 class Maintenance:
@@ -85,12 +101,30 @@ class Maintenance:
         }
 
     def history(self, **filters) -> list:
-        """Events matching ``filters`` (subject, kind, tx, since, until, limit), newest first."""
+        """Events matching ``filters`` (subject, kind, tx, since, until, limit), newest first.
+
+        A kind no event can have, or a time that is not ISO 8601, is
+        InvalidInput: a filter that can match nothing is a typo, not an
+        empty history.
+        """
+        if filters.get("kind") is not None:
+            _check_kind(filters["kind"])
+        for bound in ("since", "until"):
+            value = filters.get(bound)
+            if value is None:
+                continue
+            if not _ISO_PREFIX.fullmatch(value):
+                raise errors.InvalidInput(f"--{bound} {value!r} is not a UTC time: give ISO 8601 or a "
+                                          "prefix of it, e.g. 2026-11-25 or 2026-11-25T10:00")
+            filters[bound] = value.replace(" ", "T", 1)  # as `log` prints times; events store a T
         return list(self.journal.events(newest_first=True, **filters))
 
     def audit(self, sql: str):
-        """A read-only query on the journal; refused writes and bad SQL are InvalidInput."""
+        """A read-only query on the journal; refused writes, bad SQL and no SQL are InvalidInput."""
         from .journal import AuditQueryError, AuditRefused, audit_query
+
+        if not sql.strip():
+            raise errors.InvalidInput('audit: the query is empty (e.g. apt-layer audit "SELECT * FROM v_images")')
 
         try:
             return audit_query(self.journal.path, sql)

@@ -9,6 +9,7 @@ by the next recovery. Unmounting goes the other way (the kernel first).
 
 from __future__ import annotations
 
+import errno
 import os
 
 from . import errors
@@ -69,6 +70,9 @@ def unmount(store: Store, mountpoint: str, lazy: bool = False, force: bool = Fal
             try:
                 cfsmount.unmount(target, lazy=lazy)
             except cfsmount.MountError as e:
+                if e.errno == errno.EBUSY:
+                    raise errors.Conflict(f"{target} is busy: a process has files open or its working directory "
+                                          "there (`apt-layer image unmount --lazy` detaches it anyway)") from None
                 raise errors.from_mount_error(e) from None
         elif row is None:
             raise errors.NotFound(f"{target} is not mounted")

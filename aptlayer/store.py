@@ -392,7 +392,8 @@ class Store:
                         self._staged_deletes_unused(tx)
                         events = w.commit_tx(tx)
                 except (ProjectionError, errors.Conflict) as e:
-                    raise errors.Conflict(f"cannot commit {tx}: {e}") from None
+                    raise errors.Conflict(f"cannot commit {tx}: {e}; the transaction stays open "
+                                          f"(`apt-layer tx rollback {tx}` discards it)") from None
                 fault("commit.after-commit")
                 self.apply_effects(events)
                 fault("commit.after-effects")

@@ -398,9 +398,10 @@ def test_gc_outputs(root: Path, src: Path, base: dict, tmp_path: Path) -> None:
     run(root, "image", "create", str(other), "other")
     run(root, "image", "delete", "other")
     gone = sorted([(obj(b"A" * 100), 100), (obj(b"B" * 2000), 2000)])
-    assert run(root, "gc", "--dry-run").out == (
-        "".join(f"{o}  {n}\n" for o, n in gone) + "would remove 2 objects (2.1 KiB)\n")
-    assert run(root, "gc", "-n", "--json").json()["objects"] == [{"object": o, "size": n} for o, n in gone]
+    assert run(root, "gc", "--dry-run").out == "would remove 2 objects (2.1 KiB)\n"
+    assert run(root, "gc", "--dry-run", "-v").out == (
+        "would remove 2 objects (2.1 KiB)\n" + "".join(f"{o}  {n}\n" for o, n in gone))
+    assert run(root, "gc", "--dry-run", "--json").json()["objects"] == [{"object": o, "size": n} for o, n in gone]
     assert run(root, "gc").out == "removed 2 objects (2.1 KiB), 3 in use\n"
     assert run(root, "gc", "--json").json() == {
         "full": False, "dry_run": False, "marked": 3, "candidates": 0, "candidate_bytes": 0,
@@ -412,14 +413,14 @@ def test_gc_outputs_say_how_many_objects_the_grace_period_spared(root: Path, bas
     run(root, "image", "create", str(other), "other")
     run(root, "image", "delete", "other")
     os.utime(root / "images/objects" / obj(b"A" * 100), (EPOCH, EPOCH))
-    assert run(root, "gc", "--grace", "600", "--dry-run").out == (
-        f"{obj(b'A' * 100)}  100\nwould remove 1 objects (100 B), 1 spared by the grace period\n")
-    assert run(root, "gc", "-n", "--grace", "600", "--json").json()["spared_by_grace"] == 1
+    assert run(root, "gc", "--grace", "600", "--dry-run", "-v").out == (
+        f"would remove 1 object (100 B), 1 spared by the grace period\n{obj(b'A' * 100)}  100\n")
+    assert run(root, "gc", "--dry-run", "--grace", "600", "--json").json()["spared_by_grace"] == 1
     assert run(root, "gc", "--grace", "600").out == (
-        "removed 1 objects (100 B), 3 in use, 1 spared by the grace period\n")
-    assert "reclaimable by gc: 1 objects (2.0 KiB)" in run(root, "status").out
+        "removed 1 object (100 B), 3 in use, 1 spared by the grace period\n")
+    assert "reclaimable by gc: 1 object (2.0 KiB)" in run(root, "status").out
     assert run(root, "gc", "--grace", "600", "--json").json()["spared_by_grace"] == 1
-    assert run(root, "gc").out == "removed 1 objects (2.0 KiB), 3 in use\n"
+    assert run(root, "gc").out == "removed 1 object (2.0 KiB), 3 in use\n"
     assert run(root, "gc", "--grace", "600").out == "removed 0 objects (0 B), 3 in use\n"
     assert_consistent(root)
 
@@ -430,7 +431,7 @@ def test_gc_full_finds_an_object_dropped_in_by_hand(root: Path, base: dict) -> N
     stray.write_bytes(b"stray" * 40)
     assert run(root, "gc").out == "removed 0 objects (0 B), 3 in use\n"
     assert stray.exists()
-    assert run(root, "gc", "--full").out == "removed 1 objects (200 B), 3 in use\n"
+    assert run(root, "gc", "--full").out == "removed 1 object (200 B), 3 in use\n"
     assert not stray.exists()
     log = run(root, "log", "--kind", "gc.swept", "--json").json()
     assert [e["data"] for e in log] == [{"removed": 1, "bytes": 200, "temp_files": 0},
@@ -494,9 +495,9 @@ def test_log_is_newest_first_with_every_column(root: Path, history: list[dict]) 
     lines = run(root, "log", "-n", "2").out.splitlines()
     e12, e11 = history[11], history[10]
     assert lines == [
-        "SEQ  AT (UTC)             KIND           SUBJECT           USER  TX",
-        f"12   {e12['at'][:19].replace('T', ' ')}  tx.committed   {e12['subject']}  {user}  {e12['tx']}",
-        f"11   {e11['at'][:19].replace('T', ' ')}  image.deleted  other             {user}  {e11['tx']}"]
+        "SEQ  AT (UTC)             KIND           SUBJECT           USER  TX                DETAIL",
+        f"12   {e12['at'][:19].replace('T', ' ')}  tx.committed   {e12['subject']}  {user}  {e12['tx']}  -",
+        f"11   {e11['at'][:19].replace('T', ' ')}  image.deleted  other             {user}  {e11['tx']}  -"]
 
 
 def test_log_filters(root: Path, history: list[dict]) -> None:
@@ -650,7 +651,8 @@ def test_bad_input_is_one_line_and_changes_nothing(root: Path, src: Path, base: 
     if rc is None:
         if shutil.which("mkcomposefs") or os.environ.get("APT_LAYER_COMPOSEFS_BIN"):
             pytest.skip("upstream tools installed: --backend upstream works")
-        rc, message = 9, "--backend upstream: mkcomposefs is not installed"
+        rc, message = 3, ("--backend upstream: mkcomposefs is not installed (install Debian's composefs package, "
+                          "or use --backend python)")
     values = {"src": str(src), "tmp": str(tmp_path), "aborted": aborted}
     before = projection(root)
     r = run(root, *[a.format(**values) for a in args])

@@ -21,9 +21,11 @@ class DirectorySource:
     path: str
 
     def check(self) -> None:
-        if not os.path.isdir(self.path):
-            raise errors.NotFound(f"source {self.path}: not a directory" if os.path.exists(self.path)
-                                  else f"source {self.path}: no such directory")
+        if not os.path.exists(self.path):
+            raise errors.NotFound(f"source {self.path}: no such directory")
+        if not os.path.isdir(self.path):  # it exists, so the input is wrong, not missing
+            raise errors.InvalidInput(f"source {self.path}: not a directory (for a composefs-dump(5) file, "
+                                      "pass --from-file)")
 
     @property
     def recorded_as(self) -> str:

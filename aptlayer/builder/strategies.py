@@ -276,7 +276,9 @@ class Builder:
 
         tool = upstream.find_tool("mkcomposefs")
         if tool is None:
-            raise errors.Unsupported("--backend upstream: mkcomposefs is not installed")
+            # a program that is not there, like a source that is not: not found (3), not a kernel feature
+            raise errors.NotFound("--backend upstream: mkcomposefs is not installed (install Debian's composefs "
+                                  "package, or use --backend python)")
         args = [tool, f"--min-version={options.min_version}", f"--max-version={options.max_version}",
                 f"--threads={options.threads}"]
         for flag in ("from_file", "use_epoch", "skip_devices", "skip_xattrs", "user_xattrs"):

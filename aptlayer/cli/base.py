@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .output import json_option, make_progress, print_json
+from .output import json_option, make_progress, plural, print_json
 
 
 def _words(value: str | None) -> tuple[str, ...]:
@@ -60,4 +60,4 @@ def bootstrap(ctx, suite, name, variant, include, components, mirror, arch, as_j
     if as_json:
         print_json(result)
     else:
-        click.echo(f"{result['name']}  {result['digest']}  {result['objects']} objects (bootstrapped {suite})")
+        click.echo(f"{result['name']}  {result['digest']}  {plural(result['objects'], 'object')} (bootstrapped {suite})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .images import image_name
-from .output import human_bytes, json_option, print_json
+from .output import human_bytes, json_option, plural, print_json
 
 
 @click.command()
@@ -95,8 +95,8 @@ def status(ctx, as_json) -> None:
         click.echo("Mounts: none")
     st = info["store"]
     click.echo(f"Images: {st['images']} ({human_bytes(st['image_bytes'])}), objects: {st['objects']} "
-               f"({human_bytes(st['object_bytes'])}), reclaimable by gc: {st['reclaimable_objects']} "
-               f"objects ({human_bytes(st['reclaimable_bytes'])})")
-    click.echo(f"Journal: {info['journal']['events']} events")
+               f"({human_bytes(st['object_bytes'])}), reclaimable by gc: {plural(st['reclaimable_objects'], 'object')} "
+               f"({human_bytes(st['reclaimable_bytes'])})")
+    click.echo(f"Journal: {plural(info['journal']['events'], 'event')}")
     for problem in info["problems"]:
         click.echo(f"Problem: {problem['problem']}" + (f" ({problem['image']})" if "image" in problem else ""))

@@ -155,7 +155,8 @@ def mkcomposefs_main(argv: list[str]) -> int:
     except build.BuildError as e:
         raise Fail(_err("mkcomposefs", str(e))) from None
     except OSError as e:
-        raise Fail(_err("mkcomposefs", f"{e.filename or dst}: {_strerror(e)}")) from None
+        # the destination, not the temporary file next to it that the error names
+        raise Fail(_err("mkcomposefs", f"{dst}: {_strerror(e)}")) from None
     if o["print_digest"] or o["digest_only"]:
         print(built.digest.hex(), flush=True)
     return 0
@@ -353,6 +354,10 @@ def mount_options(options: list[str], sloppy: bool = False) -> dict:
     return kw
 
 
+#: what a drop-in adds when it refuses ``--help`` as upstream does
+HELP_POINTER = "This is apt-layer's drop-in: see `apt-layer composefs --help` and {page}.\n"
+MAN_PAGES = {"mkcomposefs": "mkcomposefs(1)", "info": "composefs-info(1)", "mount": "mount.composefs(8)"}
+
 #: the drop-in tools by the name they take after ``apt-layer composefs``
 TOOLS = {"mkcomposefs": mkcomposefs_main, "info": info_main, "mount": mount_main}
 
@@ -366,6 +371,8 @@ def run(tool: str, argv: list[str]) -> int:
         sys.stderr.write(str(e) + "\n")
         if e.usage:
             sys.stderr.write(e.usage)
+        if "--help" in argv or "-h" in argv:  # refused as upstream does (scripts may rely on it), but a pointer
+            sys.stderr.write(HELP_POINTER.format(page=MAN_PAGES[tool]))
         return 1
     except BrokenPipeError:  # the reader went away (``| head``): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

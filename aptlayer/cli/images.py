@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..store import CreateOptions
-from .output import human_bytes, json_option, make_progress, print_json, table
+from .output import human_bytes, json_option, make_progress, plural, print_json, table
 
 tx_option = click.option("--tx", metavar="ID", help="Stage the change in open transaction ID (see `tx begin`).")
 
@@ -114,10 +114,10 @@ def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, u
             same = (f", {changed} entr{'y' if changed == 1 else 'ies'} changed since image "
                     f"{result['patched']['from']} (patched)")
         click.echo(f"{result['name']}  {result['digest']}  {human_bytes(result['size'])}, "
-                   f"{result['objects']} objects{same}{where}")
+                   f"{plural(result['objects'], 'object')}{same}{where}")
     if result["objects_missing"]:
         n = result["objects_missing"]
-        click.echo(f"apt-layer: warning: image {result['name']!r} references {n} object{'s' if n != 1 else ''} "
+        click.echo(f"apt-layer: warning: image {result['name']!r} references {plural(n, 'object')} "
                    f"the store lacks; it cannot be deployed or mounted whole until they are added "
                    f"(see `apt-layer image missing-objects {result['name']}`)", err=True)
 
@@ -191,7 +191,7 @@ def delete(ctx, name, tx, as_json) -> None:
     if as_json:
         print_json(result)
     else:
-        click.echo(f"deleted {name}" + (f" (staged in transaction {tx})" if tx else ""))
+        click.echo(f"delete of {name} staged in transaction {tx}" if tx else f"deleted {name}")
 
 
 def _listing(ctx, name: str, what: str, filters: tuple[str, ...] = (), as_json: bool = False) -> None:
@@ -324,8 +324,9 @@ def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, 
         print_json(result)
         return
     if result["missing_objects"]:
-        click.echo(f"warning: {len(result['missing_objects'])} objects of {name} are missing from the "
-                   "store; reading those files will fail (see `image missing-objects`)", err=True)
+        click.echo(f"apt-layer: warning: {plural(len(result['missing_objects']), 'object')} of image {name!r} "
+                   f"missing from the store; reading those files will fail (see `apt-layer image missing-objects "
+                   f"{name}`)", err=True)
     click.echo(f"mounted {name} on {result['mountpoint']}")
 
 
@@ -377,7 +378,8 @@ def import_(ctx, file, name, as_json) -> None:
     if as_json:
         print_json(result)
     else:
-        click.echo(f"{result['name']}  {result['digest']}  {human_bytes(result['size'])}, {result['objects']} objects")
+        click.echo(f"{result['name']}  {result['digest']}  {human_bytes(result['size'])}, "
+                   f"{plural(result['objects'], 'object')}")
 
 
 @image.command("export")

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .output import csv_text, human_bytes, json_option, make_progress, print_json, table
+from .output import csv_text, human_bytes, json_option, make_progress, plural, print_json, table
 
 
 def _maint(ctx):
@@ -17,12 +17,13 @@ def _maint(ctx):
 
 @click.command()
 @click.option("--full", is_flag=True, help="Also walk the store for strays no image ever referenced.")
-@click.option("--dry-run", "-n", is_flag=True, help="Only list what would be removed, and its size.")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed, and its size.")
+@click.option("-v", "--verbose", is_flag=True, help="With --dry-run, also list each object and its size.")
 @click.option("--grace", type=click.IntRange(0), default=None, metavar="SECONDS",
               help="Spare objects touched in the last SECONDS; a later gc takes them (default from config, else 0).")
 @json_option
 @click.pass_context
-def gc(ctx, full, dry_run, grace, as_json) -> None:
+def gc(ctx, full, dry_run, verbose, grace, as_json) -> None:
     """Remove objects that no image needs any more.
 
     An object stays while a live image, an image staged in an open
@@ -33,7 +34,7 @@ def gc(ctx, full, dry_run, grace, as_json) -> None:
 
     \b
     Example:
-      apt-layer gc --dry-run
+      apt-layer gc --dry-run -v
       apt-layer gc --full
     """
     grace = grace if grace is not None else ctx.obj.config.gc_grace_seconds
@@ -47,12 +48,12 @@ def gc(ctx, full, dry_run, grace, as_json) -> None:
     if as_json:
         print_json(result)
     elif dry_run:
-        for obj in result["objects"]:
+        click.echo(f"would remove {plural(result['candidates'], 'object')} "
+                   f"({human_bytes(result['candidate_bytes'])})" + spared)
+        for obj in result["objects"] if verbose else ():
             click.echo(f"{obj['object']}  {obj['size']}")
-        click.echo(f"would remove {result['candidates']} objects ({human_bytes(result['candidate_bytes'])})"
-                   + spared)
     else:
-        click.echo(f"removed {result['removed']} objects ({human_bytes(result['bytes_freed'])}), "
+        click.echo(f"removed {plural(result['removed'], 'object')} ({human_bytes(result['bytes_freed'])}), "
                    f"{result['marked']} in use" + spared)
 
 
@@ -75,9 +76,9 @@ def fsck(ctx, as_json) -> None:
         for obj in result["bad_objects"]:
             click.echo(f"object {obj['object']}: {obj['state']}")
         for img in result["images"]:
-            what = img["problem"] or f"{len(img['objects'])} damaged objects"
+            what = img["problem"] or f"{plural(len(img['objects']), 'damaged object')}"
             click.echo(f"image {img['name']}: {what}")
-        click.echo(f"checked {result['objects_checked']} objects: " + ("ok" if result["ok"] else "DAMAGED"))
+        click.echo(f"checked {plural(result['objects_checked'], 'object')}: " + ("ok" if result["ok"] else "DAMAGED"))
     if not result["ok"]:
         ctx.exit(10)
 
@@ -103,7 +104,7 @@ def verify(ctx, as_json) -> None:
       apt-layer journal verify --json
     """
     count = _maint(ctx).verify()
-    print_json({"events": count, "ok": True}) if as_json else click.echo(f"journal ok: {count} events")
+    print_json({"events": count, "ok": True}) if as_json else click.echo(f"journal ok: {plural(count, 'event')}")
 
 
 @journal.command("rebuild")
@@ -130,7 +131,7 @@ def rebuild(ctx, force, as_json) -> None:
     if as_json:
         print_json(result)
     else:
-        click.echo(f"rebuilt from {result['events']} events" +
+        click.echo(f"rebuilt from {plural(result['events'], 'event')}" +
                    ("" if not result["problems"] else "; problems: " + "; ".join(result["problems"])))
 
 
@@ -158,8 +159,18 @@ def log(ctx, subject, kind, tx, since, until, limit, as_json) -> None:
 
         print_json([event(e) for e in events])
         return
-    click.echo(table(((e.seq, e.at[:19].replace("T", " "), e.kind, e.subject, e.actor.get("user"), e.tx)
-                      for e in events), ("seq", "at (utc)", "kind", "subject", "user", "tx")))
+    click.echo(table(((e.seq, e.at[:19].replace("T", " "), e.kind, e.subject, e.actor.get("user"), e.tx,
+                       _detail(e.data)) for e in events), ("seq", "at (utc)", "kind", "subject", "user", "tx", "detail")))
+
+
+def _detail(data: dict) -> str | None:
+    """What a log line adds to its kind and subject: where a mount was, why something failed."""
+    where = data.get("mountpoint")
+    reason = data.get("reason")
+    parts = [str(where)] if where else []
+    if reason:
+        parts.append(f"({reason})" if parts else str(reason))
+    return " ".join(parts) or None
 
 
 @click.command()

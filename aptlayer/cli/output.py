@@ -39,6 +39,11 @@ def csv_text(rows: Iterable[Sequence[object]], headers: Sequence[str]) -> str:
     return buf.getvalue().rstrip("\n")
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 object``, ``2 objects``; ``words`` for an irregular plural (``entry``, ``entries``)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
 def human_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

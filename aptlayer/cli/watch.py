@@ -8,7 +8,7 @@ import threading
 
 import click
 
-from .output import json_option
+from .output import json_option, plural
 
 
 def _detail(kind: str, data: dict) -> str:
@@ -75,7 +75,7 @@ def watch(ctx, duration, as_json) -> None:
     watcher = Watcher(store, on_drift=_printer(as_json), on_notice=notice)
     baseline = watcher.start()
     if baseline:
-        notice(f"{len(baseline)} differences from the journal already there (not journaled; "
+        notice(f"{plural(len(baseline), 'difference')} from the journal already there (not journaled; "
                "see apt-layer fsck and recover)")
     notice(f"watching {store.root}")
     try:
@@ -83,4 +83,4 @@ def watch(ctx, duration, as_json) -> None:
     finally:
         undecided = watcher.close()
     if undecided:
-        notice(f"stopped with {undecided} changes undecided (apt-layer held the store meanwhile)")
+        notice(f"stopped with {plural(undecided, 'change')} undecided (apt-layer held the store meanwhile)")

@@ -622,7 +622,7 @@ def unmount(target: StrPath, *, lazy: bool = False) -> None:
     except OSError as e:
         if e.errno == errno.EBUSY:
             raise MountError(errno.EBUSY, f"{path} is busy: a process has files open or its working "
-                             "directory there (or pass lazy=True)") from None
+                             "directory there (a lazy unmount detaches it anyway)") from None
         if e.errno == errno.EPERM:
             raise MountError(errno.EPERM, "unmounting composefs needs root (CAP_SYS_ADMIN)") from None
         raise MountError(e.errno, f"unmounting {path} failed: {e.strerror}") from None

@@ -677,7 +677,9 @@ class _Walker:
         assert self.store is not None
         try:
             res = self.store.import_file(job.fd, job.digest, expect=job.opened)
-        except (OSError, ObjectStoreError) as e:
+        except OSError as e:  # the reason only: a Python errno repr or a temporary file's name says nothing
+            raise ScanError(job.path, f"cannot store in the digest store: {e.strerror or e}") from e
+        except ObjectStoreError as e:
             raise ScanError(job.path, f"cannot store: {e}") from e
         if res.created:
             self.created.add(job.digest)

@@ -92,7 +92,7 @@ def query(path: str | os.PathLike, sql: str, params: Sequence | dict = ()) -> Au
             cursor = conn.execute(sql, params)
             rows = cursor.fetchall()
         except sqlite3.ProgrammingError as e:
-            raise AuditRefused(f"audit runs one statement at a time: {e}") from None
+            raise AuditRefused("audit runs one SQL statement at a time; this query has more than one") from None
         except sqlite3.DatabaseError as e:
             if guard.refused is not None:
                 raise AuditRefused(f"audit is read-only: {guard.refused} refused") from None
