@@ -196,7 +196,7 @@ class DeployLinks:
         self.journal = journal
 
     def apply(self, events: list[Event]) -> None:
-        if any(ev.kind in ("deployed", "rolled-back") for ev in events):
+        if any(ev.kind in ("deployed", "rolled-back", "undeployed") for ev in events):
             self.sync()
             fault("effects.after-deploy")
 

@@ -161,7 +161,7 @@ class Store:
             raise errors.Conflict(f"transaction {tx} is {state}")
 
     def check_name_free(self, name: str, tx: str | None = None) -> None:
-        names.check_image_name(name)
+        names.check_new_image_name(name)
         if self.journal.image(name) is not None:
             staged_delete = tx is not None and any(
                 op.op == "delete" and op.name == name for op in self.journal.staged_ops(tx))
@@ -174,7 +174,12 @@ class Store:
     def _in_use(self, name: str) -> None:
         for slot, dep in self.journal.deployments().items():
             if dep.image == name:
-                raise errors.Conflict(f"image {name!r} is the {slot} deployment; deploy another image first")
+                hint = ("deploy another image first" if slot == "current" else
+                        "`apt-layer cleanup -r` drops the rollback deployment")
+                raise errors.Conflict(f"image {name!r} is the {slot} deployment; {hint}")
+        self._not_mounted(name)
+
+    def _not_mounted(self, name: str) -> None:
         mounted = self.journal.mounts_of(name)
         if mounted:
             raise errors.Conflict(f"image {name!r} is mounted at {mounted[0]}; unmount it first")
@@ -205,7 +210,7 @@ class Store:
         transaction records the image and its manifest (and, without ``tx``,
         commits); only then is the image renamed into ``images/``.
         """
-        names.check_image_name(name)
+        names.check_new_image_name(name)
         src = source_for(source, options.from_file) if isinstance(source, str) else source
         with self.writing():
             if tx is not None:
@@ -291,11 +296,19 @@ class Store:
     # --- delete, deploy, rollback ----------------------------------------------------
 
     def delete(self, name: str, tx: str | None = None) -> dict:
+        """Delete image ``name``; refused while it is deployed or mounted.
+
+        Staged in a transaction, its deployments are checked at the commit,
+        against the slots the transaction leaves: a transaction that deploys
+        another image may delete the one it replaces (see :meth:`tx_commit`).
+        """
         names.check_image_name(name)
         with self.writing():
             image = self._live(name)
-            self._in_use(name)
-            if tx is not None:
+            if tx is None:
+                self._in_use(name)
+            else:
+                self._not_mounted(name)
                 self._open_tx(tx)
                 self.record(kinds.DeleteStaged(subject=name, digest=image.digest), tx)
                 fault("delete.after-stage")
@@ -335,6 +348,11 @@ class Store:
         with self.writing():
             if tx is not None:
                 self._open_tx(tx)
+                other = next((op.name for op in self.journal.staged_ops(tx)
+                              if op.op == "deploy" and op.effective_seq is None), None)
+                if other is not None:
+                    raise errors.Conflict(f"transaction {tx} already deploys image {other!r}: one deploy per "
+                                          f"transaction (`apt-layer cleanup -p` withdraws it)")
                 staged = [op for op in self.journal.staged_ops(tx)
                           if op.op == "create" and op.name == name and op.effective_seq is None]
                 digest = staged[-1].digest if staged else self._live(name).digest
@@ -371,6 +389,28 @@ class Store:
             self.apply_effects(events)
             return {"current": previous.image, "previous": current.image if current else None}
 
+    def cleanup(self, *, rollback: bool = False, staged: bool = False) -> dict:
+        """Drop the rollback deployment (``rollback``, like ``rpm-ostree cleanup -r``) and withdraw the
+        deploys staged in open transactions (``staged``, like ``-p``). The images stay: ``image
+        delete`` and ``gc`` take them after."""
+        result: dict = {"undeployed": None, "unstaged": []}
+        with self.writing(), self.publishing():
+            if rollback:
+                previous = self.journal.deployments().get("previous")
+                if previous is not None:
+                    events = self._single(kinds.Undeployed(subject=previous.image, slot="previous",
+                                                           digest=previous.digest), op="cleanup")
+                    fault("cleanup.after-commit")
+                    self.apply_effects(events)
+                    result["undeployed"] = {"image": previous.image, "digest": previous.digest}
+            if staged:
+                for t in (t for t in self.journal.transactions("open") if t.explicit):
+                    for op in self.journal.staged_ops(t.id):
+                        if op.op == "deploy" and op.effective_seq is None:
+                            self.record(kinds.DeployUnstaged(subject=op.name, digest=op.digest), t.id)
+                            result["unstaged"].append({"tx": t.id, "image": op.name, "digest": op.digest})
+        return result
+
     # --- explicit transactions -----------------------------------------------------------
 
     def tx_begin(self, op: str | None = None, name: str | None = None) -> str:
@@ -389,8 +429,7 @@ class Store:
             with self.publishing():
                 try:
                     with self.journal.transaction() as w:
-                        self._staged_deletes_unused(tx)
-                        events = w.commit_tx(tx)
+                        events = w.commit_tx(tx, closing=self._staged_deletes_unused(tx))
                 except (ProjectionError, errors.Conflict) as e:
                     raise errors.Conflict(f"cannot commit {tx}: {e}; the transaction stays open "
                                           f"(`apt-layer tx rollback {tx}` discards it)") from None
@@ -401,14 +440,42 @@ class Store:
             ops = [e for e in events if e.kind != "tx.committed"]
             return {"tx": tx, "ops": [{"kind": e.kind, "subject": e.subject} for e in ops]}
 
-    def _staged_deletes_unused(self, tx: str) -> None:
-        """An image deployed or mounted since its delete was staged is not deleted by the commit.
+    def _staged_deletes_unused(self, tx: str) -> list[kinds.EventData]:
+        """Check the staged deletes against the deployments ``tx`` leaves; the events that drop
+        what it both replaces and deletes.
 
-        Called inside the commit's SQLite transaction, so no deploy or mount slips in between.
+        A deleted image may not stay the current deployment, nor be mounted.
+        One that the transaction's deploy pushes into the previous slot (or
+        out of both) is what it replaces: the commit drops the previous slot
+        (an ``undeployed`` event) rather than leave a rollback target that
+        no longer exists. Called inside the commit's SQLite transaction, so
+        no deploy or mount slips in between.
         """
-        for op in self.journal.staged_ops(tx):
-            if op.op == "delete" and op.effective_seq is None:
-                self._in_use(op.name)
+        ops = [op for op in self.journal.staged_ops(tx) if op.effective_seq is None]
+        slots = dict(self.journal.deployments())
+        replaced = slots.get("current")
+        deploys = [op for op in ops if op.op == "deploy"]  # at most one (see deploy)
+        for op in deploys:
+            if "current" in slots:
+                slots["previous"] = slots["current"]
+            slots["current"] = kinds.Slot(op.name, op.digest)
+        closing: list[kinds.EventData] = []
+        for op in ops:
+            if op.op != "delete":
+                continue
+            self._not_mounted(op.name)
+            current, previous = slots.get("current"), slots.get("previous")
+            if current is not None and current.image == op.name:
+                raise errors.Conflict(f"image {op.name!r} {'would still be' if deploys else 'is'} the current "
+                                      f"deployment; stage a deploy of another image in {tx} first")
+            if previous is None or previous.image != op.name:
+                continue
+            if not deploys or replaced is None or replaced.image != op.name:
+                raise errors.Conflict(f"image {op.name!r} is the previous deployment; `apt-layer cleanup -r` "
+                                      "drops the rollback deployment")
+            if not closing:
+                closing.append(kinds.Undeployed(subject=op.name, slot="previous", digest=previous.digest))
+        return closing
 
     def tx_rollback(self, tx: str, reason: str = "rolled back by request") -> dict:
         with self.writing():

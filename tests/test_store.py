@@ -8,6 +8,7 @@ equals a rebuild, and no live image misses an object.
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 from pathlib import Path
 
@@ -170,15 +171,16 @@ def test_existing_name_is_a_conflict(store: Store, src: Path, tmp_path: Path) ->
 
 @pytest.mark.parametrize("what, message", [
     ("missing", "source {p}: no such directory"),
-    ("file", "source {p}: not a directory"),
+    ("file", "source {p}: not a directory (for a composefs-dump(5) file, pass --from-file)"),
 ])
 def test_missing_source_is_not_found(store: Store, tmp_path: Path, what: str, message: str) -> None:
+    """A missing source is not found (3); a file where a directory is expected is bad input (2)."""
     path = tmp_path / what
     if what == "file":
         path.write_text("x")
-    with pytest.raises(errors.NotFound) as e:
+    with pytest.raises(errors.NotFound if what == "missing" else errors.InvalidInput) as e:
         store.create(str(path), "img", PY)
-    assert str(e.value) == message.format(p=path) and e.value.exit_code == 3
+    assert str(e.value) == message.format(p=path) and e.value.exit_code == (3 if what == "missing" else 2)
     assert store.journal.last_seq() == 0
 
 
@@ -249,8 +251,9 @@ def test_deployed_image_cannot_be_deleted(store: Store, src: Path) -> None:
     store.create(str(src), "b", PY)
     store.deploy("a")
     store.deploy("b")
-    for name, slot in (("b", "current"), ("a", "previous")):
-        with pytest.raises(errors.Conflict, match=f"^image '{name}' is the {slot} deployment; deploy another"):
+    for name, slot, hint in (("b", "current", "deploy another image first"),
+                             ("a", "previous", "`apt-layer cleanup -r` drops the rollback deployment")):
+        with pytest.raises(errors.Conflict, match=f"^image '{name}' is the {slot} deployment; {re.escape(hint)}$"):
             store.delete(name)
     assert [i["name"] for i in inventory.images(store)] == ["a", "b"]
     assert_consistent(store)

@@ -24,6 +24,7 @@ COMMANDS = {
     "deploy": "deploy:deploy",
     "rollback": "deploy:rollback",
     "status": "deploy:status",
+    "cleanup": "deploy:cleanup",
     "tx": "tx:tx",
     "gc": "maint:gc",
     "fsck": "maint:fsck",

@@ -100,3 +100,37 @@ def status(ctx, as_json) -> None:
     click.echo(f"Journal: {plural(info['journal']['events'], 'event')}")
     for problem in info["problems"]:
         click.echo(f"Problem: {problem['problem']}" + (f" ({problem['image']})" if "image" in problem else ""))
+
+
+@click.command()
+@click.option("-r", "--rollback", "drop_rollback", is_flag=True,
+              help="Drop the rollback deployment (the previous one); the current one stays.")
+@click.option("-p", "--pending", "drop_pending", is_flag=True,
+              help="Withdraw the deploys staged in open transactions (the rest of their work stays staged).")
+@json_option
+@click.pass_context
+def cleanup(ctx, drop_rollback, drop_pending, as_json) -> None:
+    """Drop deployments, like `rpm-ostree cleanup`: -r the rollback one, -p the staged ones.
+
+    The images stay; once no deployment holds an image, `image delete`
+    takes it and `gc` its objects.
+
+    \b
+    Example:
+      apt-layer cleanup -r && apt-layer image delete old && apt-layer gc
+      apt-layer cleanup -p
+    """
+    if not (drop_rollback or drop_pending):
+        raise click.UsageError("say what to clean up: -r (the rollback deployment), -p (staged deploys), or both")
+    result = ctx.obj.store().cleanup(rollback=drop_rollback, staged=drop_pending)
+    if as_json:
+        print_json(result)
+        return
+    if drop_rollback:
+        dropped = result["undeployed"]
+        click.echo(f"dropped the rollback deployment {dropped['image']}" if dropped else "no rollback deployment")
+    if drop_pending:
+        for op in result["unstaged"]:
+            click.echo(f"withdrew the deploy of {op['image']} staged in transaction {op['tx']}")
+        if not result["unstaged"]:
+            click.echo("no deploy staged")

@@ -345,6 +345,15 @@ class DeployStaged(EventData):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DeployUnstaged(EventData):
+    """Subject: the image whose staged deploy is withdrawn (``apt-layer cleanup -p``); the
+    transaction stays open with the rest of its work."""
+
+    KIND: ClassVar[str] = "deploy.unstaged"
+    digest: str = _field(STR, message=_DIGEST_MISSING)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ImageDeleted(EventData):
     KIND: ClassVar[str] = "image.deleted"
     #: the live image's digest (the projection checks it when given)
@@ -373,6 +382,16 @@ class RolledBack(EventData):
     KIND: ClassVar[str] = "rolled-back"
     current: Slot | None = _field(nullable(SLOT), message=_SWAP)
     previous: Slot | None = _field(nullable(SLOT), message=_SWAP)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Undeployed(EventData):
+    """Subject: the image dropped from the previous slot (``apt-layer cleanup -r``, or a
+    transaction deleting the image it replaced); the current deployment stays."""
+
+    KIND: ClassVar[str] = "undeployed"
+    slot: str = _field(STR, message="data.slot must be 'previous'")
+    digest: str = _field(STR, message=_DIGEST_MISSING)
 
 
 # --- mounts -------------------------------------------------------------------------------
@@ -575,8 +594,8 @@ class OtherInfo(EventData):
 
 
 KINDS: dict[str, type[EventData]] = {cls.KIND: cls for cls in (
-    TxBegun, TxCommitted, TxAborted, ImageStaged, DeleteStaged, DeployStaged, ImageCreated, ImageDeleted,
-    Deployed, RolledBack, Mounted, Unmounted, MountLost, GcBegun, GcSwept,
+    TxBegun, TxCommitted, TxAborted, ImageStaged, DeleteStaged, DeployStaged, DeployUnstaged, ImageCreated, ImageDeleted,
+    Deployed, RolledBack, Undeployed, Mounted, Unmounted, MountLost, GcBegun, GcSwept,
     RecoverEventsLost, RecoverImagePlaced, RecoverImageUnlinked, RecoverStagingRemoved, RecoverStagingUnmounted,
     RecoverDeployTempRemoved, RecoverDeploySynced,
     DriftObjectDeleted, DriftObjectModified, DriftImageDeleted, DriftImageModified, DriftImageUnknown,

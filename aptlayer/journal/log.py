@@ -22,7 +22,7 @@ import os
 import pwd
 import sqlite3
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -240,11 +240,13 @@ class Writer:
         if clash is not None:
             raise ManifestConflict(f"object {clash[0]} has size {clash[1]} here but {clash[2]} in another manifest")
 
-    def commit_tx(self, tx: str, actor: dict | None = None) -> list[Event]:
+    def commit_tx(self, tx: str, actor: dict | None = None, closing: Sequence[kinds.EventData] = ()) -> list[Event]:
         """Make every staged operation of ``tx`` effective, then record ``tx.committed``.
 
         Staged creates become ``image.created``, staged deletes
-        ``image.deleted`` and staged deploys ``deployed``, in staging order.
+        ``image.deleted`` and staged deploys ``deployed``, in staging order;
+        then the ``closing`` events (an ``undeployed`` for an image the
+        transaction both replaced and deleted).
         """
         ops = self._conn.execute(
             "SELECT op, name, digest, data FROM tx_ops WHERE tx = ? AND effective_seq IS NULL ORDER BY seq",
@@ -262,6 +264,7 @@ class Writer:
                 effective = kinds.Deployed(subject=name, current=kinds.Slot(name, digest),
                                            previous=kinds.Slot(*row) if row else None)
             events.append(self.append_event(effective, tx, actor))
+        events += [self.append_event(event, tx, actor) for event in closing]
         events.append(self.append_event(kinds.TxCommitted(subject=tx, ops=len(ops)), tx, actor))
         return events
 

@@ -403,6 +403,14 @@ def _deploy_staged(conn: sqlite3.Connection, ev: Event, body: k.DeployStaged, re
     _stage(conn, ev, body, refs, "deploy")
 
 
+def _deploy_unstaged(conn: sqlite3.Connection, ev: Event, body: k.DeployUnstaged, refs: Refs) -> None:
+    _require_open_tx(conn, ev)
+    seq = _pending(conn, ev.tx, "deploy", ev.subject)
+    if seq is None:
+        raise _fail(ev, f"no deploy of that image staged in transaction {ev.tx}")
+    conn.execute("DELETE FROM tx_ops WHERE seq = ?", (seq,))
+
+
 def _image_created(conn: sqlite3.Connection, ev: Event, body: k.ImageCreated, refs: Refs) -> None:
     if _image_digest(conn, ev.subject) is not None:
         raise _fail(ev, "name is taken by a live image")
@@ -462,6 +470,17 @@ def _rolled_back(conn: sqlite3.Connection, ev: Event, body: k.RolledBack, refs: 
     _set_deployments(conn, ev, body, refs)
 
 
+def _undeployed(conn: sqlite3.Connection, ev: Event, body: k.Undeployed, refs: Refs) -> None:
+    if body.slot != "previous":
+        raise _fail(ev, "only the previous deployment can be dropped (the next boot needs the current one)")
+    previous = _slot(conn, "previous")
+    if previous is None or previous != k.Slot(ev.subject, body.digest):
+        shown = previous.to_data() if previous else None
+        raise _fail(ev, f"the previous deployment is {shown}, not {{image: subject, digest}}")
+    conn.execute("DELETE FROM deployments WHERE slot = 'previous'")
+    _set_root(conn, refs, "deploy:previous", None)
+
+
 def _mounted(conn: sqlite3.Connection, ev: Event, body: k.Mounted, refs: Refs) -> None:
     mountpoint, digest = body.mountpoint, body.digest
     row = conn.execute("SELECT state FROM mounts WHERE mountpoint = ?", (mountpoint,)).fetchone()
@@ -516,10 +535,12 @@ APPLY: dict[str, Callable[[sqlite3.Connection, Event, k.EventData, Refs], None]]
     "image.staged": _image_staged,
     "delete.staged": _delete_staged,
     "deploy.staged": _deploy_staged,
+    "deploy.unstaged": _deploy_unstaged,
     "image.created": _image_created,
     "image.deleted": _image_deleted,
     "deployed": _deployed,
     "rolled-back": _rolled_back,
+    "undeployed": _undeployed,
     "mounted": _mounted,
     "unmounted": _unmounted,
     "mount.lost": _mount_lost,
