@@ -387,7 +387,9 @@ class Store:
                                                    previous=_slot(current)), op="rollback")
             fault("rollback.after-commit")
             self.apply_effects(events)
-            return {"current": previous.image, "previous": current.image if current else None}
+            # as deploy reports it: the slots after the change
+            return {"current": previous.image, "digest": previous.digest,
+                    "previous": current.image if current else None, "tx": events[0].tx, "staged": False}
 
     def cleanup(self, *, rollback: bool = False, staged: bool = False) -> dict:
         """Drop the rollback deployment (``rollback``, like ``rpm-ostree cleanup -r``) and withdraw the

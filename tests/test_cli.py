@@ -276,7 +276,9 @@ def test_deploy_rollback_status(root: Path, src: Path, base: dict) -> None:
     assert run(root, "deploy", "base").out == "deployed base (previous: -)\n"
     assert run(root, "deploy", "next").out == "deployed next (previous: base)\n"
     assert run(root, "rollback").out == "rolled back to base (previous: next)\n"
-    assert run(root, "rollback", "--json").json() == {"current": "next", "previous": "base"}
+    rolled = run(root, "rollback", "--json").json()
+    assert rolled == {"current": "next", "digest": base["digest"], "previous": "base", "tx": rolled["tx"],
+                      "staged": False}
     status = run(root, "status", "--json").json()
     created = {i["name"]: i["created_at"] for i in run(root, "image", "list", "--json").json()}
     user = pwd.getpwuid(os.getuid()).pw_name

@@ -274,7 +274,9 @@ def test_deploy_and_rollback_swap_the_links(store: Store, src: Path) -> None:
     store.deploy("b")
     assert os.readlink(store.deploy_dir / "current") == "../images/b.composefs"
     assert os.readlink(store.deploy_dir / "previous") == "../images/a.composefs"
-    assert store.rollback() == {"current": "a", "previous": "b"}
+    rolled = store.rollback()
+    assert rolled == {"current": "a", "digest": inventory.image_info(store, "a")["digest"], "previous": "b",
+                      "tx": rolled["tx"], "staged": False}
     assert os.readlink(store.deploy_dir / "current") == "../images/a.composefs"
     assert os.readlink(store.deploy_dir / "previous") == "../images/b.composefs"
     assert (store.deploy_dir / "current").resolve() == store.image_path("a")
