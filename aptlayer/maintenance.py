@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from datetime import datetime
 from collections.abc import Callable
 
 from . import errors
@@ -20,6 +21,18 @@ from .store import Store
 
 #: an ISO 8601 UTC time or a prefix of one (2026, 2026-11-25, 2026-11-25T10:00:00.5Z), as events' ``at`` sorts
 _ISO_PREFIX = re.compile(r"\d{4}(-\d{2}(-\d{2}([T ]\d{2}(:\d{2}(:\d{2}(\.\d+)?)?)?)?)?)?Z?")
+
+
+def _is_utc_time(value: str) -> bool:
+    """An ISO 8601 time or prefix whose fields are in range (``2026-13`` is not)."""
+    if not _ISO_PREFIX.fullmatch(value):
+        return False
+    head = value.rstrip("Z").split(".")[0].replace(" ", "T")
+    try:
+        datetime.fromisoformat(head + "2000-01-01T00:00:00"[len(head):])
+    except ValueError:
+        return False
+    return True
 
 
 def _check_kind(kind: str) -> None:
@@ -113,7 +126,7 @@ class Maintenance:
             value = filters.get(bound)
             if value is None:
                 continue
-            if not _ISO_PREFIX.fullmatch(value):
+            if not _is_utc_time(value):
                 raise errors.InvalidInput(f"--{bound} {value!r} is not a UTC time: give ISO 8601 or a "
                                           "prefix of it, e.g. 2026-11-25 or 2026-11-25T10:00")
             filters[bound] = value.replace(" ", "T", 1)  # as `log` prints times; events store a T

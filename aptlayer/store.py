@@ -221,8 +221,8 @@ class Store:
             if implicit:
                 self.record(kinds.TxBegun(subject=txid, explicit=False, boot_id=self.boot_id, op="create",
                                           name=name), txid)
-            fault("create.after-begin")
-            try:
+            try:  # from the begin on: an interrupt (Ctrl-C) anywhere after it aborts the transaction
+                fault("create.after-begin")
                 built = self._build(src, name, txid, options, progress)
             except BaseException as e:
                 if implicit:
