@@ -68,6 +68,9 @@ def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, u
            min_version, max_version, threads, backend, tx, as_json) -> None:
     """Build image NAME from the directory tree SOURCE.
 
+    NAME is letters, digits and . _ + -, starting with a letter or digit,
+    not ending in .composefs (the image's file adds that).
+
     File contents over 64 bytes go into the shared object store (each
     content once); the image records metadata and references. The image
     becomes visible only when its event is committed: a crash leaves

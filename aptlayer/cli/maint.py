@@ -137,9 +137,10 @@ def rebuild(ctx, force, as_json) -> None:
 
 @click.command()
 @click.option("--image", "subject", metavar="NAME", help="Only events about this image (or subject).")
-@click.option("--kind", metavar="KIND", help="Only this event kind (e.g. image.created).")
+@click.option("--kind", metavar="KIND", help="Only this event kind (e.g. image.created; 'tx.*' for a family).")
 @click.option("--tx", metavar="ID", help="Only this transaction.")
-@click.option("--since", metavar="TIME", help="Only events at or after this UTC time (ISO 8601).")
+@click.option("--since", metavar="TIME",
+              help="Only events at or after this UTC time (ISO 8601 or a prefix: 2026-11-25, 2026-11-25T10:00).")
 @click.option("--until", metavar="TIME",
               help="Only events at or before this UTC time (a prefix such as 2026-11-25 takes the whole day).")
 @click.option("-n", "--limit", type=click.IntRange(1), default=50, show_default=True)
