@@ -44,5 +44,6 @@ def test_image_names_complete_from_the_store(tmp_path):
     root = str(tmp_path / "store")
     assert complete(f"apt-layer --root {root} deploy ba", 4) == ["base", "base-next"]
     assert complete(f"apt-layer --root {root} image info", 5) == ["base", "base-next", "other"]
+    assert complete(f"apt-layer deploy --root {root} ba", 4) == ["base", "base-next"]  # --root after the command
     # No store there: no names, and no error printed into the shell.
     assert complete(f"apt-layer --root {tmp_path / 'none'} deploy ", 4) == []

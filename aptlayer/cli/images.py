@@ -19,8 +19,9 @@ def complete_image_names(ctx: click.Context, param: click.Parameter, incomplete:
     from ..store import Store
 
     params = ctx.find_root().params
-    try:
-        cfg = config.load(params.get("config_path"), params.get("root"))
+    try:  # the global options given after the command name win (see options.adopt)
+        cfg = config.load(ctx.meta.get("apt_layer.config_path", params.get("config_path")),
+                          ctx.meta.get("apt_layer.root_option", params.get("root")))
         store = Store.open(cfg.root, config=cfg, create=False)
         try:
             return [i["name"] for i in inventory.images(store) if i["name"].startswith(incomplete)]

@@ -39,8 +39,11 @@ def _setter(attribute: str, convert=lambda v: v):
     def store(ctx: click.Context, param: click.Parameter, value):
         if param.name == "global_root":
             check_root(value)
-        settings = ctx.find_root().obj  # None while completing: the group's callback did not run
-        if settings is not None and value not in (None, False):
+        if value in (None, False):
+            return value
+        ctx.meta[f"apt_layer.{attribute}"] = convert(value)  # for shell completion, which runs no group callback
+        settings = ctx.find_root().obj
+        if settings is not None:
             setattr(settings, attribute, convert(value))
         return value
 
