@@ -32,7 +32,8 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
     if backend == "auto":
         backend = "upstream" if upstream.find_tool("mount.composefs") else "python"
     if backend == "upstream" and upstream.find_tool("mount.composefs") is None:
-        raise errors.Unsupported("--backend upstream: mount.composefs is not installed")
+        raise errors.NotFound("--backend upstream: mount.composefs is not installed (install Debian's composefs "
+                              "package, or use --backend python)")
     do_mount = upstream.mount_with_tool if backend == "upstream" else cfsmount.mount
     # The publish lock from reading the image to the kernel's mount: a commit that
     # replaces or places the file of that name cannot come in between.

@@ -283,7 +283,8 @@ def test_deploy_rollback_status(root: Path, src: Path, base: dict) -> None:
     created = {i["name"]: i["created_at"] for i in run(root, "image", "list", "--json").json()}
     user = pwd.getpwuid(os.getuid()).pw_name
     by = {"user": user, "uid": os.getuid(), "host": os.uname().nodename}
-    assert [{k: v for k, v in d["created_by"].items() if k != "pid"} for d in status["deployments"].values()] == [by, by]
+    assert [{k: v for k, v in d["created_by"].items() if k != "pid"}
+            for d in status["deployments"].values()] == [by, by]
     assert status["deployments"] == {
         "current": {"image": "next", "digest": base["digest"], "created_at": created["next"],
                     "created_by": status["deployments"]["current"]["created_by"]},

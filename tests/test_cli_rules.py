@@ -580,7 +580,8 @@ def test_cleanup_r_makes_the_rollback_deployment_deletable(world: dict) -> None:
     rc, out, _ = run("cleanup", "-r", "--root", str(root))
     assert (rc, out) == (0, "dropped the rollback deployment base\n")
     assert _slots(root) == {"current": "next", "previous": None}
-    assert not (root / "deploy/previous").exists() and os.readlink(root / "deploy/current") == "../images/next.composefs"
+    assert not (root / "deploy/previous").exists()
+    assert os.readlink(root / "deploy/current") == "../images/next.composefs"
     assert run("image", "delete", "base", "--root", str(root))[:2] == (0, "deleted base\n")
     assert run("cleanup", "-r", "--root", str(root))[1] == "no rollback deployment\n"
     assert run("journal", "verify", "--root", str(root))[0] == 0
@@ -593,7 +594,8 @@ def test_cleanup_p_withdraws_a_staged_deploy_and_keeps_the_rest(world: dict) -> 
     root, tx = world["root"], world["values"]["tx"]
     assert run("deploy", "--tx", tx, "staged", "--root", str(root))[0] == 0
     rc, out, _ = run("cleanup", "-p", "--json", "--root", str(root))
-    assert json.loads(out)["unstaged"] == [{"tx": tx, "image": "staged", "digest": json.loads(out)["unstaged"][0]["digest"]}]
+    unstaged = json.loads(out)["unstaged"]
+    assert unstaged == [{"tx": tx, "image": "staged", "digest": unstaged[0]["digest"]}]
     rc, out, _ = run("tx", "commit", tx, "--json", "--root", str(root))
     assert [(o["op"], o["name"]) for o in json.loads(out)["ops"]] == [("create", "staged")]
     assert _slots(root) == {"current": "next", "previous": "base"}
@@ -650,8 +652,9 @@ def test_drop_in_store_errors_name_no_python_internals(tmp_path: Path) -> None:
     src = make_tree(tmp_path / "src", {"big": "B" * 5000})
     (tmp_path / "notdir").write_text("x")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "aptlayer", "composefs", "mkcomposefs", f"--digest-store={tmp_path}/notdir",
-                        str(src), str(tmp_path / "out.cfs")], capture_output=True, text=True, env=env)
+    r = subprocess.run([sys.executable, "-m", "aptlayer", "composefs", "mkcomposefs",
+                        f"--digest-store={tmp_path}/notdir", str(src), str(tmp_path / "out.cfs")],
+                       capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "[Errno" not in r.stderr and "cannot store in the digest store:" in r.stderr
     r = subprocess.run([sys.executable, "-m", "aptlayer", "composefs", "mkcomposefs", str(src),
                         str(tmp_path / "nosuch/out.cfs")], capture_output=True, text=True, env=env)

@@ -60,4 +60,5 @@ def bootstrap(ctx, suite, name, variant, include, components, mirror, arch, as_j
     if as_json:
         print_json(result)
     else:
-        click.echo(f"{result['name']}  {result['digest']}  {plural(result['objects'], 'object')} (bootstrapped {suite})")
+        click.echo(f"{result['name']}  {result['digest']}  {plural(result['objects'], 'object')} "
+                   f"(bootstrapped {suite})")

@@ -61,7 +61,8 @@ def image() -> None:
 @click.option("--threads", type=click.IntRange(1), default=os.cpu_count() or 1, show_default=True,
               help="Threads for hashing and copying file contents.")
 @click.option("--backend", type=click.Choice(["auto", "python", "upstream"]), default=None,
-              help="Image builder: apt-layer's own, upstream mkcomposefs, or auto (upstream when installed).")
+              help="Image builder: apt-layer's own, upstream mkcomposefs, or auto (upstream when installed); "
+                   "default: the configuration's backend, auto.")
 @tx_option
 @json_option
 @click.pass_context
@@ -307,7 +308,9 @@ def missing_objects(ctx, name, as_json) -> None:
               help="Check file contents against their fs-verity digests.")
 @click.option("--idmap", metavar="USERNS", help="Shift owners by the mapping of this user namespace file.")
 @click.option("--backend", type=click.Choice(["python", "upstream", "auto"]), default="python",
-              show_default=True, help="Mount natively, or through upstream mount.composefs.")
+              show_default=True, help="Mount natively, or through upstream mount.composefs, or auto (upstream "
+                                      "when installed). The configuration's backend is for building images only: "
+                                      "mounts are apt-layer's own unless asked.")
 @json_option
 @click.pass_context
 def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, idmap, backend, as_json) -> None:

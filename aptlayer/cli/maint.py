@@ -161,7 +161,8 @@ def log(ctx, subject, kind, tx, since, until, limit, as_json) -> None:
         print_json([event(e) for e in events])
         return
     click.echo(table(((e.seq, e.at[:19].replace("T", " "), e.kind, e.subject, e.actor.get("user"), e.tx,
-                       _detail(e.data)) for e in events), ("seq", "at (utc)", "kind", "subject", "user", "tx", "detail")))
+                       _detail(e.data)) for e in events),
+                     ("seq", "at (utc)", "kind", "subject", "user", "tx", "detail")))
 
 
 def _detail(data: dict) -> str | None:

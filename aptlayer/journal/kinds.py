@@ -594,8 +594,8 @@ class OtherInfo(EventData):
 
 
 KINDS: dict[str, type[EventData]] = {cls.KIND: cls for cls in (
-    TxBegun, TxCommitted, TxAborted, ImageStaged, DeleteStaged, DeployStaged, DeployUnstaged, ImageCreated, ImageDeleted,
-    Deployed, RolledBack, Undeployed, Mounted, Unmounted, MountLost, GcBegun, GcSwept,
+    TxBegun, TxCommitted, TxAborted, ImageStaged, DeleteStaged, DeployStaged, DeployUnstaged, ImageCreated,
+    ImageDeleted, Deployed, RolledBack, Undeployed, Mounted, Unmounted, MountLost, GcBegun, GcSwept,
     RecoverEventsLost, RecoverImagePlaced, RecoverImageUnlinked, RecoverStagingRemoved, RecoverStagingUnmounted,
     RecoverDeployTempRemoved, RecoverDeploySynced,
     DriftObjectDeleted, DriftObjectModified, DriftImageDeleted, DriftImageModified, DriftImageUnknown,
