@@ -348,16 +348,21 @@ class Store:
         with self.writing():
             if tx is not None:
                 self._open_tx(tx)
-                other = next((op.name for op in self.journal.staged_ops(tx)
-                              if op.op == "deploy" and op.effective_seq is None), None)
-                if other is not None:
-                    raise errors.Conflict(f"transaction {tx} already deploys image {other!r}: one deploy per "
-                                          f"transaction (`apt-layer cleanup -p` withdraws it)")
-                staged = [op for op in self.journal.staged_ops(tx)
-                          if op.op == "create" and op.name == name and op.effective_seq is None]
+                pending = [op for op in self.journal.staged_ops(tx) if op.effective_seq is None]
+                staged = [op for op in pending if op.op == "create" and op.name == name]
                 digest = staged[-1].digest if staged else self._live(name).digest
                 self._whole(name, digest)
-                self.record(kinds.DeployStaged(subject=name, digest=digest), tx)
+                # One deploy per transaction: the last one staged. An earlier one is withdrawn in the same
+                # SQLite transaction (a second deployed event would make the first image the rollback
+                # target without it ever being booted).
+                try:
+                    with self.journal.transaction() as w:
+                        for op in pending:
+                            if op.op == "deploy":
+                                w.append_event(kinds.DeployUnstaged(subject=op.name, digest=op.digest), tx)
+                        w.append_event(kinds.DeployStaged(subject=name, digest=digest), tx)
+                except ProjectionError as e:
+                    raise errors.Conflict(str(e)) from None
                 fault("deploy.after-stage")
                 current = self.journal.deployments().get("current")
                 return {"current": name, "digest": digest, "previous": current.image if current else None,

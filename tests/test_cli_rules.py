@@ -489,11 +489,23 @@ def test_exit_3_not_found(world: dict, tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_exit_4_conflict(world: dict) -> None:
+    rc, out, err = run("deploy", "next", "--json", "--root", str(world["root"]))
+    message = "image 'next' is already the current deployment"
+    assert (rc, err, json.loads(out)) == (4, f"apt-layer: {message}\n", {"error": message, "exit": 4})
+
+
+def test_a_second_deploy_in_a_transaction_replaces_the_first(world: dict) -> None:
     root, tx = world["root"], world["values"]["tx"]
-    assert run("deploy", "--tx", tx, "other", "--root", str(root))[0] == 0
-    rc, _, err = run("deploy", "--tx", tx, "base", "--root", str(root))
-    assert (rc, err) == (4, f"apt-layer: transaction {tx} already deploys image 'other': one deploy per "
-                            "transaction (`apt-layer cleanup -p` withdraws it)\n")
+    for name in ("other", "base"):
+        assert run("deploy", "--tx", tx, name, "--root", str(root))[:2] == (
+            0, f"deployment of {name} staged in transaction {tx}\n")
+    rc, out, _ = run("tx", "show", tx, "--json", "--root", str(root))
+    assert [(o["op"], o["name"]) for o in json.loads(out)["ops"]] == [("create", "staged"), ("deploy", "base")]
+    assert run("tx", "commit", tx, "--root", str(root))[1] == f"committed {tx}: image.created staged, deployed base\n"
+    assert _slots(root) == {"current": "base", "previous": "next"}
+    kinds = [e["kind"] for e in json.loads(run("log", "--tx", tx, "--json", "--root", str(root))[1])]
+    assert kinds[::-1] == ["tx.begun", "image.staged", "deploy.staged", "deploy.unstaged", "deploy.staged",
+                           "image.created", "deployed", "tx.committed"]
 
 
 def test_exit_6_damaged_store(world: dict) -> None:
