@@ -35,8 +35,10 @@ from .. import errors, names
 from ..builder import CreateOptions, TreeSource
 from ..composefs import fsverity
 from ..composefs.objectstore import ObjectStore
+from ..composefs.imageview import ImageView
 from ..composefs.reader import read_image
 from ..composefs.tree import Node
+from ..fault import fault
 from ..journal.kinds import ImagePulled
 from ..layout import new_id
 from ..linux import fsops
@@ -48,6 +50,8 @@ from .layout import (DOCKER_LAYER_GZIP, GO_ARCH, MEDIA_CONFIG, MEDIA_LAYER, MEDI
 
 #: the manifest annotation that carries the composefs image's digest
 DIGEST_ANNOTATION = "org.apt-layer.composefs.digest"
+#: ... and its composefs format version, which the pull renders it with
+VERSION_ANNOTATION = "org.apt-layer.composefs.version"
 #: a layer's annotation: what the layer holds (a package, a bucket of them, ...)
 LAYER_ANNOTATION = "org.apt-layer.layer"
 GZIP_LEVEL = 6
@@ -83,14 +87,16 @@ def push(store: Store, name: str, dest: str, *, tls_verify: bool = True, chunked
                 layout, tag = OciLayout(ref.path), ref.tag or transport.DEFAULT_TAG
             try:
                 layout.init()
-                built = _write_image(layout, store, root, chunks, arch, fsverity.digest_bytes(data).hex(), progress)
+                built = _write_image(layout, store, root, chunks, arch, progress, {
+                    DIGEST_ANNOTATION: fsverity.digest_bytes(data).hex(),
+                    VERSION_ANNOTATION: str(ImageView(data).composefs_version)})
                 layout.tag(tag, built["manifest"])
             except OSError as e:
                 raise errors.from_os_error(e, f"writing {layout.path}") from None
             if ref.is_remote:
                 if progress is not None:
                     progress("copying to the registry", 0, 0, 0)
-                transport.copy(f"oci:{layout.path}:{tag}", dest, tls_verify=tls_verify)
+                transport.copy(f"oci:{layout.path}:{tag}", dest, what=f"pushing to {dest}", tls_verify=tls_verify)
     layers = built["layers"]
     return {"image": name, "digest": built["digest"], "destination": dest,
             "manifest_digest": built["manifest"]["digest"], "layers": len(layers),
@@ -115,8 +121,8 @@ def _packages(image_file: Path, store: Store) -> tuple[dict[bytes, str], str]:
     return owners, GO_ARCH[debian_arch][0] if debian_arch else host_arch()
 
 
-def _write_image(layout: OciLayout, store: Store, root: Node, chunks, arch: str, digest: str,
-                 progress: Progress | None) -> dict:
+def _write_image(layout: OciLayout, store: Store, root: Node, chunks, arch: str, progress: Progress | None,
+                 annotations: dict[str, str]) -> dict:
     first_names: dict[int, bytes] = {}
     for path, node in root.walk():
         if node.link is None and not node.is_dir:
@@ -143,8 +149,9 @@ def _write_image(layout: OciLayout, store: Store, root: Node, chunks, arch: str,
               "rootfs": {"type": "layers", "diff_ids": diff_ids}}
     config_desc = layout.write_blob(_canonical(config), MEDIA_CONFIG)
     manifest = {"schemaVersion": 2, "mediaType": MEDIA_MANIFEST, "config": config_desc, "layers": layers,
-                "annotations": {DIGEST_ANNOTATION: digest}}
-    return {"manifest": layout.write_blob(_canonical(manifest), MEDIA_MANIFEST), "layers": layers, "digest": digest}
+                "annotations": annotations}
+    return {"manifest": layout.write_blob(_canonical(manifest), MEDIA_MANIFEST), "layers": layers,
+            "digest": annotations[DIGEST_ANNOTATION]}
 
 
 def _holds(chunk: chunking.Chunk) -> str:
@@ -189,9 +196,11 @@ def pull(store: Store, src: str, name: str, *, tls_verify: bool = True, progress
             if ref.is_remote:
                 layout, tag = OciLayout(scratch / "layout", blobs=cache.blobs), transport.DEFAULT_TAG
                 before = cache.blob_sizes()
+                fault("pull.before-fetch")
                 if progress is not None:
                     progress("fetching", 0, 0, 0)
-                transport.copy(src, f"oci:{layout.path}:{tag}", tls_verify=tls_verify, dest_blobs=str(cache.blobs))
+                transport.copy(src, f"oci:{layout.path}:{tag}", what=f"pulling {src}", tls_verify=tls_verify,
+                               dest_blobs=str(cache.blobs))
                 fetched = {d: s for d, s in cache.blob_sizes().items() if d not in before}
             else:
                 layout, tag = OciLayout(ref.path), ref.tag
@@ -229,7 +238,9 @@ def _pull_layout(store: Store, cache: PullCache, layout: OciLayout, tag: str | N
     diff_ids = (config.get("rootfs") or {}).get("diff_ids")
     if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
         raise LayoutError(f"config {config_desc['digest']}: rootfs.diff_ids does not list one digest per layer")
-    expect = (manifest.get("annotations") or {}).get(DIGEST_ANNOTATION)
+    annotations = manifest.get("annotations") or {}
+    expect = annotations.get(DIGEST_ANNOTATION)
+    version = {"0": 0, "1": 1}.get(annotations.get(VERSION_ANNOTATION), 0)
     objects = ObjectStore(store.objects_dir, batch=True, refresh_hits=False)
     root = Node()
     read = read_bytes = 0
@@ -245,13 +256,14 @@ def _pull_layout(store: Store, cache: PullCache, layout: OciLayout, tag: str | N
             cache.keep(layer["digest"], entries)
             read += 1
             read_bytes += layer["size"]
+            fault("pull.after-layer")
         tarlayer.apply_layer(root, entries, keep_links=expect is not None)
         if progress is not None:
             progress("reading layers", i + 1, len(layers), read_bytes)
     manifest_digest = desc["digest"]
     pulled = ImagePulled(subject=name, source=src, manifest_digest=manifest_digest, layers=len(layers),
                          layers_read=read, bytes_read=read_bytes)
-    created = store.create(TreeSource(root, src, expect), name, CreateOptions(backend="python"),
+    created = store.create(TreeSource(root, src, expect), name, CreateOptions(backend="python", min_version=version, max_version=max(1, version)),
                            about={"origin": {"pull": {"source": src, "manifest_digest": manifest_digest}}},
                            also=(pulled,))
     return {"image": name, "digest": created["digest"], "source": src, "manifest_digest": manifest_digest,

@@ -10,6 +10,7 @@ every blob's digest as it fetches it. docs/oci.md says more.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from .. import errors
 DOCKER = "docker://"
 OCI = "oci:"
 DEFAULT_TAG = "latest"
+#: the message of one of skopeo's log lines (``time="..." level=fatal msg="..."``)
+_MSG_RE = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,8 @@ def skopeo() -> str:
     return tool
 
 
-def copy(source: str, dest: str, *, tls_verify: bool, dest_blobs: str | None = None) -> None:
-    """``skopeo copy SOURCE DEST``; a failure is TransferFailed with skopeo's last word.
+def copy(source: str, dest: str, *, what: str, tls_verify: bool, dest_blobs: str | None = None) -> None:
+    """``skopeo copy SOURCE DEST``; a failure is TransferFailed: ``what`` failed, and skopeo's last word.
 
     ``dest_blobs`` keeps the blobs of an ``oci:`` destination in a shared
     folder: blobs already there are not fetched again.
@@ -78,4 +81,5 @@ def copy(source: str, dest: str, *, tls_verify: bool, dest_blobs: str | None = N
     if proc.returncode != 0:
         lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
         why = lines[-1] if lines else f"skopeo exited with {proc.returncode}"
-        raise errors.TransferFailed(f"copying {source} to {dest}: {why.removeprefix('time=')}")
+        found = _MSG_RE.search(why)
+        raise errors.TransferFailed(f"{what}: {found.group(1).replace(chr(92) + chr(34), chr(34)) if found else why}")
