@@ -13,16 +13,21 @@ rpm-ostree's chunked images do. So a layer's content depends on package
 * a package's own files in dpkg's database (``var/lib/dpkg/info/NAME.*``)
   go with it; the rest of the database (``status``, ``available``...),
   which every package change rewrites, has a layer of its own;
-* files owned by no package, and every directory (whose mtime changes when
-  any package adds a file to it), go in the last layer. Its directory
-  entries come after the packages' layers, so a runtime that unpacks the
-  layers in order ends with the directories' own metadata, not the defaults
-  it gave them when a file below needed them.
+* files owned by no package have a layer; every directory (whose mtime
+  changes when any package adds a file to it) is in the last layer, after
+  all files, so a runtime that unpacks the layers in order ends with the
+  directories' own metadata, not the defaults it gave them when a file below
+  needed them.
+
+dpkg's lists name the paths a package ships, ``/bin/bash`` on a merged-/usr
+system whose ``/bin`` is a link to ``usr/bin``: a listed path's directories
+are resolved through the tree's symbolic links (inside the tree) before it
+is looked up.
 
 Within a layer, entries are in path order, hard links after every file
 (their first name is always in the same layer, before them). Layers come in
 order: own-layer packages by name, buckets by number, the dpkg database,
-the rest; empty ones are left out.
+the files of no package, the directories; empty ones are left out.
 """
 
 from __future__ import annotations
@@ -105,25 +110,66 @@ def plan(root: Node, owners: dict[bytes, str], chunked: bool = True) -> list[Chu
     buckets = [Chunk(f"packages {i + 1}/{BUCKETS}") for i in range(BUCKETS)]
     for p in sorted(packages - set(own)):
         buckets[bucket_of(p)].packages.append(p)
-    dpkg, rest = Chunk("dpkg database"), Chunk("files of no package, directories")
+    dpkg, rest, dirs = Chunk("dpkg database"), Chunk("files of no package"), Chunk("directories")
     for (path, node), owner in zip(entries, owner_of):
         if node.link is not None:
             owner = first_owner.get(id(node.resolve()))
-        if owner is None:
+        if node.is_dir:
+            target = dirs
+        elif owner is None:
             target = rest
         elif owner == "<dpkg>":
             target = dpkg
         else:
             target = chunks.get(owner) or buckets[bucket_of(owner)]
         target.entries.append((path, node))
-    return [c for c in (*(chunks[p] for p in own), *buckets, dpkg, rest) if c.entries]
+    return [c for c in (*(chunks[p] for p in own), *buckets, dpkg, rest, dirs) if c.entries]
 
 
-def owners_from_lists(lists: dict[str, Iterable[str]]) -> dict[bytes, str]:
-    """path -> package from dpkg's file lists (``{"NAME:ARCH": paths}``); a path two ship goes to the first name."""
+def owners_from_lists(root: Node, lists: dict[str, Iterable[str]]) -> dict[bytes, str]:
+    """path -> package from dpkg's file lists (``{"NAME:ARCH": paths}``) of the tree ``root``.
+
+    Paths are those of the tree (directories resolved through its links);
+    a path two packages list goes to the first name.
+    """
+    real_dir = _DirResolver(root)
     owners: dict[bytes, str] = {}
     for key in sorted(lists):
         name = key.split(":", 1)[0]
         for path in lists[key]:
-            owners.setdefault(os.fsencode(path), name)
+            parent, _, base = os.fsencode(path).rpartition(b"/")
+            real = real_dir(parent or b"/")
+            if real is not None and base:
+                owners.setdefault((real.rstrip(b"/") + b"/" + base), name)
     return owners
+
+
+class _DirResolver:
+    """The path of a directory of a tree with every symbolic link on the way resolved, or None."""
+
+    #: links followed in one lookup at most (the kernel's limit)
+    MAX_HOPS = 40
+
+    def __init__(self, root: Node):
+        self.nodes: dict[bytes, Node] = {b"/": root}
+        self.real: dict[bytes, bytes | None] = {b"/": b"/"}
+
+    def __call__(self, path: bytes, hops: int = 0) -> bytes | None:
+        path = os.path.normpath(path) if path.startswith(b"/") else os.path.normpath(b"/" + path)
+        if path.startswith(b"//"):
+            path = path[1:]
+        if path in self.real:
+            return self.real[path]
+        parent, _, name = path.rpartition(b"/")
+        real_parent = self(parent or b"/", hops)
+        found = None
+        if real_parent is not None:
+            child = self.nodes[real_parent].children.get(name)
+            if child is not None and child.is_dir:
+                found = real_parent.rstrip(b"/") + b"/" + name
+                self.nodes[found] = child
+            elif child is not None and child.is_lnk and hops < self.MAX_HOPS:
+                target = child.payload or b""
+                found = self(target if target.startswith(b"/") else real_parent + b"/" + target, hops + 1)
+        self.real[path] = found
+        return found

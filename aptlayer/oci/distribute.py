@@ -78,7 +78,7 @@ def push(store: Store, name: str, dest: str, *, tls_verify: bool = True, chunked
         image_file = store.image_file(name)
         data = image_file.read_bytes()
         root = read_image(data)
-        owners, arch = _packages(image_file, store)
+        owners, arch = _packages(image_file, store, root)
         chunks = chunking.plan(root, owners, chunked)
         with _scratch(store) as scratch:
             if ref.is_remote:
@@ -105,7 +105,7 @@ def push(store: Store, name: str, dest: str, *, tls_verify: bool = True, chunked
                             "holds": d["annotations"][LAYER_ANNOTATION]} for d in layers]}
 
 
-def _packages(image_file: Path, store: Store) -> tuple[dict[bytes, str], str]:
+def _packages(image_file: Path, store: Store, tree: Node) -> tuple[dict[bytes, str], str]:
     """path -> package from the image's dpkg database, and the image's architecture (OCI's name)."""
     from ..packages import dpkgdb
     from ..packages.rootfs import ImageRoot
@@ -115,7 +115,7 @@ def _packages(image_file: Path, store: Store) -> tuple[dict[bytes, str], str]:
         db = dpkgdb.read_database(root)
     except dpkgdb.NoDpkgDatabase:
         return {}, host_arch()
-    owners = chunking.owners_from_lists(dpkgdb.read_file_lists(root, db.installed))
+    owners = chunking.owners_from_lists(tree, dpkgdb.read_file_lists(root, db.installed))
     archs = sorted({p.architecture for p in db.installed} - {"all"})
     debian_arch = next((a for a in archs if a in GO_ARCH), None)
     return owners, GO_ARCH[debian_arch][0] if debian_arch else host_arch()
