@@ -12,6 +12,10 @@
     cache/oci/pulled/NAME.json  the blobs of the image pulled as NAME: after a
                                 pull, blobs of no live pulled image are removed,
                                 so the cache holds the last version of each
+    cache/oci/lock              pulls hold it shared; the removal takes it
+                                exclusively, and only when no pull runs (a
+                                blob another pull just fetched is not yet
+                                listed by any image)
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from ..composefs.objectstore import ObjectStore
 from ..linux import fsops
+from ..lock import LockTimeout, locked
 from .layout import check_digest
 
 
@@ -32,6 +37,7 @@ class PullCache:
         self.blobs = path / "blobs"
         self.layers = path / "layers"
         self.pulled = path / "pulled"
+        self.lock = path / "lock"
 
     def prepare(self) -> None:
         for d in (self.path, self.blobs, self.blobs / "sha256", self.layers, self.pulled):
@@ -70,7 +76,14 @@ class PullCache:
         fsops.write_file_atomic(self.pulled / f"{name}.json", json.dumps(sorted(blobs)).encode())
 
     def prune(self, live: Callable[[str], bool]) -> int:
-        """Remove fetched blobs that no live pulled image lists; returns how many went."""
+        """Remove fetched blobs that no live pulled image lists, unless a pull runs; returns how many went."""
+        try:
+            with locked(self.lock, exclusive=True, timeout=0):
+                return self._prune(live)
+        except LockTimeout:
+            return 0
+
+    def _prune(self, live: Callable[[str], bool]) -> int:
         keep: set[str] = set()
         for entry in os.scandir(self.pulled):
             name = entry.name.removesuffix(".json")

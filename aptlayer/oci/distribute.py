@@ -42,6 +42,7 @@ from ..fault import fault
 from ..journal.kinds import ImagePulled
 from ..layout import new_id
 from ..linux import fsops
+from ..lock import locked
 from ..store import Store
 from . import chunking, tarlayer, transport
 from .cache import PullCache
@@ -191,7 +192,7 @@ def pull(store: Store, src: str, name: str, *, tls_verify: bool = True, progress
             cache.prepare()
         except OSError as e:
             raise errors.from_os_error(e, f"preparing {cache.path}") from None
-        with _scratch(store) as scratch:
+        with locked(cache.lock, exclusive=False), _scratch(store) as scratch:
             fetched: dict[str, int] = {}
             if ref.is_remote:
                 layout, tag = OciLayout(scratch / "layout", blobs=cache.blobs), transport.DEFAULT_TAG
@@ -216,13 +217,13 @@ def pull(store: Store, src: str, name: str, *, tls_verify: bool = True, progress
                 raise errors.NotFound(str(e)) from None
             except (LayoutError, tarlayer.LayerError) as e:
                 raise errors.InvalidInput(f"{src}: {e}") from None
+            if ref.is_remote:
+                cache.remember(name, result["blobs"])
         if ref.is_remote:
             fetched_layers = [d for d in result["layer_digests"] if d in fetched]
             result.update(fetched_layers=len(fetched_layers), fetched_bytes=sum(fetched[d] for d in fetched_layers))
-            cache.remember(name, result.pop("blobs"))
             cache.prune(lambda image: store.image_path(image).is_file())
-        result.pop("blobs", None)
-        result.pop("layer_digests")
+        del result["blobs"], result["layer_digests"]
     return result
 
 
