@@ -335,29 +335,31 @@ def test_umoci_unpacks_a_pushed_image_into_the_same_tree(store, tmp_path) -> Non
     assert store.create(str(tmp_path / "bundle/rootfs"), "unpacked")["digest"] == made["digest"]
 
 
-def test_whiteouts_of_later_layers_remove_what_earlier_ones_made(store, tmp_path) -> None:
-    """A layout of three layers written by hand: a file, a whiteout of it and an opaque directory."""
+def _tar(members: list[tuple[str, bytes | None | str]]) -> bytes:
+    """A tar stream: None makes a directory, a str a symbolic link to it, bytes a file."""
     import io
     import tarfile
 
-    def tar(members: list[tuple[str, bytes | None]]) -> bytes:
-        out = io.BytesIO()
-        with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
-            for name, data in members:
-                info = tarfile.TarInfo(name)
-                info.mtime = T0
-                if data is None:
-                    info.type, info.mode = tarfile.DIRTYPE, 0o755
-                    t.addfile(info)
-                else:
-                    info.size, info.mode = len(data), 0o644
-                    t.addfile(info, io.BytesIO(data))
-        return out.getvalue()
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = T0
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                t.addfile(info)
+            elif isinstance(data, str):
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, data, 0o777
+                t.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                t.addfile(info, io.BytesIO(data))
+    return out.getvalue()
 
-    layers = [tar([("./", None), ("a/", None), ("a/gone", b"x"), ("a/kept", b"y"), ("d/", None), ("d/old", b"z")]),
-              tar([("a/.wh.gone", b""), ("d/.wh..wh..opq", b""), ("d/new", b"n")]),
-              tar([("a/later", b"l")])]
-    layout = OciLayout(tmp_path / "hand")
+
+def hand_layout(path: Path, layers: list[bytes]) -> str:
+    """An OCI layout of uncompressed tar ``layers`` written by hand, tagged t; its reference."""
+    layout = OciLayout(path)
     layout.init()
     descs = [layout.write_blob(data, "application/vnd.oci.image.layer.v1.tar") for data in layers]
     config = {"architecture": "amd64", "os": "linux",
@@ -366,6 +368,16 @@ def test_whiteouts_of_later_layers_remove_what_earlier_ones_made(store, tmp_path
                 "config": layout.write_blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"),
                 "layers": descs}
     layout.tag("t", layout.write_blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json"))
+    return f"oci:{path}:t"
+
+
+@pytest.mark.root
+def test_whiteouts_of_later_layers_remove_what_earlier_ones_made(store, tmp_path) -> None:
+    """Three layers: files, a whiteout of one and an opaque directory, one more file."""
+    ref = hand_layout(tmp_path / "hand", [
+        _tar([("./", None), ("a/", None), ("a/gone", b"x"), ("a/kept", b"y"), ("d/", None), ("d/old", b"z")]),
+        _tar([("a/.wh.gone", b""), ("d/.wh..wh..opq", b""), ("d/new", b"n")]),
+        _tar([("a/later", b"l")])])
     expected = tmp_path / "expected"
     for path, data in (("a/kept", b"y"), ("a/later", b"l"), ("d/new", b"n")):
         (expected / path).parent.mkdir(parents=True, exist_ok=True)
@@ -374,10 +386,27 @@ def test_whiteouts_of_later_layers_remove_what_earlier_ones_made(store, tmp_path
                  expected):
         os.chmod(path, 0o755 if path.is_dir() else 0o644)
         os.utime(path, (T0, T0))
-    if os.geteuid() != 0:
-        pytest.skip("the expected tree must be owned by root, as the layers say")
-    pulled = distribute.pull(store, f"oci:{tmp_path / 'hand'}:t", "hand")
+    pulled = distribute.pull(store, ref, "hand")
     assert pulled["digest"] == store.create(str(expected), "expected")["digest"]
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([[("../escape", b"x")]], "a path with '..'"),
+    ([[("a", "/etc"), ("a/x", b"x")]], "a is not a directory"),
+    ([[("b", "/etc")], [("b/x", b"x")]], "b is not a directory"),
+])
+def test_hostile_layers_are_refused(store, tmp_path, capsys, layers, message) -> None:
+    ref = hand_layout(tmp_path / "hostile", [_tar(members) for members in layers])
+    store.close()
+    assert cli("--root", str(tmp_path / "store"), "pull", ref, "x") == 2
+    assert message in capsys.readouterr().err
+    assert Store.open(tmp_path / "store").journal.images() == []
+
+
+def test_pull_into_a_name_taken_is_a_conflict(store, tmp_path, capsys) -> None:
+    _pushed_layout(store, tmp_path)
+    store.close()
+    assert cli("--root", str(tmp_path / "store"), "pull", f"oci:{tmp_path / 'layout'}:v1", "img") == 4
 
 
 # --- failures ---------------------------------------------------------------------------------------------
