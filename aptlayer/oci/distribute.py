@@ -137,8 +137,7 @@ def _write_image(layout: OciLayout, store: Store, root: Node, chunks, arch: str,
     written = 0
     for i, chunk in enumerate(chunks):
         with layout.new_blob() as blob:
-            diff = _Hashing(blob, gzip.GzipFile(filename="", mode="wb", fileobj=blob, compresslevel=GZIP_LEVEL,
-                                                mtime=0))
+            diff = _Hashing(gzip.GzipFile(filename="", mode="wb", fileobj=blob, compresslevel=GZIP_LEVEL, mtime=0))
             tarlayer.write_layer(chunk.ordered(), diff, open_object, first_names)
             diff.close()
         written += blob.size
@@ -164,8 +163,8 @@ def _holds(chunk: chunking.Chunk) -> str:
 class _Hashing:
     """A writer that hashes what passes through to a gzip stream (the layer's uncompressed digest)."""
 
-    def __init__(self, blob, gz: gzip.GzipFile):
-        self.blob, self.gz = blob, gz
+    def __init__(self, gz: gzip.GzipFile):
+        self.gz = gz
         self.hash = hashlib.sha256()
 
     def write(self, data) -> int:

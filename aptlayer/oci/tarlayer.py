@@ -151,8 +151,8 @@ def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
     whole, _, frac = text.lstrip("-").partition(".")
     if not whole.isdigit() or (frac and not frac.isdigit()):
         raise LayerError(f"{member.name}: bad PAX mtime {text!r}")
-    total = sign * (int(whole) * 1_000_000_000 + int((frac + "000000000")[:9]))
-    return divmod(total, 1_000_000_000)[0], divmod(total, 1_000_000_000)[1]
+    sec, nsec = divmod(sign * (int(whole) * 1_000_000_000 + int((frac + "000000000")[:9])), 1_000_000_000)
+    return sec, nsec
 
 
 def _xattrs(member: tarfile.TarInfo) -> dict[str, str]:
