@@ -209,6 +209,8 @@ class Store:
         commits); only then is the image renamed into ``images/``.
         """
         names.check_image_name(name)
+        if also and tx is not None:
+            raise errors.InvalidInput("this image cannot be staged in a transaction")
         src = source_for(source, options.from_file) if isinstance(source, str) else source
         with self.writing():
             if tx is not None:

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from .. import errors
+from ..composefs.tree import Node
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ class TreeSource:
     recorded.
     """
 
-    root: object
+    root: Node
     recorded_as: str
     expect: str | None = None
 
