@@ -73,6 +73,12 @@ class IntegrityError(AptLayerError):
     exit_code = 10
 
 
+class TransferFailed(AptLayerError):
+    """Copying an image to or from a registry failed (network, authentication, a refused or damaged blob)."""
+
+    exit_code = 12
+
+
 # --- translation: the errors of the OS and of lower layers, as these kinds ---------------
 
 #: errors writing into the store (not reading the source): full disk, quota, read-only store

@@ -199,11 +199,14 @@ class Store:
     # --- create -------------------------------------------------------------------
 
     def create(self, source: str | Source, name: str, options: CreateOptions = CreateOptions(),
-               tx: str | None = None, progress: Callable | None = None, about: dict | None = None) -> dict:
+               tx: str | None = None, progress: Callable | None = None, about: dict | None = None,
+               also: tuple[kinds.EventData, ...] = ()) -> dict:
         """Build image ``name`` from a directory (or a dump with ``from_file``, or a given source).
 
         ``about`` adds what the event should say of the image's making
-        (``origin``: a bootstrap or an import; ``lineage``: base and request).
+        (``origin``: a bootstrap or an import; ``lineage``: base and request);
+        ``also`` are events recorded with ``image.created``, in its SQLite
+        transaction (``image.pulled``; not for a staged create).
 
         Objects go into the digest store as they are read; the image is
         written into the transaction's staging folder; then one SQLite
@@ -211,6 +214,8 @@ class Store:
         commits); only then is the image renamed into ``images/``.
         """
         names.check_new_image_name(name)
+        if also and tx is not None:
+            raise errors.InvalidInput("this image cannot be staged in a transaction")
         src = source_for(source, options.from_file) if isinstance(source, str) else source
         with self.writing():
             if tx is not None:
@@ -244,6 +249,8 @@ class Store:
                 try:
                     with self.journal.transaction() as w:
                         w.append_event(kinds.ImageCreated(subject=name, **data), txid, manifest=manifest)
+                        for event in also:
+                            w.append_event(event, txid)
                         fault("create.mid-commit")
                         w.append_event(kinds.TxCommitted(subject=txid, ops=1), txid)
                 except ProjectionError as e:

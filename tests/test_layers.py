@@ -33,6 +33,10 @@ FORBIDDEN = {
     "packages": ("aptlayer.journal", "aptlayer.store", "aptlayer.cli", "aptlayer.recovery",
                  "aptlayer.maintenance", "aptlayer.gc", "aptlayer.watch", "aptlayer.layering",
                  "sqlite3", "sqlite_utils"),
+    # calls the Store (and names the event it records with a pull); nothing below it calls it
+    "oci": ("aptlayer.journal.log", "aptlayer.journal.projection", "aptlayer.journal.state", "aptlayer.cli",
+            "aptlayer.recovery", "aptlayer.maintenance", "aptlayer.gc", "aptlayer.watch", "aptlayer.layering",
+            "sqlite3", "sqlite_utils"),
 }
 
 

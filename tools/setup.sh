@@ -25,6 +25,10 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v dpkg-buildpackage >/dev/null || need+=(dpkg-dev)
 command -v dh >/dev/null || need+=(debhelper)
 command -v lintian >/dev/null || need+=(lintian)
+# oci/: registries through skopeo; the tests run Debian's registry and make images with umoci
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v umoci >/dev/null || need+=(umoci)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null

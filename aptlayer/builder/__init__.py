@@ -9,8 +9,8 @@ succeeds gives the :class:`~.outcome.Outcome` the Store records.
 
 from .options import CreateOptions
 from .outcome import Delta, Known, Outcome, SameAs
-from .sources import DirectorySource, DumpSource, LayeredSource, Source, source_for
+from .sources import DirectorySource, DumpSource, LayeredSource, Source, TreeSource, source_for
 from .strategies import Builder
 
 __all__ = ["Builder", "CreateOptions", "Delta", "DirectorySource", "DumpSource", "Known", "LayeredSource", "Outcome",
-           "SameAs", "Source", "source_for"]
+           "SameAs", "Source", "TreeSource", "source_for"]

@@ -1,9 +1,8 @@
 """What an image is built from: a directory tree, a composefs-dump(5) file, or a base image
-with an overlay's upper directory over it.
+with an overlay's upper directory over it, or a tree already read (an OCI image's layers).
 
 A source checks that it exists before any work starts (a missing source is
-NotFound, not a build failure) and says which strategies can build it. An
-OCI source will be the next kind.
+NotFound, not a build failure) and says which strategies can build it.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from .. import errors
+from ..composefs.tree import Node
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,24 @@ class LayeredSource:
         return os.path.abspath(self.upper)
 
 
-Source = DirectorySource | DumpSource | LayeredSource
+@dataclass(frozen=True, eq=False)
+class TreeSource:
+    """A tree already read, whose objects are in the digest store: the layers of a pulled image, applied.
+
+    With ``expect``, the image must come out with that digest (what the
+    pushed image's manifest says it was), or the build fails and nothing is
+    recorded.
+    """
+
+    root: Node
+    recorded_as: str
+    expect: str | None = None
+
+    def check(self) -> None:
+        pass
+
+
+Source = DirectorySource | DumpSource | LayeredSource | TreeSource
 
 
 def source_for(path: str, from_file: bool) -> Source:

@@ -37,7 +37,7 @@ from ..fault import fault
 from ..linux import fsops
 from .options import CreateOptions, scan_key
 from .outcome import Delta, Known, Outcome, SameAs
-from .sources import DumpSource, LayeredSource, Source
+from .sources import DumpSource, LayeredSource, Source, TreeSource
 
 #: a build patches the last image only if at most 1/PATCH_MAX_SHARE of the entries changed;
 #: past that, reading them one by one costs more than a scan that skips unchanged ones
@@ -64,13 +64,15 @@ class Builder:
               progress: Callable | None = None, what: str = "building the image") -> Outcome:
         """Objects into the store, the image into ``staged``; failures as apt-layer errors, told as ``what``."""
         backend = options.backend
-        if backend == "auto" and not isinstance(source, LayeredSource):
+        if backend == "auto" and not isinstance(source, (LayeredSource, TreeSource)):
             from ..composefs import upstream
 
             backend = "upstream" if upstream.find_tool("mkcomposefs") else "python"
         try:
             if isinstance(source, LayeredSource):
                 outcome = self._layered(source, staged, options)
+            elif isinstance(source, TreeSource):
+                outcome = self._tree(source, staged, options)
             elif backend == "upstream":
                 outcome = self._upstream(source, staged, options)
             elif isinstance(source, DumpSource):
@@ -264,6 +266,20 @@ class Builder:
                              tuple(sorted(row for row in rows if row[0] not in before)))
         return Outcome(staged, digest.hex(), len(image), manifest, len(rows), delta.stats,
                        layered_on=base_hex, changed=len(delta.changes))
+
+    # --- a tree already read ------------------------------------------------------------
+
+    def _tree(self, source: TreeSource, staged: Path, options: CreateOptions) -> Outcome:
+        """Render a tree whose objects are in the store; refuse it if it is not the image expected."""
+        from ..composefs import build
+
+        image, digest = build.render(source.root, min_version=options.min_version, max_version=options.max_version)
+        if source.expect is not None and digest.hex() != source.expect:
+            raise errors.IntegrityError(f"{source.recorded_as}: the layers give image {digest.hex()}, not "
+                                        f"{source.expect} as its manifest says: not the image that was pushed")
+        fsops.write_file_atomic(staged, image)
+        manifest = manifest_of(source.root)
+        return Outcome(staged, digest.hex(), len(image), manifest, len(manifest))
 
     # --- the upstream backend -----------------------------------------------------------
 

@@ -41,6 +41,8 @@ COMMANDS = {
     "rebase": "layer:rebase",
     "packages": "layer:packages",
     "diff": "layer:diff",
+    "push": "oci:push",
+    "pull": "oci:pull",
 }
 
 

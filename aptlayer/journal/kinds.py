@@ -333,6 +333,21 @@ class ImageCreated(_ImageBuilt):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ImagePulled(EventData):
+    """An image made from an OCI image, recorded with its ``image.created``; subject: the image name."""
+
+    KIND: ClassVar[str] = "image.pulled"
+    #: the reference pulled (``oci:DIR:TAG``, ``docker://HOST/REPO:TAG``)
+    source: str = _field(STR)
+    #: the OCI manifest's digest (``sha256:...``); the image's own is in its ``image.created``
+    manifest_digest: str = _field(STR)
+    layers: int | None = _field(INT, optional=True)
+    #: layers read (not known from an earlier pull) and their bytes
+    layers_read: int | None = _field(INT, optional=True)
+    bytes_read: int | None = _field(INT, optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class DeleteStaged(EventData):
     KIND: ClassVar[str] = "delete.staged"
     digest: str = _field(STR, message=_DIGEST_MISSING)
@@ -595,7 +610,7 @@ class OtherInfo(EventData):
 
 KINDS: dict[str, type[EventData]] = {cls.KIND: cls for cls in (
     TxBegun, TxCommitted, TxAborted, ImageStaged, DeleteStaged, DeployStaged, DeployUnstaged, ImageCreated,
-    ImageDeleted, Deployed, RolledBack, Undeployed, Mounted, Unmounted, MountLost, GcBegun, GcSwept,
+    ImageDeleted, ImagePulled, Deployed, RolledBack, Undeployed, Mounted, Unmounted, MountLost, GcBegun, GcSwept,
     RecoverEventsLost, RecoverImagePlaced, RecoverImageUnlinked, RecoverStagingRemoved, RecoverStagingUnmounted,
     RecoverDeployTempRemoved, RecoverDeploySynced,
     DriftObjectDeleted, DriftObjectModified, DriftImageDeleted, DriftImageModified, DriftImageUnknown,
