@@ -92,6 +92,8 @@ SAMPLES: dict[str, list[str]] = {
     "override remove": ["nano", "--from", "base"],
     "override reset": ["--from", "base"],
     "packages": ["base"],
+    "pull": ["oci:{tmp}/layout:v1", "pulled"],
+    "push": ["base", "oci:{tmp}/layout:v1"],
     "rebase": ["other"],
     "recover": [],
     "rollback": [],
@@ -117,6 +119,7 @@ NOT_RUN_HERE = {
     "override remove": "apt, dpkg and a Debian base (tests/test_layering.py)",
     "override reset": "apt, dpkg and a Debian base (tests/test_layering.py)",
     "rebase": "apt, dpkg and a Debian base (tests/test_layering.py)",
+    "pull": "an OCI image to pull (tests/test_oci.py)",
 }
 
 #: a sample's exit code when it is not 0 (a result, not an error: docs/json.md)
@@ -389,6 +392,7 @@ def documented_exit_codes() -> set[int]:
 PROVOKED_ELSEWHERE = {
     7: ("tests/test_cli.py", "test_non_root_user_gets_exit_7"),
     8: ("tests/test_cli.py", "test_full_disk_during_create_exits_8"),
+    12: ("tests/test_oci.py", "test_plain_http_needs_tls_verify_false"),
 }
 #: codes provoked in this file, by the test named
 PROVOKED_HERE = {0: "test_json_output_has_the_documented_keys", 1: "test_exit_1_an_operation_failed",
