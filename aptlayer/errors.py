@@ -73,6 +73,12 @@ class IntegrityError(AptLayerError):
     exit_code = 10
 
 
+class UnsafePermissions(AptLayerError):
+    """A store path (or a parent of the store) that a user other than root can change."""
+
+    exit_code = 11
+
+
 # --- translation: the errors of the OS and of lower layers, as these kinds ---------------
 
 #: errors writing into the store (not reading the source): full disk, quota, read-only store

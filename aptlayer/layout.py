@@ -75,6 +75,11 @@ class Layout:
         """The directories apt-layer writes in, parents first (the cache is made when needed)."""
         return (self.images, self.objects, self.staging, self.deploy, self.trash)
 
+    @property
+    def guarded(self) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        """(directories, files) whose owner and mode :mod:`aptlayer.permissions` checks."""
+        return (*self.directories, self.cache), (self.journal,)
+
     def exists(self) -> bool:
         return self.journal.is_file()
 

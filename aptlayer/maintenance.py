@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import errors
+from . import errors, permissions
 from .damage import dead_transactions, deployed_damage
 from .fault import fault
 from .journal import as_dict, kinds
@@ -88,15 +88,18 @@ class Maintenance:
         """Events matching ``filters`` (subject, kind, tx, since, until, limit), newest first."""
         return list(self.journal.events(newest_first=True, **filters))
 
-    def audit(self, sql: str):
-        """A read-only query on the journal; refused writes and bad SQL are InvalidInput."""
-        from .journal import AuditQueryError, AuditRefused, audit_query
+    def audit(self, sql: str, **bounds):
+        """A read-only query on the journal; refused writes, bad SQL and a runaway query are InvalidInput.
+
+        ``bounds``: ``timeout`` (seconds) and ``memory`` (bytes), see :func:`journal.audit.query`.
+        """
+        from .journal import AuditLimit, AuditQueryError, AuditRefused, audit_query
 
         try:
-            return audit_query(self.journal.path, sql)
+            return audit_query(self.journal.path, sql, **bounds)
         except AuditRefused as e:
             raise errors.InvalidInput(str(e)) from None
-        except AuditQueryError as e:
+        except (AuditQueryError, AuditLimit) as e:
             raise errors.InvalidInput(f"audit: {e}") from None
 
     def verify(self) -> int:
@@ -164,5 +167,6 @@ class Maintenance:
             if problem or objs:
                 images.append({"name": img.name, "problem": problem,
                                "objects": [{"object": o, "state": bad[o]} for o in objs]})
+        unsafe = [u.to_dict() for u in permissions.check_store(s.root, *s.layout.guarded)]
         return {"objects_checked": len(rows), "bad_objects": [{"object": o, "state": st} for o, st in bad.items()],
-                "images": images, "ok": not bad and not images}
+                "images": images, "permissions": unsafe, "ok": not bad and not images and not unsafe}

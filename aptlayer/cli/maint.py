@@ -62,6 +62,8 @@ def gc(ctx, full, dry_run, grace, as_json) -> None:
 def fsck(ctx, as_json) -> None:
     """Recompute object and image digests; name the images affected (exit 10 on damage).
 
+    Also reports store paths with unsafe owners or modes (docs/security.md).
+
     \b
     Example:
       apt-layer fsck --json
@@ -77,6 +79,8 @@ def fsck(ctx, as_json) -> None:
         for img in result["images"]:
             what = img["problem"] or f"{len(img['objects'])} damaged objects"
             click.echo(f"image {img['name']}: {what}")
+        for unsafe in result["permissions"]:
+            click.echo(f"unsafe permissions: {unsafe['path']} {unsafe['problem']}; fix: {unsafe['fix']}")
         click.echo(f"checked {result['objects_checked']} objects: " + ("ok" if result["ok"] else "DAMAGED"))
     if not result["ok"]:
         ctx.exit(10)
@@ -165,13 +169,16 @@ def log(ctx, subject, kind, tx, since, until, limit, as_json) -> None:
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+              metavar="SECONDS", help="Stop the query after this long.")
 @json_option
 @click.pass_context
-def audit(ctx, sql, fmt, as_json) -> None:
+def audit(ctx, sql, fmt, timeout, as_json) -> None:
     """Run a read-only SQL query on the journal (writes, ATTACH and pragmas are refused).
 
     The views are documented in docs/journal.md, e.g. v_events, v_images.
-    --json is short for --format json.
+    --json is short for --format json. A query is stopped after --timeout
+    seconds, or when it needs more than 256 MiB (exit 2).
 
     \b
     Example:
@@ -181,7 +188,7 @@ def audit(ctx, sql, fmt, as_json) -> None:
     """
     if as_json and fmt not in ("table", "json"):
         raise click.UsageError(f"--json and --format {fmt} disagree")
-    result = _maint(ctx).audit(sql)
+    result = _maint(ctx).audit(sql, timeout=timeout)
     columns, rows = result.columns, result.rows
     if as_json or fmt == "json":
         click.echo(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))
