@@ -8,9 +8,9 @@ DROP, ATTACH, a pragma that sets a value, a temp table, a transaction) is
 refused with ``AuditRefused`` before it runs.
 
 A query is bounded too (``AuditLimit``): a progress handler stops it at its
-time limit, SQLite's heap is capped (``hard_heap_limit``, with temporary
-tables in memory so the cap covers them), and so are the bytes of the rows
-collected.
+time limit, SQLite's heap is capped (``sqlite3_hard_heap_limit64``, with
+temporary tables in memory so the cap covers them), and so are the bytes of
+the rows collected.
 """
 
 from __future__ import annotations
@@ -97,10 +97,10 @@ def query(path: str | os.PathLike, sql: str, params: Sequence | dict = (), *, ti
     guard = _Guard()
     deadline = time.monotonic() + timeout
     with readonly(path, guard) as conn:
-        conn.set_authorizer(None)  # the bounds are pragmas the guard refuses to the query
+        conn.set_authorizer(None)  # a pragma the guard refuses to the query
         conn.execute("PRAGMA temp_store = MEMORY")
-        previous = conn.execute(f"PRAGMA hard_heap_limit = {int(memory)}").fetchone()[0]
         conn.set_authorizer(guard)
+        previous = _heap_limit(memory)
         conn.set_progress_handler(lambda: time.monotonic() > deadline, _STEPS_PER_CHECK)
         try:
             cursor = conn.execute(sql, params)
@@ -127,10 +127,29 @@ def query(path: str | os.PathLike, sql: str, params: Sequence | dict = (), *, ti
                              "stopped (narrow it, or add LIMIT)") from None
         finally:
             conn.set_progress_handler(None, 0)
-            conn.set_authorizer(None)
-            conn.execute(f"PRAGMA hard_heap_limit = {int(previous)}")
+            _heap_limit(previous)
         columns = [d[0] for d in cursor.description or ()]
         return AuditResult(columns, rows)
+
+
+def _heap_limit(limit: int | None) -> int | None:
+    """Set SQLite's process-wide hard heap limit (0: none); returns the one before, None if unsettable.
+
+    Through the C function: ``PRAGMA hard_heap_limit`` can only lower the
+    limit, so it could not be put back after the query. A Python whose
+    SQLite cannot be reached this way gets only the cap on collected rows.
+    """
+    if limit is None:
+        return None
+    try:
+        import ctypes
+
+        lib = ctypes.CDLL("libsqlite3.so.0")
+        lib.sqlite3_hard_heap_limit64.restype = ctypes.c_int64
+        lib.sqlite3_hard_heap_limit64.argtypes = [ctypes.c_int64]
+    except (OSError, AttributeError):
+        return None
+    return int(lib.sqlite3_hard_heap_limit64(int(limit)))
 
 
 def _collect(cursor: sqlite3.Cursor, memory: int) -> list[tuple]:
