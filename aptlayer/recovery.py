@@ -36,6 +36,7 @@ from .fault import fault
 from .journal import kinds
 from .layout import new_id
 from .linux import fsops
+from .linux.beneath import open_dir_beneath
 from .store import Store
 
 
@@ -174,30 +175,49 @@ class Recovery:
             s.clear_staging(txid)
 
     def _clear_staging_leftovers(self) -> None:
-        """Remove staging no open transaction owns, and files an open one never staged."""
+        """Remove staging no open transaction owns, and files an open one never staged.
+
+        All through fds that follow no symlink (:meth:`Layout.opened`): a
+        staging folder swapped for a link meanwhile fails the open, and its
+        target is left alone.
+        """
         s = self.store
         open_here = {s.staging_path(t.id).name: t.id for t in self.journal.transactions("open")}
         removed = []
-        for entry in sorted(os.scandir(s.staging_dir), key=lambda e: e.name):
-            if entry.is_symlink():
-                self.problem(problem="symlink in staging, left alone: apt-layer never made it and never "
-                                     "follows it; remove it by hand", path=entry.path, target=os.readlink(entry.path))
-                continue
-            tx = open_here.get(entry.name)
-            if tx is None:
-                _remove(entry)
-                removed.append(entry.name)
-                continue
-            keep = {os.path.basename(op.data.get("staged", "")) for op in self.journal.staged_ops(tx)
-                    if op.op == "create" and op.effective_seq is None}
-            unstaged = sorted((f for f in os.scandir(entry.path) if f.name not in keep), key=lambda e: e.name)
-            for f in unstaged:
-                _remove(f)
-                removed.append(f"{entry.name}/{f.name}")
-            if unstaged:
-                fsops.fsync_dir(entry.path)
-        if removed:
-            fsops.fsync_dir(str(s.staging_dir))
+        try:
+            staging = s.layout.open_fd(s.staging_dir)
+        except OSError as e:
+            self.problem(problem=f"staging is not a directory apt-layer can use ({e.strerror}), left alone: "
+                                 "replace it with a directory", path=str(s.staging_dir))
+            return
+        try:
+            for name, kind in _entries(staging):
+                if kind == "link":
+                    self.problem(problem="symlink in staging, left alone: apt-layer never made it and never "
+                                         "follows it; remove it by hand", path=str(s.staging_dir / name),
+                                 target=os.readlink(name, dir_fd=staging))
+                    continue
+                tx = open_here.get(name)
+                if tx is None or kind != "dir":
+                    _remove_at(staging, name, kind)
+                    removed.append(name)
+                    continue
+                keep = {os.path.basename(op.data.get("staged", "")) for op in self.journal.staged_ops(tx)
+                        if op.op == "create" and op.effective_seq is None}
+                folder = open_dir_beneath(staging, name)
+                try:
+                    unstaged = [(f, k) for f, k in _entries(folder) if f not in keep]
+                    for f, k in unstaged:
+                        _remove_at(folder, f, k)
+                        removed.append(f"{name}/{f}")
+                    if unstaged:
+                        fsops.fsync(folder)
+                finally:
+                    os.close(folder)
+            if removed:
+                fsops.fsync(staging)
+        finally:
+            os.close(staging)
         for name in removed:
             self.act(kinds.RecoverStagingRemoved(subject=name))
             fault("recover.after-staging-removed")
@@ -227,11 +247,19 @@ class Recovery:
             self.actions.append({"kind": "mount.lost", "subject": image, "mountpoint": mountpoint})
 
 
-def _remove(entry: os.DirEntry) -> None:
-    if entry.is_dir(follow_symlinks=False):
-        fsops.remove_tree(entry.path)
+def _entries(dir_fd: int) -> list[tuple[str, str]]:
+    """(name, "dir" | "link" | "file") of a directory's entries, sorted; nothing is followed."""
+    with os.scandir(dir_fd) as it:
+        found = [(e.name, "link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False) else "file")
+                 for e in it]
+    return sorted(found)
+
+
+def _remove_at(dir_fd: int, name: str, kind: str) -> None:
+    if kind == "dir":
+        fsops.remove_tree_at(dir_fd, name)
     else:
-        fsops.unlink(entry.path)
+        fsops.unlink_at(dir_fd, name)
 
 
 def recover(store: Store) -> dict:
