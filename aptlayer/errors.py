@@ -137,4 +137,6 @@ def from_mount_error(e: OSError) -> AptLayerError:
         return NotFound(message)
     if e.errno in (errno.EBUSY, errno.EEXIST):
         return Conflict(message)
+    if e.errno == errno.EBADMSG:  # an image refused as hostile before any mount
+        return InvalidInput(message)
     return AptLayerError(message)

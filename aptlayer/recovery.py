@@ -276,5 +276,5 @@ def mount_deployment(store: Store, target: str) -> dict:
     if is_mounted(target):
         return {"mounted": None, "reason": f"{target} is already mounted"}
     os.makedirs(target, exist_ok=True)
-    result = mounts.mount(store, current.image, target, readonly=True)
+    result = mounts.mount(store, current.image, target, readonly=True, boot=True)
     return {"mounted": current.image, "mountpoint": result["mountpoint"]}

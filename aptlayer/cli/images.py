@@ -293,10 +293,16 @@ def missing_objects(ctx, name, as_json) -> None:
 @click.option("--idmap", metavar="USERNS", help="Shift owners by the mapping of this user namespace file.")
 @click.option("--backend", type=click.Choice(["python", "upstream", "auto"]), default="python",
               show_default=True, help="Mount natively, or through upstream mount.composefs.")
+@click.option("--allow-suid", is_flag=True,
+              help="Honour set-id bits and device nodes in the image (the mount is nosuid,nodev without it).")
 @json_option
 @click.pass_context
-def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, idmap, backend, as_json) -> None:
+def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, idmap, backend, allow_suid,
+          as_json) -> None:
     """Mount image NAME on MOUNTPOINT (needs root).
+
+    The mount is nosuid,nodev unless --allow-suid; an image whose overlay
+    redirects point outside the object directories is refused (exit 2).
 
     \b
     Example:
@@ -308,7 +314,8 @@ def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, 
     from .. import mounts
 
     result = mounts.mount(ctx.obj.store(), name, mountpoint, basedirs=basedirs, upperdir=upperdir,
-                          workdir=workdir, readonly=readonly, verity=verity, idmap=idmap, backend=backend)
+                          workdir=workdir, readonly=readonly, verity=verity, idmap=idmap, backend=backend,
+                          allow_suid=allow_suid)
     if as_json:
         print_json(result)
         return
