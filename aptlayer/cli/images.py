@@ -60,7 +60,8 @@ def image() -> None:
 @click.option("--threads", type=click.IntRange(1), default=os.cpu_count() or 1, show_default=True,
               help="Threads for hashing and copying file contents.")
 @click.option("--backend", type=click.Choice(["auto", "python", "upstream"]), default=None,
-              help="Image builder: apt-layer's own, upstream mkcomposefs, or auto (upstream when installed).")
+              help="Image builder: apt-layer's own, upstream mkcomposefs, or auto (a directory: apt-layer's own; "
+                   "a dump: upstream when installed).")
 @tx_option
 @json_option
 @click.pass_context
