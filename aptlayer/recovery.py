@@ -16,7 +16,9 @@ writer is mid-operation):
    never staged (its writer died before recording them);
 4. marks recorded mounts that no longer exist as lost: made in an earlier
    boot, or found in no mount namespace (one made inside ``unshare -m`` or a
-   container is not in recovery's own);
+   container is not in recovery's own; one in a namespace only an nsfs bind
+   mount pins is found by entering it, and if that cannot be done no mount
+   of this boot is called lost);
 5. reports live images whose file is missing or has the wrong size, image
    files nobody knows and, after a crash, images whose objects are missing.
 
@@ -232,12 +234,20 @@ class Recovery:
         from .composefs.mount import composefs_mount_points_elsewhere, is_composefs
         from .linux.mountinfo import mount_info
 
+        from .linux.nsfs import NamespaceUnreadable
+
         present = {m.mount_point for m in mount_info() if is_composefs(m)}
         elsewhere = None
         for mountpoint, image, boot in rows:
             if boot == self.store.boot_id and mountpoint not in present:
                 if elsewhere is None:
-                    elsewhere = composefs_mount_points_elsewhere()
+                    try:
+                        elsewhere = composefs_mount_points_elsewhere()
+                    except NamespaceUnreadable as e:
+                        # a namespace whose mounts are unknown may hold this one: not lost
+                        self.problem(problem=f"{e}; mounts of this boot are not checked", image=image)
+                        elsewhere = set()
+                        present.update(m for m, _, b in rows if b == self.store.boot_id)
                 if mountpoint in elsewhere:
                     present.add(mountpoint)
             if boot == self.store.boot_id and mountpoint in present:
