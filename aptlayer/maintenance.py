@@ -102,13 +102,26 @@ class Maintenance:
         except (AuditQueryError, AuditLimit) as e:
             raise errors.InvalidInput(f"audit: {e}") from None
 
-    def verify(self) -> int:
+    def verify(self, key: str | None = None) -> dict:
+        """The hash chain, and with ``key`` (a key file) the keyed checkpoints too (IntegrityError)."""
+        from . import checkpoints
         from .journal import ChainBroken
 
         try:
-            return self.journal.verify()
+            count = self.journal.verify()
         except ChainBroken as e:
             raise errors.IntegrityError(str(e)) from None
+        result = {"events": count}
+        if key is not None:
+            result["checkpoints"] = checkpoints.verify(self.store.root, self.journal, checkpoints.load_key(key))
+        return result
+
+    def checkpoint(self, key: str) -> dict | None:
+        """A keyed checkpoint of the last event (the key made if missing); None if there was one."""
+        from . import checkpoints
+
+        with self.store.exclusive():
+            return checkpoints.add(self.store.root, self.journal, checkpoints.load_key(key, create=True))
 
     def rebuild(self, *, force: bool = False) -> dict:
         """Rebuild the projection from the events, once ``verify`` passes.

@@ -96,18 +96,54 @@ def journal() -> None:
     """
 
 
+_KEY = "/etc/apt-layer/journal.key"
+
+
 @journal.command("verify")
+@click.option("--key", metavar="FILE", is_flag=False, flag_value=_KEY, default=None,
+              help=f"Also check the keyed checkpoints with this key (--key alone: {_KEY}).")
 @json_option
 @click.pass_context
-def verify(ctx, as_json) -> None:
+def verify(ctx, key, as_json) -> None:
     """Recompute the hash chain; name the first bad event (exit 10).
+
+    With --key, also check every keyed checkpoint (`journal checkpoint`):
+    a history rewritten together with its hashes is found there.
 
     \b
     Example:
       apt-layer journal verify --json
+      apt-layer journal verify --key
     """
-    count = _maint(ctx).verify()
-    print_json({"events": count, "ok": True}) if as_json else click.echo(f"journal ok: {count} events")
+    result = _maint(ctx).verify(key=key)
+    if as_json:
+        print_json({**result, "ok": True})
+        return
+    extra = f", {result['checkpoints']} keyed checkpoints" if "checkpoints" in result else ""
+    click.echo(f"journal ok: {result['events']} events{extra}")
+
+
+@journal.command("checkpoint")
+@click.option("--key", metavar="FILE", default=_KEY, show_default=True,
+              help="The key (32 random bytes, made root-only if missing).")
+@json_option
+@click.pass_context
+def checkpoint(ctx, key, as_json) -> None:
+    """Record a keyed checkpoint (HMAC) of the journal's last event.
+
+    `journal verify --key` then finds a history rewritten before it, even
+    with every hash recomputed. See docs/security.md for what it does not
+    protect.
+
+    \b
+    Example:
+      apt-layer journal checkpoint
+    """
+    result = _maint(ctx).checkpoint(key)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"checkpoint at seq {result['seq']}" if result else "the last event has a checkpoint already")
 
 
 @journal.command("rebuild")
