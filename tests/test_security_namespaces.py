@@ -64,3 +64,11 @@ def test_a_mount_in_a_namespace_pinned_only_by_nsfs_is_not_marked_lost(tmp_path:
     run_cli(root, "gc", "--full")
     inside = subprocess.run(["nsenter", f"--mount={pin}", "cat", str(mnt / "usr" / "data")], capture_output=True)
     assert inside.stdout == b"pinned " * 2000
+
+
+def test_pins_are_the_nsfs_mounts_of_mount_namespaces_only() -> None:
+    from aptlayer.linux.nsfs import pins
+
+    rows = [("nsfs", "mnt:[4026532801]", "/run/ns/a"), ("nsfs", "net:[4026532900]", "/run/netns/b"),
+            ("ext4", "/", "/"), ("nsfs", "/mnt:[7]", "/x")]
+    assert pins(rows) == [(4026532801, "/run/ns/a"), (7, "/x")]

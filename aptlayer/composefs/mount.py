@@ -45,7 +45,7 @@ from typing import Literal, TypeAlias
 
 from aptlayer.composefs.format import COMPOSEFS_FLAGS_HAS_ACL, COMPOSEFS_HEADER, COMPOSEFS_MAGIC
 from aptlayer.composefs.imageview import ImageFormatError
-from aptlayer.composefs.reader import check_redirects
+from aptlayer.composefs.reader import UnsafeRedirect, check_redirects
 from aptlayer.linux import capability, loop, mountapi, mountinfo, verity
 from aptlayer.linux.mountinfo import MountInfo
 
@@ -202,6 +202,7 @@ def check_image_redirects(path: StrPath) -> None:
     """:func:`reader.check_redirects` of the image file at ``path``, as a MountError."""
     fd = _open_image(os.fspath(path))
     try:
+        _image_has_acl(fd, os.fspath(path))
         _check_redirects(fd, os.fspath(path))
     finally:
         os.close(fd)
@@ -218,8 +219,10 @@ def _check_redirects(fd: int, path: str) -> None:
         data += chunk
     try:
         check_redirects(bytes(data))
-    except ImageFormatError as e:
+    except UnsafeRedirect as e:
         raise MountError(errno.EBADMSG, f"{path} is refused: {e}") from None
+    except ImageFormatError as e:  # what cannot be read cannot be checked: not mounted either
+        raise MountError(errno.EINVAL, f"{path} is not a valid composefs image: {e}") from None
 
 
 def _image_has_acl(fd: int, path: str) -> bool:
@@ -591,9 +594,9 @@ def _mount_with(req: _Request, plan: _Plan) -> None:
     with ExitStack() as stack:
         image_fd = _open_image(req.image)
         stack.callback(os.close, image_fd)
+        has_acl = _image_has_acl(image_fd, req.image)
         if req.check_redirects:
             _check_redirects(image_fd, req.image)
-        has_acl = _image_has_acl(image_fd, req.image)
         if req.digest is not None:
             _check_digest(image_fd, req.image, req.digest)
         verity = _use_verity(req)

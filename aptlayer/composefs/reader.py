@@ -31,6 +31,10 @@ from .imageview import ImageFormatError, ImageView, InodeView, guarded
 from .tree import Node
 
 
+class UnsafeRedirect(ImageFormatError):
+    """An overlay redirect that could reach outside the object directories (:func:`check_redirects`)."""
+
+
 class SymlinkLoopError(ImageFormatError):
     """A path lookup met more than :data:`MAX_SYMLINK_HOPS` symbolic links (``ELOOP``)."""
 
@@ -328,7 +332,8 @@ def check_redirects(data: bytes | bytearray | memoryview | str | os.PathLike[str
     them ``.`` or ``..``. Returns how many redirects were checked.
 
     Raises:
-        ImageFormatError: a redirect breaks the rule, or the image is malformed.
+        UnsafeRedirect: a redirect breaks the rule.
+        ImageFormatError: the image is malformed.
     """
     return _check_redirects(_load(data))
 
@@ -346,11 +351,11 @@ def _check_redirects(data: bytes) -> int:
             checked += 1
             what = f"inode {nid} ({name.decode(errors='replace') or '/'})"
             if ino.ftype != _S_IFREG:
-                raise ImageFormatError(f"{what}: an overlay redirect on something other than a regular file "
+                raise UnsafeRedirect(f"{what}: an overlay redirect on something other than a regular file "
                                        "(composefs images only redirect files to their objects)")
             target = value.partition(b"\0")[0]
             parts = target.removeprefix(b"/").split(b"/")
             if any(p in (b"", b".", b"..") for p in parts):
-                raise ImageFormatError(f"{what}: overlay redirect {target.decode(errors='replace')!r} does not "
+                raise UnsafeRedirect(f"{what}: overlay redirect {target.decode(errors='replace')!r} does not "
                                        "name a path below the object directories (empty, '.' or '..' part)")
     return checked
