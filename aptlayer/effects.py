@@ -87,19 +87,27 @@ class ImageFiles:
                 fault("effects.after-unlink")
 
     def place(self, name: str, staged: Path) -> bool:
-        """Move a committed image from staging into ``images/``; False if already there."""
-        if not staged.exists():
+        """Move a committed image from staging into ``images/``; False if already there.
+
+        Both directories are reached through fds that follow no symlink below
+        the store's root: a staging folder swapped for a link to elsewhere
+        fails the rename instead of moving a file in from outside.
+        """
+        try:
+            with self.layout.opened(staged.parent) as src, self.layout.opened(self.layout.images) as dst:
+                fsops.rename_at(src, staged.name, dst, self.layout.image(name).name)
+                fsops.fsync(dst)
+        except FileNotFoundError:
             return False
-        fsops.rename(str(staged), str(self.layout.image(name)))
-        fsops.fsync_dir(str(self.layout.images))
         return True
 
     def remove(self, name: str) -> bool:
-        try:
-            fsops.unlink(str(self.layout.image(name)))
-        except FileNotFoundError:
-            return False
-        fsops.fsync_dir(str(self.layout.images))
+        with self.layout.opened(self.layout.images) as images:
+            try:
+                fsops.unlink_at(images, self.layout.image(name).name)
+            except FileNotFoundError:
+                return False
+            fsops.fsync(images)
         return True
 
     def redo(self, report: Report) -> None:
@@ -208,35 +216,39 @@ class DeployLinks:
         """
         changed = []
         wanted = self.journal.deployments()
-        for slot in names.SLOTS:
-            link = self.layout.link(slot)
-            target = names.link_text(wanted[slot].image) if slot in wanted else None
-            if _read_link(link) == target:
-                continue
-            if target is None:
-                fsops.unlink(str(link))
-            else:
-                tmp = self.layout.link_temp(slot)
-                if os.path.lexists(tmp):
-                    fsops.unlink(str(tmp))
-                fsops.symlink(target, str(tmp))
-                fault("links.after-temp")
-                fsops.rename(str(tmp), str(link))
-            changed.append(slot)
-            fault("links.after-swap")
-        if changed:
-            fsops.fsync_dir(str(self.layout.deploy))
+        with self.layout.opened(self.layout.deploy) as deploy:
+            for slot in names.SLOTS:
+                link = self.layout.link(slot).name
+                target = names.link_text(wanted[slot].image) if slot in wanted else None
+                if _read_link(link, deploy) == target:
+                    continue
+                if target is None:
+                    fsops.unlink_at(deploy, link)
+                else:
+                    tmp = self.layout.link_temp(slot).name
+                    try:
+                        fsops.unlink_at(deploy, tmp)
+                    except FileNotFoundError:
+                        pass
+                    fsops.symlink_at(target, deploy, tmp)
+                    fault("links.after-temp")
+                    fsops.rename_at(deploy, tmp, deploy, link)
+                changed.append(slot)
+                fault("links.after-swap")
+            if changed:
+                fsops.fsync(deploy)
         return changed
 
     def redo(self, report: Report) -> None:
         """Remove temporary links left by a killed writer, then make the links match."""
-        deploy = self.layout.deploy
-        with os.scandir(deploy) as it:
-            temps = sorted(e.name for e in it if names.is_link_temp(e.name))
-        for name in temps:
-            fsops.unlink(str(deploy / name))
+        with self.layout.opened(self.layout.deploy) as deploy:
+            with os.scandir(deploy) as it:
+                temps = sorted(e.name for e in it if names.is_link_temp(e.name))
+            for name in temps:
+                fsops.unlink_at(deploy, name)
+            if temps:
+                fsops.fsync(deploy)
         if temps:
-            fsops.fsync_dir(str(deploy))
             report.act(kinds.RecoverDeployTempRemoved(subject="deploy", links=temps))
         changed = self.sync()
         if changed:
@@ -257,9 +269,9 @@ class DeployLinks:
                       "image": dep.image if dep else None}, fingerprint=found)
 
 
-def _read_link(link: Path) -> str | None:
+def _read_link(link: Path | str, dir_fd: int | None = None) -> str | None:
     try:
-        return os.readlink(link)
+        return os.readlink(link, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError:
@@ -274,8 +286,7 @@ def clear_staging(layout: Layout, tx: str) -> list[str]:
     there) was not made by apt-layer and is left, as is whatever it points to.
     """
     left = []
-    fd = fsops.open_dir(layout.staging)
-    try:
+    with layout.opened(layout.staging) as fd:
         with os.scandir(fd) as it:
             entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it if Layout.belongs_to(e.name, tx)]
         for entry, is_dir in entries:
@@ -284,8 +295,6 @@ def clear_staging(layout: Layout, tx: str) -> list[str]:
             else:
                 left.append(entry)
         fsops.fsync(fd)
-    finally:
-        os.close(fd)
     return left
 
 

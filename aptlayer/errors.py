@@ -73,6 +73,12 @@ class IntegrityError(AptLayerError):
     exit_code = 10
 
 
+class UnsafePermissions(AptLayerError):
+    """A store path (or a parent of the store) that a user other than root can change."""
+
+    exit_code = 11
+
+
 class TransferFailed(AptLayerError):
     """Copying an image to or from a registry failed (network, authentication, a refused or damaged blob)."""
 
@@ -137,4 +143,6 @@ def from_mount_error(e: OSError) -> AptLayerError:
         return NotFound(message)
     if e.errno in (errno.EBUSY, errno.EEXIST):
         return Conflict(message)
+    if e.errno == errno.EBADMSG:  # an image refused as hostile before any mount
+        return InvalidInput(message)
     return AptLayerError(message)

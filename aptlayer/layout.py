@@ -21,10 +21,13 @@ instead of spelling them out, so a rule changes in one place.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import errors
 from .linux import fsops
+from .linux.beneath import open_dir_beneath
 
 IMAGE_SUFFIX = ".composefs"
 #: the deployment slots, in the order their links are written
@@ -75,6 +78,11 @@ class Layout:
         """The directories apt-layer writes in, parents first (the cache is made when needed)."""
         return (self.images, self.objects, self.staging, self.deploy, self.trash)
 
+    @property
+    def guarded(self) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        """(directories, files) whose owner and mode :mod:`aptlayer.permissions` checks."""
+        return (*self.directories, self.cache), (self.journal,)
+
     def exists(self) -> bool:
         return self.journal.is_file()
 
@@ -96,6 +104,30 @@ class Layout:
             if not d.is_dir():
                 d.mkdir(mode=0o755, exist_ok=True)
                 fsops.fsync_dir(str(d.parent))
+
+    @contextmanager
+    def opened(self, path: Path) -> Iterator[int]:
+        """An fd of the store directory ``path``, reached from the root without following a symlink.
+
+        The root itself may be reached through symlinks (its parents are
+        checked by :mod:`aptlayer.permissions`); below it, a component that
+        is a symlink, or ``..``, fails the open (ELOOP, EXDEV), checked and
+        opened in one step (:func:`linux.beneath.open_beneath`).
+        """
+        fd = self.open_fd(path)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def open_fd(self, path: Path) -> int:
+        """:meth:`opened` for a caller that closes the fd itself."""
+        root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            rel = path.relative_to(self.root)
+            return os.dup(root_fd) if str(rel) == "." else open_dir_beneath(root_fd, str(rel))
+        finally:
+            os.close(root_fd)
 
     # --- images --------------------------------------------------------------
 

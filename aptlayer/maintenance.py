@@ -11,7 +11,7 @@ import re
 from datetime import datetime
 from collections.abc import Callable
 
-from . import errors
+from . import errors, permissions
 from .damage import dead_transactions, deployed_damage
 from .fault import fault
 from .journal import as_dict, kinds
@@ -132,27 +132,43 @@ class Maintenance:
             filters[bound] = value.replace(" ", "T", 1)  # as `log` prints times; events store a T
         return list(self.journal.events(newest_first=True, **filters))
 
-    def audit(self, sql: str):
-        """A read-only query on the journal; refused writes, bad SQL and no SQL are InvalidInput."""
-        from .journal import AuditQueryError, AuditRefused, audit_query
+    def audit(self, sql: str, **bounds):
+        """A read-only query on the journal; refused writes, bad SQL and a runaway query are InvalidInput.
+
+        ``bounds``: ``timeout`` (seconds) and ``memory`` (bytes), see :func:`journal.audit.query`.
+        """
+        from .journal import AuditLimit, AuditQueryError, AuditRefused, audit_query
 
         if not sql.strip():
             raise errors.InvalidInput('audit: the query is empty (e.g. apt-layer audit "SELECT * FROM v_images")')
 
         try:
-            return audit_query(self.journal.path, sql)
+            return audit_query(self.journal.path, sql, **bounds)
         except AuditRefused as e:
             raise errors.InvalidInput(str(e)) from None
-        except AuditQueryError as e:
+        except (AuditQueryError, AuditLimit) as e:
             raise errors.InvalidInput(f"audit: {e}") from None
 
-    def verify(self) -> int:
+    def verify(self, key: str | None = None) -> dict:
+        """The hash chain, and with ``key`` (a key file) the keyed checkpoints too (IntegrityError)."""
+        from . import checkpoints
         from .journal import ChainBroken
 
         try:
-            return self.journal.verify()
+            count = self.journal.verify()
         except ChainBroken as e:
             raise errors.IntegrityError(str(e)) from None
+        result = {"events": count}
+        if key is not None:
+            result["checkpoints"] = checkpoints.verify(self.store.root, self.journal, checkpoints.load_key(key))
+        return result
+
+    def checkpoint(self, key: str) -> dict | None:
+        """A keyed checkpoint of the last event (the key made if missing); None if there was one."""
+        from . import checkpoints
+
+        with self.store.exclusive():
+            return checkpoints.add(self.store.root, self.journal, checkpoints.load_key(key, create=True))
 
     def rebuild(self, *, force: bool = False) -> dict:
         """Rebuild the projection from the events, once ``verify`` passes.
@@ -211,5 +227,6 @@ class Maintenance:
             if problem or objs:
                 images.append({"name": img.name, "problem": problem,
                                "objects": [{"object": o, "state": bad[o]} for o in objs]})
+        unsafe = [u.to_dict() for u in permissions.check_store(s.root, *s.layout.guarded)]
         return {"objects_checked": len(rows), "bad_objects": [{"object": o, "state": st} for o, st in bad.items()],
-                "images": images, "ok": not bad and not images}
+                "images": images, "permissions": unsafe, "ok": not bad and not images and not unsafe}

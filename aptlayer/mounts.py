@@ -20,12 +20,17 @@ from .store import Store
 
 def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...] = (),
           upperdir: str | None = None, workdir: str | None = None, readonly: bool = False,
-          verity: str = "off", idmap: str | None = None, backend: str = "python") -> dict:
+          verity: str = "off", idmap: str | None = None, backend: str = "python",
+          allow_suid: bool = False, boot: bool = False) -> dict:
     """Mount image ``name`` and record it; warns (in the result) about missing objects.
 
     ``backend`` "python" mounts natively, "upstream" through
-    ``mount.composefs``, "auto" through it when installed.
+    ``mount.composefs``, "auto" through it when installed. The mount is
+    nosuid and nodev unless ``allow_suid``. ``boot``: the deployed image
+    mounted at boot (the system itself: set-id bits honoured, and its
+    redirects not read again, see ``composefs.mount.mount``).
     """
+    allow_suid = allow_suid or boot
     from .composefs import mount as cfsmount, upstream
 
     target = os.path.realpath(mountpoint)
@@ -46,7 +51,8 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
         fault("mount.after-event")
         try:
             do_mount(str(path), target, [str(store.layout.objects), *basedirs], upperdir=upperdir,
-                     workdir=workdir, readonly=readonly, verity=verity, idmap=idmap)
+                     workdir=workdir, readonly=readonly, verity=verity, idmap=idmap,
+                     nosuid=not allow_suid, nodev=not allow_suid, check_redirects=not boot)
         except BaseException as e:
             store.record(kinds.Unmounted(subject=name, mountpoint=target, reason=f"mount failed: {e}"[:500]), event.tx)
             if isinstance(e, cfsmount.MountError):

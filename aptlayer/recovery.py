@@ -16,7 +16,9 @@ writer is mid-operation):
    never staged (its writer died before recording them);
 4. marks recorded mounts that no longer exist as lost: made in an earlier
    boot, or found in no mount namespace (one made inside ``unshare -m`` or a
-   container is not in recovery's own);
+   container is not in recovery's own; one in a namespace only an nsfs bind
+   mount pins is found by entering it, and if that cannot be done no mount
+   of this boot is called lost);
 5. reports live images whose file is missing or has the wrong size, image
    files nobody knows and, after a crash, images whose objects are missing.
 
@@ -30,12 +32,13 @@ from __future__ import annotations
 
 import os
 
-from . import mounts
+from . import errors, mounts
 from .damage import deployed_damage
 from .fault import fault
 from .journal import kinds
 from .layout import new_id
 from .linux import fsops
+from .linux.beneath import open_dir_beneath
 from .store import Store
 
 
@@ -116,6 +119,18 @@ class Recovery:
             return
         if last != start:
             self._write_mark(last)
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """A keyed checkpoint of the verified chain, when the journal key is there (docs/security.md)."""
+        from . import checkpoints
+
+        if not checkpoints.DEFAULT_KEY.exists():
+            return
+        try:
+            checkpoints.add(self.store.root, self.journal, checkpoints.load_key(checkpoints.DEFAULT_KEY))
+        except errors.AptLayerError as e:
+            self.problems.append({"problem": f"no keyed checkpoint: {e}"})
 
     def _write_mark(self, seq: int) -> None:
         root = str(self.store.root)
@@ -174,30 +189,49 @@ class Recovery:
             s.clear_staging(txid)
 
     def _clear_staging_leftovers(self) -> None:
-        """Remove staging no open transaction owns, and files an open one never staged."""
+        """Remove staging no open transaction owns, and files an open one never staged.
+
+        All through fds that follow no symlink (:meth:`Layout.opened`): a
+        staging folder swapped for a link meanwhile fails the open, and its
+        target is left alone.
+        """
         s = self.store
         open_here = {s.staging_path(t.id).name: t.id for t in self.journal.transactions("open")}
         removed = []
-        for entry in sorted(os.scandir(s.staging_dir), key=lambda e: e.name):
-            if entry.is_symlink():
-                self.problem(problem="symlink in staging, left alone: apt-layer never made it and never "
-                                     "follows it; remove it by hand", path=entry.path, target=os.readlink(entry.path))
-                continue
-            tx = open_here.get(entry.name)
-            if tx is None:
-                _remove(entry)
-                removed.append(entry.name)
-                continue
-            keep = {os.path.basename(op.data.get("staged", "")) for op in self.journal.staged_ops(tx)
-                    if op.op == "create" and op.effective_seq is None}
-            unstaged = sorted((f for f in os.scandir(entry.path) if f.name not in keep), key=lambda e: e.name)
-            for f in unstaged:
-                _remove(f)
-                removed.append(f"{entry.name}/{f.name}")
-            if unstaged:
-                fsops.fsync_dir(entry.path)
-        if removed:
-            fsops.fsync_dir(str(s.staging_dir))
+        try:
+            staging = s.layout.open_fd(s.staging_dir)
+        except OSError as e:
+            self.problem(problem=f"staging is not a directory apt-layer can use ({e.strerror}), left alone: "
+                                 "replace it with a directory", path=str(s.staging_dir))
+            return
+        try:
+            for name, kind in _entries(staging):
+                if kind == "link":
+                    self.problem(problem="symlink in staging, left alone: apt-layer never made it and never "
+                                         "follows it; remove it by hand", path=str(s.staging_dir / name),
+                                 target=os.readlink(name, dir_fd=staging))
+                    continue
+                tx = open_here.get(name)
+                if tx is None or kind != "dir":
+                    _remove_at(staging, name, kind)
+                    removed.append(name)
+                    continue
+                keep = {os.path.basename(op.data.get("staged", "")) for op in self.journal.staged_ops(tx)
+                        if op.op == "create" and op.effective_seq is None}
+                folder = open_dir_beneath(staging, name)
+                try:
+                    unstaged = [(f, k) for f, k in _entries(folder) if f not in keep]
+                    for f, k in unstaged:
+                        _remove_at(folder, f, k)
+                        removed.append(f"{name}/{f}")
+                    if unstaged:
+                        fsops.fsync(folder)
+                finally:
+                    os.close(folder)
+            if removed:
+                fsops.fsync(staging)
+        finally:
+            os.close(staging)
         for name in removed:
             self.act(kinds.RecoverStagingRemoved(subject=name))
             fault("recover.after-staging-removed")
@@ -212,12 +246,20 @@ class Recovery:
         from .composefs.mount import composefs_mount_points_elsewhere, is_composefs
         from .linux.mountinfo import mount_info
 
+        from .linux.nsfs import NamespaceUnreadable
+
         present = {m.mount_point for m in mount_info() if is_composefs(m)}
         elsewhere = None
         for mountpoint, image, boot in rows:
             if boot == self.store.boot_id and mountpoint not in present:
                 if elsewhere is None:
-                    elsewhere = composefs_mount_points_elsewhere()
+                    try:
+                        elsewhere = composefs_mount_points_elsewhere()
+                    except NamespaceUnreadable as e:
+                        # a namespace whose mounts are unknown may hold this one: not lost
+                        self.problem(problem=f"{e}; mounts of this boot are not checked", image=image)
+                        elsewhere = set()
+                        present.update(m for m, _, b in rows if b == self.store.boot_id)
                 if mountpoint in elsewhere:
                     present.add(mountpoint)
             if boot == self.store.boot_id and mountpoint in present:
@@ -227,11 +269,19 @@ class Recovery:
             self.actions.append({"kind": "mount.lost", "subject": image, "mountpoint": mountpoint})
 
 
-def _remove(entry: os.DirEntry) -> None:
-    if entry.is_dir(follow_symlinks=False):
-        fsops.remove_tree(entry.path)
+def _entries(dir_fd: int) -> list[tuple[str, str]]:
+    """(name, "dir" | "link" | "file") of a directory's entries, sorted; nothing is followed."""
+    with os.scandir(dir_fd) as it:
+        found = [(e.name, "link" if e.is_symlink() else "dir" if e.is_dir(follow_symlinks=False) else "file")
+                 for e in it]
+    return sorted(found)
+
+
+def _remove_at(dir_fd: int, name: str, kind: str) -> None:
+    if kind == "dir":
+        fsops.remove_tree_at(dir_fd, name)
     else:
-        fsops.unlink(entry.path)
+        fsops.unlink_at(dir_fd, name)
 
 
 def recover(store: Store) -> dict:
@@ -248,5 +298,5 @@ def mount_deployment(store: Store, target: str) -> dict:
     if is_mounted(target):
         return {"mounted": None, "reason": f"{target} is already mounted"}
     os.makedirs(target, exist_ok=True)
-    result = mounts.mount(store, current.image, target, readonly=True)
+    result = mounts.mount(store, current.image, target, readonly=True, boot=True)
     return {"mounted": current.image, "mountpoint": result["mountpoint"]}

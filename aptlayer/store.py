@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import errors, names
+from . import errors, names, permissions
 from .builder import Builder, CreateOptions, Delta, Outcome, SameAs, Source, source_for
 from .effects import EFFECTS, DeployLinks, ImageFiles, clear_staging
 from .fault import fault
@@ -50,20 +50,34 @@ class Store:
     # --- opening --------------------------------------------------------------
 
     @classmethod
-    def open(cls, root: str | os.PathLike, config=None, create: bool = True) -> Store:
-        """Open the store at ``root``; without ``create``, NotFound if there is none."""
+    def open(cls, root: str | os.PathLike, config=None, create: bool = True, write: bool = True) -> Store:
+        """Open the store at ``root``; without ``create``, NotFound if there is none.
+
+        With ``write`` (a command that may change the store), the store and
+        its parents must be safe (:mod:`aptlayer.permissions`: exit 11
+        otherwise). Without it, the journal is opened read-only when the
+        caller is not root, so the read-only commands work for any user who
+        can read it.
+        """
         if not os.fspath(root):
             raise errors.InvalidInput("the store's root must not be an empty path")
+        os.umask(0o022)  # every file apt-layer makes gets the mode it asks for, whatever the caller's umask
         layout = Layout(Path(root).absolute())
         if not create and not layout.exists():
             raise errors.NotFound(f"no apt-layer store at {layout.root} (check --root, APT_LAYER_ROOT or the "
                                   "configuration's root; `apt-layer image create` makes a new store)")
+        if write:
+            _refuse_unsafe(permissions.check_parents(layout.root))
+        readonly = not write and os.geteuid() != 0
         try:
-            layout.prepare()
+            if not readonly:
+                layout.prepare()
         except OSError as e:
             raise errors.from_os_error(e, f"cannot create store at {layout.root}") from None
+        if write:
+            _refuse_unsafe(permissions.check_store(layout.root, *layout.guarded))
         try:
-            journal = Journal.open(layout.journal)
+            journal = Journal.open(layout.journal, readonly=readonly)
         except JournalVersionError as e:
             raise errors.StoreVersionError(str(e)) from None
         except JournalCorruptError as e:
@@ -513,6 +527,13 @@ class Store:
     def missing_objects(self, name: str) -> list[str]:
         """Objects the image's manifest lists that are not in the digest store."""
         return self.absent(self.journal.manifest(self._live(name).digest))
+
+
+def _refuse_unsafe(found: list[permissions.Unsafe]) -> None:
+    """Exit 11 on the first unsafe path, in one line with its fix."""
+    if found:
+        more = f" (and {len(found) - 1} more: `apt-layer fsck` lists them)" if len(found) > 1 else ""
+        raise errors.UnsafePermissions(f"unsafe permissions: {found[0]}{more}")
 
 
 def _slot(deployment) -> kinds.Slot | None:

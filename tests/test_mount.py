@@ -582,7 +582,7 @@ def _junk(tmp: Path, data: bytes) -> Path:
 
 ERRORS = {
     "junk-with-magic": (lambda t: (_junk(t, MAGIC + bytes(20000)), t / "m", [OBJECTS], {}),
-                        errno.EINVAL, "not a valid composefs image: the kernel's erofs driver rejected it"),
+                        errno.EINVAL, "not a valid composefs image: "),  # the reader refuses it first (redirects)
     "junk": (lambda t: (_junk(t, os.urandom(4096)), t / "m", [OBJECTS], {}),
              errno.EINVAL, "is not a composefs image (bad magic"),
     "empty-image": (lambda t: (_junk(t, b""), t / "m", [OBJECTS], {}),

@@ -20,7 +20,9 @@ work=${1:-$(mktemp -d /var/tmp/apt-layer-demo.XXXXXX)}
 keep=${1:+yes}
 mnt="$work/mnt"
 cleanup() {
-  mountpoint -q "$mnt" 2>/dev/null && apt-layer --root "$work/store" image unmount "$mnt" >/dev/null 2>&1 || true
+  if mountpoint -q "$mnt" 2>/dev/null; then
+    apt-layer --root "$work/store" image unmount "$mnt" >/dev/null 2>&1 || true
+  fi
   [[ -n $keep ]] || rm -rf "$work"
 }
 trap cleanup EXIT

@@ -29,6 +29,8 @@ command -v lintian >/dev/null || need+=(lintian)
 command -v skopeo >/dev/null || need+=(skopeo)
 command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v umoci >/dev/null || need+=(umoci)
+# Static checks (tests/test_static_checks.py): every shell script of the repository.
+command -v shellcheck >/dev/null || need+=(shellcheck)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
@@ -37,7 +39,7 @@ fi
 if [[ ! -x $repo/.venv/bin/python ]]; then
   python3 -m venv "$repo/.venv"
 fi
-"$repo/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "$repo[test]" 2> >(grep -v "^WARNING: Location" >&2)
+"$repo/.venv/bin/python" -m pip install -q --disable-pip-version-check -e "${repo}[test]" 2> >(grep -v "^WARNING: Location" >&2)
 
 # The oracle: optional. If it cannot be built, tests that compare with it skip.
 if ! "$repo/tools/build-upstream-composefs.sh" "$repo/.upstream/composefs-1.0.8" >/dev/null; then

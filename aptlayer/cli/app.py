@@ -92,8 +92,13 @@ class Settings:
         """
         if self._store is None:
             from ..store import Store
+            from .privilege import require_root, writes
 
-            self._store = Store.open(self.config.root, config=self.config, create=create)
+            ctx = click.get_current_context()
+            write = writes(ctx)
+            if write:
+                require_root(ctx)
+            self._store = Store.open(self.config.root, config=self.config, create=create, write=write)
         return self._store
 
 

@@ -61,8 +61,8 @@ def image() -> None:
 @click.option("--threads", type=click.IntRange(1), default=os.cpu_count() or 1, show_default=True,
               help="Threads for hashing and copying file contents.")
 @click.option("--backend", type=click.Choice(["auto", "python", "upstream"]), default=None,
-              help="Image builder: apt-layer's own, upstream mkcomposefs, or auto (upstream when installed); "
-                   "default: the configuration's backend, auto.")
+              help="Image builder: apt-layer's own, upstream mkcomposefs, or auto (a directory: apt-layer's own; "
+                   "a dump: upstream when installed).")
 @tx_option
 @json_option
 @click.pass_context
@@ -311,10 +311,16 @@ def missing_objects(ctx, name, as_json) -> None:
               show_default=True, help="Mount natively, or through upstream mount.composefs, or auto (upstream "
                                       "when installed). The configuration's backend is for building images only: "
                                       "mounts are apt-layer's own unless asked.")
+@click.option("--allow-suid", is_flag=True,
+              help="Honour set-id bits and device nodes in the image (the mount is nosuid,nodev without it).")
 @json_option
 @click.pass_context
-def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, idmap, backend, as_json) -> None:
+def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, idmap, backend, allow_suid,
+          as_json) -> None:
     """Mount image NAME on MOUNTPOINT (needs root).
+
+    The mount is nosuid,nodev unless --allow-suid; an image whose overlay
+    redirects point outside the object directories is refused (exit 2).
 
     \b
     Example:
@@ -326,7 +332,8 @@ def mount(ctx, name, mountpoint, basedirs, upperdir, workdir, readonly, verity, 
     from .. import mounts
 
     result = mounts.mount(ctx.obj.store(), name, mountpoint, basedirs=basedirs, upperdir=upperdir,
-                          workdir=workdir, readonly=readonly, verity=verity, idmap=idmap, backend=backend)
+                          workdir=workdir, readonly=readonly, verity=verity, idmap=idmap, backend=backend,
+                          allow_suid=allow_suid)
     if as_json:
         print_json(result)
         return

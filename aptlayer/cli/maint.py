@@ -63,6 +63,8 @@ def gc(ctx, full, dry_run, verbose, grace, as_json) -> None:
 def fsck(ctx, as_json) -> None:
     """Recompute object and image digests; name the images affected (exit 10 on damage).
 
+    Also reports store paths with unsafe owners or modes (docs/security.md).
+
     \b
     Example:
       apt-layer fsck --json
@@ -78,6 +80,8 @@ def fsck(ctx, as_json) -> None:
         for img in result["images"]:
             what = img["problem"] or f"{plural(len(img['objects']), 'damaged object')}"
             click.echo(f"image {img['name']}: {what}")
+        for unsafe in result["permissions"]:
+            click.echo(f"unsafe permissions: {unsafe['path']} {unsafe['problem']}; fix: {unsafe['fix']}")
         click.echo(f"checked {plural(result['objects_checked'], 'object')}: " + ("ok" if result["ok"] else "DAMAGED"))
     if not result["ok"]:
         ctx.exit(10)
@@ -93,18 +97,54 @@ def journal() -> None:
     """
 
 
+_KEY = "/etc/apt-layer/journal.key"
+
+
 @journal.command("verify")
+@click.option("--key", metavar="FILE", is_flag=False, flag_value=_KEY, default=None,
+              help=f"Also check the keyed checkpoints with this key (--key alone: {_KEY}).")
 @json_option
 @click.pass_context
-def verify(ctx, as_json) -> None:
+def verify(ctx, key, as_json) -> None:
     """Recompute the hash chain; name the first bad event (exit 10).
+
+    With --key, also check every keyed checkpoint (`journal checkpoint`):
+    a history rewritten together with its hashes is found there.
 
     \b
     Example:
       apt-layer journal verify --json
+      apt-layer journal verify --key
     """
-    count = _maint(ctx).verify()
-    print_json({"events": count, "ok": True}) if as_json else click.echo(f"journal ok: {plural(count, 'event')}")
+    result = _maint(ctx).verify(key=key)
+    if as_json:
+        print_json({**result, "ok": True})
+        return
+    extra = f", {plural(result['checkpoints'], 'keyed checkpoint')}" if "checkpoints" in result else ""
+    click.echo(f"journal ok: {plural(result['events'], 'event')}{extra}")
+
+
+@journal.command("checkpoint")
+@click.option("--key", metavar="FILE", default=_KEY, show_default=True,
+              help="The key (32 random bytes, made root-only if missing).")
+@json_option
+@click.pass_context
+def checkpoint(ctx, key, as_json) -> None:
+    """Record a keyed checkpoint (HMAC) of the journal's last event.
+
+    `journal verify --key` then finds a history rewritten before it, even
+    with every hash recomputed. See docs/security.md for what it does not
+    protect.
+
+    \b
+    Example:
+      apt-layer journal checkpoint
+    """
+    result = _maint(ctx).checkpoint(key)
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"checkpoint at seq {result['seq']}" if result else "the last event has a checkpoint already")
 
 
 @journal.command("rebuild")
@@ -179,13 +219,16 @@ def _detail(data: dict) -> str | None:
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
               show_default=True)
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=10.0, show_default=True,
+              metavar="SECONDS", help="Stop the query after this long.")
 @json_option
 @click.pass_context
-def audit(ctx, sql, fmt, as_json) -> None:
+def audit(ctx, sql, fmt, timeout, as_json) -> None:
     """Run a read-only SQL query on the journal (writes, ATTACH and pragmas are refused).
 
     The views are documented in docs/journal.md, e.g. v_events, v_images.
-    --json is short for --format json.
+    --json is short for --format json. A query is stopped after --timeout
+    seconds, or when it needs more than 256 MiB (exit 2).
 
     \b
     Example:
@@ -195,7 +238,7 @@ def audit(ctx, sql, fmt, as_json) -> None:
     """
     if as_json and fmt not in ("table", "json"):
         raise click.UsageError(f"--json and --format {fmt} disagree")
-    result = _maint(ctx).audit(sql)
+    result = _maint(ctx).audit(sql, timeout=timeout)
     columns, rows = result.columns, result.rows
     if as_json or fmt == "json":
         click.echo(json.dumps([dict(zip(columns, r)) for r in rows], indent=2, default=str))

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from aptlayer.composefs import fsverity
 from aptlayer.composefs.digestcache import DigestCache, Key, key_of, mode_and_size
 from aptlayer.composefs.lstatwalk import INLINE_MAX, OPEN_DIR, OPEN_FILE
+from aptlayer.linux.beneath import open_beneath
 from aptlayer.linux import forked
 
 #: below this much to hash in all, a helper costs more than it saves
@@ -106,7 +107,7 @@ def _hash(root_fd: int, files: list[File]) -> dict[Key, bytes]:
     found = {}
     for path, key, size in files:
         try:
-            fd = os.open(path.lstrip(b"/"), OPEN_FILE, dir_fd=root_fd)
+            fd = open_beneath(root_fd, path.lstrip(b"/"), OPEN_FILE)  # no symlink on the way either
         except OSError:
             continue
         try:

@@ -31,6 +31,10 @@ from .imageview import ImageFormatError, ImageView, InodeView, guarded
 from .tree import Node
 
 
+class UnsafeRedirect(ImageFormatError):
+    """An overlay redirect that could reach outside the object directories (:func:`check_redirects`)."""
+
+
 class SymlinkLoopError(ImageFormatError):
     """A path lookup met more than :data:`MAX_SYMLINK_HOPS` symbolic links (``ELOOP``)."""
 
@@ -316,3 +320,42 @@ def _collect_objects(data: bytes, filters: frozenset[bytes] | None) -> list[byte
         if node.payload is not None and stat.S_ISREG(node.mode):
             objects.add(node.payload)
     return sorted(objects)
+
+
+def check_redirects(data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> int:
+    """Refuse an image whose overlay redirects could reach outside the object directories.
+
+    overlayfs follows ``trusted.overlay.redirect`` to find a file's data in
+    the basedirs: a hostile image could name ``/../../etc/shadow`` or an
+    absolute path of its own making. Every redirect must be on a regular
+    file and name a path below the basedir: non-empty components, none of
+    them ``.`` or ``..``. Returns how many redirects were checked.
+
+    Raises:
+        UnsafeRedirect: a redirect breaks the rule.
+        ImageFormatError: the image is malformed.
+    """
+    return _check_redirects(_load(data))
+
+
+@guarded
+def _check_redirects(data: bytes) -> int:
+    image = ImageView(data)
+    checked = 0
+    for _depth, name, nid, ino in image.walk(None):
+        if ino is None or not ino.xattr_size:
+            continue
+        for xname, value in image.xattrs(ino):
+            if xname != _XATTR_REDIRECT:
+                continue
+            checked += 1
+            what = f"inode {nid} ({name.decode(errors='replace') or '/'})"
+            if ino.ftype != _S_IFREG:
+                raise UnsafeRedirect(f"{what}: an overlay redirect on something other than a regular file "
+                                       "(composefs images only redirect files to their objects)")
+            target = value.partition(b"\0")[0]
+            parts = target.removeprefix(b"/").split(b"/")
+            if any(p in (b"", b".", b"..") for p in parts):
+                raise UnsafeRedirect(f"{what}: overlay redirect {target.decode(errors='replace')!r} does not "
+                                       "name a path below the object directories (empty, '.' or '..' part)")
+    return checked

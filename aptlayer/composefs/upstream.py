@@ -46,8 +46,12 @@ def find_tool(name: str) -> str | None:
 
 def mount_with_tool(image: str, target: str, basedirs: list[str], *, upperdir: str | None = None,
                     workdir: str | None = None, readonly: bool = False, verity: str = "off",
-                    idmap: str | None = None, digest: str | None = None) -> None:
+                    idmap: str | None = None, digest: str | None = None, nosuid: bool = False,
+                    nodev: bool = False, check_redirects: bool = True) -> None:
     """Mount through the upstream ``mount.composefs``, with ``mount.mount``'s arguments.
+
+    The tool takes no nosuid or nodev: they are set on its mount right after
+    (``mount_setattr``); the image's redirects are checked before.
 
     Raises ``MountError`` (errno EIO with upstream's message) when it fails,
     or ENOENT when the tool is not installed.
@@ -73,7 +77,20 @@ def mount_with_tool(image: str, target: str, basedirs: list[str], *, upperdir: s
         opts.append(f"idmap={idmap}")
     if digest is not None:
         opts.append(f"digest={digest}")
+    from .mount import check_image_redirects
+
+    if check_redirects:
+        check_image_redirects(image)
     proc = subprocess.run([tool, "-o", ",".join(opts), image, target], capture_output=True, text=True)
     if proc.returncode != 0:
         message = " ".join(proc.stderr.split()) or f"mount.composefs exited {proc.returncode}"
         raise MountError(errno.EIO, message)
+    if nosuid or nodev:
+        from ..linux import mountapi
+
+        attrs = (mountapi.MOUNT_ATTR_NOSUID if nosuid else 0) | (mountapi.MOUNT_ATTR_NODEV if nodev else 0)
+        try:
+            mountapi.set_attrs(target, attrs)
+        except OSError as e:
+            mountapi.umount(target, mountapi.MNT_DETACH)
+            raise MountError(e.errno, f"cannot make {target} nosuid,nodev: {e.strerror}") from None

@@ -29,7 +29,9 @@ that the next ``gc --full`` removes.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +43,7 @@ from ..composefs.fsverity import is_object_path
 from ..composefs.objectstore import ObjectStore
 from ..fault import fault
 from ..linux import fsops
+from ..linux.beneath import open_dir_beneath
 
 class State(Protocol):
     """What gc asks of the projection (the journal's state queries answer it)."""
@@ -96,41 +99,98 @@ def plan(state: State, objects_dir: Path, *, full: bool, grace_seconds: int = 0)
         result.kept = [obj for obj in result.spared if obj in garbage]
         result.temp_files = [t.path for t in store.iter_temp_files() if t.stale]
         return result
-    for obj, _ in state.garbage():
-        if not is_object_path(obj):
-            result.refused.append(obj)
-            continue
-        path = objects_dir / obj
-        if not path.exists():
-            result.objects.append((obj, 0))
-            continue
-        if grace_seconds and _mtime(path) > cutoff:
-            result.spared.append(obj)
-            continue
-        result.objects.append((obj, path.stat().st_size))
+    with _ObjectDirs(objects_dir) as dirs:
+        for obj, _ in state.garbage():
+            if not is_object_path(obj):
+                result.refused.append(obj)
+                continue
+            st = dirs.lstat(obj)
+            if st is None:
+                result.objects.append((obj, 0))
+                continue
+            if grace_seconds and st.st_mtime > cutoff:
+                result.spared.append(obj)
+                continue
+            result.objects.append((obj, st.st_size))
     result.kept = list(result.spared)
     return result
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
+class _ObjectDirs:
+    """The digest store's fan-out directories, each reached once through an fd without following symlinks.
+
+    ``objects/ab`` planted as a symlink to another directory is not a
+    fan-out directory: its "objects" are neither sized nor removed (ELOOP or
+    ENOTDIR at the open, which checks and opens in one step).
+    """
+
+    def __init__(self, objects_dir: Path):
+        self.fd = fsops.open_dir(objects_dir)
+        self._fans: dict[str, int | None] = {}
+
+    def __enter__(self) -> _ObjectDirs:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self._fans.values():
+            if fd is not None:
+                os.close(fd)
+        os.close(self.fd)
+
+    def fan(self, name: str) -> int | None:
+        """The fd of fan-out directory ``name``, or None if it is missing or not a real directory."""
+        if name not in self._fans:
+            try:
+                self._fans[name] = open_dir_beneath(self.fd, name)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.EXDEV):
+                    raise
+                self._fans[name] = None
+        return self._fans[name]
+
+    def lstat(self, obj: str) -> os.stat_result | None:
+        """The object's own stat (a symlink is not followed), None if absent or not a regular file."""
+        fan, rest = obj.split("/")
+        fd = self.fan(fan)
+        if fd is None:
+            return None
+        try:
+            st = os.stat(rest, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        return st if stat.S_ISREG(st.st_mode) else None
 
 
 def sweep(gc_plan: GcPlan, objects_dir: Path, trash_dir: Path,
           progress: Callable[[int, int], None] | None = None) -> tuple[int, int]:
-    """Remove what the plan lists; returns (objects removed, bytes freed)."""
-    empty_trash(trash_dir)
+    """Remove what the plan lists; returns (objects removed, bytes freed).
+
+    Every rename and unlink is relative to directory fds opened without
+    following symlinks (the trash and the digest store once, at the start),
+    so a directory swapped for a symlink meanwhile sends nothing outside the
+    store: the fds still name the directories that were checked.
+    """
+    trash_fd = fsops.open_dir(trash_dir)
+    try:
+        with _ObjectDirs(objects_dir) as dirs:
+            return _sweep(gc_plan, objects_dir, dirs, trash_fd, progress)
+    finally:
+        os.close(trash_fd)
+
+
+def _sweep(gc_plan: GcPlan, objects_dir: Path, dirs: _ObjectDirs, trash_fd: int, progress) -> tuple[int, int]:
+    _empty_trash_at(trash_fd)
     removed = freed = 0
     total = len(gc_plan.objects)
     for i, (obj, size) in enumerate(gc_plan.objects):
         if not is_object_path(obj):  # never outside the store, whoever made the plan
             continue
-        src = objects_dir / obj
+        fan, rest = obj.split("/")
+        fan_fd = dirs.fan(fan)
+        if fan_fd is None:
+            continue
         try:
-            fsops.rename(str(src), str(trash_dir / obj.replace("/", "")))
+            fsops.rename_at(fan_fd, rest, trash_fd, fan + rest)
         except FileNotFoundError:
             continue
         removed += 1
@@ -140,36 +200,48 @@ def sweep(gc_plan: GcPlan, objects_dir: Path, trash_dir: Path,
         if progress is not None and i % 256 == 0:
             progress(i, total)
     for tmp in gc_plan.temp_files:
+        name = os.path.relpath(os.path.join(objects_dir, tmp), objects_dir)
+        if "/" in name or name in (".", ".."):  # temp files live in the top level of the digest store
+            continue
         try:
-            fsops.unlink(os.path.join(objects_dir, tmp))
+            fsops.unlink_at(dirs.fd, name)
         except FileNotFoundError:
             pass
     fault("gc.before-empty-trash")
-    empty_trash(trash_dir)
+    _empty_trash_at(trash_fd)
     return removed, freed
 
 
 def empty_trash(trash_dir: Path) -> int:
-    """Delete what the trash holds; the files by several threads at once.
+    """Delete what the trash holds (see :func:`_empty_trash_at`)."""
+    fd = fsops.open_dir(trash_dir)
+    try:
+        return _empty_trash_at(fd)
+    finally:
+        os.close(fd)
+
+
+def _empty_trash_at(trash_fd: int) -> int:
+    """Delete what the trash open as ``trash_fd`` holds; the files by several threads at once.
 
     On ext4 mounted with ``discard`` an unlink that frees blocks waits for
     the journal (about 1 ms here); a thousand of them in a row took a
     second, overlapped they take a tenth of it.
     """
-    with os.scandir(trash_dir) as it:
-        entries = list(it)
+    with os.scandir(trash_fd) as it:
+        entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
     files = []
-    for entry in entries:
-        if entry.is_dir(follow_symlinks=False):
-            fsops.remove_tree(entry.path)
+    for name, is_dir in entries:
+        if is_dir:
+            fsops.remove_tree_at(trash_fd, name)
         else:
-            files.append(entry.path)
+            files.append(name)
     if files:
-        fsops.unlink(files[0])
+        fsops.unlink_at(trash_fd, files[0])
         fault("gc.after-first-delete")
         with ThreadPoolExecutor(UNLINK_THREADS) as pool:
-            for _ in pool.map(fsops.unlink, files[1:]):
+            for _ in pool.map(lambda name: fsops.unlink_at(trash_fd, name), files[1:]):
                 pass
     if entries:
-        fsops.fsync_dir(str(trash_dir))
+        fsops.fsync(trash_fd)
     return len(entries)

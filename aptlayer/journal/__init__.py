@@ -7,6 +7,7 @@ lists of (object id, size). ``docs/journal.md`` documents the public schema.
 
 from .audit import AuditResult, query as audit_query, readonly
 from .errors import (
+    AuditLimit,
     AuditQueryError,
     AuditRefused,
     ChainBroken,
@@ -29,6 +30,7 @@ __all__ = [
     "APPLY",
     "RECORDED",
     "SCHEMA_VERSION",
+    "AuditLimit",
     "AuditQueryError",
     "AuditRefused",
     "AuditResult",

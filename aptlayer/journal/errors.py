@@ -58,6 +58,10 @@ class AuditQueryError(JournalError):
     """An audit query is not valid SQL for this journal (a typo, an unknown table)."""
 
 
+class AuditLimit(JournalError):
+    """An audit query ran past its time limit or its memory cap, and was stopped."""
+
+
 class JournalStorageError(JournalError):
     """SQLite refused to open or write the journal: ``reason`` is "readonly", "full", "busy" or "other"."""
 

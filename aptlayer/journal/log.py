@@ -277,8 +277,11 @@ class Journal(StateQueries):
         self.path = path
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Journal:
+    def open(cls, path: str | os.PathLike, readonly: bool = False) -> Journal:
+        """Open (creating or upgrading) the journal; ``readonly`` only reads, for users other than root."""
         try:
+            if readonly:
+                return cls(schema.connect_readonly(path), os.fspath(path))
             return cls(schema.connect(path), os.fspath(path))
         except sqlite3.OperationalError as e:
             raise storage_error(e) from None

@@ -170,6 +170,47 @@ def connect(path: str | os.PathLike) -> sqlite3.Connection:
             time.sleep(0.02)
 
 
+def connect_readonly(path: str | os.PathLike) -> sqlite3.Connection:
+    """Open the journal for reading only (SQLite refuses any write), for users other than root.
+
+    A journal in WAL mode needs its ``-shm`` file: while a writer has the
+    journal open it exists and a reader uses it; when none has, a user who
+    cannot create files in the store's root cannot make it, and SQLite
+    answers SQLITE_READONLY_DIRECTORY. Then, and only when there is no
+    ``-wal`` (everything is in the main file), the file is read as
+    ``immutable``: without locks, so a writer that starts and checkpoints
+    during the read could show this reader a torn state; a read-only
+    command then fails or shows a mix, it never changes anything.
+    """
+    from urllib.parse import quote
+
+    uri = f"file:{quote(os.path.realpath(path))}?mode=ro"
+    try:
+        return _connect_readonly_once(uri, path)
+    except sqlite3.OperationalError as e:
+        no_shm = getattr(e, "sqlite_errorname", "") in ("SQLITE_READONLY_DIRECTORY", "SQLITE_CANTOPEN")
+        if not no_shm or os.path.exists(f"{path}-wal"):
+            raise
+    return _connect_readonly_once(uri + "&immutable=1", path)
+
+
+def _connect_readonly_once(uri: str, path: str | os.PathLike) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        check_version(conn, path)
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    except sqlite3.OperationalError:
+        conn.close()
+        raise
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise corrupt_error(path, e) from e
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def _connect_once(path: str | os.PathLike) -> sqlite3.Connection:
     # No peeking at the file's header with open(): closing any descriptor of
     # the database drops every POSIX lock this process holds on it, which

@@ -134,6 +134,21 @@ def rename(src: Path, dst: Path) -> None:
         recorder("rename", (src, dst))
 
 
+def rename_at(src_fd: int, src: Path, dst_fd: int, dst: Path) -> None:
+    """``renameat``: names relative to directory fds, so no symlink on the way to them is followed."""
+    os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+    if recorder is not None:
+        recorder("rename", (os.path.join(fd_path(src_fd), os.fsdecode(src)),
+                            os.path.join(fd_path(dst_fd), os.fsdecode(dst))))
+
+
+def unlink_at(dir_fd: int, name: Path) -> None:
+    """``unlinkat``: remove the entry ``name`` of the directory open as ``dir_fd``."""
+    os.unlink(name, dir_fd=dir_fd)
+    if recorder is not None:
+        recorder("unlink", (os.path.join(fd_path(dir_fd), os.fsdecode(name)),))
+
+
 def mkdir(path: Path, mode: int = 0o755) -> None:
     os.mkdir(path, mode)
     if recorder is not None:
@@ -218,6 +233,13 @@ def symlink(target: Path, path: Path) -> None:
     os.symlink(target, path)
     if recorder is not None:
         recorder("symlink", (target, path))
+
+
+def symlink_at(target: Path, dir_fd: int, name: Path) -> None:
+    """``symlinkat``: a new link ``name`` in the directory open as ``dir_fd``."""
+    os.symlink(target, name, dir_fd=dir_fd)
+    if recorder is not None:
+        recorder("symlink", (target, os.path.join(fd_path(dir_fd), os.fsdecode(name))))
 
 
 def touch(path: Path) -> None:

@@ -35,11 +35,15 @@ FSCONFIG_SET_STRING = 1
 FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
 MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_IDMAP = 0x100000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
 MNT_DETACH = 0x2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -80,6 +84,12 @@ def set_idmap(mnt: int, userns: int) -> None:
     """Make a detached mount idmapped with the mapping of a user namespace (an fd of ``/proc/PID/ns/user``)."""
     attr = ctypes.create_string_buffer(struct.pack("<QQQQ", MOUNT_ATTR_IDMAP, 0, 0, userns), 32)
     _syscall("mount_setattr", mnt, b"", AT_EMPTY_PATH, attr, 32)
+
+
+def set_attrs(target: str, attrs: int) -> None:
+    """``mount_setattr(2)``: set ``MOUNT_ATTR_*`` flags (nosuid, nodev...) on the mount at ``target``."""
+    attr = ctypes.create_string_buffer(struct.pack("<QQQQ", attrs, 0, 0, 0), 32)
+    _syscall("mount_setattr", AT_FDCWD, os.fsencode(target), 0, attr, 32)
 
 
 def legacy_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:

@@ -69,11 +69,27 @@ def mount_points_elsewhere(matches: Callable[[MountInfo], bool]) -> set[str]:
     A mount made inside another namespace is absent from this process's
     mountinfo yet may still use files it sees. Each namespace is read once,
     through the first process found in it; processes that vanish or cannot
-    be read are skipped. The paths are as the processes of that namespace
-    see them.
+    be read are skipped. Namespaces no process is in but an nsfs bind mount
+    pins (``unshare --mount=FILE``) are read by entering them
+    (:mod:`.nsfs`); one that cannot be entered raises
+    ``nsfs.NamespaceUnreadable``, since its mounts are unknown. The paths
+    are as the processes of that namespace see them.
     """
-    seen = {os.stat("/proc/self/ns/mnt").st_ino}
+    from . import nsfs
+
+    here = os.stat("/proc/self/ns/mnt").st_ino
+    seen = {here}
     points: set[str] = set()
+    #: (namespace, how to enter it from here: pin paths in turn), for pins not yet read
+    pending: list[tuple[int, list[str]]] = []
+
+    def note_pins(found: list[MountInfo], chain: list[str], pid: str | None) -> None:
+        for ns, mount_point in nsfs.pins([(m.fstype, m.root, m.mount_point) for m in found]):
+            if ns not in seen and len(chain) < nsfs.MAX_DEPTH:
+                path = f"/proc/{pid}/root{mount_point}" if pid is not None else mount_point
+                pending.append((ns, [*chain, path]))
+
+    note_pins(mount_info(), [], None)
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -86,6 +102,16 @@ def mount_points_elsewhere(matches: Callable[[MountInfo], bool]) -> set[str]:
             continue
         seen.add(ns)
         points.update(m.mount_point for m in found if matches(m))
+        note_pins(found, [], pid)
+    while pending:
+        ns, chain = pending.pop()
+        if ns in seen:
+            continue
+        found = [MountInfo.parse(line) for line in nsfs.read_pinned(chain).splitlines(keepends=True)
+                 if line.strip()]
+        seen.add(ns)
+        points.update(m.mount_point for m in found if matches(m))
+        note_pins(found, chain, None)
     return points
 
 
