@@ -86,6 +86,7 @@ SAMPLES: dict[str, list[str]] = {
     "image objects": ["base"],
     "image unmount": ["{tmp}/mnt"],
     "install": ["htop", "--from", "base", "--no-deploy"],
+    "journal checkpoint": ["--key", "{tmp}/journal.key"],
     "journal rebuild": [],
     "journal verify": [],
     "log": ["-n", "5"],
@@ -392,6 +393,7 @@ def documented_exit_codes() -> set[int]:
 PROVOKED_ELSEWHERE = {
     7: ("tests/test_cli.py", "test_non_root_user_gets_exit_7"),
     8: ("tests/test_cli.py", "test_full_disk_during_create_exits_8"),
+    11: ("tests/test_security_permissions.py", "test_a_journal_owned_by_another_user_is_refused"),
     12: ("tests/test_oci.py", "test_plain_http_needs_tls_verify_false"),
 }
 #: codes provoked in this file, by the test named

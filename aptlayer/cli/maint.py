@@ -142,7 +142,7 @@ def checkpoint(ctx, key, as_json) -> None:
     """
     result = _maint(ctx).checkpoint(key)
     if as_json:
-        print_json(result)
+        print_json({"added": result is not None, **(result or {})})
     else:
         click.echo(f"checkpoint at seq {result['seq']}" if result else "the last event has a checkpoint already")
 
