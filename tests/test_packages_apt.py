@@ -189,6 +189,39 @@ def test_a_local_deb_is_installed_from_its_file(debian_root: Path, install, apt_
     assert dpkg_l(debian_root)["al-app"] == ("ii", "2.0")
 
 
+def _updated(output: str) -> bool:
+    """Whether apt-get update ran: its lines name the repository's Release files."""
+    return re.search(r"^(Get|Hit|Ign):\d+ \S+ stable (InRelease|Release)", output, re.M) is not None
+
+
+@needs_sandbox
+def test_fresh_lists_are_used_without_an_update_until_a_package_is_missing(debian_root: Path, install,
+                                                                         tmp_path: Path) -> None:
+    """One apt-get update per sources while the lists are fresh; a package new since is found all the same."""
+    from aptrepo import Pkg
+
+    path = tmp_path / "repo"
+    AptRepo.build(path, [Pkg("al-lib")], sign=False)
+    source = AptRepo(path, None, {}).source(trusted=True)
+    first = install(debian_root, "al-lib", sources=[source])
+    assert _updated(first.output), first.output
+    again = install(debian_root, "al-lib", sources=[source])  # fresh lists: no update
+    assert not _updated(again.output), again.output
+    assert again.installed == {}
+    shutil.rmtree(path)
+    AptRepo.build(path, [Pkg("al-lib"), Pkg("al-conf", files={"/etc/al-conf.conf": "setting = default\n"})],
+                  sign=False)
+    grown = install(debian_root, "al-conf", sources=[source])  # not in the lists: updated, then found
+    assert _updated(grown.output), grown.output
+    assert [p.name for p in grown.installed] == ["al-conf"]
+    stamp = install.cache / apt.LISTS_STAMP
+    os.utime(stamp, (0, 0))  # fetched long ago
+    stale = install(debian_root, "al-conf", sources=[source])
+    assert _updated(stale.output), stale.output
+    forced = install(debian_root, "al-conf", sources=[source], refresh=True)
+    assert _updated(forced.output), forced.output
+
+
 # -- refusals -------------------------------------------------------------
 
 @needs_sandbox
