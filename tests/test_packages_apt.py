@@ -222,6 +222,28 @@ def test_fresh_lists_are_used_without_an_update_until_a_package_is_missing(debia
     assert _updated(forced.output), forced.output
 
 
+@needs_sandbox
+def test_a_warm_cache_installs_with_one_run_of_apt_and_a_missing_deb_takes_the_long_way(
+        debian_base_tree: Path, install, tmp_path: Path) -> None:
+    from debian_base import writable_root
+
+    roots = [writable_root(debian_base_tree, tmp_path / f"root{n}") for n in range(3)]
+    try:
+        first = install(roots[0][0], "al-app")
+        assert "Download complete and in download only mode" in first.output  # the host's apt fetched
+        second = install(roots[1][0], "al-app")
+        assert not _updated(second.output) and "download only" not in second.output, second.output
+        assert second.installed == first.installed and second.downloaded == []
+        os.unlink(install.cache / "archives/al-lib_1.0_all.deb")
+        third = install(roots[2][0], "al-app")  # refused in the sandbox before dpkg ran, then downloaded
+        assert "download only" in third.output and third.downloaded == ["al-lib_1.0_all.deb"]
+        assert third.installed == first.installed
+        assert dpkg_l(roots[2][0])["al-lib"] == ("ii", "1.0")
+    finally:
+        for _, cleanup in roots:
+            cleanup()
+
+
 # -- refusals -------------------------------------------------------------
 
 @needs_sandbox

@@ -20,9 +20,12 @@ Neither step may remove a package the caller did not name (``--no-remove``):
 a conflict with a base package is refused, not resolved by removing it.
 
 The lists are fetched (``apt-get update``) only when they are older than
-:data:`LISTS_MAX_AGE` or were fetched for other sources, and again when
-apt finds no such package in them: an install from a warm cache runs apt
-twice, and nothing else of apt's.
+:data:`LISTS_MAX_AGE` or were fetched for other sources. With fresh lists,
+step 2 is tried first on its own: when the cache holds every .deb already
+(a rebuild, an uninstall, a second image with the same packages), that is
+the one run of apt. When apt refuses before dpkg starts (a .deb not in the
+cache, a package not in the lists), the root is untouched and the two steps
+run, step 1 updating the lists once more if it finds no such package.
 
 ``file:`` sources are handed to apt as ``copy:`` so that local repositories'
 packages also land in the cache and step 2 needs no view of them.
@@ -497,9 +500,10 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
     subclass, quoting apt or dpkg, if anything goes wrong; the root is then
     in whatever state dpkg left it, and the caller discards it.
 
-    Two runs of apt: the host's resolves and downloads (``--download-only``),
-    the root's installs in the sandbox. What was installed is read from the
-    root's dpkg status afterwards, not asked of apt beforehand.
+    At most two runs of apt (and an update): the host's resolves and
+    downloads (``--download-only``), the root's installs in the sandbox;
+    with fresh lists and a warm cache, the second alone. What was installed
+    is read from the root's dpkg status afterwards, not asked of apt first.
     """
     sandbox.check_available()
     if not packages and not debs:
@@ -521,18 +525,25 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
             host_args.append(str(debdir / name))
             inside_args.append(f"{INSIDE}/debs/{name}")
         common = ["-y", "--no-remove"]
-        have = set(os.listdir(work.cache / "archives"))
-        rc, out = work.host_apt(*common, "--download-only", "install", *host_args)
-        if rc != 0 and not updated and refresh is None \
-                and isinstance(_failure("", out), PackageNotFound):  # maybe new since the lists were fetched
-            _update(work, output)
-            rc, out = work.host_apt(*common, "--download-only", "install", *host_args)
-        output.append(out)
-        if rc != 0:
-            raise _failure(f"cannot install {' '.join(packages + [str(p) for p, _ in local])}", out)
-        downloaded = sorted(n for n in set(os.listdir(work.cache / "archives")) - have if n.endswith(".deb"))
         before = installed_packages(root)
-        rc, out = work.root_apt(*common, "--no-download", "install", *inside_args, debs=debdir)
+        downloaded: list[str] = []
+        ran = None
+        if not updated:  # fresh lists: the cache may hold every .deb already
+            ran = _install_from_cache(work, root, [*common, "--no-download", "install", *inside_args], debdir)
+        if ran is not None:
+            rc, out = ran
+        else:
+            have = set(os.listdir(work.cache / "archives"))
+            rc, out = work.host_apt(*common, "--download-only", "install", *host_args)
+            if rc != 0 and not updated and refresh is None \
+                    and isinstance(_failure("", out), PackageNotFound):  # maybe new since the lists were fetched
+                _update(work, output)
+                rc, out = work.host_apt(*common, "--download-only", "install", *host_args)
+            output.append(out)
+            if rc != 0:
+                raise _failure(f"cannot install {' '.join(packages + [str(p) for p, _ in local])}", out)
+            downloaded = sorted(n for n in set(os.listdir(work.cache / "archives")) - have if n.endswith(".deb"))
+            rc, out = work.root_apt(*common, "--no-download", "install", *inside_args, debs=debdir)
         output.append(out)
         if rc != 0:
             raise _failure("apt-get install in the new root failed", out, ScriptFailed)
@@ -544,6 +555,30 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
         return Outcome(packages=after, installed=hashes, downloaded=downloaded, output="".join(output))
     finally:
         work.close()
+
+
+#: lines of apt's output that only come once dpkg has started on the root
+_DPKG_RAN = ("Selecting previously unselected package", "Preparing to unpack", "Unpacking ", "Setting up ",
+             "dpkg:", "Removing ")
+
+
+def _install_from_cache(work: _Workspace, root: Path, args: list[str], debdir: Path) -> tuple[int, str] | None:
+    """``apt-get ARGS`` (an install ``--no-download``) in the sandbox, from the lists and .debs the cache holds.
+
+    A failure before dpkg started (a .deb not in the cache, a package not
+    in the lists, or any other refusal of apt's: the root is untouched, as
+    its status shows) is None: the caller takes the long way, downloading
+    on the host, then installing. Otherwise apt's exit code and output.
+    """
+    status = _status_path(root)
+    was = status.read_bytes() if status.exists() else None
+    rc, out = work.root_apt(*args, debs=debdir)
+    if rc == 0:
+        return rc, out
+    now = status.read_bytes() if status.exists() else None
+    if now == was and not any(line.startswith(_DPKG_RAN) for line in out.splitlines()):
+        return None
+    return rc, out
 
 
 def _update(work: _Workspace, output: list[str]) -> None:
