@@ -19,11 +19,14 @@ from .store import Store
 
 def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...] = (),
           upperdir: str | None = None, workdir: str | None = None, readonly: bool = False,
-          verity: str = "off", idmap: str | None = None, backend: str = "python") -> dict:
+          verity: str = "off", idmap: str | None = None, backend: str = "python",
+          check_objects: bool = True) -> dict:
     """Mount image ``name`` and record it; warns (in the result) about missing objects.
 
     ``backend`` "python" mounts natively, "upstream" through
-    ``mount.composefs``, "auto" through it when installed.
+    ``mount.composefs``, "auto" through it when installed. Without
+    ``check_objects`` the warning is not looked for (it stats every object
+    of the image; ``missing_objects`` is then None).
     """
     from .composefs import mount as cfsmount, upstream
 
@@ -38,7 +41,7 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
     with store.writing(), store.publishing():
         path = store.image_file(name)
         image = store.journal.image(name)
-        missing = store.missing_objects(name)
+        missing = store.missing_objects(name) if check_objects else None
         event = store.record(kinds.Mounted(subject=name, mountpoint=target, digest=image.digest,
                                            boot_id=store.boot_id, writable=upperdir is not None, backend=backend))
         fault("mount.after-event")
