@@ -219,7 +219,8 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
     the package set apt and dpkg left (``NAME:ARCH`` -> version), may raise
     :class:`Discarded` to drop the build before an image is made. Returns
     what changed, package by package. ``sources`` are the apt sources
-    (:class:`aptlayer.packages.sources.Source`), the host's by default;
+    (:class:`aptlayer.packages.sources.Source`), by default those of the
+    configuration's ``[apt] dir`` (the host's ``/etc/apt``);
     ``refresh`` says whether apt's package lists are fetched first (None:
     when stale, see :func:`aptlayer.packages.apt.install`).
     """
@@ -233,7 +234,8 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
         raise errors.NotFound(f"no image named {base!r}")
     if request.empty:
         return _deploy_existing(store, base, deploy)
-    sources = read_sources() if sources is None else sources
+    apt_dir, max_age = _apt_settings(store)
+    sources = read_sources(apt_dir) if sources is None else sources
     with store.writing():
         name = name or _free_name(store, base)
         tx = store.tx_begin(op="layer", name=name)
@@ -256,7 +258,8 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
                 inactive = [s for s in request.install if s not in wanted]
                 names, debs = _apt_specs(store, wanted)
                 installed = apt.install(root, names, debs=debs, sources=sources, cache=store.layout.cache_file("apt"),
-                                        refresh=refresh, workdir=staging) if wanted else None
+                                        refresh=refresh, workdir=staging, trusted_parts=apt_dir / "trusted.gpg.d",
+                                        lists_max_age=max_age) if wanted else None
                 last = installed or removed
                 after = {p.key: p for p in (last.packages if last else before.values())}
                 fault("layer.after-apt")
@@ -284,6 +287,16 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
     return {"image": name, "digest": created["digest"], "base": base, "request": request.to_data(),
             "inactive": inactive, "deployed": deploy, "changes": changes,
             "removed_by_request": [p.key for p in removed.removed] if removed else []}
+
+
+def _apt_settings(store: Store) -> tuple[Path, int]:
+    """The apt configuration directory and the lists' maximum age: the store's configuration, else the defaults."""
+    from .config import DEFAULT_APT_DIR, DEFAULT_LISTS_MAX_AGE
+
+    config = store.config
+    if config is None:
+        return DEFAULT_APT_DIR, DEFAULT_LISTS_MAX_AGE
+    return config.apt_dir, config.apt_lists_max_age
 
 
 def resolved_debs(packages, hashes: dict) -> dict[str, str | None]:

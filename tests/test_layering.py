@@ -247,3 +247,37 @@ def test_a_local_deb_is_kept_in_the_store_and_replayed_by_the_request(store: Sto
     assert ("added", "al-lib") in {(c["change"], c["package"]) for c in result["changes"]}
     again = layering.install(store, ["al-app"], sources=[apt_repo.source()])  # the .deb replayed from the store
     assert layering.lineage_of(store, again["image"]).request.install == (f"deb:{digest}", "al-app")
+
+
+def test_the_configured_apt_dir_gives_the_sources_of_an_install(store: Store, apt_repo, tmp_path: Path) -> None:
+    """`[apt] dir` in config.toml: its sources.list.d, not the host's, and its lists' maximum age."""
+    import json
+
+    from crashkit import run_cli
+
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list.d" / "test.sources").write_text(
+        f"Types: deb\nURIs: {apt_repo.uri}\nSuites: stable\nComponents: main\nSigned-By: {apt_repo.keyring}\n")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[apt]\ndir = "{etc}"\nlists_max_age_seconds = 0\n')
+    proc = run_cli(store.root, "--config", str(config), "install", "al-lib", "--json")
+    assert ("added", "al-lib") in {(c["change"], c["package"]) for c in json.loads(proc.stdout)["changes"]}
+    stamp = store.root / "cache" / "apt" / apt.LISTS_STAMP
+    fetched = stamp.stat().st_mtime_ns
+    run_cli(store.root, "--config", str(config), "install", "al-conf", "--json")
+    assert stamp.stat().st_mtime_ns > fetched  # lists at most 0 s old: fetched again
+
+
+@pytest.mark.parametrize("table, error", [
+    ("dir = \"apt\"", "apt.dir: must be an absolute path"),
+    ("lists_max_age_seconds = -1", "apt.lists_max_age_seconds: must be a whole number >= 0"),
+    ("sources = \"/etc/apt\"", "apt: a table with the keys 'dir' and 'lists_max_age_seconds'"),
+])
+def test_a_bad_apt_setting_is_refused_with_its_key(tmp_path: Path, table: str, error: str) -> None:
+    from aptlayer import config
+
+    path = tmp_path / "config.toml"
+    path.write_text(f"[apt]\n{table}\n")
+    with pytest.raises(errors.InvalidInput, match=error):
+        config.load(path)

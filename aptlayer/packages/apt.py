@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import DEFAULT_LISTS_MAX_AGE
 from ..errors import AptLayerError, Conflict, IntegrityError, InvalidInput, NoSpace, NotFound, Unsupported
 from . import sandbox
 from .sandbox import Bind
@@ -51,7 +52,7 @@ from .sources import Source, render_deb822
 
 TRUSTED_PARTS = Path("/etc/apt/trusted.gpg.d")
 #: package lists fetched less than this many seconds ago, for the same sources, are used without an update
-LISTS_MAX_AGE = 600
+LISTS_MAX_AGE = DEFAULT_LISTS_MAX_AGE
 #: in the download cache: what the lists were last fetched for (its mtime: when)
 LISTS_STAMP = "lists/apt-layer.sources-key"
 INSIDE = "/run/apt-layer"  # where the sandbox sees the cache and the configuration
@@ -486,14 +487,16 @@ def _check_removal(root: Path, before: list[Package], removals: list[str]) -> li
 
 def install(root: Path, packages: list[str], *, sources: list[Source], cache: Path,
             debs: list[Path] = (), refresh: bool | None = None, recommends: bool = True,
-            trusted_parts: Path | None = TRUSTED_PARTS, workdir: Path | None = None) -> Outcome:
+            trusted_parts: Path | None = TRUSTED_PARTS, workdir: Path | None = None,
+            lists_max_age: float | None = None) -> Outcome:
     """Install *packages* (apt names, ``name=version`` allowed) and local *debs* into *root*.
 
     *sources* are what apt fetches from (the host's, usually); *cache* is the
     download cache (lists and .debs), kept between calls. The package lists
     are updated first if *refresh* is true; if it is None (the default),
-    only when they are not :func:`lists_fresh` for these sources, and again
-    once if apt then finds no such package. apt's configuration for the
+    only when they are not :func:`lists_fresh` for these sources (younger
+    than *lists_max_age* seconds, :data:`LISTS_MAX_AGE` by default), and
+    again once if apt then finds no such package. apt's configuration for the
     operation lives in a temporary directory under *workdir* (the system's
     temporary directory by default; the Store will pass its staging), removed
     at the end whatever happens. Raises an :class:`AptFailed`
@@ -513,7 +516,7 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
     work = _Workspace(root, sources, cache, trusted_parts=trusted_parts, recommends=recommends, under=workdir)
     try:
         output = []
-        updated = refresh is True or (refresh is None and not lists_fresh(work))
+        updated = refresh is True or (refresh is None and not lists_fresh(work, lists_max_age))
         if updated:
             _update(work, output)
         debdir = work.dir / "debs"
