@@ -98,3 +98,19 @@ def test_an_install_killed_at_the_layering_points_is_recovered(layered_template:
 def test_an_install_killed_at_every_point_is_recovered(layered_template: dict, kernel: None) -> None:
     """Every point of an install (16 on this kernel; about 6 minutes): `pytest -m slow`."""
     assert kill_install_at(layered_template) == {}
+
+
+@pytest.mark.slow
+def test_torture_with_layering(tmp_path: Path, kernel: None, debian_base_tree: Path) -> None:
+    """tools/torture.py --layer: installs and uninstalls killed at random and at the layering's points (~2 min)."""
+    import subprocess
+    import sys
+
+    from crashkit import REPO, cli_env
+
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "torture.py"), "--layer", "--iterations", "16",
+                           "--seed", "3", "--json", "--workdir", str(tmp_path)],
+                          env=cli_env(), capture_output=True, text=True, timeout=900)
+    result = json.loads(proc.stdout)
+    assert result["failures"] == [] and proc.returncode == 0, proc.stdout
+    assert {"layer.after-mount", "layer.after-apt"} <= result["killed_at_points"].keys(), result
