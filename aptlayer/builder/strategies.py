@@ -332,9 +332,12 @@ def manifest_of(root) -> list[tuple[str, int]]:
     for node in _files([root]):
         obj = node.payload.decode("utf-8", "surrogateescape")
         if obj not in objects and not is_object_path(obj):
-            path = next(p for p, n in root.walk() if n is node)
-            raise errors.InvalidInput(f"{os.fsdecode(path)}: backing path {obj!r} is not in the digest store "
-                                      f"({OBJECT_PATH_RULE})")
+            # the first such file in path order is the one named
+            path, node = next((p, n) for p, n in root.walk() if n.is_reg and n.payload and n.content is None
+                              and n.size > 0 and not is_object_path(n.payload.decode("utf-8", "surrogateescape")))
+            raise errors.InvalidInput(f"{os.fsdecode(path)}: backing path "
+                                      f"{node.payload.decode('utf-8', 'surrogateescape')!r} is not in the digest "
+                                      f"store ({OBJECT_PATH_RULE})")
         objects[obj] = node.size
     return sorted(objects.items())
 
