@@ -15,6 +15,10 @@ Example file::
 
     [gc]
     grace_seconds = 0           # spare unreferenced objects younger than this
+
+    [apt]
+    dir = "/etc/apt"            # whose sources and trusted.gpg.d/ layering uses
+    lists_max_age_seconds = 600 # package lists this fresh are used without apt-get update
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from .errors import InvalidInput, NotFound
 
 DEFAULT_CONFIG = Path("/etc/apt-layer/config.toml")
 DEFAULT_ROOT = Path("/var/lib/apt-layer")
+DEFAULT_APT_DIR = Path("/etc/apt")
+DEFAULT_LISTS_MAX_AGE = 600
 BACKENDS = ("auto", "python", "upstream")
 
 
@@ -36,6 +42,10 @@ class Config:
     backend: str = "auto"
     deploy_mount: Path | None = None
     gc_grace_seconds: int = 0
+    #: the apt configuration directory whose sources and trusted keys layering uses
+    apt_dir: Path = DEFAULT_APT_DIR
+    #: seconds during which package lists fetched for the same sources are used without an update
+    apt_lists_max_age: int = DEFAULT_LISTS_MAX_AGE
     source: Path | None = None
 
 
@@ -52,7 +62,7 @@ def _string(path: Path, key: str, value: object) -> str:
 def parse(path: Path, data: dict) -> dict:
     """The settings a configuration file's TOML ``data`` makes (only the keys it sets); errors name ``path``."""
     out: dict = {}
-    known = {"root", "backend", "deploy", "gc"}
+    known = {"root", "backend", "deploy", "gc", "apt"}
     for key in data:
         if key not in known:
             raise _bad(path, key, "unknown key")
@@ -81,6 +91,24 @@ def parse(path: Path, data: dict) -> dict:
         if not isinstance(grace, int) or isinstance(grace, bool) or grace < 0:
             raise _bad(path, "gc.grace_seconds", "must be a whole number >= 0")
         out["gc_grace_seconds"] = grace
+    out.update(_parse_apt(path, data.get("apt", {})))
+    return out
+
+
+def _parse_apt(path: Path, apt: object) -> dict:
+    """The ``[apt]`` table: ``dir`` and ``lists_max_age_seconds``."""
+    out: dict = {}
+    if not isinstance(apt, dict) or set(apt) - {"dir", "lists_max_age_seconds"}:
+        raise _bad(path, "apt", "a table with the keys 'dir' and 'lists_max_age_seconds'")
+    if "dir" in apt:
+        out["apt_dir"] = Path(_string(path, "apt.dir", apt["dir"]))
+        if not out["apt_dir"].is_absolute():
+            raise _bad(path, "apt.dir", "must be an absolute path")
+    if "lists_max_age_seconds" in apt:
+        age = apt["lists_max_age_seconds"]
+        if not isinstance(age, int) or isinstance(age, bool) or age < 0:
+            raise _bad(path, "apt.lists_max_age_seconds", "must be a whole number >= 0")
+        out["apt_lists_max_age"] = age
     return out
 
 

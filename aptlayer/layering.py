@@ -4,7 +4,8 @@ An image made here has a **lineage**, recorded in its ``image.created``
 event: the base image (name and digest) and the **request** (packages to
 add, base packages to remove), plus the requested packages the base
 already had (inactive: they come back if a later base drops them) and the
-SHA-256 of each ``.deb`` installed. ``install``, ``uninstall``,
+resolved package set, each package with the SHA-256 of the ``.deb`` it was
+installed from (null for the base's packages: their files are not at hand). ``install``, ``uninstall``,
 ``override``, ``upgrade`` and ``rebase`` all compute a new request and
 build base + request; an empty request is the base itself (same digest).
 
@@ -99,7 +100,8 @@ class Lineage:
     base_digest: str
     request: Request
     inactive: list[str] = field(default_factory=list)
-    debs: dict[str, str] = field(default_factory=dict)
+    #: every package of the image (``NAME:ARCH``) -> SHA-256 of its .deb, None for the base's (no .deb at hand)
+    debs: dict[str, str | None] = field(default_factory=dict)
 
     def to_data(self) -> dict:
         return {"base": {"image": self.base, "digest": self.base_digest}, "request": self.request.to_data(),
@@ -210,14 +212,17 @@ class Discarded(Exception):
 
 
 def build(store: Store, base: str, request: Request, *, name: str | None = None, deploy: bool = True,
-          sources=None, decide=None, progress=None) -> dict:
+          sources=None, decide=None, progress=None, refresh: bool | None = None) -> dict:
     """Build ``base`` + ``request`` into a new image and stage its deployment, atomically.
 
     An empty request deploys the base itself. ``decide(packages)``, given
     the package set apt and dpkg left (``NAME:ARCH`` -> version), may raise
     :class:`Discarded` to drop the build before an image is made. Returns
     what changed, package by package. ``sources`` are the apt sources
-    (:class:`aptlayer.packages.sources.Source`), the host's by default.
+    (:class:`aptlayer.packages.sources.Source`), by default those of the
+    configuration's ``[apt] dir`` (the host's ``/etc/apt``);
+    ``refresh`` says whether apt's package lists are fetched first (None:
+    when stale, see :func:`aptlayer.packages.apt.install`).
     """
     from .composefs import upper as upper_root
     from .composefs.reader import read_root
@@ -229,7 +234,8 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
         raise errors.NotFound(f"no image named {base!r}")
     if request.empty:
         return _deploy_existing(store, base, deploy)
-    sources = read_sources() if sources is None else sources
+    apt_dir, max_age = _apt_settings(store)
+    sources = read_sources(apt_dir) if sources is None else sources
     with store.writing():
         name = name or _free_name(store, base)
         tx = store.tx_begin(op="layer", name=name)
@@ -240,7 +246,8 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
                 d.mkdir(parents=True, exist_ok=True)
             # the mount shows the upper directory's own metadata as its root's
             upper_root.prepare_upper(upper, read_root(str(store.image_file(base))))
-            mounts.mount(store, base, str(root), upperdir=str(upper), workdir=str(work))
+            # no missing-objects warning: nobody reads it here, and it stats every object of the base
+            mounts.mount(store, base, str(root), upperdir=str(upper), workdir=str(work), check_objects=False)
             try:
                 fault("layer.after-mount")
                 before = {p.key: p for p in apt.installed_packages(root)}
@@ -251,15 +258,17 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
                 inactive = [s for s in request.install if s not in wanted]
                 names, debs = _apt_specs(store, wanted)
                 installed = apt.install(root, names, debs=debs, sources=sources, cache=store.layout.cache_file("apt"),
-                                        workdir=staging) if wanted else None
-                after = {p.key: p for p in apt.installed_packages(root)}
+                                        refresh=refresh, workdir=staging, trusted_parts=apt_dir / "trusted.gpg.d",
+                                        lists_max_age=max_age) if wanted else None
+                last = installed or removed
+                after = {p.key: p for p in (last.packages if last else before.values())}
                 fault("layer.after-apt")
             finally:
                 _unmount(store, root)
             if decide is not None:
                 decide({k: p.version for k, p in after.items()}, _changes(before, after))
             lineage = Lineage(base, base_image.digest, request, inactive,
-                              {p.key: sha for p, sha in (installed.installed.items() if installed else ())})
+                              resolved_debs(after.values(), installed.installed if installed else {}))
             source = _layered_source(store, base, upper)
             created = store.create(source, name, CreateOptions(backend="python"), tx=tx, progress=progress,
                                    about={"lineage": lineage.to_data()})
@@ -278,6 +287,25 @@ def build(store: Store, base: str, request: Request, *, name: str | None = None,
     return {"image": name, "digest": created["digest"], "base": base, "request": request.to_data(),
             "inactive": inactive, "deployed": deploy, "changes": changes,
             "removed_by_request": [p.key for p in removed.removed] if removed else []}
+
+
+def _apt_settings(store: Store) -> tuple[Path, int]:
+    """The apt configuration directory and the lists' maximum age: the store's configuration, else the defaults."""
+    from .config import DEFAULT_APT_DIR, DEFAULT_LISTS_MAX_AGE
+
+    config = store.config
+    if config is None:
+        return DEFAULT_APT_DIR, DEFAULT_LISTS_MAX_AGE
+    return config.apt_dir, config.apt_lists_max_age
+
+
+def resolved_debs(packages, hashes: dict) -> dict[str, str | None]:
+    """Every package of the resolved set (``NAME:ARCH``) -> the SHA-256 of the .deb it was installed from.
+
+    Known for what this build installed (apt's download cache, or the local
+    file); None for the base's packages, whose .deb files are not at hand.
+    """
+    return {p.key: hashes.get(p) for p in sorted(packages, key=lambda p: p.key)}
 
 
 def _unmount(store: Store, root: Path) -> None:
@@ -373,7 +401,8 @@ def upgrade(store: Store, *, check: bool = False, from_image: str | None = None,
         if not differs or check:
             raise Discarded({"image": start, "changed": bool(differs), "changes": differs, "checked": check})
 
-    result = build(store, base, request, name=name, deploy=deploy, sources=sources, decide=decide, progress=progress)
+    result = build(store, base, request, name=name, deploy=deploy, sources=sources, decide=decide, progress=progress,
+                   refresh=True)
     result.setdefault("changed", True)
     if "digest" in result and result.get("image") != start:
         result["changes"] = _changes_between(now, _versions_of(store, result["image"]))

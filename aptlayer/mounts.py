@@ -21,14 +21,16 @@ from .store import Store
 def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...] = (),
           upperdir: str | None = None, workdir: str | None = None, readonly: bool = False,
           verity: str = "off", idmap: str | None = None, backend: str = "python",
-          allow_suid: bool = False, boot: bool = False) -> dict:
+          allow_suid: bool = False, boot: bool = False, check_objects: bool = True) -> dict:
     """Mount image ``name`` and record it; warns (in the result) about missing objects.
 
     ``backend`` "python" mounts natively, "upstream" through
     ``mount.composefs``, "auto" through it when installed. The mount is
     nosuid and nodev unless ``allow_suid``. ``boot``: the deployed image
     mounted at boot (the system itself: set-id bits honoured, and its
-    redirects not read again, see ``composefs.mount.mount``).
+    redirects not read again, see ``composefs.mount.mount``). Without
+    ``check_objects`` the warning is not looked for (it stats every object
+    of the image; ``missing_objects`` is then None).
     """
     allow_suid = allow_suid or boot
     from .composefs import mount as cfsmount, upstream
@@ -45,7 +47,7 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
     with store.writing(), store.publishing():
         path = store.image_file(name)
         image = store.journal.image(name)
-        missing = store.missing_objects(name)
+        missing = store.missing_objects(name) if check_objects else None
         event = store.record(kinds.Mounted(subject=name, mountpoint=target, digest=image.digest,
                                            boot_id=store.boot_id, writable=upperdir is not None, backend=backend))
         fault("mount.after-event")

@@ -7,6 +7,7 @@ the same deployments, nothing left in staging, a journal that verifies.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 from pathlib import Path
@@ -84,7 +85,12 @@ def test_install_layers_packages_byte_identically_and_deploys_them(store: Store,
     assert audit.returncode == 0 and audit.stdout == ""
     lineage = layering.lineage_of(store, "base+1")
     assert (lineage.base, lineage.request.install) == ("base", ("al-app",))
-    assert set(lineage.debs) == {"al-app:all", "al-lib:all"} and all(len(h) == 64 for h in lineage.debs.values())
+    assert {k for k, sha in lineage.debs.items() if sha is not None} == {"al-app:all", "al-lib:all"}
+    assert lineage.debs["al-app:all"] == hashlib.sha256(apt_repo.deb("al-app").read_bytes()).hexdigest()
+    # the whole resolved set, read from the image: the base's packages have no .deb at hand
+    assert set(lineage.debs) == {f"{p['name']}:{p['architecture']}" for p in layering.packages(store)["packages"]
+                                 if p["mark"] != "removed"}
+    assert lineage.debs["dpkg:amd64"] is None
     status = Maintenance(store).status()["deployments"]["current"]
     assert (status["base"], status["layered"]) == ("base", ["al-app"])
     assert check_projection(store) == []
@@ -241,3 +247,37 @@ def test_a_local_deb_is_kept_in_the_store_and_replayed_by_the_request(store: Sto
     assert ("added", "al-lib") in {(c["change"], c["package"]) for c in result["changes"]}
     again = layering.install(store, ["al-app"], sources=[apt_repo.source()])  # the .deb replayed from the store
     assert layering.lineage_of(store, again["image"]).request.install == (f"deb:{digest}", "al-app")
+
+
+def test_the_configured_apt_dir_gives_the_sources_of_an_install(store: Store, apt_repo, tmp_path: Path) -> None:
+    """`[apt] dir` in config.toml: its sources.list.d, not the host's, and its lists' maximum age."""
+    import json
+
+    from crashkit import run_cli
+
+    etc = tmp_path / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list.d" / "test.sources").write_text(
+        f"Types: deb\nURIs: {apt_repo.uri}\nSuites: stable\nComponents: main\nSigned-By: {apt_repo.keyring}\n")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[apt]\ndir = "{etc}"\nlists_max_age_seconds = 0\n')
+    proc = run_cli(store.root, "--config", str(config), "install", "al-lib", "--json")
+    assert ("added", "al-lib") in {(c["change"], c["package"]) for c in json.loads(proc.stdout)["changes"]}
+    stamp = store.root / "cache" / "apt" / apt.LISTS_STAMP
+    fetched = stamp.stat().st_mtime_ns
+    run_cli(store.root, "--config", str(config), "install", "al-conf", "--json")
+    assert stamp.stat().st_mtime_ns > fetched  # lists at most 0 s old: fetched again
+
+
+@pytest.mark.parametrize("table, error", [
+    ("dir = \"apt\"", "apt.dir: must be an absolute path"),
+    ("lists_max_age_seconds = -1", "apt.lists_max_age_seconds: must be a whole number >= 0"),
+    ("sources = \"/etc/apt\"", "apt: a table with the keys 'dir' and 'lists_max_age_seconds'"),
+])
+def test_a_bad_apt_setting_is_refused_with_its_key(tmp_path: Path, table: str, error: str) -> None:
+    from aptlayer import config
+
+    path = tmp_path / "config.toml"
+    path.write_text(f"[apt]\n{table}\n")
+    with pytest.raises(errors.InvalidInput, match=error):
+        config.load(path)

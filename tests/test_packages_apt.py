@@ -189,6 +189,61 @@ def test_a_local_deb_is_installed_from_its_file(debian_root: Path, install, apt_
     assert dpkg_l(debian_root)["al-app"] == ("ii", "2.0")
 
 
+def _updated(output: str) -> bool:
+    """Whether apt-get update ran: its lines name the repository's Release files."""
+    return re.search(r"^(Get|Hit|Ign):\d+ \S+ stable (InRelease|Release)", output, re.M) is not None
+
+
+@needs_sandbox
+def test_fresh_lists_are_used_without_an_update_until_a_package_is_missing(debian_root: Path, install,
+                                                                         tmp_path: Path) -> None:
+    """One apt-get update per sources while the lists are fresh; a package new since is found all the same."""
+    from aptrepo import Pkg
+
+    path = tmp_path / "repo"
+    AptRepo.build(path, [Pkg("al-lib")], sign=False)
+    source = AptRepo(path, None, {}).source(trusted=True)
+    first = install(debian_root, "al-lib", sources=[source])
+    assert _updated(first.output), first.output
+    again = install(debian_root, "al-lib", sources=[source])  # fresh lists: no update
+    assert not _updated(again.output), again.output
+    assert again.installed == {}
+    shutil.rmtree(path)
+    AptRepo.build(path, [Pkg("al-lib"), Pkg("al-conf", files={"/etc/al-conf.conf": "setting = default\n"})],
+                  sign=False)
+    grown = install(debian_root, "al-conf", sources=[source])  # not in the lists: updated, then found
+    assert _updated(grown.output), grown.output
+    assert [p.name for p in grown.installed] == ["al-conf"]
+    stamp = install.cache / apt.LISTS_STAMP
+    os.utime(stamp, (0, 0))  # fetched long ago
+    stale = install(debian_root, "al-conf", sources=[source])
+    assert _updated(stale.output), stale.output
+    forced = install(debian_root, "al-conf", sources=[source], refresh=True)
+    assert _updated(forced.output), forced.output
+
+
+@needs_sandbox
+def test_a_warm_cache_installs_with_one_run_of_apt_and_a_missing_deb_takes_the_long_way(
+        debian_base_tree: Path, install, tmp_path: Path) -> None:
+    from debian_base import writable_root
+
+    roots = [writable_root(debian_base_tree, tmp_path / f"root{n}") for n in range(3)]
+    try:
+        first = install(roots[0][0], "al-app")
+        assert "Download complete and in download only mode" in first.output  # the host's apt fetched
+        second = install(roots[1][0], "al-app")
+        assert not _updated(second.output) and "download only" not in second.output, second.output
+        assert second.installed == first.installed and second.downloaded == []
+        os.unlink(install.cache / "archives/al-lib_1.0_all.deb")
+        third = install(roots[2][0], "al-app")  # refused in the sandbox before dpkg ran, then downloaded
+        assert "download only" in third.output and third.downloaded == ["al-lib_1.0_all.deb"]
+        assert third.installed == first.installed
+        assert dpkg_l(roots[2][0])["al-lib"] == ("ii", "1.0")
+    finally:
+        for _, cleanup in roots:
+            cleanup()
+
+
 # -- refusals -------------------------------------------------------------
 
 @needs_sandbox

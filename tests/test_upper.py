@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aptlayer import errors, mounts
 from aptlayer.builder import CreateOptions, LayeredSource, Outcome
+from aptlayer.builder.outcome import Delta
 from aptlayer.composefs import build, fsverity, reader, upper
 from aptlayer.composefs.upper import Added, Directory, MetaCopy, Whiteout
 from aptlayer.composefs.tree import Node
@@ -124,8 +125,14 @@ class Layering:
         built = self.build()
         assert built.digest == self.reference()
         assert fsverity.digest_bytes(self.staged.read_bytes()).hex() == built.digest
-        for obj, size in build_manifest(built):
+        full = build_manifest(built)
+        for obj, size in full:
             assert (self.store.layout.objects / obj).stat().st_size == size
+        if isinstance(built.manifest, Delta):  # read from the change alone: it must give the whole manifest
+            base = dict(self.store.journal.manifest(built.manifest.base))
+            added = dict(built.manifest.added)
+            assert built.manifest.removed <= base.keys() and not added.keys() & base.keys()
+            assert sorted(({o: n for o, n in base.items() if o not in built.manifest.removed} | added).items()) == full
         return built
 
 

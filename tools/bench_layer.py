@@ -13,7 +13,9 @@ untimed), times, best of ``--rounds``:
                   (apt-get update of the local repository, resolving,
                   downloading from the cache, apt + dpkg in the sandbox)
   own part        total - inside apt (the least over the rounds): everything
-                  apt-layer adds
+                  apt-layer adds; then the median of its parts: mounting the
+                  base writable, unmounting it, building and recording the
+                  image (``Store.create``), and the rest
   apt-get         ``chroot COPY apt-get install -y al-small`` in a plain
                   ``cp -a`` copy of the same tree (copied before the timing),
                   its sources the same repository, ``apt-get update`` done
@@ -64,37 +66,56 @@ PACKAGE = "al-small"
 FILLER = "bench-filler"
 
 
-class AptClock:
-    """Wraps ``apt.install`` (in this process only) and adds up the time spent inside it."""
+class Clocks:
+    """Wraps some functions (in this process only) and adds up the time spent inside each."""
+
+    #: (label, owner, attribute): the parts of an install worth telling apart
+    PARTS = (("inside apt", apt, "install"), ("mount", mounts, "mount"), ("unmount", mounts, "unmount"),
+             ("build + record the image", Store, "create"))
 
     def __init__(self) -> None:
-        self.spent = 0.0
-        self._real = apt.install
+        self.spent = {label: 0.0 for label, _, _ in self.PARTS}
+        self._real = [(owner, name, getattr(owner, name)) for _, owner, name in self.PARTS]
 
-    def __enter__(self) -> "AptClock":
-        def timed_install(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return self._real(*args, **kwargs)
-            finally:
-                self.spent += time.perf_counter() - start
-
-        apt.install = timed_install
+    def __enter__(self) -> "Clocks":
+        for (label, owner, name), (_, _, real) in zip(self.PARTS, self._real):
+            setattr(owner, name, self._timed(label, real))
         return self
 
+    def _timed(self, label, real):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.spent[label] += time.perf_counter() - start
+        return timed
+
     def __exit__(self, *exc) -> None:
-        apt.install = self._real
+        for owner, name, real in self._real:
+            setattr(owner, name, real)
 
 
-def layer_once(store: Store, base: str, repo: AptRepo) -> tuple[float, float, str]:
-    """One ``apt-layer install`` of the package on ``base``: (total, inside apt) seconds, the new image."""
-    with AptClock() as clock:
+def layer_once(store: Store, base: str, repo: AptRepo) -> tuple[float, float, str, dict]:
+    """One ``apt-layer install`` of the package on ``base``: (total, inside apt) seconds, the new image, the parts."""
+    with Clocks() as clocks:
         start = time.perf_counter()
         result = layering.install(store, [PACKAGE], from_image=base, deploy=False, sources=[repo.source()])
         total = time.perf_counter() - start
-    if not any(c["package"] == PACKAGE for c in result["changes"]):
+    if not any(c["change"] == "added" and c["package"] == PACKAGE for c in result["changes"]):
         raise SystemExit(f"the install did not add {PACKAGE}: {result['changes']}")
-    return total, clock.spent, result["image"]
+    return total, clocks.spent["inside apt"], result["image"], clocks.spent
+
+
+def parts_rows(rounds: list[tuple]) -> None:
+    """The median of each part over the rounds, and what is left (apt-layer's own Python around them)."""
+    import statistics
+
+    labels = [label for label, _, _ in Clocks.PARTS]
+    for label in labels[1:]:
+        print(f"{'    ' + label:38s} {ms(statistics.median(r[3][label] for r in rounds))}")
+    rest = statistics.median(r[0] - sum(r[3].values()) for r in rounds)
+    print(f"{'    the rest (dpkg status, staging, ...)':38s} {ms(rest)}")
 
 
 def chroot_template(tree: Path, repo: AptRepo, dest: Path) -> Path:
@@ -203,8 +224,8 @@ def main() -> None:
         plain = [apt_get_once(template, tmp / "scratch") for _ in range(args.rounds)]
         shutil.rmtree(template)
         made = [mkcomposefs_once(store, layer[-1][2], tmp / "scratch") for _ in range(args.rounds)]
-        total, inside, _ = best(layer)
-        own = min(t - a for t, a, _ in layer)
+        total, inside, _, _ = best(layer)
+        own = min(t - a for t, a, _, _ in layer)
         apt_get = min(plain)
         mkcfs, tool = best(made)
         print(f"{'minbase':38s} {'time':>12s} {'ratio':>8s} {'goal':>8s}")
@@ -213,6 +234,7 @@ def main() -> None:
         print(f"{'  inside apt (incl. apt-get update)':38s} {ms(inside)}")
         print(f"{'  own part (total - apt)':38s} {ms(own)} {own / mkcfs:7.2f}x {'<= 0.25x':>8s}"
               "  (against mkcomposefs)")
+        parts_rows(layer)
         print(f"{'chroot apt-get install':38s} {ms(apt_get)}")
         print(f"{tool + ' mkcomposefs of merged tree':38s} {ms(mkcfs)}")
         if not args.skip_big:
@@ -226,11 +248,12 @@ def main() -> None:
             print(f"\nbig: {entries_of(store, 'big')} entries ({added} added, image created in {created:.1f} s)")
             layer_once(store, "big", repo)
             big = [layer_once(store, "big", repo) for _ in range(args.rounds)]
-            total, inside, _ = best(big)
-            own = min(t - a for t, a, _ in big)
+            total, inside, _, _ = best(big)
+            own = min(t - a for t, a, _, _ in big)
             print(f"{'apt-layer install, total':38s} {ms(total)}")
             print(f"{'  inside apt (incl. apt-get update)':38s} {ms(inside)}")
             print(f"{'  own part (total - apt)':38s} {ms(own)} {'':8s} {'< 1000 ms':>8s}")
+            parts_rows(big)
     finally:
         if store is not None:
             store.close()

@@ -30,11 +30,22 @@ after recovery and gc every file of every namespace's mount must still read.
 keeps them (as ``unshare --mount=FILE`` alone does). Needs root, erofs and
 overlayfs.
 
+``--layer`` adds package layering: ``install`` onto a bookworm minbase
+(``deb-base``, the cached base of tests/debian_base.py, created first) and
+``uninstall`` of what a layered image holds, from a local signed repository
+(tests/aptrepo.py) named through ``[apt] dir`` in a configuration file. One
+of those runs in two is killed at a named point instead of a random moment,
+drawn from :data:`LAYER_FAULTS`: with the base mounted writable in staging
+(``layer.after-mount``), after dpkg (``layer.after-apt``), or while the new
+image is built, staged and committed. Needs root, bubblewrap, erofs and
+overlayfs.
+
 Example::
 
     tools/torture.py --iterations 200 --workers 2
     tools/torture.py --iterations 20 --seed 7 --json   # what CI runs
     tools/torture.py --iterations 200 --clients 3 --mount-ns
+    tools/torture.py --iterations 40 --layer
 
 Exit status 0 if no invariant was violated, 1 otherwise.
 """
@@ -79,6 +90,12 @@ STARTUP_EVERY = 50
 MAX_NAMESPACES = 3
 #: operations of one iteration still running after this many seconds are a deadlock
 HANG_S = 120.0
+#: --layer: the base image the packages are layered on, and the packages drawn from
+LAYER_BASE = "deb-base"
+LAYER_PACKAGES = ("al-lib", "al-app", "al-conf", "al-scripts")
+#: --layer: the named points an install or uninstall may be killed at (one run in two)
+LAYER_FAULTS = ("layer.after-mount", "layer.after-apt", "create.after-objects", "create.after-stage",
+                "commit.after-commit")
 #: run in a namespace: whether a composefs mount is at argv[1], and which of its files do not read
 _READ_MOUNT = r"""
 import json, os, sys
@@ -116,6 +133,8 @@ class Stats:
     failures: list[dict] = field(default_factory=list)
     per_op: Counter = field(default_factory=Counter)
     per_op_mid: Counter = field(default_factory=Counter)
+    #: --layer: kills at a named point (APT_LAYER_FAULT), by point
+    per_point: Counter = field(default_factory=Counter)
 
     def merge(self, other: Stats) -> None:
         for name in ("iterations", "kills", "kills_mid_operation", "kills_before_effect", "completed",
@@ -124,6 +143,7 @@ class Stats:
         self.failures += other.failures
         self.per_op.update(other.per_op)
         self.per_op_mid.update(other.per_op_mid)
+        self.per_point.update(other.per_point)
 
 
 def store_state(root: Path) -> dict:
@@ -172,10 +192,36 @@ class Planned:
     args: list[str]
     #: the namespace a mount or unmount runs in
     ns: Namespace | None = None
+    #: the named point it is killed at (APT_LAYER_FAULT) instead of after a delay
+    fault: str | None = None
+
+
+@dataclass(frozen=True)
+class Layering:
+    """--layer: the configuration file naming the test repository, and the base tree."""
+
+    config: Path
+    tree: Path
+
+
+def prepare_layering(workdir: Path) -> Layering:
+    """The local repository, an apt directory naming it, a configuration naming that, and the minbase."""
+    from aptrepo import AptRepo, default_packages
+    from debian_base import base_tree
+
+    repo = AptRepo.build(workdir / "repo", [p for p in default_packages() if p.name in LAYER_PACKAGES])
+    etc = workdir / "apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list.d" / "torture.sources").write_text(
+        f"Types: deb\nURIs: {repo.uri}\nSuites: stable\nComponents: main\nSigned-By: {repo.keyring}\n")
+    config = workdir / "config.toml"
+    config.write_text(f'[apt]\ndir = "{etc}"\n')
+    return Layering(config, base_tree())
 
 
 class Worker:
-    def __init__(self, seed: int, workdir: Path, clients: int = 1, mount_ns: str | None = None):
+    def __init__(self, seed: int, workdir: Path, clients: int = 1, mount_ns: str | None = None,
+                 layering: Layering | None = None):
         self.rng = random.Random(seed)
         self.workdir = workdir
         self.pool = shared_pool(self.rng)
@@ -184,6 +230,9 @@ class Worker:
         self.clients = clients
         self.mount_ns = mount_ns
         self.namespaces: list[Namespace] = []
+        self.layering = layering
+        #: --layer: the packages each layered image was asked to hold (by the image's name)
+        self.layered: dict[str, list[str]] = {}
         self.ns_dir = workdir / "ns"
         if mount_ns:
             # a bind mount of a namespace file needs a mount with private propagation around it
@@ -225,6 +274,8 @@ class Worker:
             if images:
                 choices.append(("deploy-tx", ["deploy", rng.choice(images), "--tx", tx]))
         choices += [("gc", ["gc"]), ("gc-full", ["gc", "--full"])]
+        if self.layering:
+            choices += self._layer_choices(images)
         if self.mount_ns:
             if images and len(self.namespaces) < MAX_NAMESPACES:
                 choices += [("mount-ns", ["image", "mount", rng.choice(images)])] * 2
@@ -241,7 +292,36 @@ class Worker:
         if op == "unmount-ns":
             ns = rng.choice(self.namespaces)
             return Planned(op, [*args, str(ns.mountpoint)], ns)
+        if op in ("install", "uninstall"):
+            return Planned(op, args, fault=rng.choice(LAYER_FAULTS) if rng.randrange(2) else None)
         return Planned(op, args)
+
+    def _layer_choices(self, images: list[str]) -> list[tuple[str, list[str]]]:
+        """--layer: make the base, install packages onto it, uninstall some from a layered image."""
+        rng = self.rng
+        config = ["--config", str(self.layering.config)]
+        if LAYER_BASE not in images:
+            create = ["image", "create", str(self.layering.tree), LAYER_BASE, "--backend", "python"]
+            return [("layer-base", create)] * 3
+        choices = []
+        deploy = [] if rng.randrange(2) else ["--no-deploy"]
+        if len(images) < MAX_IMAGES:
+            self.serial += 1
+            name = f"layer-{self.serial}"
+            packages = rng.sample(LAYER_PACKAGES, rng.randint(1, 2))
+            self.layered[name] = packages
+            choices += [("install", [*config, "install", "--from", LAYER_BASE, "--name", name, *deploy,
+                                     *packages])] * 6
+        layered = [i for i in images if i in self.layered]
+        if layered:
+            image = rng.choice(layered)
+            self.serial += 1
+            name = f"layer-{self.serial}"
+            package = rng.choice(self.layered[image])
+            self.layered[name] = [p for p in self.layered[image] if p != package]
+            choices += [("uninstall", [*config, "uninstall", "--from", image, "--name", name, *deploy,
+                                       package])] * 3
+        return choices
 
     def _create_args(self, tx: str | None) -> list[str]:
         self.serial += 1
@@ -295,9 +375,10 @@ class Worker:
         and reported as 'hung'.
         """
         start = time.monotonic()
-        running = [(plan, self._kill_delay(plan.op),
-                    subprocess.Popen(self._argv(plan), env=cli_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)) for plan in plans]
+        running = [(plan, None if plan.fault else self._kill_delay(plan.op),
+                    subprocess.Popen(self._argv(plan), env=cli_env(**({"APT_LAYER_FAULT": plan.fault}
+                                                                       if plan.fault else {})),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for plan in plans]
         outcomes: list[str | None] = [None] * len(running)
         while None in outcomes:
             elapsed = time.monotonic() - start
@@ -313,8 +394,10 @@ class Worker:
                 if proc.returncode is None:
                     continue
                 outcomes[i] = "killed" if proc.returncode == KILLED else "completed"
+                if plan.fault and outcomes[i] == "killed":
+                    self.stats.per_point[plan.fault] += 1
                 if delay is None and outcomes[i] == "completed":  # a finish before its kill would bias the measure
-                    self.durations[plan.op].append(elapsed)
+                    self.durations.setdefault(plan.op, []).append(elapsed)
             time.sleep(0.002)
         for plan, _, proc in running:
             proc.communicate()
@@ -374,6 +457,7 @@ class Worker:
                                "outcome": "/".join(outcomes), "problems": problems, "store": str(kept)})
             self.release_namespaces()
             shutil.rmtree(self.root)
+            self.layered.clear()
 
     def check_unrecovered(self) -> list[str]:
         """Operations that all finished leave a whole store: invariants 1-3, and nothing to recover."""
@@ -432,10 +516,11 @@ class Worker:
             self._release(ns)
 
 
-def run_worker(seed: int, iterations: int, workdir: str, clients: int = 1, mount_ns: str | None = None) -> Stats:
+def run_worker(seed: int, iterations: int, workdir: str, clients: int = 1, mount_ns: str | None = None,
+               layering: Layering | None = None) -> Stats:
     work = Path(workdir) / f"worker-{seed}"
     work.mkdir(parents=True, exist_ok=True)
-    worker = Worker(seed, work, clients, mount_ns)
+    worker = Worker(seed, work, clients, mount_ns, layering)
     try:
         for i in range(iterations):
             worker.iterate(i)
@@ -467,6 +552,8 @@ def summary(stats: Stats, seconds: float) -> str:
     lines.append(f"{'operation':<12}  {'runs':>5}  {'killed mid-op':>13}")
     for op in sorted(stats.per_op):
         lines.append(f"{op:<12}  {stats.per_op[op]:>5}  {stats.per_op_mid[op]:>13}")
+    for point in sorted(stats.per_point):
+        lines.append(f"killed at {point}: {stats.per_point[point]}")
     for f in stats.failures:
         lines.append(f"FAILED iteration {f['iteration']} ({f['op']}, {f['outcome']}): store kept at {f['store']}")
         lines += [f"    {p}" for p in f["problems"][:10]]
@@ -482,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--clients", "-c", type=int, default=1, choices=(1, 2, 3),
                         help="operations started at once against the store in each iteration")
+    parser.add_argument("--layer", action="store_true",
+                        help="add package layering (install, uninstall) on a bookworm minbase, killed at random "
+                             "moments or at the layering's fault points")
     parser.add_argument("--mount-ns", nargs="?", const="held", choices=("held", "pinned"),
                         help="add mounts, each in a mount namespace of its own (held by a process in it, "
                              "or pinned by a bind mount only), and unmounts")
@@ -492,10 +582,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="apt-layer-torture-"))
     start = time.monotonic()
     total = Stats()
+    layering = prepare_layering(workdir) if args.layer else None
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         for stats in pool.map(run_worker, [seed + k for k in range(args.workers)],
                               [args.iterations] * args.workers, [str(workdir)] * args.workers,
-                              [args.clients] * args.workers, [args.mount_ns] * args.workers):
+                              [args.clients] * args.workers, [args.mount_ns] * args.workers,
+                              [layering] * args.workers):
             total.merge(stats)
     seconds = time.monotonic() - start
     if args.json:
@@ -504,11 +596,12 @@ def main(argv: list[str] | None = None) -> int:
                           "kills_before_effect": total.kills_before_effect, "completed": total.completed,
                           "recover_kills": total.recover_kills, "checked_unrecovered": total.checked_unrecovered,
                           "ns_mounts": total.ns_mounts, "ns_marked_lost": total.ns_marked_lost,
-                          "failures": total.failures,
+                          "killed_at_points": dict(total.per_point), "failures": total.failures,
                           "per_op": dict(total.per_op), "seconds": round(seconds, 1)}, indent=2))
     else:
         print(f"seed {seed}, {args.workers} workers, {args.clients} clients each"
-              f"{', mounts in namespaces' if args.mount_ns else ''}, workdir {workdir}")
+              f"{', mounts in namespaces' if args.mount_ns else ''}{', layering' if args.layer else ''}, "
+              f"workdir {workdir}")
         print(summary(total, seconds))
     if not total.failures and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -254,22 +255,40 @@ class Builder:
             base = read_image(base_bytes)
         except ImageFormatError as e:
             raise build.BuildError(f"base image {source.base_image}: {e}") from None
-        base_rows = manifest_of(base)
         store = self._object_store()
         delta = upper.read_upper(source.upper, store)
         store.sync()
         fault("create.after-objects")
-        merged = upper.apply(base, delta)
+        dropped: list = []
+        merged = upper.apply(base, delta, dropped)
         image, digest = build.render(merged, min_version=options.min_version, max_version=options.max_version)
         fsops.write_file_atomic(staged, image)
         rows = manifest_of(merged)
-        manifest: list[tuple[str, int]] | Delta = rows
-        if base_rows and self.known.manifest_objects(base_hex) == len(base_rows):
-            before, after = dict(base_rows), dict(rows)
-            manifest = Delta(base_hex, frozenset(before.keys() - after.keys()),
-                             tuple(sorted(row for row in rows if row[0] not in before)))
+        manifest = self._layered_manifest(base_hex, rows, delta, dropped)
         return Outcome(staged, digest.hex(), len(image), manifest, len(rows), delta.stats,
                        layered_on=base_hex, changed=len(delta.changes))
+
+    def _layered_manifest(self, base_hex: str, rows: list[tuple[str, int]], delta, dropped: list):
+        """The merged tree's manifest as a delta of its base's, read from the change alone; else whole.
+
+        An object can only be new if a file of the upper directory holds
+        it, and only be gone if a dropped base subtree held it. The count
+        recorded for the base, less the gone, plus the new, must then be
+        the merged tree's: else the journal lacks the base's manifest and
+        the whole one is recorded.
+        """
+        from ..composefs import upper
+
+        recorded = self.known.manifest_objects(base_hex)
+        if not recorded:
+            return rows
+        now = dict(rows)
+        fresh = {obj for obj in _objects(c.node for c in delta.changes if isinstance(c, upper.Added))
+                 if obj in now and not self.known.manifest_has(base_hex, obj)}
+        gone = frozenset(obj for obj in _objects(dropped) if obj not in now)
+        if recorded - len(gone) + len(fresh) != len(rows):
+            return rows
+        return Delta(base_hex, gone, tuple(sorted((obj, now[obj]) for obj in fresh)))
 
     # --- a tree already read ------------------------------------------------------------
 
@@ -332,11 +351,32 @@ def manifest_of(root) -> list[tuple[str, int]]:
     from ..composefs.fsverity import OBJECT_PATH_RULE, is_object_path
 
     objects: dict[str, int] = {}
-    for path, node in root.walk():
-        if node.is_reg and node.payload and node.content is None and node.size > 0:
-            obj = node.payload.decode("utf-8", "surrogateescape")
-            if not is_object_path(obj):
-                raise errors.InvalidInput(f"{os.fsdecode(path)}: backing path {obj!r} is not in the digest store "
-                                          f"({OBJECT_PATH_RULE})")
-            objects[obj] = node.size
+    for node in _files([root]):
+        obj = node.payload.decode("utf-8", "surrogateescape")
+        if obj not in objects and not is_object_path(obj):
+            # the first such file in path order is the one named
+            path, node = next((p, n) for p, n in root.walk() if n.is_reg and n.payload and n.content is None
+                              and n.size > 0 and not is_object_path(n.payload.decode("utf-8", "surrogateescape")))
+            raise errors.InvalidInput(f"{os.fsdecode(path)}: backing path "
+                                      f"{node.payload.decode('utf-8', 'surrogateescape')!r} is not in the digest "
+                                      f"store ({OBJECT_PATH_RULE})")
+        objects[obj] = node.size
     return sorted(objects.items())
+
+
+def _files(roots):
+    """The regular files with a backing object in the trees at ``roots`` (hard links not again), any order."""
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node.link is not None:
+            continue
+        if node.children:
+            stack.extend(node.children.values())
+        elif node.payload and node.content is None and node.size > 0 and stat.S_ISREG(node.mode):
+            yield node
+
+
+def _objects(roots):
+    """The object paths the files of the trees at ``roots`` reference."""
+    return (node.payload.decode("utf-8", "surrogateescape") for node in _files(roots))

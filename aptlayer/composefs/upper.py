@@ -330,12 +330,17 @@ def _clean(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
 # --- laying a delta over a base tree -------------------------------------------------
 
 
-def apply(base: Node, delta: Delta) -> Node:
+def apply(base: Node, delta: Delta, dropped: list[Node] | None = None) -> Node:
     """The merged tree: ``base`` (a tree from the reader, which this consumes) with ``delta`` over it.
 
     Entries the delta does not touch keep the base's nodes (their digests,
     payloads and inline data unread); ``base`` must not be used afterwards.
+    The base nodes that the merged tree no longer shows at their own names
+    (whited out, replaced, hidden below an opaque directory: the roots of
+    those subtrees) are appended to ``dropped``: only what they hold can
+    be gone from the base's objects.
     """
+    dropped = [] if dropped is None else dropped
     root = _with_meta(delta.root, Node())
     root.children = dict(base.children)
     merged: dict[bytes, Node] = {b"": root}
@@ -347,6 +352,7 @@ def apply(base: Node, delta: Delta) -> Node:
         if into is None:
             raise UpperError(f"{os.fsdecode(change.path)}: parent not in the upper directory")
         under = lower[parent]
+        was = into.children.get(name)
         if isinstance(change, Whiteout):
             into.children.pop(name, None)
         elif isinstance(change, Directory):
@@ -355,10 +361,14 @@ def apply(base: Node, delta: Delta) -> Node:
             node = into.children[name] = _with_meta(change.meta, Node())
             node.children = dict(below.children) if below is not None else {}
             merged[change.path], lower[change.path] = node, below
+            if was is below:
+                continue  # the same directory, its entries kept
         elif isinstance(change, MetaCopy):
             into.children[name] = _with_data(change, _lookup(base, under, change.redirect or name, change.path))
         else:
             into.children[name] = change.node
+        if was is not None:
+            dropped.append(was)
     _split_links(root)
     return root
 

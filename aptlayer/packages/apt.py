@@ -14,10 +14,18 @@ Two steps, each with only the access it needs (docs/sandbox.md):
    read-only, ``--no-download`` makes any package missing from step 1 an
    error, and dpkg runs the maintainer scripts there.
 
-Both steps use the same lists, status and configuration, so they agree; the
-package set after step 2 is checked against the plan of step 1 anyway.
+Both steps use the same lists, status and configuration, so they agree.
+What step 2 installed is read from the root's dpkg status afterwards.
 Neither step may remove a package the caller did not name (``--no-remove``):
 a conflict with a base package is refused, not resolved by removing it.
+
+The lists are fetched (``apt-get update``) only when they are older than
+:data:`LISTS_MAX_AGE` or were fetched for other sources. With fresh lists,
+step 2 is tried first on its own: when the cache holds every .deb already
+(a rebuild, an uninstall, a second image with the same packages), that is
+the one run of apt. When apt refuses before dpkg starts (a .deb not in the
+cache, a package not in the lists), the root is untouched and the two steps
+run, step 1 updating the lists once more if it finds no such package.
 
 ``file:`` sources are handed to apt as ``copy:`` so that local repositories'
 packages also land in the cache and step 2 needs no view of them.
@@ -32,17 +40,21 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from debian.deb822 import Deb822
-
+from ..config import DEFAULT_LISTS_MAX_AGE
 from ..errors import AptLayerError, Conflict, IntegrityError, InvalidInput, NoSpace, NotFound, Unsupported
 from . import sandbox
 from .sandbox import Bind
 from .sources import Source, render_deb822
 
 TRUSTED_PARTS = Path("/etc/apt/trusted.gpg.d")
+#: package lists fetched less than this many seconds ago, for the same sources, are used without an update
+LISTS_MAX_AGE = DEFAULT_LISTS_MAX_AGE
+#: in the download cache: what the lists were last fetched for (its mtime: when)
+LISTS_STAMP = "lists/apt-layer.sources-key"
 INSIDE = "/run/apt-layer"  # where the sandbox sees the cache and the configuration
 
 
@@ -101,8 +113,8 @@ class Outcome:
 
     #: every package installed in the root afterwards
     packages: list[Package]
-    #: packages this operation installed or upgraded -> SHA-256 of their .deb
-    installed: dict[Package, str] = field(default_factory=dict)
+    #: packages this operation installed or upgraded -> SHA-256 of their .deb (None if it is not at hand)
+    installed: dict[Package, str | None] = field(default_factory=dict)
     removed: list[Package] = field(default_factory=list)
     #: .deb files fetched into the cache by this operation (file names)
     downloaded: list[str] = field(default_factory=list)
@@ -121,17 +133,31 @@ def _status_path(root: Path) -> Path:
 
 
 def installed_packages(root: Path) -> list[Package]:
-    """The packages dpkg records as installed in *root*, sorted."""
-    out = []
+    """The packages dpkg records as installed in *root*, sorted.
+
+    Read line by line (only four fields matter; python-debian's full
+    parser took a fifth of a layering's own time on a minbase).
+    """
     path = _status_path(root)
-    if not path.exists():
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
         return []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for stanza in Deb822.iter_paragraphs(f):
-            state = stanza.get("Status", "").split()
-            if len(state) == 3 and state[2] == "installed":
-                out.append(Package(stanza["Package"], stanza["Version"], stanza.get("Architecture", "all")))
+    out = []
+    for stanza in text.split("\n\n"):
+        fields = {}
+        for line in stanza.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key in _STATUS_FIELDS:
+                fields[key] = value.strip()
+        state = fields.get("Status", "").split()
+        if len(state) == 3 and state[2] == "installed" and "Package" in fields and "Version" in fields:
+            out.append(Package(fields["Package"], fields["Version"], fields.get("Architecture", "all")))
     return sorted(out, key=lambda p: (p.name, p.arch))
+
+
+_STATUS_FIELDS = frozenset(("Package", "Status", "Version", "Architecture"))
 
 
 def root_architectures(root: Path) -> list[str]:
@@ -246,6 +272,7 @@ class _Workspace:
                     if key.suffix in (".gpg", ".asc") and key.is_file():
                         shutil.copyfile(key, self.dir / "trusted.gpg.d" / key.name)
             names = self._copy_keyrings(sources)
+            self.lists_key = self._lists_key(sources, names)
             for view, prefix in (("host", str(self.dir)), ("inside", f"{INSIDE}/work")):
                 etc = self.dir / view
                 for sub in ("sources.list.d", "apt.conf.d", "preferences.d"):
@@ -278,6 +305,15 @@ class _Workspace:
                 names[f"inline:{number}"] = f"inline-{number}.asc"
                 (self.dir / "keyrings" / f"inline-{number}.asc").write_text(source.signed_by_key)
         return names
+
+    def _lists_key(self, sources: list[Source], names: dict[str, str]) -> str:
+        """What the package lists depend on: the sources, their keys, the trusted keys, the architectures."""
+        keys = {key: _sha256(self.dir / "keyrings" / name) for key, name in names.items()}
+        digest = hashlib.sha256(render_deb822(sources, keys, _copy_uri).encode())
+        for part in sorted((self.dir / "trusted.gpg.d").iterdir()):
+            digest.update(f"\n{part.name} {_sha256(part)}".encode())
+        digest.update(f"\n{' '.join(self.archs)}".encode())
+        return digest.hexdigest()
 
     def _config(self, view: str, recommends: bool) -> Path:
         host = view == "host"
@@ -414,20 +450,12 @@ def _headline(lines: list[str]) -> str:
     return lines[0] if lines else ""
 
 
-_INST = re.compile(r"^Inst (\S+) (?:\[(\S+)\] )?\((\S+) .*?\[(\S+)\]\)")
 _REMV = re.compile(r"^(?:Remv|Purg) (\S+) \[(\S+)\]")
 
 
-def _plan(output: str) -> tuple[list[Package], list[str]]:
-    """Packages apt will install (name, version, arch) and remove (names), from ``-s``."""
-    installs, removes = [], []
-    for line in output.splitlines():
-        if m := _INST.match(line):
-            name, arch = m.group(1).partition(":")[0], m.group(4)
-            installs.append(Package(name, m.group(3), arch))
-        elif m := _REMV.match(line):
-            removes.append(m.group(1).partition(":")[0])
-    return installs, removes
+def _removals(output: str) -> list[str]:
+    """The packages apt would remove (names), from ``-s``."""
+    return [m.group(1).partition(":")[0] for line in output.splitlines() if (m := _REMV.match(line))]
 
 
 def _deb_name(pkg: Package) -> str:
@@ -443,36 +471,42 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_result(root: Path, before: list[Package], plan_in: list[Package], plan_out: list[str]) -> list[Package]:
+def _check_removal(root: Path, before: list[Package], removals: list[str]) -> list[Package]:
+    """The root's packages after a removal, which must be those before less exactly ``removals``."""
     after = installed_packages(root)
-    expected = {p.key: p for p in before if p.name not in plan_out}
-    for p in plan_in:
-        expected[p.key] = p
-    got = {p.key: p for p in after}
-    if got != expected:
-        extra = sorted(f"{k}={got[k].version}" for k in got.keys() - expected.keys())
-        missing = sorted(f"{k}={expected[k].version}" for k in expected.keys() - got.keys())
-        changed = sorted(f"{k}={got[k].version}" for k in got.keys() & expected.keys() if got[k] != expected[k])
+    expected = [p for p in before if p.name not in removals]
+    if after != expected:
+        got, want = set(after), set(expected)
         raise AptFailed("apt in the root did not do what it planned: "
-                        f"unexpected {extra + changed or 'nothing'}, missing {missing or 'nothing'}")
+                        f"unexpected {sorted(p.key for p in got - want) or 'nothing'}, "
+                        f"missing {sorted(p.key for p in want - got) or 'nothing'}")
     return after
 
 
 # -- the operations ---------------------------------------------------------
 
 def install(root: Path, packages: list[str], *, sources: list[Source], cache: Path,
-            debs: list[Path] = (), refresh: bool = True, recommends: bool = True,
-            trusted_parts: Path | None = TRUSTED_PARTS, workdir: Path | None = None) -> Outcome:
+            debs: list[Path] = (), refresh: bool | None = None, recommends: bool = True,
+            trusted_parts: Path | None = TRUSTED_PARTS, workdir: Path | None = None,
+            lists_max_age: float | None = None) -> Outcome:
     """Install *packages* (apt names, ``name=version`` allowed) and local *debs* into *root*.
 
     *sources* are what apt fetches from (the host's, usually); *cache* is the
-    download cache (lists and .debs), kept between calls. With *refresh*
-    the package lists are updated first. apt's configuration for the
+    download cache (lists and .debs), kept between calls. The package lists
+    are updated first if *refresh* is true; if it is None (the default),
+    only when they are not :func:`lists_fresh` for these sources (younger
+    than *lists_max_age* seconds, :data:`LISTS_MAX_AGE` by default), and
+    again once if apt then finds no such package. apt's configuration for the
     operation lives in a temporary directory under *workdir* (the system's
     temporary directory by default; the Store will pass its staging), removed
     at the end whatever happens. Raises an :class:`AptFailed`
     subclass, quoting apt or dpkg, if anything goes wrong; the root is then
     in whatever state dpkg left it, and the caller discards it.
+
+    At most two runs of apt (and an update): the host's resolves and
+    downloads (``--download-only``), the root's installs in the sandbox;
+    with fresh lists and a warm cache, the second alone. What was installed
+    is read from the root's dpkg status afterwards, not asked of apt first.
     """
     sandbox.check_available()
     if not packages and not debs:
@@ -482,12 +516,9 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
     work = _Workspace(root, sources, cache, trusted_parts=trusted_parts, recommends=recommends, under=workdir)
     try:
         output = []
-        if refresh:
-            rc, out = work.host_apt("update", "--error-on=any")
-            output.append(out)
-            problems = [line for line in _important(out) if line.startswith(("E:", "Err:"))]
-            if rc != 0 or problems:
-                raise _failure("cannot read the package lists", out, DownloadFailed)
+        updated = refresh is True or (refresh is None and not lists_fresh(work, lists_max_age))
+        if updated:
+            _update(work, output)
         debdir = work.dir / "debs"
         debdir.mkdir()
         host_args, inside_args = list(packages), list(packages)
@@ -497,33 +528,107 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
             host_args.append(str(debdir / name))
             inside_args.append(f"{INSIDE}/debs/{name}")
         common = ["-y", "--no-remove"]
-        rc, out = work.host_apt(*common, "-s", "install", *host_args)
-        output.append(out)
-        if rc != 0:
-            raise _failure(f"cannot install {' '.join(packages + [str(p) for p, _ in local])}", out)
-        plan_in, plan_out = _plan(out)
-        if plan_out:  # --no-remove should have refused already
-            raise Unsatisfiable(f"installing would remove {', '.join(plan_out)}")
-        have = set(os.listdir(work.cache / "archives"))
-        rc, out = work.host_apt(*common, "--download-only", "install", *host_args)
-        output.append(out)
-        if rc != 0:
-            raise _failure("cannot download the packages", out, DownloadFailed)
-        downloaded = sorted(n for n in set(os.listdir(work.cache / "archives")) - have if n.endswith(".deb"))
         before = installed_packages(root)
-        rc, out = work.root_apt(*common, "--no-download", "install", *inside_args, debs=debdir)
+        downloaded: list[str] = []
+        ran = None
+        if not updated:  # fresh lists: the cache may hold every .deb already
+            ran = _install_from_cache(work, root, [*common, "--no-download", "install", *inside_args], debdir)
+        if ran is not None:
+            rc, out = ran
+        else:
+            have = set(os.listdir(work.cache / "archives"))
+            rc, out = work.host_apt(*common, "--download-only", "install", *host_args)
+            if rc != 0 and not updated and refresh is None \
+                    and isinstance(_failure("", out), PackageNotFound):  # maybe new since the lists were fetched
+                _update(work, output)
+                rc, out = work.host_apt(*common, "--download-only", "install", *host_args)
+            output.append(out)
+            if rc != 0:
+                raise _failure(f"cannot install {' '.join(packages + [str(p) for p, _ in local])}", out)
+            downloaded = sorted(n for n in set(os.listdir(work.cache / "archives")) - have if n.endswith(".deb"))
+            rc, out = work.root_apt(*common, "--no-download", "install", *inside_args, debs=debdir)
         output.append(out)
         if rc != 0:
             raise _failure("apt-get install in the new root failed", out, ScriptFailed)
-        after = _check_result(root, before, plan_in, [])
+        after = installed_packages(root)
+        new = _installed_by(before, after)
         local_by_key = {info: debdir / f"{n}-{_deb_name(info)}" for n, (_, info) in enumerate(local)}
-        hashes = {}
-        for pkg in plan_in:
-            deb = local_by_key.get(pkg) or work.cache / "archives" / _deb_name(pkg)
-            hashes[pkg] = _sha256(deb)
+        hashes = {pkg: _deb_sha256(local_by_key.get(pkg) or work.cache / "archives" / _deb_name(pkg))
+                  for pkg in new}
         return Outcome(packages=after, installed=hashes, downloaded=downloaded, output="".join(output))
     finally:
         work.close()
+
+
+#: lines of apt's output that only come once dpkg has started on the root
+_DPKG_RAN = ("Selecting previously unselected package", "Preparing to unpack", "Unpacking ", "Setting up ",
+             "dpkg:", "Removing ")
+
+
+def _install_from_cache(work: _Workspace, root: Path, args: list[str], debdir: Path) -> tuple[int, str] | None:
+    """``apt-get ARGS`` (an install ``--no-download``) in the sandbox, from the lists and .debs the cache holds.
+
+    A failure before dpkg started (a .deb not in the cache, a package not
+    in the lists, or any other refusal of apt's: the root is untouched, as
+    its status shows) is None: the caller takes the long way, downloading
+    on the host, then installing. Otherwise apt's exit code and output.
+    """
+    status = _status_path(root)
+    was = status.read_bytes() if status.exists() else None
+    rc, out = work.root_apt(*args, debs=debdir)
+    if rc == 0:
+        return rc, out
+    now = status.read_bytes() if status.exists() else None
+    if now == was and not any(line.startswith(_DPKG_RAN) for line in out.splitlines()):
+        return None
+    return rc, out
+
+
+def _update(work: _Workspace, output: list[str]) -> None:
+    """``apt-get update`` into the cache; on success the lists are stamped fresh for these sources."""
+    rc, out = work.host_apt("update", "--error-on=any")
+    output.append(out)
+    problems = [line for line in _important(out) if line.startswith(("E:", "Err:"))]
+    if rc != 0 or problems:
+        raise _failure("cannot read the package lists", out, DownloadFailed)
+    stamp = work.cache / LISTS_STAMP
+    tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+    tmp.write_text(work.lists_key + "\n")
+    os.replace(tmp, stamp)
+
+
+def lists_fresh(work: _Workspace, max_age: float | None = None) -> bool:
+    """Whether the cache's package lists were fetched for these very sources less than *max_age* seconds ago.
+
+    The stamp names what the lists were fetched for (:attr:`_Workspace.lists_key`):
+    other sources, keyrings or architectures make them stale at once.
+    """
+    max_age = LISTS_MAX_AGE if max_age is None else max_age
+    stamp = work.cache / LISTS_STAMP
+    try:
+        key = stamp.read_text().strip()
+        age = time.time() - stamp.stat().st_mtime
+    except OSError:
+        return False
+    return key == work.lists_key and 0 <= age < max_age
+
+
+def _installed_by(before: list[Package], after: list[Package]) -> list[Package]:
+    """The packages an install added or changed; refused if it removed any (``--no-remove`` promises not)."""
+    now = {p.key for p in after}
+    gone = sorted(p.key for p in before if p.key not in now)
+    if gone:
+        raise AptFailed(f"apt in the new root removed {', '.join(gone)}, which was not asked for")
+    was = set(before)
+    return [p for p in after if p not in was]
+
+
+def _deb_sha256(path: Path) -> str | None:
+    """The SHA-256 of the .deb a package was installed from; None if it is not at hand."""
+    try:
+        return _sha256(path)
+    except FileNotFoundError:
+        return None
 
 
 def remove(root: Path, packages: list[str], *, purge: bool = False, workdir: Path | None = None) -> Outcome:
@@ -547,7 +652,7 @@ def remove(root: Path, packages: list[str], *, purge: bool = False, workdir: Pat
         rc, out = work.host_apt("-y", "-s", verb, *packages)
         if rc != 0:
             raise _failure(f"cannot remove {' '.join(packages)}", out)
-        _, plan_out = _plan(out)
+        plan_out = _removals(out)
         others = sorted(set(plan_out) - {p.partition(":")[0] for p in packages})
         if others:
             raise Unsatisfiable(f"removing {' '.join(packages)} would also remove {', '.join(others)} "
@@ -555,7 +660,7 @@ def remove(root: Path, packages: list[str], *, purge: bool = False, workdir: Pat
         rc, out2 = work.root_apt("-y", verb, *packages)
         if rc != 0:
             raise _failure(f"apt-get {verb} in the new root failed", out2, ScriptFailed)
-        after = _check_result(root, before, [], plan_out)
+        after = _check_removal(root, before, plan_out)
         removed = [p for p in before if p.name in plan_out]
         return Outcome(packages=after, removed=removed, output=out + out2)
     finally:
