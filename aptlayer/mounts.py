@@ -21,7 +21,8 @@ from .store import Store
 def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...] = (),
           upperdir: str | None = None, workdir: str | None = None, readonly: bool = False,
           verity: str = "off", idmap: str | None = None, backend: str = "python",
-          allow_suid: bool = False, boot: bool = False, check_objects: bool = True) -> dict:
+          allow_suid: bool = False, boot: bool = False, check_objects: bool = True,
+          check_redirects: bool = True) -> dict:
     """Mount image ``name`` and record it; warns (in the result) about missing objects.
 
     ``backend`` "python" mounts natively, "upstream" through
@@ -30,7 +31,9 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
     mounted at boot (the system itself: set-id bits honoured, and its
     redirects not read again, see ``composefs.mount.mount``). Without
     ``check_objects`` the warning is not looked for (it stats every object
-    of the image; ``missing_objects`` is then None).
+    of the image; ``missing_objects`` is then None). Without
+    ``check_redirects`` the image's redirects are not read before the mount
+    (for an image the Store wrote itself and mounts for its own work).
     """
     allow_suid = allow_suid or boot
     from .composefs import mount as cfsmount, upstream
@@ -54,7 +57,7 @@ def mount(store: Store, name: str, mountpoint: str, *, basedirs: tuple[str, ...]
         try:
             do_mount(str(path), target, [str(store.layout.objects), *basedirs], upperdir=upperdir,
                      workdir=workdir, readonly=readonly, verity=verity, idmap=idmap,
-                     nosuid=not allow_suid, nodev=not allow_suid, check_redirects=not boot)
+                     nosuid=not allow_suid, nodev=not allow_suid, check_redirects=check_redirects and not boot)
         except BaseException as e:
             store.record(kinds.Unmounted(subject=name, mountpoint=target, reason=f"mount failed: {e}"[:500]), event.tx)
             if isinstance(e, cfsmount.MountError):
