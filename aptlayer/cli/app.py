@@ -39,6 +39,7 @@ COMMANDS = {
     "rebase": "layer:rebase",
     "packages": "layer:packages",
     "diff": "layer:diff",
+    "boot": "boot:boot",
 }
 
 
