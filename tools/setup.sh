@@ -25,6 +25,10 @@ command -v zstd >/dev/null || need+=(zstd)
 command -v dpkg-buildpackage >/dev/null || need+=(dpkg-dev)
 command -v dh >/dev/null || need+=(debhelper)
 command -v lintian >/dev/null || need+=(lintian)
+# Booting deployments: the initramfs scripts' check, and the VM tests (pytest -m vm).
+command -v shellcheck >/dev/null || need+=(shellcheck)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v debugfs >/dev/null || need+=(e2fsprogs)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null

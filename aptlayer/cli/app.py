@@ -40,6 +40,7 @@ COMMANDS = {
     "packages": "layer:packages",
     "diff": "layer:diff",
     "boot": "boot:boot",
+    "etc": "boot:etc",
 }
 
 

@@ -40,3 +40,40 @@ def complete(ctx, as_json) -> None:
         click.echo(result["reason"], err=True)
     elif not ctx.obj.quiet:
         click.echo(f"{result['good']} completed its boot")
+
+
+@click.group("etc")
+def etc() -> None:
+    """The booted system's /etc: the image's, with the administrator's changes on top.
+
+    \b
+    Example:
+      apt-layer etc diff
+    """
+
+
+@etc.command("diff")
+@click.option("--image", metavar="NAME", help="Compare with image NAME (default: the booted one, else current).")
+@json_option
+@click.pass_context
+def etc_diff(ctx, image, as_json) -> None:
+    """List the local changes to /etc against the image's /etc.
+
+    Each is kept in the store's etc/upper for every deployment and hides
+    the image's version of the path: A added, M modified, D deleted,
+    P pinned (the same as the image's, but a new image's version stays
+    hidden). See docs/boot.md for the rule.
+
+    \b
+    Example:
+      apt-layer etc diff
+      apt-layer etc diff --image base --json
+    """
+    from ..boot.etc import diff
+
+    result = diff(ctx.obj.store(), image)
+    if as_json:
+        print_json(result)
+        return
+    for change in result["changes"]:
+        click.echo(f"{change['change'][0].upper()} {change['path']}")
