@@ -41,6 +41,7 @@ COMMANDS = {
     "diff": "layer:diff",
     "boot": "boot:boot",
     "etc": "boot:etc",
+    "check": "boot:check",
 }
 
 

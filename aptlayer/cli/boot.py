@@ -77,3 +77,32 @@ def etc_diff(ctx, image, as_json) -> None:
         return
     for change in result["changes"]:
         click.echo(f"{change['change'][0].upper()} {change['path']}")
+
+
+@click.command()
+@json_option
+@click.pass_context
+def check(ctx, as_json) -> None:
+    """Report what the running kernel supports for composefs images.
+
+    erofs, overlayfs and its data-only lower layers (Linux 6.5) are needed
+    to mount an image; the rest is used when present. Exit 9 if this
+    kernel cannot mount images.
+
+    \b
+    Example:
+      apt-layer check
+      apt-layer check --json
+    """
+    from ..boot.kernel import check as run
+
+    report = run()
+    if as_json:
+        print_json(report)
+    else:
+        click.echo(f"Kernel: {report['kernel']}")
+        for f in report["features"]:
+            click.echo(f"  {'yes' if f['supported'] else 'no ':3}  {f['feature']} ({f['detail']})")
+        click.echo("Images can be mounted." if report["mountable"] else f"Images cannot be mounted: {report['problem']}")
+    if not report["mountable"]:
+        ctx.exit(9)
