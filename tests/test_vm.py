@@ -32,6 +32,7 @@ say image_mount "$(findmnt -no FSTYPE /run/apt-layer/image)"
 say sysroot "$(findmnt -no FSTYPE /sysroot)"
 say etc "$(findmnt -no FSTYPE,SOURCE /etc)"
 say var "$(findmnt -no FSTYPE /var)"
+say boot "$(findmnt -no FSTYPE /boot)"
 say release "$(cat /usr/share/apt-layer-vmtest/release)"
 say status "$(apt-layer status --json | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)))')"
 say dpkg_hello "$(dpkg-query -W -f '${Status}' hello 2>/dev/null || echo absent)"
@@ -131,7 +132,7 @@ def test_boots_the_current_deployment_and_keeps_etc_and_var_across_deploy_and_ro
     assert "lowerdir=/run/apt-layer/image::/root/var/lib/apt-layer/images/objects" in found["root_options"]
     assert "ro" in found["root_options"].split(",")
     assert found["image_mount"] == "erofs"
-    assert (found["sysroot"], found["var"]) == ("ext4", "ext4")
+    assert (found["sysroot"], found["var"], found["boot"]) == ("ext4", "ext4", "ext4")
     assert found["etc"] == "overlay apt-layer-etc"
     assert found["release"] == "two"
     assert found["usr_write"] == "refused"
@@ -151,10 +152,13 @@ def test_boots_the_current_deployment_and_keeps_etc_and_var_across_deploy_and_ro
     found = vm.report(READ_LOCAL + "apt-layer rollback\n")
     assert found["release"] == "three" and _local(found) == LOCAL
     assert found["etc_from_image"] == "three"
-    # ... and after a rollback.
-    found = vm.report(READ_LOCAL)
+    # ... and after a rollback; `etc diff` lists them against the running image.
+    found = vm.report(READ_LOCAL + 'say etc_diff "$(apt-layer etc diff | tr \'\\n\' \'|\')"\n')
     assert found["release"] == "two" and _local(found) == LOCAL
     assert found["etc_from_image"] == "two"
+    diff = found["etc_diff"].split("|")
+    assert "A /etc/apt-layer-vmtest-local" in diff and "M /etc/apt-layer-vmtest/admin-edits" in diff
+    assert not any(line.endswith("/etc/apt-layer-vmtest/from-image") for line in diff)
     # The changes live in the store's etc/upper on the physical root.
     assert vm.file("etc/upper/apt-layer-vmtest-local") == b"local\n"
     assert vm.file("etc/upper/apt-layer-vmtest/from-image") is None
