@@ -1,4 +1,4 @@
-"""The boot scripts apt-layer ships (initramfs-tools hook and boot script) are
+"""The boot scripts apt-layer ships (initramfs-tools hook and boot script, grub.d script) are
 POSIX sh that shellcheck passes, and the Debian package installs them where
 initramfs-tools looks (tests/test_vm.py boots them)."""
 
@@ -12,12 +12,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "aptlayer" / "data"
-SCRIPTS = sorted(p for p in (DATA / "initramfs-tools").rglob("*") if p.is_file())
+SCRIPTS = sorted(p for d in ("initramfs-tools", "grub.d") for p in (DATA / d).rglob("*") if p.is_file())
+INITRAMFS = [p for p in SCRIPTS if "initramfs-tools" in p.parts]
 
 
 def test_the_scripts_are_there_and_executable() -> None:
-    names = {str(p.relative_to(DATA / "initramfs-tools")) for p in SCRIPTS}
-    assert names == {"hooks/apt-layer", "scripts/local-bottom/apt-layer"}
+    names = {str(p.relative_to(DATA)) for p in SCRIPTS}
+    assert names == {"initramfs-tools/hooks/apt-layer", "initramfs-tools/scripts/local-bottom/apt-layer",
+                     "grub.d/15_apt-layer"}
     for script in SCRIPTS:
         assert script.stat().st_mode & 0o111, script
         assert script.read_text().startswith("#!/bin/sh\n"), script
@@ -31,7 +33,7 @@ def test_shellcheck_passes(script: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(DATA)))
+@pytest.mark.parametrize("script", INITRAMFS, ids=lambda p: str(p.relative_to(DATA)))
 def test_the_prereqs_protocol(script: Path) -> None:
     """initramfs-tools runs each script with ``prereqs`` first: it must print its
     prerequisites and exit 0 without doing anything else."""
@@ -41,6 +43,7 @@ def test_the_prereqs_protocol(script: Path) -> None:
 
 def test_the_package_installs_them_for_initramfs_tools() -> None:
     rules = (REPO / "debian" / "rules").read_text()
-    for script in SCRIPTS:
+    for script in INITRAMFS:
         rel = script.relative_to(DATA / "initramfs-tools")
         assert f"$(PKG)/usr/share/initramfs-tools/{rel}" in rules, rel
+    assert "$(PKG)/etc/grub.d/15_apt-layer" in rules

@@ -29,6 +29,7 @@ command -v lintian >/dev/null || need+=(lintian)
 command -v shellcheck >/dev/null || need+=(shellcheck)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v debugfs >/dev/null || need+=(e2fsprogs)
+command -v grub-script-check >/dev/null || need+=(grub-common)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null

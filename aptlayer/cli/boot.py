@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .output import json_option, print_json
@@ -9,12 +11,49 @@ from .output import json_option, print_json
 
 @click.group()
 def boot() -> None:
-    """Booting deployments: mark a boot complete (boot counting).
+    """Booting deployments: boot loader entries, and marking a boot complete.
 
     \b
     Example:
+      apt-layer boot entries --update-grub
       apt-layer boot complete
     """
+
+
+@boot.command("entries")
+@click.option("--boot-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/boot"),
+              show_default=True, help="The machine's /boot.")
+@click.option("--update-grub", "grub", is_flag=True, help="Then run update-grub (/etc/grub.d/15_apt-layer).")
+@json_option
+@click.pass_context
+def entries(ctx, boot_dir, grub, as_json) -> None:
+    """Write a boot loader entry for each kept deployment.
+
+    Copies each deployed image's newest kernel and initramfs to
+    BOOT/apt-layer/DIGEST/, writes BOOT/loader/entries/apt-layer-SLOT.conf
+    (Boot Loader Specification, read by systemd-boot and by GRUB through
+    /etc/grub.d/15_apt-layer) and removes what no deployment needs.
+    apt-layer-boot-entries.path runs it when a deployment changes.
+
+    \b
+    Example:
+      apt-layer boot entries --update-grub
+    """
+    from ..boot import entries as run
+
+    result = run.sync(ctx.obj.store(), boot_dir)
+    if grub:
+        result["update_grub_error"] = run.update_grub()
+    if as_json:
+        print_json(result)
+    elif not ctx.obj.quiet:
+        click.echo(f"entries written: {', '.join(result['written']) or 'none'}; kernels removed: "
+                   f"{len(result['removed'])}")
+    for image in result["without_kernel"]:
+        click.echo(f"apt-layer: image {image} has no kernel in /boot: no entry for it", err=True)
+    if result.get("update_grub_error"):
+        click.echo(f"apt-layer: update-grub: {result['update_grub_error']}", err=True)
+        ctx.exit(1)
 
 
 @boot.command("complete")
