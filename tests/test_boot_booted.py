@@ -115,3 +115,17 @@ def test_boot_complete_marks_the_image_good_and_stops_the_counting(machine) -> N
     assert (store.layout.boot / "good").read_text() == "two\n"
     assert not attempts.exists()
     assert json.loads(_cli(store, "boot", "complete", "--json").stdout) == {"good": "two", "changed": False}
+
+
+def test_audit_answers_what_ran_at_a_time(machine) -> None:
+    """docs/boot.md's query: the last `booted` event at or before T."""
+    store, sysroot, run = machine
+    report(run, deploy="current", image="two", store="/var/lib/apt-layer")
+    booted.record_boot(store, run, sysroot)
+    (ev,) = store.journal.events(kind="booted")
+    query = ("SELECT subject AS image, digest FROM v_events WHERE kind = 'booted' AND at <= '{}' "
+             "ORDER BY seq DESC LIMIT 1")
+    r = _cli(store, "audit", "--json", query.format(ev.at))
+    assert [(row["image"], row["digest"]) for row in json.loads(r.stdout)] == [("two", ev.data["digest"])]
+    r = _cli(store, "audit", "--json", query.format("2000-01-01"))
+    assert json.loads(r.stdout) == []
