@@ -11,6 +11,9 @@
     trash/                      objects on their way out (gc)
     cache/                      what makes rebuilds fast (safe to delete)
     verified                    recovery's checkpoint of the hash chain
+    boot/good, boot/attempts    boot counting: the last image that completed a boot, and
+                                "NAME COUNT" of the boots the current one started (initramfs)
+    etc/upper, etc/work         the administrator's /etc changes on a booted deployment
     lock                        flock: writers shared, gc and recovery exclusive
     publish.lock                flock: one writer at a time commits and does its effects
 
@@ -72,11 +75,13 @@ class Layout:
         self.verified = root / "verified"
         self.lock = root / "lock"
         self.publish_lock = root / "publish.lock"
+        self.boot = root / "boot"
+        self.etc_upper = root / "etc" / "upper"
 
     @property
     def directories(self) -> tuple[Path, ...]:
         """The directories apt-layer writes in, parents first (the cache is made when needed)."""
-        return (self.images, self.objects, self.staging, self.deploy, self.trash)
+        return (self.images, self.objects, self.staging, self.deploy, self.trash, self.boot)
 
     @property
     def guarded(self) -> tuple[tuple[Path, ...], tuple[Path, ...]]:

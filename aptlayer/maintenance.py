@@ -100,10 +100,13 @@ class Maintenance:
                     info.update(Lineage.from_data(lineage).summary())
             return info
 
+        from .boot.booted import booted
+
         usage = self.journal.usage()
         return {
             "root": str(s.root),
             "deployments": {"current": describe("current"), "previous": describe("previous")},
+            "booted": booted(s),
             "next_boot": (deps["current"].image if "current" in deps else None),
             "boot_mount": str(s.config.deploy_mount) if s.config and s.config.deploy_mount else None,
             "transactions": inventory.transactions(s, "open"),

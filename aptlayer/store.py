@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import errors, names, permissions
+from .boot.kernel import refuse_unbootable
 from .builder import Builder, CreateOptions, Delta, Outcome, SameAs, Source, source_for
 from .effects import EFFECTS, DeployLinks, ImageFiles, clear_staging
 from .fault import fault
@@ -394,6 +395,7 @@ class Store:
                 if current is not None and current.image == name and current.digest == image.digest:
                     raise errors.Conflict(f"image {name!r} is already the current deployment")
                 self._whole(name, image.digest)
+                refuse_unbootable(self.image_path(name), name)
                 events = self._single(kinds.Deployed(subject=name, current=kinds.Slot(name, image.digest),
                                                      previous=_slot(current)), op="deploy")
                 fault("deploy.after-commit")

@@ -51,7 +51,7 @@ def test_every_recorded_event_reads_as_its_class_and_writes_back_its_data(record
 
 
 #: kinds added after the fixture store was made (tests elsewhere record them)
-NEWER_THAN_THE_FIXTURE = {"recover.staging-unmounted", "undeployed", "deploy.unstaged", "image.pulled"}
+NEWER_THAN_THE_FIXTURE = {"recover.staging-unmounted", "undeployed", "deploy.unstaged", "image.pulled", "booted"}
 
 
 def test_the_fixture_has_an_event_of_every_class(recorded) -> None:

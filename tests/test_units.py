@@ -20,7 +20,8 @@ def _exec_args(unit: Path) -> list[str]:
 
 
 def test_units_are_shipped():
-    assert {u.name for u in UNITS} == {"apt-layer-recover.service", "apt-layer-watch.service"}
+    assert {u.name for u in UNITS} == {"apt-layer-recover.service", "apt-layer-watch.service",
+                                       "apt-layer-boot-complete.service", "apt-layer-boot-entries.service"}
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)

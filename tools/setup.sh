@@ -31,6 +31,10 @@ command -v docker-registry >/dev/null || need+=(docker-registry)
 command -v umoci >/dev/null || need+=(umoci)
 # Static checks (tests/test_static_checks.py): every shell script of the repository.
 command -v shellcheck >/dev/null || need+=(shellcheck)
+# Booting deployments: the initramfs scripts' check, and the VM tests (pytest -m vm).
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v debugfs >/dev/null || need+=(e2fsprogs)
+command -v grub-script-check >/dev/null || need+=(grub-common)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null

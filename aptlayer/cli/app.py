@@ -43,6 +43,9 @@ COMMANDS = {
     "diff": "layer:diff",
     "push": "oci:push",
     "pull": "oci:pull",
+    "boot": "boot:boot",
+    "etc": "boot:etc",
+    "check": "boot:check",
 }
 
 

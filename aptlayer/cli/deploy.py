@@ -55,6 +55,9 @@ def rollback(ctx, as_json) -> None:
 def status(ctx, as_json) -> None:
     """Show deployments, open transactions, mounts and store usage.
 
+    ● marks the deployment that is running (booted), or the current one
+    when the machine did not boot a deployment of this store.
+
     \b
     Example:
       apt-layer status
@@ -67,12 +70,16 @@ def status(ctx, as_json) -> None:
         print_json(info)
         return
     click.echo(f"Store: {info['root']}")
-    for slot, marker in (("current", "●"), ("previous", " ")):
+    booted = info["booted"]
+    for slot in ("current", "previous"):
         dep = info["deployments"][slot]
+        runs = booted is not None and dep is not None and (dep["image"], dep["digest"]) == \
+            (booted["image"], booted["digest"])
+        marker = "●" if runs or (booted is None and slot == "current") else " "
         if dep is None:
             click.echo(f"{marker} {slot}: none")
             continue
-        click.echo(f"{marker} {slot}: {dep['image']}")
+        click.echo(f"{marker} {slot}: {dep['image']}" + (" (booted)" if runs else ""))
         click.echo(f"      Digest: {dep['digest']}")
         if dep.get("created_at"):
             click.echo(f"     Created: {dep['created_at'][:19].replace('T', ' ')} UTC by {dep['created_by']['user']}")
@@ -82,6 +89,10 @@ def status(ctx, as_json) -> None:
                                ("InactiveRequests", "inactive")):
                 if dep[key]:
                     click.echo(f"      {label}: {' '.join(dep[key])}")
+    if booted is not None:
+        click.echo(f"Booted: {booted['image']} (apt-layer.deploy={booted['deploy']}"
+                   + (f"; {booted['fallback_from']} did not complete a boot" if "fallback_from" in booted else "")
+                   + ")")
     boot = info["next_boot"] or "nothing"
     click.echo(f"Next boot mounts: {boot}" + (f" on {info['boot_mount']}" if info["boot_mount"] else ""))
     txs = info["transactions"]

@@ -9,7 +9,8 @@ from .output import json_option, print_json
 
 @click.command()
 @click.option("--boot", is_flag=True,
-              help="Also mount the current deployment where the configuration says ([deploy] mount).")
+              help="At boot: journal which deployment the initramfs booted, and mount the current "
+                   "deployment where the configuration says ([deploy] mount).")
 @json_option
 @click.pass_context
 def recover(ctx, boot, as_json) -> None:
@@ -30,6 +31,14 @@ def recover(ctx, boot, as_json) -> None:
 
     store = ctx.obj.store(create=True)
     report = run(store)
+    if boot:
+        from ..boot.booted import record_boot
+
+        booted = record_boot(store)
+        if booted is not None:
+            report["booted"] = booted
+            if "problem" in booted:
+                report["problems"].append({"problem": booted["problem"], "image": booted["image"]})
     target = ctx.obj.config.deploy_mount
     if boot and target is not None:
         report["boot"] = mount_deployment(store, str(target))
@@ -41,6 +50,10 @@ def recover(ctx, boot, as_json) -> None:
         for problem in report["problems"]:
             click.echo(f"problem: {problem['problem']}" + (f" ({problem['image']})" if "image" in problem else ""),
                        err=True)
+        if report.get("booted", {}).get("recorded"):
+            click.echo(f"booted {report['booted']['image']}" + (
+                f" (rolled back from {report['booted']['rolled_back_from']}, which did not complete a boot)"
+                if "rolled_back_from" in report["booted"] else ""))
         if "boot" in report and report["boot"].get("mounted"):
             click.echo(f"mounted {report['boot']['mounted']} on {report['boot']['mountpoint']}")
         if not report["actions"] and not report["problems"] and not ctx.obj.quiet:

@@ -465,6 +465,28 @@ class GcSwept(EventData):
     spared: tuple[str, ...] = _field(STRS, omit_empty=True, message="spared must be a list of object names")
 
 
+# --- boot -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Booted(EventData):
+    """Subject: the image the machine booted (as the initramfs chose it, docs/boot.md).
+
+    ``deploy`` is what the kernel command line asked for (``current``,
+    ``previous`` or an image name); ``fallback_from`` the current deployment
+    that did not complete a boot in ``tries`` attempts, when the previous one
+    was booted instead.
+    """
+
+    KIND: ClassVar[str] = "booted"
+    digest: str = _field(STR)
+    deploy: str = _field(STR)
+    kernel: str = _field(STR)
+    boot_id: str = _field(STR)
+    fallback_from: str | None = _field(STR, optional=True)
+    tries: int | None = _field(INT, optional=True)
+
+
 # --- recovery's actions ---------------------------------------------------------------------
 
 
@@ -610,7 +632,7 @@ class OtherInfo(EventData):
 
 KINDS: dict[str, type[EventData]] = {cls.KIND: cls for cls in (
     TxBegun, TxCommitted, TxAborted, ImageStaged, DeleteStaged, DeployStaged, DeployUnstaged, ImageCreated,
-    ImageDeleted, ImagePulled, Deployed, RolledBack, Undeployed, Mounted, Unmounted, MountLost, GcBegun, GcSwept,
+    ImageDeleted, ImagePulled, Deployed, RolledBack, Undeployed, Mounted, Unmounted, MountLost, GcBegun, GcSwept, Booted,
     RecoverEventsLost, RecoverImagePlaced, RecoverImageUnlinked, RecoverStagingRemoved, RecoverStagingUnmounted,
     RecoverDeployTempRemoved, RecoverDeploySynced,
     DriftObjectDeleted, DriftObjectModified, DriftImageDeleted, DriftImageModified, DriftImageUnknown,

@@ -525,7 +525,7 @@ def _gc_swept(conn: sqlite3.Connection, ev: Event, body: k.GcSwept, refs: Refs) 
 
 
 def _info(conn: sqlite3.Connection, ev: Event, body: k.EventData, refs: Refs) -> None:
-    """Events recorded for the audit only (gc.begun, recover.*, drift.*)."""
+    """Events recorded for the audit only (gc.begun, booted, recover.*, drift.*)."""
 
 
 APPLY: dict[str, Callable[[sqlite3.Connection, Event, k.EventData, Refs], None]] = {
@@ -546,6 +546,7 @@ APPLY: dict[str, Callable[[sqlite3.Connection, Event, k.EventData, Refs], None]]
     "mount.lost": _mount_lost,
     "gc.begun": _info,
     "gc.swept": _gc_swept,
+    "booted": _info,
 }
 
 

@@ -1,0 +1,140 @@
+"""Boot loader entries for the kept deployments, with kernels taken from the images.
+
+For each deployment slot (current, previous) whose image carries a kernel
+(``/boot/vmlinuz-RELEASE`` and ``/boot/initrd.img-RELEASE``), :func:`sync`
+copies both to ``BOOT/apt-layer/DIGEST/`` (DIGEST: the image's, cut to 32
+hex digits; the copy is made once) and writes a Boot Loader Specification
+entry ``BOOT/loader/entries/apt-layer-SLOT.conf`` that boots them with
+``apt-layer.deploy=SLOT``. Entries of empty slots and kernel folders no
+slot needs are removed. GRUB reads the same entries through
+``/etc/grub.d/15_apt-layer``; systemd-boot reads them as they are.
+
+Every file is written to a temporary name, fsynced and renamed, so a boot
+loader never reads half an entry or half a kernel; an entry is written only
+after its kernel is in place. ``apt-layer-boot-entries.path`` runs
+``apt-layer boot entries --update-grub`` when ``deploy/`` changes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from pathlib import Path
+
+from ..composefs.reader import read_path
+from ..composefs.tree import Node
+from ..layout import SLOTS
+from ..linux import fsops
+from ..store import Store
+from .kernel import version
+
+KERNELS = "apt-layer"
+ENTRIES = "loader/entries"
+_KERNEL_DIR = re.compile(r"[0-9a-f]{32}")
+_ENTRY = re.compile(r"apt-layer-(" + "|".join(SLOTS) + r")\.conf")
+
+
+def image_kernel(store: Store, image: str) -> tuple[str, Node, Node] | None:
+    """(release, kernel, initramfs) of the newest kernel in ``image``'s /boot, or None."""
+    boot = read_path(store.image_file(image), b"/boot", follow_symlinks=False)
+    if boot is None or not stat.S_ISDIR(boot.mode):
+        return None
+    found = []
+    for name, node in boot.children.items():
+        text = os.fsdecode(name)
+        if not text.startswith("vmlinuz-") or not stat.S_ISREG(node.mode):
+            continue
+        release = text.removeprefix("vmlinuz-")
+        initrd = boot.children.get(os.fsencode(f"initrd.img-{release}"))
+        if initrd is not None and stat.S_ISREG(initrd.mode) and version(release):
+            found.append((version(release), release, node, initrd))
+    if not found:
+        return None
+    _, release, kernel, initrd = max(found, key=lambda f: (f[0], f[1]))
+    return release, kernel, initrd
+
+
+def _content(store: Store, node: Node) -> bytes:
+    while node.link is not None:
+        node = node.link
+    if node.content is not None or node.payload is None:
+        return node.content or b""
+    return (store.layout.objects / os.fsdecode(node.payload)).read_bytes()
+
+
+def root_options(cmdline: str | None = None) -> str:
+    """The running kernel's ``root=``, ``rootflags=`` and ``rootfstype=``, then ``ro``."""
+    if cmdline is None:
+        with open("/proc/cmdline") as f:
+            cmdline = f.read()
+    kept = [arg for arg in cmdline.split() if arg.startswith(("root=", "rootflags=", "rootfstype="))]
+    return " ".join([*kept, "ro"])
+
+
+def sync(store: Store, boot: Path = Path("/boot"), options: str | None = None, prefix: str | None = None) -> dict:
+    """Make ``boot``'s apt-layer entries and kernels match the deployments; returns what changed.
+
+    ``prefix`` is the path of ``boot`` on the partition the boot loader
+    reads (``""`` when it is a partition of its own, else ``/boot``);
+    ``options`` the kernel command line before ``apt-layer.deploy=``.
+    """
+    if prefix is None:
+        prefix = "" if os.path.ismount(boot) else "/boot"
+    options = root_options() if options is None else options
+    kernels, entries = boot / KERNELS, boot / ENTRIES
+    for d in (kernels, entries):
+        d.mkdir(parents=True, exist_ok=True)
+    wanted_dirs, written, missing = set(), [], []
+    deps = store.journal.deployments()
+    for slot in SLOTS:
+        dep = deps.get(slot)
+        found = image_kernel(store, dep.image) if dep is not None else None
+        entry = entries / f"apt-layer-{slot}.conf"
+        if found is None:
+            if dep is not None:
+                missing.append(dep.image)
+            if entry.exists():
+                fsops.unlink(entry)
+                fsops.fsync_dir(entries)
+            continue
+        release, kernel, initrd = found
+        folder = dep.digest[:32]
+        wanted_dirs.add(folder)
+        target = kernels / folder
+        if not target.is_dir():
+            target.mkdir()
+            fsops.fsync_dir(kernels)
+        for name, node in (("vmlinuz", kernel), ("initrd.img", initrd)):
+            if not (target / name).exists():
+                fsops.write_file_atomic(target / name, _content(store, node))
+        text = (f"title Debian, apt-layer {slot}: {dep.image}\n"
+                f"version {release}\n"
+                f"linux {prefix}/{KERNELS}/{folder}/vmlinuz\n"
+                f"initrd {prefix}/{KERNELS}/{folder}/initrd.img\n"
+                f"options {options} apt-layer.deploy={slot}\n")
+        if not entry.exists() or entry.read_text() != text:
+            fsops.write_file_atomic(entry, text.encode())
+            written.append(slot)
+    removed = []
+    with os.scandir(kernels) as it:
+        stale = sorted(e.name for e in it if _KERNEL_DIR.fullmatch(e.name) and e.name not in wanted_dirs
+                       and e.is_dir(follow_symlinks=False))
+    for name in stale:  # only folders named as sync names them: apt-layer made them
+        fsops.remove_tree(str(kernels / name))
+        removed.append(name)
+    if removed:
+        fsops.fsync_dir(kernels)
+    return {"written": written, "removed": removed, "without_kernel": missing}
+
+
+def update_grub() -> str | None:
+    """Run ``update-grub`` when installed (it runs /etc/grub.d/15_apt-layer); its error, or None."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("update-grub")
+    if tool is None:
+        return None
+    r = subprocess.run([tool], capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["update-grub failed"])[-1]

@@ -1,0 +1,119 @@
+"""Boot loader entries (aptlayer.boot.entries and /etc/grub.d/15_apt-layer):
+each kept deployment's own kernel and initramfs copied to BOOT/apt-layer/,
+a Boot Loader Specification entry per slot, what no slot needs removed; the
+grub.d script turns the entries into menu entries that grub-script-check
+accepts. BOOT is a directory of the test's."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aptlayer.boot import entries
+from aptlayer.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+GRUB_D = REPO / "aptlayer" / "data" / "grub.d" / "15_apt-layer"
+
+
+def kernel_bytes(release: str, what: str) -> bytes:
+    return hashlib.sha256(f"{what} {release}".encode()).digest() * 300  # big enough for the object store
+
+
+def image(store: Store, tmp_path: Path, name: str, releases: list[str]) -> None:
+    tree = tmp_path / "trees" / name
+    (tree / "boot").mkdir(parents=True)
+    for release in releases:
+        (tree / "boot" / f"vmlinuz-{release}").write_bytes(kernel_bytes(release, "kernel"))
+        (tree / "boot" / f"initrd.img-{release}").write_bytes(kernel_bytes(release, "initrd"))
+    os.symlink("boot/vmlinuz-x", tree / "vmlinuz")
+    store.create(str(tree), name)
+
+
+@pytest.fixture
+def machine(store: Store, tmp_path: Path):
+    image(store, tmp_path, "one", ["6.12.1-amd64"])
+    image(store, tmp_path, "two", ["6.12.1-amd64", "6.12.9-amd64"])
+    image(store, tmp_path, "bare", [])
+    store.deploy("one")
+    store.deploy("two")
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    return store, boot
+
+
+def sync(store: Store, boot: Path) -> dict:
+    return entries.sync(store, boot, options="root=/dev/vda ro", prefix="/boot")
+
+
+def folder(store: Store, name: str) -> str:
+    return store.journal.image(name).digest[:32]
+
+
+def test_each_slot_gets_its_images_newest_kernel_and_an_entry(machine) -> None:
+    store, boot = machine
+    assert sync(store, boot) == {"written": ["current", "previous"], "removed": [], "without_kernel": []}
+    two, one = folder(store, "two"), folder(store, "one")
+    assert (boot / "apt-layer" / two / "vmlinuz").read_bytes() == kernel_bytes("6.12.9-amd64", "kernel")
+    assert (boot / "apt-layer" / two / "initrd.img").read_bytes() == kernel_bytes("6.12.9-amd64", "initrd")
+    assert (boot / "apt-layer" / one / "vmlinuz").read_bytes() == kernel_bytes("6.12.1-amd64", "kernel")
+    assert (boot / "loader/entries/apt-layer-current.conf").read_text() == (
+        "title Debian, apt-layer current: two\nversion 6.12.9-amd64\n"
+        f"linux /boot/apt-layer/{two}/vmlinuz\ninitrd /boot/apt-layer/{two}/initrd.img\n"
+        "options root=/dev/vda ro apt-layer.deploy=current\n")
+    assert "apt-layer previous: one" in (boot / "loader/entries/apt-layer-previous.conf").read_text()
+    assert sync(store, boot) == {"written": [], "removed": [], "without_kernel": []}  # nothing to do
+
+
+def test_rollback_swaps_the_entries_and_unneeded_kernels_go(machine) -> None:
+    store, boot = machine
+    sync(store, boot)
+    store.rollback()
+    assert sync(store, boot)["written"] == ["current", "previous"]
+    assert "current: one" in (boot / "loader/entries/apt-layer-current.conf").read_text()
+    # A deployment without a kernel has no entry; one's kernel is no longer needed.
+    one = folder(store, "one")
+    store.deploy("bare")  # current bare, previous one
+    store.deploy("two")  # current two, previous bare
+    assert sync(store, boot) == {"written": ["current"], "removed": [one], "without_kernel": ["bare"]}
+    assert not (boot / "loader/entries/apt-layer-previous.conf").exists()
+    assert sorted(os.listdir(boot / "apt-layer")) == [folder(store, "two")]
+
+
+def test_only_kernel_folders_apt_layer_names_are_removed(machine) -> None:
+    store, boot = machine
+    (boot / "apt-layer" / "notes").mkdir(parents=True)
+    sync(store, boot)
+    assert (boot / "apt-layer" / "notes").is_dir()
+
+
+def test_root_options_come_from_the_running_kernel() -> None:
+    assert entries.root_options("BOOT_IMAGE=/vmlinuz root=UUID=abc rootflags=x quiet ro") == "root=UUID=abc rootflags=x ro"
+
+
+def test_the_grub_script_makes_menu_entries_grub_script_check_accepts(machine, tmp_path: Path) -> None:
+    lib = Path("/usr/share/grub/grub-mkconfig_lib")
+    if not lib.exists() or shutil.which("grub-script-check") is None:
+        pytest.skip("grub-common is not installed (tools/setup.sh installs it)")
+    store, boot = machine
+    sync(store, boot)
+    env = {"PATH": os.environ["PATH"], "APT_LAYER_BOOT": str(boot)}
+    r = subprocess.run(["sh", str(GRUB_D)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    two = folder(store, "two")
+    assert "menuentry 'Debian, apt-layer current: two' --class debian --class gnu-linux --class os " \
+           "--id 'apt-layer-current' {" in r.stdout
+    assert f"\tlinux\t{boot}/apt-layer/{two}/vmlinuz root=/dev/vda ro apt-layer.deploy=current\n" in r.stdout
+    assert r.stdout.count("menuentry ") == 2
+    out = tmp_path / "grub.cfg"
+    out.write_text(r.stdout)
+    check = subprocess.run(["grub-script-check", str(out)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # No entries, no menu entries (and still a valid script).
+    shutil.rmtree(boot / "loader")
+    assert subprocess.run(["sh", str(GRUB_D)], capture_output=True, text=True, env=env).stdout == ""
