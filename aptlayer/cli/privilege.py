@@ -17,7 +17,7 @@ from ..errors import PermissionDenied
 READ_ONLY = frozenset({
     "status", "log", "audit", "fsck", "journal verify", "packages", "diff",
     "image list", "image info", "image ls", "image dump", "image objects", "image missing-objects",
-    "image export", "tx list", "tx show",
+    "image export", "tx list", "tx show", "etc diff",
 })
 
 
