@@ -111,4 +111,7 @@ def test_entries_swapped_for_symlinks_during_builds_never_store_the_target(tmp_p
     assert counter[0] > 0 and built + refused == 25
     objects = tmp_path / "store" / "images" / "objects"
     assert not (objects / fsverity.object_path(secret)).exists()
-    assert (objects / fsverity.object_path(honest)).exists() == (as_file > 0)
+    # The honest content may be stored by a build that is then refused (its object is garbage
+    # for gc); what matters is that an image holding the file as a file has it.
+    if as_file:
+        assert (objects / fsverity.object_path(honest)).exists()
