@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import errors, names, permissions
-from .boot.kernel import refuse_unbootable
+from .bootable import refuse_unbootable
 from .builder import Builder, CreateOptions, Delta, Outcome, SameAs, Source, source_for
 from .effects import EFFECTS, DeployLinks, ImageFiles, clear_staging
 from .fault import fault

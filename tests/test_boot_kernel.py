@@ -15,6 +15,7 @@ import pytest
 from conftest import REPO
 
 from aptlayer import errors
+from aptlayer import bootable
 from aptlayer.boot import kernel
 from aptlayer.store import Store
 
@@ -29,9 +30,9 @@ def image_with_kernels(store: Store, tmp_path: Path, name: str, releases: list[s
 
 
 def test_versions() -> None:
-    assert kernel.version("6.12.57+deb13-amd64") == (6, 12)
-    assert kernel.version("6.1.0-28-amd64") == (6, 1)
-    assert kernel.version("vmlinuz") is None
+    assert bootable.version("6.12.57+deb13-amd64") == (6, 12)
+    assert bootable.version("6.1.0-28-amd64") == (6, 1)
+    assert bootable.version("vmlinuz") is None
 
 
 def test_deploy_refuses_an_image_whose_kernels_are_all_too_old(store: Store, tmp_path: Path) -> None:
@@ -46,7 +47,7 @@ def test_deploy_refuses_an_image_whose_kernels_are_all_too_old(store: Store, tmp
     image_with_kernels(store, tmp_path, "nokernel", [])
     store.deploy("backports")
     store.deploy("nokernel")
-    assert kernel.image_kernels(store.image_path("backports")) == ["6.1.0-28-amd64", "6.12.12+bpo-amd64"]
+    assert bootable.image_kernels(store.image_path("backports")) == ["6.1.0-28-amd64", "6.12.12+bpo-amd64"]
 
 
 def test_the_refusal_is_exit_9_with_the_message(store: Store, tmp_path: Path) -> None:
@@ -69,6 +70,6 @@ def test_check_reports_the_running_kernel(tmp_path: Path) -> None:
 
 def test_check_of_an_old_kernel_says_why_it_cannot_mount() -> None:
     report = kernel.check("6.1.0-28-amd64")
-    assert report["mountable"] is False and report["problem"] == kernel.TOO_OLD
+    assert report["mountable"] is False and report["problem"] == bootable.TOO_OLD
     assert {f["feature"]: f["supported"] for f in report["features"]}["overlay data-only lower layers"] is False
     assert kernel.check("6.12.57+deb13-amd64", Path("/nonexistent"))["features"][2]["supported"] is True

@@ -27,7 +27,7 @@ from ..composefs.tree import Node
 from ..layout import SLOTS
 from ..linux import fsops
 from ..store import Store
-from .kernel import version
+from ..bootable import version
 
 KERNELS = "apt-layer"
 ENTRIES = "loader/entries"
