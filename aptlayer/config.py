@@ -79,18 +79,12 @@ def parse(path: Path, data: dict) -> dict:
     if not isinstance(deploy, dict) or set(deploy) - {"mount"}:
         raise _bad(path, "deploy", "a table with the single key 'mount'")
     if "mount" in deploy:
-        mount = Path(_string(path, "deploy.mount", deploy["mount"]))
-        if not mount.is_absolute():
-            raise _bad(path, "deploy.mount", "must be an absolute path")
-        out["deploy_mount"] = mount
+        out["deploy_mount"] = _absolute(path, "deploy.mount", deploy["mount"])
     gc = data.get("gc", {})
     if not isinstance(gc, dict) or set(gc) - {"grace_seconds"}:
         raise _bad(path, "gc", "a table with the single key 'grace_seconds'")
     if "grace_seconds" in gc:
-        grace = gc["grace_seconds"]
-        if not isinstance(grace, int) or isinstance(grace, bool) or grace < 0:
-            raise _bad(path, "gc.grace_seconds", "must be a whole number >= 0")
-        out["gc_grace_seconds"] = grace
+        out["gc_grace_seconds"] = _whole(path, "gc.grace_seconds", gc["grace_seconds"])
     out.update(_parse_apt(path, data.get("apt", {})))
     return out
 
@@ -101,15 +95,25 @@ def _parse_apt(path: Path, apt: object) -> dict:
     if not isinstance(apt, dict) or set(apt) - {"dir", "lists_max_age_seconds"}:
         raise _bad(path, "apt", "a table with the keys 'dir' and 'lists_max_age_seconds'")
     if "dir" in apt:
-        out["apt_dir"] = Path(_string(path, "apt.dir", apt["dir"]))
-        if not out["apt_dir"].is_absolute():
-            raise _bad(path, "apt.dir", "must be an absolute path")
+        out["apt_dir"] = _absolute(path, "apt.dir", apt["dir"])
     if "lists_max_age_seconds" in apt:
-        age = apt["lists_max_age_seconds"]
-        if not isinstance(age, int) or isinstance(age, bool) or age < 0:
-            raise _bad(path, "apt.lists_max_age_seconds", "must be a whole number >= 0")
-        out["apt_lists_max_age"] = age
+        out["apt_lists_max_age"] = _whole(path, "apt.lists_max_age_seconds", apt["lists_max_age_seconds"])
     return out
+
+
+def _absolute(path: Path, key: str, value: object) -> Path:
+    """``value`` as an absolute path, or the error naming ``key``."""
+    out = Path(_string(path, key, value))
+    if not out.is_absolute():
+        raise _bad(path, key, "must be an absolute path")
+    return out
+
+
+def _whole(path: Path, key: str, value: object) -> int:
+    """``value`` as a whole number >= 0 (not a boolean), or the error naming ``key``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _bad(path, key, "must be a whole number >= 0")
+    return value
 
 
 def load(path: Path | None = None, root: str | os.PathLike | None = None) -> Config:
