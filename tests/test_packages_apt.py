@@ -189,6 +189,39 @@ def test_a_local_deb_is_installed_from_its_file(debian_root: Path, install, apt_
     assert dpkg_l(debian_root)["al-app"] == ("ii", "2.0")
 
 
+@pytest.fixture
+def trixie_roots(tmp_path: Path):
+    """Two writable Debian 13 (trixie, apt 3.0) minbase roots, from a base cached like the bookworm one."""
+    from debian_base import Unavailable, base_tree, writable_root
+
+    try:
+        tree = base_tree("trixie")
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    roots = [writable_root(tree, tmp_path / f"trixie{n}") for n in range(2)]
+    yield [root for root, _ in roots]
+    for _, cleanup in roots:
+        cleanup()
+
+
+@needs_sandbox
+def test_a_local_deb_installs_into_a_trixie_root_with_a_cold_and_a_warm_cache(trixie_roots, install,
+                                                                               apt_repo: AptRepo,
+                                                                               tmp_path: Path) -> None:
+    """apt 3.0 gave dpkg a relative path for a local .deb under --no-download ("Pathname to install is not absolute")."""
+    from aptrepo import Pkg, build_deb
+
+    deb = build_deb(Pkg("al-local", control={"Depends": "al-lib"}, files={"/usr/share/al-local/x": "x\n"}), tmp_path)
+    want = {Package("al-local", "1.0", "all"): sha256(deb),
+            Package("al-lib", "1.0", "all"): sha256(apt_repo.deb("al-lib"))}
+    cold = install(trixie_roots[0], debs=[deb])
+    warm = install(trixie_roots[1], debs=[deb])  # every .deb in the cache: the one run of apt in the sandbox
+    assert "download only" not in warm.output, warm.output
+    assert cold.installed == warm.installed == want
+    for root in trixie_roots:
+        assert dpkg_l(root)["al-local"] == ("ii", "1.0")
+
+
 def _updated(output: str) -> bool:
     """Whether apt-get update ran: its lines name the repository's Release files."""
     return re.search(r"^(Get|Hit|Ign):\d+ \S+ stable (InRelease|Release)", output, re.M) is not None

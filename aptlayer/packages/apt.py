@@ -528,11 +528,15 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
             host_args.append(str(debdir / name))
             inside_args.append(f"{INSIDE}/debs/{name}")
         common = ["-y", "--no-remove"]
+        # apt 3.0 (trixie) hands dpkg a relative path for a local .deb under
+        # --no-download ("Pathname to install is not absolute"); the sandbox
+        # has no network, so without the option apt still fetches nothing.
+        offline = [] if local else ["--no-download"]
         before = installed_packages(root)
         downloaded: list[str] = []
         ran = None
         if not updated:  # fresh lists: the cache may hold every .deb already
-            ran = _install_from_cache(work, root, [*common, "--no-download", "install", *inside_args], debdir)
+            ran = _install_from_cache(work, root, [*common, *offline, "install", *inside_args], debdir)
         if ran is not None:
             rc, out = ran
         else:
@@ -546,7 +550,7 @@ def install(root: Path, packages: list[str], *, sources: list[Source], cache: Pa
             if rc != 0:
                 raise _failure(f"cannot install {' '.join(packages + [str(p) for p, _ in local])}", out)
             downloaded = sorted(n for n in set(os.listdir(work.cache / "archives")) - have if n.endswith(".deb"))
-            rc, out = work.root_apt(*common, "--no-download", "install", *inside_args, debs=debdir)
+            rc, out = work.root_apt(*common, *offline, "install", *inside_args, debs=debdir)
         output.append(out)
         if rc != 0:
             raise _failure("apt-get install in the new root failed", out, ScriptFailed)
