@@ -43,21 +43,14 @@ from click.testing import CliRunner
 
 from aptlayer.cli import cli, main
 from aptlayer.cli.options import takes_raw_arguments
+from aptlayer.cli.tree import walk
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "json.md"
 README = REPO / "README.md"
 
 
-def _walk(command: click.Command, path: tuple[str, ...], ctx: click.Context):
-    yield path, command
-    if isinstance(command, click.Group):
-        for name in command.list_commands(ctx):
-            sub = command.get_command(ctx, name)
-            yield from _walk(sub, (*path, name), click.Context(sub, parent=ctx, info_name=name))
-
-
-ALL = list(_walk(cli, (), click.Context(cli, info_name="apt-layer")))
+ALL = [(path, command) for path, command, _ in walk(cli)]
 #: every command that runs (not a group), but the drop-ins
 LEAVES = {" ".join(path): command for path, command in ALL
           if path and not isinstance(command, click.Group) and not takes_raw_arguments(command)}

@@ -11,19 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from aptlayer.cli import cli
+from aptlayer.cli.tree import walk
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _walk(command: click.Command, path: tuple[str, ...], ctx: click.Context):
-    yield path, command
-    if isinstance(command, click.Group):
-        for name in command.list_commands(ctx):
-            sub = command.get_command(ctx, name)
-            yield from _walk(sub, (*path, name), click.Context(sub, parent=ctx, info_name=name))
-
-
-COMMANDS = [(path, cmd) for path, cmd in _walk(cli, (), click.Context(cli, info_name="apt-layer"))]
+COMMANDS = [(path, cmd) for path, cmd, _ in walk(cli)]
 IDS = [" ".join(path) or "apt-layer" for path, _ in COMMANDS]
 
 

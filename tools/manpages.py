@@ -21,6 +21,7 @@ import click
 
 from aptlayer import __version__
 from aptlayer.cli import cli, dropins
+from aptlayer.cli.tree import walk
 
 SOURCE = f"apt-layer {__version__}"
 MANUAL = "apt-layer manual"
@@ -78,14 +79,6 @@ def command_page(path: tuple[str, ...], command: click.Command, ctx: click.Conte
     return "\n".join(lines) + "\n"
 
 
-def walk(command: click.Command, path: tuple[str, ...], ctx: click.Context):
-    yield path, command, ctx
-    if isinstance(command, click.Group):
-        for name in command.list_commands(ctx):
-            sub = command.get_command(ctx, name)
-            yield from walk(sub, (*path, name), click.Context(sub, parent=ctx, info_name=name))
-
-
 def usage_options(usage: str) -> list[str]:
     """The ``  --opt  help`` lines of a drop-in's usage text as ``.TP`` items."""
     lines = []
@@ -138,7 +131,7 @@ def drop_in_page(tool: str) -> str:
 def main(outdir: str) -> int:
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    for path, command, ctx in walk(cli, (), click.Context(cli, info_name="apt-layer")):
+    for path, command, ctx in walk(cli):
         (out / ("-".join(("apt-layer", *path)) + ".8")).write_text(command_page(path, command, ctx))
     for tool, (section, *_rest) in DROP_INS.items():
         (out / f"{tool}.{section}").write_text(drop_in_page(tool))
