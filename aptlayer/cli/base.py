@@ -50,13 +50,10 @@ def bootstrap(ctx, suite, name, variant, include, components, mirror, arch, as_j
     """
     from .. import bases
 
-    progress = make_progress(ctx, f"bootstrapping {name}", as_json)
-    try:
+    with make_progress(ctx, f"bootstrapping {name}", as_json) as progress:
         result = bases.bootstrap(ctx.obj.store(create=True), suite, name, variant=variant, include=_words(include),
                                  components=_words(components), mirror=mirror, arch=arch,
                                  progress=progress)
-    finally:
-        progress.done()
     if as_json:
         print_json(result)
     else:

@@ -106,9 +106,9 @@ def create(ctx, source, name, from_file, use_epoch, skip_devices, skip_xattrs, u
             progress(f"{human_bytes(s.hashed_ahead)} of {human_bytes(s.hash_ahead)} hashed", None)
 
     # formatting for a hidden indicator cost ~2 us a file
-    result = settings.store(create=True).create(source, name, opts, tx=tx,
-                                                progress=show if progress.enabled else None)
-    progress.done()
+    with progress:
+        result = settings.store(create=True).create(source, name, opts, tx=tx,
+                                                    progress=show if progress.enabled else None)
     if as_json:
         print_json(result)
     else:

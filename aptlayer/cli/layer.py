@@ -39,12 +39,9 @@ def _report(result: dict, as_json: bool) -> None:
 
 def _run(ctx, operation, *args, from_image, no_deploy, name, as_json, **kwargs) -> dict:
     """Run a layering ``operation`` on the store, with progress on a terminal."""
-    progress = make_progress(ctx, "building", as_json)
-    try:
+    with make_progress(ctx, "building", as_json) as progress:
         return operation(ctx.obj.store(), *args, from_image=from_image, deploy=not no_deploy, name=name,
                          progress=progress, **kwargs)
-    finally:
-        progress.done()
 
 
 @click.command()

@@ -38,9 +38,8 @@ def gc(ctx, full, dry_run, verbose, grace, as_json) -> None:
       apt-layer gc --full
     """
     grace = grace if grace is not None else ctx.obj.config.gc_grace_seconds
-    progress = make_progress(ctx, "gc", as_json)
-    result = _maint(ctx).gc(full=full, dry_run=dry_run, grace_seconds=grace, progress=progress)
-    progress.done()
+    with make_progress(ctx, "gc", as_json) as progress:
+        result = _maint(ctx).gc(full=full, dry_run=dry_run, grace_seconds=grace, progress=progress)
     for name in result["refused"]:
         click.echo(f"apt-layer: gc: left alone {name!r}: a manifest names it, but it is not an object path",
                    err=True)
@@ -69,9 +68,8 @@ def fsck(ctx, as_json) -> None:
     Example:
       apt-layer fsck --json
     """
-    progress = make_progress(ctx, "fsck", as_json)
-    result = _maint(ctx).fsck(progress=progress)
-    progress.done()
+    with make_progress(ctx, "fsck", as_json) as progress:
+        result = _maint(ctx).fsck(progress=progress)
     if as_json:
         print_json(result)
     else:

@@ -11,11 +11,12 @@ tls_option = click.option("--tls-verify", type=click.BOOL, default=True, show_de
                                "plain HTTP, for a test registry).")
 
 
-def _show(progress):
+def _layers(progress):
+    """The transfer's progress callback on a terminal (layers done, bytes, phase); None otherwise."""
     def show(phase: str, done: int, total: int, nbytes: int) -> None:
         progress(done, total or None, f"layers, {human_bytes(nbytes)} ({phase})" if total else phase)
 
-    return show
+    return show if progress.enabled else None
 
 
 @click.command()
@@ -44,12 +45,9 @@ def push(ctx, name, dest, tls_verify, single_layer, as_json) -> None:
     """
     from ..oci import distribute
 
-    progress = make_progress(ctx, f"pushing {name}", as_json)
-    try:
+    with make_progress(ctx, f"pushing {name}", as_json) as progress:
         result = distribute.push(ctx.obj.store(), name, dest, tls_verify=tls_verify, chunked=not single_layer,
-                                 progress=_show(progress) if progress.enabled else None)
-    finally:
-        progress.done()
+                                 progress=_layers(progress))
     if as_json:
         print_json(result)
     else:
@@ -82,12 +80,9 @@ def pull(ctx, src, name, tls_verify, as_json) -> None:
     """
     from ..oci import distribute
 
-    progress = make_progress(ctx, f"pulling {name}", as_json)
-    try:
+    with make_progress(ctx, f"pulling {name}", as_json) as progress:
         result = distribute.pull(ctx.obj.store(create=True), src, name, tls_verify=tls_verify,
-                                 progress=_show(progress) if progress.enabled else None)
-    finally:
-        progress.done()
+                                 progress=_layers(progress))
     if as_json:
         print_json(result)
     else:

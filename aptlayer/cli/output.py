@@ -8,7 +8,7 @@ import io
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import click
 
@@ -79,6 +79,12 @@ class Progress:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
 
+    def __enter__(self) -> "Progress":
+        return self
 
-def make_progress(ctx: click.Context, label: str, as_json: bool = False) -> Callable[..., None]:
+    def __exit__(self, *exc) -> None:
+        self.done()  # an error's message starts on a clean line
+
+
+def make_progress(ctx: click.Context, label: str, as_json: bool = False) -> Progress:
     return Progress(label, enabled=not (as_json or ctx.obj.quiet))
