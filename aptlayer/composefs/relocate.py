@@ -1,0 +1,676 @@
+"""Write a layered image by moving its base image's inodes rather than rendering every one again.
+
+A layered image (a base image and an overlay upper directory, :mod:`.upper`)
+holds mostly the base's inodes, unchanged. In the image that
+:func:`.writer.build_image` writes for the merged tree, each of those keeps
+its bytes (header, xattr body, inline tail, data blocks) except for what
+depends on where things land: its breadth-first index (``i_ino``), its data
+block address, its references into the shared xattr table and, in a
+directory, the nids of its entries. So:
+
+1. the delta is laid over a *lazy* base (:class:`_LazyBase`): only the
+   directories a change touches are read into nodes, the rest stay nids;
+2. the merged tree's changed and new entries (the root and its stubs
+   included) are prepared by the writer's own steps (``writer._rewrite``,
+   ``_plan_xattrs``, ``_size_inode``);
+3. one pass in the new breadth-first order places every inode by the
+   upstream rules (composefs-format.md §10), and a second writes the new
+   ones and copies the base's, patching those fields.
+
+The result is byte for byte the image a full render gives (the tests check
+this against the writer and upstream mkcomposefs). Whatever would change an
+unchanged inode's own bytes is declined (:func:`layered_image` returns None
+and the caller renders the whole tree): another smallest mtime, an xattr
+pair that moves into or out of the shared table for an unchanged inode, a
+whiteout, hard links in the base, format version 1, an ACL flag that would
+change, a chunk table of more than one entry. Xattr pairs are counted as
+the writer counts them, without reading every inode's xattrs: a pair in the
+shared table by its references; an object's metacopy and redirect pair by
+whether the base references the object (``in_base``, the journal's
+manifest), since a pair held by one inode only is that inode's own.
+"""
+
+from __future__ import annotations
+
+import stat
+import struct
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import format as F
+from .fsverity import RawDigest, object_path
+from .imageview import ImageFormatError, ImageView
+from .reader import _make_node
+from .tree import Node
+from .writer import (
+    ImageError,
+    _add_stubs,
+    _check_names,
+    _check_node,
+    _copy,
+    _data_blocks,
+    _entry_size,
+    _Inode,
+    _inline_tail,
+    _layout,
+    _pack_inode_header,
+    _padding,
+    _plan_xattrs,
+    _rewrite,
+    _round_up,
+    _set_xattr,
+    _size_inode,
+    _xattr_body,
+    _xattr_entry,
+    chunk_count,
+    is_compact,
+)
+
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+_S_IFLNK = stat.S_IFLNK
+_S_IFCHR = stat.S_IFCHR
+_BLOCK = F.BLOCK_SIZE
+_HALF_BLOCK = _BLOCK // 2
+_COMPACT = F.INODE_COMPACT.unpack_from
+_EXTENDED = F.INODE_EXTENDED.unpack_from
+_U16 = struct.Struct("<H").unpack_from
+_U32_AT = struct.Struct("<I")
+_NID_AT = struct.Struct("<Q")
+_DIRENT = F.DIRENT
+_INO_OFFSET = 20  # i_ino, in both inode forms
+_U_OFFSET = 16  # i_u, in both inode forms
+_METACOPY_SIZE = len(F.METACOPY_HEADER) + F.DIGEST_SIZE
+
+
+class _Declined(Exception):
+    """This change cannot be laid out by moving the base's inodes; render the tree."""
+
+
+@dataclass
+class Relocated:
+    image: bytearray
+    #: objects the base referenced and the new image does not
+    removed: set[RawDigest] = field(default_factory=set)
+    #: objects the new image references and the base did not, with their sizes
+    added: dict[RawDigest, int] = field(default_factory=dict)
+
+
+def layered_image(base: bytes, delta, in_base: Callable[[RawDigest], bool], *, min_version: int = 0,
+                  max_version: int = 1) -> Relocated | None:
+    """The image of ``delta`` (an :class:`.upper.Delta`) over the base image ``base``; None if declined.
+
+    ``in_base(digest)`` says whether the base references that object (a
+    superset only declines more). Errors of the upper directory
+    (:class:`.upper.UpperError`) are raised as :func:`.upper.apply` raises them.
+    """
+    if min_version != 0 or not 0 <= max_version <= F.COMPOSEFS_MAX_VERSION:
+        return None
+    try:
+        return _Relocator(base, in_base).run(delta)
+    except (_Declined, ImageFormatError, ImageError, struct.error, IndexError):
+        return None
+
+
+class _LazyNode(Node):
+    """An entry of the base image; a directory reads its entries when first asked for them."""
+
+    def __init__(self, base: _LazyBase, nid: int, ino) -> None:
+        rdev = ino.u if ino.ftype in (stat.S_IFCHR, stat.S_IFBLK) else 0
+        super().__init__(ino.mode, ino.uid, ino.gid, ino.nlink, rdev, ino.size, ino.mtime_sec, ino.mtime_nsec)
+        self.nid = nid
+        self._base = base
+        self._entries: dict[bytes, Node] | None = None if ino.ftype == _S_IFDIR else {}
+        self._data_read = False
+
+    @property
+    def children(self) -> dict[bytes, Node]:
+        if self._entries is None:
+            self._entries = self._base.entries(self)
+        return self._entries
+
+    @children.setter
+    def children(self, value: dict[bytes, Node]) -> None:
+        self._entries = value
+
+
+class _LazyBase:
+    """The base image read on demand; remembers every nid it met (for the accounting)."""
+
+    def __init__(self, view: ImageView) -> None:
+        self.view = view
+        self.met: set[int] = set()
+
+    def node(self, nid: int) -> _LazyNode:
+        ino = self.view.inode(nid)
+        self.met.add(nid)
+        full = _make_node(self.view, ino)
+        node = _LazyNode(self, nid, ino)
+        node.payload, node.content, node.digest, node.xattrs = full.payload, full.content, full.digest, full.xattrs
+        return node
+
+    def entries(self, node: _LazyNode) -> dict[bytes, Node]:
+        out: dict[bytes, Node] = {}
+        for name, nid in self.view.dir_entries(self.view.inode(node.nid)):
+            ino = self.view.inode(nid)
+            if ino.ftype == _S_IFCHR and ino.u == 0:
+                self.met.add(nid)  # a whiteout stub: not an entry of the tree
+                continue
+            out[name] = self.node(nid)
+        return out
+
+
+class _Moved:
+    """A base inode among the entries of a new directory: its type, and its nid once placed."""
+
+    __slots__ = ("old", "nid", "ftype", "entries")
+
+    def __init__(self, old: int, ftype: int) -> None:
+        self.old = old
+        self.nid = 0
+        self.ftype = ftype
+        self.entries = () if ftype == _S_IFDIR else None
+
+
+class _Relocator:
+    def __init__(self, base: bytes, in_base: Callable[[RawDigest], bool]) -> None:
+        self.data = base
+        self.view = ImageView(base)
+        self.in_base = in_base
+        view = self.view
+        if view.composefs_version != 0 or view.meta_start != 0:
+            raise _Declined("format version or metadata start")
+        _magic, _version, self.flags, _cfs = F.COMPOSEFS_HEADER.unpack_from(base, 0)
+        self.inos = F.SUPERBLOCK.unpack_from(base, F.EROFS_SUPER_OFFSET)[6]
+        self.min_mtime = (view.build_time, view.build_time_nsec)
+
+    # --- the merged tree ---------------------------------------------------------------
+
+    def run(self, delta) -> Relocated:
+        from .upper import apply
+
+        lazy = _LazyBase(self.view)
+        base_root = lazy.node(self.view.root_nid)
+        dropped: list[Node] = []
+        merged = apply(base_root, delta, dropped, split_links=False)
+        root, made = self._materialize(merged)
+        order, vinfo, dotdot, shared_refs = self._order(root)
+        removed = self._removed(lazy, dropped, order)
+        table, objects = self._count_pairs(made, removed, shared_refs)
+        return self._write(root, made, order, vinfo, dotdot, table, objects)
+
+    def _materialize(self, merged: Node) -> tuple[_Inode, list[_Inode]]:
+        """The merged tree's own nodes as the writer's records; base entries stay base inodes (``_Moved``)."""
+        made: list[_Inode] = []
+        seen: set[int] = set()
+        moved: set[int] = set()
+        parents: dict[int, _Inode] = {}
+        stack: list[tuple[bytes, Node, _Inode | None, int, bytes]] = [(b"/", merged, None, 0, b"")]
+        root = None
+        while stack:
+            path, node, up, index, name = stack.pop()
+            if node.link is not None or id(node) in seen:
+                raise _Declined("a hard link, or an entry reached twice")
+            seen.add(id(node))
+            ftype = stat.S_IFMT(node.mode)
+            _check_node(node, ftype, path)
+            if ftype == _S_IFCHR and node.rdev == 0:
+                raise _Declined("a whiteout")
+            inode = _copy(node, ftype, path)
+            if ftype != _S_IFDIR:
+                inode.nlink = 1  # the merged view scanned: every file its own inode
+            _rewrite(inode, parents, 0)
+            made.append(inode)
+            if up is None:
+                root = inode
+            else:
+                up.entries[index] = (name, inode, True)
+                parents[id(inode)] = up
+            if ftype != _S_IFDIR:
+                continue
+            base = path if path.endswith(b"/") else path + b"/"
+            _check_names(node.children, base)
+            entries: list = []
+            inode.entries = entries
+            later = []
+            for child_name, child in sorted(node.children.items()):
+                if isinstance(child, _LazyNode):
+                    if child.nid in moved:
+                        raise _Declined("a base entry reached twice")
+                    moved.add(child.nid)
+                    entries.append((child_name, _Moved(child.nid, stat.S_IFMT(child.mode)), True))
+                else:
+                    later.append((base + child_name, child, inode, len(entries), child_name))
+                    entries.append((child_name, None, True))
+            stack.extend(reversed(later))
+        assert root is not None
+        _set_xattr(root, F.XATTR_OPAQUE, b"y")
+        named = len(root.entries)
+        _add_stubs(root)
+        made.extend(stub for _name, stub, _orig in root.entries[named:])
+        for inode in made:
+            if inode.entries is not None:
+                inode.entries.append((b".", inode, False))
+                inode.entries.append((b"..", parents.get(id(inode), inode), False))
+                inode.entries.sort(key=lambda e: e[0])
+                inode.nlink = 2 + sum(1 for _n, child, orig in inode.entries if orig and child.entries is not None)
+        return root, made
+
+    # --- the new breadth-first order --------------------------------------------------
+
+    def _order(self, root: _Inode):
+        """Inodes in the new BFS order: the writer's records, and base nids with what placing them needs.
+
+        Returns the order, per position the base inode's layout facts
+        (isize, xattr size, tail, blocks, old i_u, type, shared refs; None
+        for a new inode), the base directories whose ``..`` is a new
+        directory (position -> (old ``..`` nid, new parent)), and how often
+        each shared-table reference is used by the base inodes kept.
+        """
+        data = self.data
+        min_mtime = self.min_mtime
+        order: list = [root]
+        vinfo: list = [None]
+        #: per position: the old nid a base directory's ``..`` names
+        up: list = [0]
+        dotdot: dict[int, tuple[int, object]] = {}
+        reached = bytearray(len(data) // 32 + 1)
+        shared_refs: Counter = Counter()
+        at_min = 0
+        self.moved: list[tuple[int, _Moved]] = []
+        k = 0
+        while k < len(order):
+            item = order[k]
+            if type(item) is not int:
+                if item.entries is not None:
+                    for _name, child, orig in item.entries:
+                        if not orig:
+                            continue
+                        if type(child) is _Moved:
+                            self.moved.append((len(order), child))
+                            old = child.old
+                            if child.ftype == _S_IFDIR:
+                                dotdot[len(order)] = (self._old_dotdot(old), item)
+                            order.append(old)
+                        else:
+                            order.append(child)
+                        vinfo.append(None)
+                        up.append(0)
+                k += 1
+                continue
+            nid = item
+            if reached[nid]:
+                raise _Declined("a base inode reached twice")
+            reached[nid] = 1
+            off = nid << 5
+            i_format = data[off]
+            if i_format & 1:
+                isize = 64
+                (_f, icount, mode, size, u, _ino, _uid, _gid, sec, nsec, nlink) = _EXTENDED(data, off)
+                if (sec, nsec) == min_mtime:
+                    at_min += 1
+            else:
+                isize = 32
+                (_f, icount, mode, nlink, size, u, _ino, _uid, _gid) = _COMPACT(data, off)
+                at_min += 1
+            ftype = mode & _S_IFMT
+            xsize = 0 if not icount else 12 + 4 * (icount - 1)
+            refs = ()
+            if xsize:
+                count = data[off + isize + 4]
+                if count:
+                    if count >= F.XATTR_MAX_SHARED_REFS:
+                        raise _Declined("an inode with the most shared xattr references")
+                    refs = struct.unpack_from(f"<{count}I", data, off + isize + 12)
+                    shared_refs.update(refs)
+            if ftype == _S_IFDIR:
+                blocks, tail = divmod(size, _BLOCK)
+                vinfo[k] = (isize, xsize, tail, blocks, u, ftype, refs)
+                parent = dotdot.get(k)
+                parent_old = parent[0] if parent is not None else up[k]
+                for child in self._dir_nids(off + isize + xsize, tail, u, blocks):
+                    if child != nid and child != parent_old:
+                        order.append(child)
+                        vinfo.append(None)
+                        up.append(nid)
+                k += 1
+                continue
+            if nlink != 1:
+                raise _Declined("a base file with hard links")
+            if ftype == _S_IFREG:
+                if (i_format >> 1) & 7 == F.LAYOUT_CHUNK_BASED:
+                    if chunk_count(size) != 1:
+                        raise _Declined("a chunk table of more than one entry")
+                    blocks, tail = 0, F.CHUNK_ENTRY_SIZE
+                else:
+                    blocks, tail = divmod(size, _BLOCK)
+                    if tail > _HALF_BLOCK:
+                        blocks, tail = blocks + 1, 0
+            elif ftype == _S_IFLNK:
+                blocks, tail = 0, size
+            else:
+                if ftype == _S_IFCHR and u == 0:
+                    raise _Declined("a whiteout stub below the root")
+                blocks, tail = 0, 0
+            vinfo[k] = (isize, xsize, tail, blocks, u, ftype, refs)
+            k += 1
+        self.at_min = at_min
+        self.reached = reached
+        return order, vinfo, dotdot, shared_refs
+
+    def _chunks(self, tail_start: int, tail: int, u: int, blocks: int) -> list[tuple[int, int]]:
+        """(start, length) of a directory's dirent chunks: its full blocks, then its inline tail."""
+        chunks = [(b * _BLOCK, _BLOCK) for b in range(u, u + blocks)]
+        if tail:
+            chunks.append((tail_start, tail))
+        return chunks
+
+    def _dir_nids(self, tail_start: int, tail: int, u: int, blocks: int) -> list[int]:
+        data = self.data
+        nids: list[int] = []
+        for start, _length in self._chunks(tail_start, tail, u, blocks):
+            count = _U16(data, start + 8)[0] // F.DIRENT_SIZE
+            nids.extend(n for n, _o, _t in _DIRENT.iter_unpack(data[start : start + count * F.DIRENT_SIZE]))
+        return nids
+
+    def _old_dotdot(self, nid: int) -> int:
+        """The nid the ``..`` entry of base directory ``nid`` names."""
+        data = self.data
+        ino = self.view.inode(nid)
+        for start, length in self._chunks(ino.tail_offset, ino.size % _BLOCK, ino.u, ino.size // _BLOCK):
+            count = _U16(data, start + 8)[0] // F.DIRENT_SIZE
+            ents = list(_DIRENT.iter_unpack(data[start : start + count * F.DIRENT_SIZE]))
+            for i, (child, nameoff, _t) in enumerate(ents):
+                end = ents[i + 1][1] if i + 1 < count else length
+                name = data[start + nameoff : start + end].rstrip(b"\0")
+                if name == b"..":
+                    return child
+        raise _Declined("a directory without ..")
+
+    # --- what the base loses -----------------------------------------------------------
+
+    def _removed(self, lazy: _LazyBase, dropped: list[Node], order: list) -> list[int]:
+        """The base inodes the new image no longer holds as they were; all base inodes are accounted for."""
+        reached = self.reached
+        gone = {nid for nid in lazy.met if not reached[nid]}
+        stack = [node.nid for node in dropped if isinstance(node, _LazyNode)]
+        if len(stack) != len(dropped):
+            raise _Declined("a dropped entry not of the base")
+        view = self.view
+        while stack:
+            nid = stack.pop()
+            if not reached[nid]:
+                gone.add(nid)
+            ino = view.inode(nid)
+            if ino.ftype == _S_IFDIR:
+                stack.extend(child for _name, child in view.dir_entries(ino))
+        kept = sum(1 for item in order if type(item) is int)
+        if kept + len(gone) != self.inos:
+            raise _Declined("base inodes not accounted for")
+        return sorted(gone)
+
+    # --- xattr pairs and objects -------------------------------------------------------
+
+    def _count_pairs(self, made: list[_Inode], removed: list[int], kept_refs: Counter):
+        """The new shared table, and the objects gone and new; declines a change to a kept inode's xattrs."""
+        view = self.view
+        old_table: dict[int, tuple[bytes, bytes]] = {}
+        data = self.data
+        for ref in kept_refs:
+            old_table[ref] = self._shared_entry(ref)
+        removed_pairs: Counter = Counter()
+        removed_at_min = 0
+        acl_gone = False
+        for nid in removed:
+            ino = view.inode(nid)
+            if (ino.mtime_sec, ino.mtime_nsec) == self.min_mtime:
+                removed_at_min += 1
+            if not ino.xattr_size:
+                continue
+            if data[ino.offset + ino.isize + 4] >= F.XATTR_MAX_SHARED_REFS:
+                raise _Declined("an inode with the most shared xattr references")
+            entries = view.xattr_entries(ino)
+            mine = {entry.name: entry.value for entry in entries}
+            digest = _digest_of((F.XATTR_METACOPY, mine.get(F.XATTR_METACOPY, b"")))
+            if digest is not None and mine.get(F.XATTR_REDIRECT) != b"/" + object_path(digest).encode():
+                raise _Declined("a base file whose object is not its digest's")
+            for entry in entries:
+                pair = (entry.name, entry.value)
+                removed_pairs[pair] += 1
+                if entry.shared:
+                    old_table[(entry.offset - view.xattr_start) // 4] = pair
+                if entry.name in F.ACL_XATTRS:
+                    acl_gone = True
+        added_pairs: Counter = Counter()
+        min_mtime = self.min_mtime
+        added_at_min = 0
+        acl_new = False
+        for inode in made:
+            if inode.mtime < min_mtime:
+                raise _Declined("a new smallest mtime")
+            if inode.mtime == min_mtime:
+                added_at_min += 1
+            added_pairs.update(inode.xattrs.items())
+            if any(name in F.ACL_XATTRS for name in inode.xattrs):
+                acl_new = True
+        if self.at_min + added_at_min == 0:
+            raise _Declined("the smallest mtime goes")
+        has_acl = bool(self.flags & F.COMPOSEFS_FLAGS_HAS_ACL)
+        if acl_gone and has_acl and not acl_new:
+            raise _Declined("the ACL flag")
+        self.at_min_total = self.at_min + added_at_min
+        shared_old = {pair: ref for ref, pair in old_table.items()}
+        kept_by_pair = Counter({old_table[ref]: n for ref, n in kept_refs.items()})
+
+        def kept_count(pair: tuple[bytes, bytes]) -> int:
+            """How many kept base inodes hold ``pair``."""
+            if pair in shared_old:
+                return kept_by_pair[pair]
+            if removed_pairs[pair]:
+                return 0  # held by one inode only, which is gone
+            digest = _digest_of(pair)
+            if digest is None:
+                raise _Declined("an xattr the base may hold inline")
+            return 1 if self.in_base(digest) else 0
+
+        table: set[tuple[bytes, bytes]] = set()
+        for pair, n in kept_by_pair.items():
+            if pair in added_pairs or pair in removed_pairs:
+                continue
+            table.add(pair)
+        for pair in set(added_pairs) | set(removed_pairs):
+            kept = kept_count(pair) if pair in added_pairs or pair in shared_old else 0
+            total = kept + added_pairs[pair]
+            if total >= 2:
+                if kept and pair not in shared_old:
+                    raise _Declined("a kept inode's xattr becomes shared")
+                table.add(pair)
+            elif kept and pair in shared_old:
+                raise _Declined("a kept inode's shared xattr becomes its own")
+        objects = self._objects(made, removed_pairs, added_pairs, kept_count)
+        return (sorted(table, key=lambda p: (p[0], len(p[1]), p[1]), reverse=True), old_table, has_acl
+                or acl_new), objects
+
+    def _shared_entry(self, ref: int) -> tuple[bytes, bytes]:
+        data = self.data
+        pos = self.view.xattr_start + 4 * ref
+        name_len, index, value_len = F.XATTR_ENTRY.unpack_from(data, pos)
+        start = pos + F.XATTR_ENTRY_SIZE
+        name = F.XATTR_PREFIXES[index] + data[start : start + name_len]
+        return name, data[start + name_len : start + name_len + value_len]
+
+    def _objects(self, made, removed_pairs: Counter, added_pairs: Counter, kept_count) -> Relocated:
+        """The objects the base referenced and no longer does, and the new ones (by metacopy pair)."""
+        out = Relocated(bytearray())
+        sizes: dict[bytes, int] = {}
+        for inode in made:
+            if inode.ftype == _S_IFREG and inode.content is None and inode.size > 0:
+                if inode.digest is None or inode.payload != object_path(inode.digest).encode():
+                    raise _Declined("a file whose object is not its digest's")
+                sizes[inode.digest] = inode.size
+        for name, value in set(removed_pairs) | set(added_pairs):
+            if name != F.XATTR_METACOPY:
+                continue
+            digest = _digest_of((name, value))
+            if digest is None:
+                raise _Declined("a metacopy without a digest")
+            kept = kept_count((name, value))
+            before = kept + removed_pairs[(name, value)]
+            after = kept + added_pairs[(name, value)]
+            if before and not after:
+                out.removed.add(digest)
+            elif after and not before:
+                out.added[digest] = sizes[digest]
+        return out
+
+    # --- placing and writing -----------------------------------------------------------
+
+    def _write(self, root: _Inode, made: list[_Inode], order: list, vinfo: list, dotdot: dict, tables,
+               objects: Relocated) -> Relocated:
+        table, old_table, has_acl = tables
+        index = {pair: i for i, pair in enumerate(table)}
+        _plan_xattrs(made, index)
+        min_mtime = self.min_mtime
+        for inode in made:
+            _size_inode(inode)
+            inode.extended = not is_compact(inode, min_mtime)
+        # placement (composefs-format.md §10)
+        nids = [0] * len(order)
+        pos = F.INODES_START
+        for k, item in enumerate(order):
+            pos = (pos + 31) & ~31
+            if type(item) is int:
+                isize, xsize, tail, blocks, _u, ftype, _refs = vinfo[k]
+                if ftype == _S_IFLNK:
+                    total = isize + xsize + tail
+                    if total >= _BLOCK:
+                        vinfo[k] = (isize, xsize, 0, 1, _u, ftype, _refs)
+                        tail = 0
+                    if pos // _BLOCK != (pos + total - 1) // _BLOCK:
+                        pos = _round_up(pos, _BLOCK)
+                elif tail:
+                    rem = _BLOCK - (pos + isize + xsize) % _BLOCK
+                    if rem < tail:
+                        pad = (rem + 31) & ~31
+                        if _BLOCK - (pos + pad + isize + xsize) % _BLOCK < tail:
+                            raise _Declined("a tail that moves to a block")
+                        pos += pad
+                nids[k] = pos >> 5
+                pos += isize + xsize + tail
+            else:
+                isize = F.INODE_EXTENDED_SIZE if item.extended else F.INODE_COMPACT_SIZE
+                pos += _padding(item, pos, isize)
+                item.nid = nids[k] = pos >> 5
+                item.layout = _layout(item)
+                item.ino = k
+                pos += isize + item.xattr_size + len(item.tail)
+        inodes_end = _round_up(pos, 32)
+        shared_size = sum(_entry_size(name, value) for name, value in table)
+        data_start = _round_up(inodes_end + shared_size, _BLOCK)
+        cursor = data_start // _BLOCK
+        blkaddr = [0] * len(order)
+        for k, item in enumerate(order):
+            blocks = vinfo[k][3] if type(item) is int else item.n_blocks
+            if blocks:
+                if type(item) is not int:
+                    item.blkaddr = cursor
+                blkaddr[k] = cursor
+                cursor += blocks
+        newnid = [0] * (len(self.data) // 32 + 1)
+        for k, item in enumerate(order):
+            if type(item) is int:
+                newnid[item] = nids[k]
+        for k, moved in self.moved:
+            moved.nid = nids[k]
+        image = bytearray(cursor * _BLOCK)
+        self._superblocks(image, root, len(order), inodes_end, cursor, has_acl)
+        # the shared table
+        offsets = []
+        at = inodes_end
+        for name, value in table:
+            entry = _xattr_entry(name, value)
+            offsets.append(at - inodes_end)
+            image[at : at + len(entry)] = entry
+            at += len(entry)
+        mod = inodes_end % _BLOCK
+        refs = [(mod + off) // 4 for off in offsets]
+        remap = {old: refs[index[pair]] for old, pair in old_table.items() if pair in index}
+        data = self.data
+        pack_u32 = _U32_AT.pack_into
+        for k, item in enumerate(order):
+            start = nids[k] << 5
+            if type(item) is not int:
+                at = _pack_inode_header(image, start, item)
+                if item.xattr_size:
+                    body = _xattr_body(item, refs)
+                    image[at : at + len(body)] = body
+                    at += len(body)
+                if item.tail:
+                    tail = _inline_tail(item)
+                    image[at : at + len(tail)] = tail
+                if item.n_blocks:
+                    blob = _data_blocks(item)
+                    image[blkaddr[k] * _BLOCK : blkaddr[k] * _BLOCK + len(blob)] = blob
+                continue
+            isize, xsize, tail, blocks, u, ftype, old_refs = vinfo[k]
+            old = item << 5
+            span = isize + xsize + tail
+            image[start : start + span] = data[old : old + span]
+            pack_u32(image, start + _INO_OFFSET, k)
+            for i, ref in enumerate(old_refs):
+                pack_u32(image, start + isize + 12 + 4 * i, remap[ref])
+            if blocks:
+                pack_u32(image, start + _U_OFFSET, blkaddr[k])
+            if ftype == _S_IFDIR:
+                over = dotdot.get(k)
+                chunks = zip(self._chunks(old + isize + xsize, tail, u, blocks),
+                             self._chunks(start + isize + xsize, tail, blkaddr[k], blocks))
+                for (src, length), (dst, _l) in chunks:
+                    if length == _BLOCK:
+                        image[dst : dst + _BLOCK] = data[src : src + _BLOCK]
+                    count = _U16(data, src + 8)[0] // F.DIRENT_SIZE
+                    ents = _DIRENT.iter_unpack(data[src : src + count * F.DIRENT_SIZE])
+                    if over is None:
+                        fresh = [newnid[n] for n, _o, _t in ents]
+                    else:
+                        parent_old, parent = over
+                        fresh = [parent.nid if n == parent_old else newnid[n] for n, _o, _t in ents]
+                    for i, n in enumerate(fresh):
+                        _NID_AT.pack_into(image, dst + i * F.DIRENT_SIZE, n)
+            elif blocks:
+                src = u * _BLOCK
+                dst = blkaddr[k] * _BLOCK
+                image[dst : dst + _BLOCK] = data[src : src + _BLOCK]
+        objects.image = image
+        return objects
+
+    def _superblocks(self, image: bytearray, root: _Inode, inos: int, inodes_end: int, blocks: int,
+                     has_acl: bool) -> None:
+        F.COMPOSEFS_HEADER.pack_into(image, 0, F.COMPOSEFS_MAGIC, F.COMPOSEFS_HEADER_VERSION,
+                                     F.COMPOSEFS_FLAGS_HAS_ACL if has_acl else 0, 0)
+        sb = self.data[F.EROFS_SUPER_OFFSET : F.EROFS_SUPER_OFFSET + F.SUPERBLOCK_SIZE]
+        image[F.EROFS_SUPER_OFFSET : F.EROFS_SUPER_OFFSET + F.SUPERBLOCK_SIZE] = sb
+        F.SUPERBLOCK.pack_into(image, F.EROFS_SUPER_OFFSET, *(
+            F.SUPERBLOCK.unpack_from(sb, 0)[:5] + (root.nid, inos) + F.SUPERBLOCK.unpack_from(sb, 0)[7:9]
+            + (blocks, 0, inodes_end // _BLOCK) + F.SUPERBLOCK.unpack_from(sb, 0)[12:]))
+
+
+def _digest_of(pair: tuple[bytes, bytes]) -> RawDigest | None:
+    """The object digest a metacopy or redirect pair names; None for other xattrs."""
+    name, value = pair
+    if name == F.XATTR_METACOPY:
+        if len(value) == _METACOPY_SIZE and value.startswith(F.METACOPY_HEADER):
+            return value[len(F.METACOPY_HEADER) :]
+        return None
+    if name == F.XATTR_REDIRECT:
+        path = value[1:]
+        if value[:1] == b"/" and len(path) == 65 and path[2:3] == b"/":
+            try:
+                digest = bytes.fromhex((path[:2] + path[3:]).decode("ascii"))
+            except ValueError:
+                return None
+            if object_path(digest).encode() == path:
+                return digest
+    return None
