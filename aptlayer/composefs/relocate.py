@@ -50,7 +50,6 @@ from .writer import (
     _check_node,
     _copy,
     _data_blocks,
-    _entry_size,
     _Inode,
     _inline_tail,
     _layout,
@@ -63,7 +62,6 @@ from .writer import (
     _size_inode,
     _xattr_body,
     _xattr_entry,
-    chunk_count,
     is_compact,
 )
 
@@ -83,6 +81,9 @@ _DIRENT = F.DIRENT
 _INO_OFFSET = 20  # i_ino, in both inode forms
 _U_OFFSET = 16  # i_u, in both inode forms
 _METACOPY_SIZE = len(F.METACOPY_HEADER) + F.DIGEST_SIZE
+_FT_DIR = F.FT_FROM_MODE[stat.S_IFDIR]
+#: the largest external file with a single chunk index
+_ONE_CHUNK = 1 << F.CHUNK_MAX_BITS
 
 
 class _Declined(Exception):
@@ -196,10 +197,16 @@ class _Relocator:
         dropped: list[Node] = []
         merged = apply(base_root, delta, dropped, split_links=False)
         root, made = self._materialize(merged)
-        order, vinfo, dotdot, shared_refs = self._order(root)
-        removed = self._removed(lazy, dropped, order)
-        table, objects = self._count_pairs(made, removed, shared_refs)
-        return self._write(root, made, order, vinfo, dotdot, table, objects)
+        order, dotdot = self._order(root)
+        kept = [item for item in order if type(item) is int]
+        reached = set(kept)
+        if len(reached) != len(kept):
+            raise _Declined("a base inode reached twice")
+        removed = self._removed(lazy, dropped, reached)
+        if len(kept) + len(removed) != self.inos:
+            raise _Declined("base inodes not accounted for")
+        shared_pairs, objects, has_acl = self._count_pairs(made, removed, kept)
+        return self._write(root, made, order, dotdot, shared_pairs, objects, has_acl)
 
     def _materialize(self, merged: Node) -> tuple[_Inode, list[_Inode]]:
         """The merged tree's own nodes as the writer's records; base entries stay base inodes (``_Moved``)."""
@@ -260,105 +267,52 @@ class _Relocator:
 
     # --- the new breadth-first order --------------------------------------------------
 
-    def _order(self, root: _Inode):
-        """Inodes in the new BFS order: the writer's records, and base nids with what placing them needs.
+    def _order(self, root: _Inode) -> tuple[list, dict[int, tuple[int, _Inode]]]:
+        """Inodes in the new BFS order: the writer's records, and base nids.
 
-        Returns the order, per position the base inode's layout facts
-        (isize, xattr size, tail, blocks, old i_u, type, shared refs; None
-        for a new inode), the base directories whose ``..`` is a new
-        directory (position -> (old ``..`` nid, new parent)), and how often
-        each shared-table reference is used by the base inodes kept.
+        Base directories are expanded from their dirents alone (their type
+        says which entries are directories). Also returns the base
+        directories whose ``..`` is a new directory: position -> (the old
+        nid their ``..`` names, the new parent).
         """
         data = self.data
-        min_mtime = self.min_mtime
         order: list = [root]
-        vinfo: list = [None]
-        #: per position: the old nid a base directory's ``..`` names
-        up: list = [0]
-        dotdot: dict[int, tuple[int, object]] = {}
-        reached = bytearray(len(data) // 32 + 1)
-        shared_refs: Counter = Counter()
-        at_min = 0
+        dotdot: dict[int, tuple[int, _Inode]] = {}
+        #: base directories met, by nid: the old nid their ``..`` names
+        dirs: dict[int, int] = {}
         self.moved: list[tuple[int, _Moved]] = []
-        k = 0
-        while k < len(order):
-            item = order[k]
-            if type(item) is not int:
-                if item.entries is not None:
-                    for _name, child, orig in item.entries:
-                        if not orig:
-                            continue
-                        if type(child) is _Moved:
-                            self.moved.append((len(order), child))
-                            old = child.old
-                            if child.ftype == _S_IFDIR:
-                                dotdot[len(order)] = (self._old_dotdot(old), item)
-                            order.append(old)
-                        else:
-                            order.append(child)
-                        vinfo.append(None)
-                        up.append(0)
-                k += 1
+        view = self.view
+        unpack = _DIRENT.iter_unpack
+        for k, item in enumerate(order):
+            if type(item) is int:
+                up = dirs.get(item)
+                if up is None:
+                    continue
+                ino = view.inode(item)
+                for start, _length in self._chunks(ino.tail_offset, ino.size % _BLOCK, ino.u, ino.size // _BLOCK):
+                    count = _U16(data, start + 8)[0] // F.DIRENT_SIZE
+                    ents = [e for e in unpack(data[start : start + count * F.DIRENT_SIZE])
+                            if e[0] != item and e[0] != up]
+                    order.extend([e[0] for e in ents])
+                    for nid, _o, ftype in ents:
+                        if ftype == _FT_DIR:
+                            dirs[nid] = item
                 continue
-            nid = item
-            if reached[nid]:
-                raise _Declined("a base inode reached twice")
-            reached[nid] = 1
-            off = nid << 5
-            i_format = data[off]
-            if i_format & 1:
-                isize = 64
-                (_f, icount, mode, size, u, _ino, _uid, _gid, sec, nsec, nlink) = _EXTENDED(data, off)
-                if (sec, nsec) == min_mtime:
-                    at_min += 1
-            else:
-                isize = 32
-                (_f, icount, mode, nlink, size, u, _ino, _uid, _gid) = _COMPACT(data, off)
-                at_min += 1
-            ftype = mode & _S_IFMT
-            xsize = 0 if not icount else 12 + 4 * (icount - 1)
-            refs = ()
-            if xsize:
-                count = data[off + isize + 4]
-                if count:
-                    if count >= F.XATTR_MAX_SHARED_REFS:
-                        raise _Declined("an inode with the most shared xattr references")
-                    refs = struct.unpack_from(f"<{count}I", data, off + isize + 12)
-                    shared_refs.update(refs)
-            if ftype == _S_IFDIR:
-                blocks, tail = divmod(size, _BLOCK)
-                vinfo[k] = (isize, xsize, tail, blocks, u, ftype, refs)
-                parent = dotdot.get(k)
-                parent_old = parent[0] if parent is not None else up[k]
-                for child in self._dir_nids(off + isize + xsize, tail, u, blocks):
-                    if child != nid and child != parent_old:
-                        order.append(child)
-                        vinfo.append(None)
-                        up.append(nid)
-                k += 1
+            if item.entries is None:
                 continue
-            if nlink != 1:
-                raise _Declined("a base file with hard links")
-            if ftype == _S_IFREG:
-                if (i_format >> 1) & 7 == F.LAYOUT_CHUNK_BASED:
-                    if chunk_count(size) != 1:
-                        raise _Declined("a chunk table of more than one entry")
-                    blocks, tail = 0, F.CHUNK_ENTRY_SIZE
+            for _name, child, orig in item.entries:
+                if not orig:
+                    continue
+                if type(child) is _Moved:
+                    self.moved.append((len(order), child))
+                    if child.ftype == _S_IFDIR:
+                        old_up = self._old_dotdot(child.old)
+                        dotdot[len(order)] = (old_up, item)
+                        dirs[child.old] = old_up
+                    order.append(child.old)
                 else:
-                    blocks, tail = divmod(size, _BLOCK)
-                    if tail > _HALF_BLOCK:
-                        blocks, tail = blocks + 1, 0
-            elif ftype == _S_IFLNK:
-                blocks, tail = 0, size
-            else:
-                if ftype == _S_IFCHR and u == 0:
-                    raise _Declined("a whiteout stub below the root")
-                blocks, tail = 0, 0
-            vinfo[k] = (isize, xsize, tail, blocks, u, ftype, refs)
-            k += 1
-        self.at_min = at_min
-        self.reached = reached
-        return order, vinfo, dotdot, shared_refs
+                    order.append(child)
+        return order, dotdot
 
     def _chunks(self, tail_start: int, tail: int, u: int, blocks: int) -> list[tuple[int, int]]:
         """(start, length) of a directory's dirent chunks: its full blocks, then its inline tail."""
@@ -366,14 +320,6 @@ class _Relocator:
         if tail:
             chunks.append((tail_start, tail))
         return chunks
-
-    def _dir_nids(self, tail_start: int, tail: int, u: int, blocks: int) -> list[int]:
-        data = self.data
-        nids: list[int] = []
-        for start, _length in self._chunks(tail_start, tail, u, blocks):
-            count = _U16(data, start + 8)[0] // F.DIRENT_SIZE
-            nids.extend(n for n, _o, _t in _DIRENT.iter_unpack(data[start : start + count * F.DIRENT_SIZE]))
-        return nids
 
     def _old_dotdot(self, nid: int) -> int:
         """The nid the ``..`` entry of base directory ``nid`` names."""
@@ -391,42 +337,45 @@ class _Relocator:
 
     # --- what the base loses -----------------------------------------------------------
 
-    def _removed(self, lazy: _LazyBase, dropped: list[Node], order: list) -> list[int]:
-        """The base inodes the new image no longer holds as they were; all base inodes are accounted for."""
-        reached = self.reached
-        gone = {nid for nid in lazy.met if not reached[nid]}
+    def _removed(self, lazy: _LazyBase, dropped: list[Node], reached: set[int]) -> list[int]:
+        """The base inodes the new image no longer holds as they were."""
+        gone = {nid for nid in lazy.met if nid not in reached}
         stack = [node.nid for node in dropped if isinstance(node, _LazyNode)]
         if len(stack) != len(dropped):
             raise _Declined("a dropped entry not of the base")
         view = self.view
         while stack:
             nid = stack.pop()
-            if not reached[nid]:
+            if nid not in reached:
                 gone.add(nid)
             ino = view.inode(nid)
             if ino.ftype == _S_IFDIR:
                 stack.extend(child for _name, child in view.dir_entries(ino))
-        kept = sum(1 for item in order if type(item) is int)
-        if kept + len(gone) != self.inos:
-            raise _Declined("base inodes not accounted for")
         return sorted(gone)
 
     # --- xattr pairs and objects -------------------------------------------------------
 
-    def _count_pairs(self, made: list[_Inode], removed: list[int], kept_refs: Counter):
-        """The new shared table, and the objects gone and new; declines a change to a kept inode's xattrs."""
+    def _count_pairs(self, made: list[_Inode], removed: list[int], kept: list[int]):
+        """The pairs the new inodes share, the objects gone and new, the ACL flag.
+
+        A pair counts as the writer counts it (composefs-format.md §6.3):
+        new inodes share a pair that two inodes or more hold, and no kept
+        inode may see one of its pairs move into or out of the table (that
+        is declined). What kept inodes hold is known without reading them
+        in the usual case: a pair stored in a removed inode itself is that
+        inode's alone, and an object the base does not reference is in no
+        kept inode. Else the kept inodes' shared references are counted.
+        """
         view = self.view
-        old_table: dict[int, tuple[bytes, bytes]] = {}
         data = self.data
-        for ref in kept_refs:
-            old_table[ref] = self._shared_entry(ref)
         removed_pairs: Counter = Counter()
-        removed_at_min = 0
+        shared_old: set[tuple[bytes, bytes]] = set()
+        self.removed_at_min = 0
         acl_gone = False
         for nid in removed:
             ino = view.inode(nid)
             if (ino.mtime_sec, ino.mtime_nsec) == self.min_mtime:
-                removed_at_min += 1
+                self.removed_at_min += 1
             if not ino.xattr_size:
                 continue
             if data[ino.offset + ino.isize + 4] >= F.XATTR_MAX_SHARED_REFS:
@@ -437,61 +386,89 @@ class _Relocator:
             if digest is not None and mine.get(F.XATTR_REDIRECT) != b"/" + object_path(digest).encode():
                 raise _Declined("a base file whose object is not its digest's")
             for entry in entries:
-                pair = (entry.name, entry.value)
-                removed_pairs[pair] += 1
+                removed_pairs[(entry.name, entry.value)] += 1
                 if entry.shared:
-                    old_table[(entry.offset - view.xattr_start) // 4] = pair
+                    shared_old.add((entry.name, entry.value))
                 if entry.name in F.ACL_XATTRS:
                     acl_gone = True
         added_pairs: Counter = Counter()
         min_mtime = self.min_mtime
-        added_at_min = 0
+        self.added_at_min = 0
         acl_new = False
+        sizes: dict[bytes, int] = {}
         for inode in made:
             if inode.mtime < min_mtime:
                 raise _Declined("a new smallest mtime")
             if inode.mtime == min_mtime:
-                added_at_min += 1
+                self.added_at_min += 1
             added_pairs.update(inode.xattrs.items())
             if any(name in F.ACL_XATTRS for name in inode.xattrs):
                 acl_new = True
-        if self.at_min + added_at_min == 0:
-            raise _Declined("the smallest mtime goes")
+            if inode.ftype == _S_IFREG and inode.content is None and inode.size > 0:
+                if inode.digest is None or inode.payload != object_path(inode.digest).encode():
+                    raise _Declined("a file whose object is not its digest's")
+                sizes[inode.digest] = inode.size
         has_acl = bool(self.flags & F.COMPOSEFS_FLAGS_HAS_ACL)
         if acl_gone and has_acl and not acl_new:
             raise _Declined("the ACL flag")
-        self.at_min_total = self.at_min + added_at_min
-        shared_old = {pair: ref for ref, pair in old_table.items()}
-        kept_by_pair = Counter({old_table[ref]: n for ref, n in kept_refs.items()})
+        unknown = [pair for pair in added_pairs if pair not in removed_pairs]
+        if shared_old or any(_digest_of(pair) is None or self.in_base(_digest_of(pair)) for pair in unknown):
+            kept_by_pair = self._kept_pairs(kept)
+            shared_old |= set(kept_by_pair)
+        else:
+            kept_by_pair = Counter()
 
         def kept_count(pair: tuple[bytes, bytes]) -> int:
-            """How many kept base inodes hold ``pair``."""
             if pair in shared_old:
                 return kept_by_pair[pair]
             if removed_pairs[pair]:
-                return 0  # held by one inode only, which is gone
+                return 0  # stored in the removed inode itself: its own
             digest = _digest_of(pair)
             if digest is None:
-                raise _Declined("an xattr the base may hold inline")
+                raise _Declined("an xattr a kept inode may hold in itself")
             return 1 if self.in_base(digest) else 0
 
-        table: set[tuple[bytes, bytes]] = set()
-        for pair, n in kept_by_pair.items():
-            if pair in added_pairs or pair in removed_pairs:
-                continue
-            table.add(pair)
-        for pair in set(added_pairs) | set(removed_pairs):
-            kept = kept_count(pair) if pair in added_pairs or pair in shared_old else 0
+        shared_pairs = []
+        out = Relocated(bytearray())
+        for pair in set(removed_pairs) | set(added_pairs):
+            kept = kept_count(pair)
             total = kept + added_pairs[pair]
             if total >= 2:
                 if kept and pair not in shared_old:
-                    raise _Declined("a kept inode's xattr becomes shared")
-                table.add(pair)
+                    raise _Declined("a kept inode's xattr joins the shared table")
+                if added_pairs[pair]:
+                    shared_pairs.append(pair)
             elif kept and pair in shared_old:
-                raise _Declined("a kept inode's shared xattr becomes its own")
-        objects = self._objects(made, removed_pairs, added_pairs, kept_count)
-        return (sorted(table, key=lambda p: (p[0], len(p[1]), p[1]), reverse=True), old_table, has_acl
-                or acl_new), objects
+                raise _Declined("a kept inode's shared xattr leaves the table")
+            if pair[0] == F.XATTR_METACOPY:
+                digest = _digest_of(pair)
+                if digest is None:
+                    raise _Declined("a metacopy without a digest")
+                before, after = kept + removed_pairs[pair], total
+                if before and not after:
+                    out.removed.add(digest)
+                elif after and not before:
+                    out.added[digest] = sizes[digest]
+        return shared_pairs, out, has_acl or acl_new
+
+    def _kept_pairs(self, kept: list[int]) -> Counter:
+        """How many kept inodes reference each pair of the shared table (one read of every header)."""
+        data = self.data
+        refs: Counter = Counter()
+        for nid in kept:
+            off = nid << 5
+            if not _U16(data, off + 2)[0]:
+                continue
+            body = off + (64 if data[off] & 1 else 32)
+            count = data[body + 4]
+            if count >= F.XATTR_MAX_SHARED_REFS:
+                raise _Declined("an inode with the most shared xattr references")
+            if count:
+                refs.update(struct.unpack_from(f"<{count}I", data, body + 12))
+        by_pair: Counter = Counter()
+        for ref, n in refs.items():
+            by_pair[self._shared_entry(ref)] += n
+        return by_pair
 
     def _shared_entry(self, ref: int) -> tuple[bytes, bytes]:
         data = self.data
@@ -501,148 +478,170 @@ class _Relocator:
         name = F.XATTR_PREFIXES[index] + data[start : start + name_len]
         return name, data[start + name_len : start + name_len + value_len]
 
-    def _objects(self, made, removed_pairs: Counter, added_pairs: Counter, kept_count) -> Relocated:
-        """The objects the base referenced and no longer does, and the new ones (by metacopy pair)."""
-        out = Relocated(bytearray())
-        sizes: dict[bytes, int] = {}
-        for inode in made:
-            if inode.ftype == _S_IFREG and inode.content is None and inode.size > 0:
-                if inode.digest is None or inode.payload != object_path(inode.digest).encode():
-                    raise _Declined("a file whose object is not its digest's")
-                sizes[inode.digest] = inode.size
-        for name, value in set(removed_pairs) | set(added_pairs):
-            if name != F.XATTR_METACOPY:
-                continue
-            digest = _digest_of((name, value))
-            if digest is None:
-                raise _Declined("a metacopy without a digest")
-            kept = kept_count((name, value))
-            before = kept + removed_pairs[(name, value)]
-            after = kept + added_pairs[(name, value)]
-            if before and not after:
-                out.removed.add(digest)
-            elif after and not before:
-                out.added[digest] = sizes[digest]
-        return out
-
     # --- placing and writing -----------------------------------------------------------
 
-    def _write(self, root: _Inode, made: list[_Inode], order: list, vinfo: list, dotdot: dict, tables,
-               objects: Relocated) -> Relocated:
-        table, old_table, has_acl = tables
-        index = {pair: i for i, pair in enumerate(table)}
-        _plan_xattrs(made, index)
+    def _write(self, root: _Inode, made: list[_Inode], order: list, dotdot: dict, shared_pairs: list,
+               objects: Relocated, has_acl: bool) -> Relocated:
+        """Place every inode (composefs-format.md §10), copying the kept ones; then patch what moved."""
         min_mtime = self.min_mtime
+        _plan_xattrs(made, {pair: i for i, pair in enumerate(shared_pairs)})
         for inode in made:
             _size_inode(inode)
             inode.extended = not is_compact(inode, min_mtime)
-        # placement (composefs-format.md §10)
-        nids = [0] * len(order)
+        data = self.data
+        source = memoryview(data)
+        image = bytearray()
+        newnid = [0] * (len(data) // 32 + 1)
+        #: kept inodes with more to patch than their i_ino: (position, old offset, new offset, isize,
+        #: xattr size, tail, blocks, old i_u, type, shared refs)
+        special: list[tuple] = []
+        blocks_before: dict[int, int] = {}
+        nblocks = 0
+        at_min = 0
+        pack_u32 = _U32_AT.pack_into
         pos = F.INODES_START
         for k, item in enumerate(order):
             pos = (pos + 31) & ~31
-            if type(item) is int:
-                isize, xsize, tail, blocks, _u, ftype, _refs = vinfo[k]
-                if ftype == _S_IFLNK:
-                    total = isize + xsize + tail
-                    if total >= _BLOCK:
-                        vinfo[k] = (isize, xsize, 0, 1, _u, ftype, _refs)
-                        tail = 0
-                    if pos // _BLOCK != (pos + total - 1) // _BLOCK:
-                        pos = _round_up(pos, _BLOCK)
-                elif tail:
-                    rem = _BLOCK - (pos + isize + xsize) % _BLOCK
-                    if rem < tail:
-                        pad = (rem + 31) & ~31
-                        if _BLOCK - (pos + pad + isize + xsize) % _BLOCK < tail:
-                            raise _Declined("a tail that moves to a block")
-                        pos += pad
-                nids[k] = pos >> 5
-                pos += isize + xsize + tail
-            else:
+            if type(item) is not int:
                 isize = F.INODE_EXTENDED_SIZE if item.extended else F.INODE_COMPACT_SIZE
                 pos += _padding(item, pos, isize)
-                item.nid = nids[k] = pos >> 5
+                item.nid = pos >> 5
                 item.layout = _layout(item)
                 item.ino = k
                 pos += isize + item.xattr_size + len(item.tail)
-        inodes_end = _round_up(pos, 32)
-        shared_size = sum(_entry_size(name, value) for name, value in table)
-        data_start = _round_up(inodes_end + shared_size, _BLOCK)
-        cursor = data_start // _BLOCK
-        blkaddr = [0] * len(order)
-        for k, item in enumerate(order):
-            blocks = vinfo[k][3] if type(item) is int else item.n_blocks
+                if item.n_blocks:
+                    blocks_before[k] = nblocks
+                    nblocks += item.n_blocks
+                continue
+            off = item << 5
+            i_format = data[off]
+            if i_format & 1:
+                isize = 64
+                (_f, icount, mode, size, u, _ino, _uid, _gid, sec, nsec, nlink) = _EXTENDED(data, off)
+                if sec == min_mtime[0] and nsec == min_mtime[1]:
+                    at_min += 1
+            else:
+                isize = 32
+                (_f, icount, mode, nlink, size, u, _ino, _uid, _gid) = _COMPACT(data, off)
+                at_min += 1
+            ftype = mode & _S_IFMT
+            xsize = 0 if not icount else 12 + 4 * (icount - 1)
+            refs = struct.unpack_from(f"<{data[off + isize + 4]}I", data, off + isize + 12) if xsize else ()
+            if ftype == _S_IFREG:
+                if nlink != 1:
+                    raise _Declined("a base file with hard links")
+                if (i_format >> 1) & 7 == F.LAYOUT_CHUNK_BASED:
+                    if size > _ONE_CHUNK:
+                        raise _Declined("a chunk table of more than one entry")
+                    blocks, tail = 0, F.CHUNK_ENTRY_SIZE
+                else:
+                    blocks, tail = divmod(size, _BLOCK)
+                    if tail > _HALF_BLOCK:
+                        blocks, tail = blocks + 1, 0
+            elif ftype == _S_IFDIR:
+                blocks, tail = divmod(size, _BLOCK)
+            elif nlink != 1:
+                raise _Declined("a base file with hard links")
+            elif ftype == _S_IFLNK:
+                blocks, tail = 0, size
+            elif ftype == _S_IFCHR and u == 0:
+                raise _Declined("a whiteout stub below the root")
+            else:
+                blocks, tail = 0, 0
+            if ftype == _S_IFLNK:
+                total = isize + xsize + tail
+                if total >= _BLOCK:
+                    blocks, tail = 1, 0
+                if pos >> 12 != (pos + total - 1) >> 12:
+                    pos = _round_up(pos, _BLOCK)
+            elif tail:
+                rem = _BLOCK - (pos + isize + xsize) % _BLOCK
+                if rem < tail:
+                    pad = (rem + 31) & ~31
+                    if _BLOCK - (pos + pad + isize + xsize) % _BLOCK < tail:
+                        raise _Declined("a tail that moves to a block")
+                    pos += pad
+            newnid[item] = pos >> 5
+            span = isize + xsize + tail
+            if len(image) < pos:
+                image.extend(bytes(pos - len(image)))
+            image += source[off : off + span]
+            pack_u32(image, pos + _INO_OFFSET, k)
             if blocks:
-                if type(item) is not int:
-                    item.blkaddr = cursor
-                blkaddr[k] = cursor
-                cursor += blocks
-        newnid = [0] * (len(self.data) // 32 + 1)
-        for k, item in enumerate(order):
-            if type(item) is int:
-                newnid[item] = nids[k]
-        for k, moved in self.moved:
-            moved.nid = nids[k]
-        image = bytearray(cursor * _BLOCK)
-        self._superblocks(image, root, len(order), inodes_end, cursor, has_acl)
-        # the shared table
+                blocks_before[k] = nblocks
+                nblocks += blocks
+            if blocks or refs or ftype == _S_IFDIR:
+                special.append((k, off, pos, isize, xsize, tail, blocks, u, ftype, refs))
+            pos += span
+        if at_min + self.added_at_min == 0:
+            raise _Declined("the smallest mtime goes")
+        # the shared table: the kept inodes' pairs, and those the new inodes share
+        old_pairs = {ref: self._shared_entry(ref) for entry in special for ref in entry[9]}
+        table = sorted(set(old_pairs.values()) | set(shared_pairs), key=_table_key, reverse=True)
+        inodes_end = _round_up(pos, 32)
         offsets = []
         at = inodes_end
+        entries = []
         for name, value in table:
             entry = _xattr_entry(name, value)
             offsets.append(at - inodes_end)
-            image[at : at + len(entry)] = entry
+            entries.append(entry)
             at += len(entry)
+        data_start = _round_up(at, _BLOCK)
+        image.extend(bytes(inodes_end - len(image)))
+        image += b"".join(entries)
+        first_block = data_start // _BLOCK
+        total_blocks = first_block + nblocks
+        image.extend(bytes(total_blocks * _BLOCK - len(image)))
         mod = inodes_end % _BLOCK
-        refs = [(mod + off) // 4 for off in offsets]
-        remap = {old: refs[index[pair]] for old, pair in old_table.items() if pair in index}
-        data = self.data
-        pack_u32 = _U32_AT.pack_into
-        for k, item in enumerate(order):
-            start = nids[k] << 5
-            if type(item) is not int:
-                at = _pack_inode_header(image, start, item)
-                if item.xattr_size:
-                    body = _xattr_body(item, refs)
-                    image[at : at + len(body)] = body
-                    at += len(body)
-                if item.tail:
-                    tail = _inline_tail(item)
-                    image[at : at + len(tail)] = tail
-                if item.n_blocks:
-                    blob = _data_blocks(item)
-                    image[blkaddr[k] * _BLOCK : blkaddr[k] * _BLOCK + len(blob)] = blob
+        index = {pair: i for i, pair in enumerate(table)}
+        refs_by_index = [(mod + off) // 4 for off in offsets]
+        new_ref = {old: refs_by_index[index[pair]] for old, pair in old_pairs.items()}
+        for k, moved in self.moved:
+            moved.nid = newnid[moved.old]
+        self._superblocks(image, root, len(order), inodes_end, total_blocks, has_acl)
+        for k, inode in enumerate(order):
+            if type(inode) is int:
                 continue
-            isize, xsize, tail, blocks, u, ftype, old_refs = vinfo[k]
-            old = item << 5
-            span = isize + xsize + tail
-            image[start : start + span] = data[old : old + span]
-            pack_u32(image, start + _INO_OFFSET, k)
-            for i, ref in enumerate(old_refs):
-                pack_u32(image, start + isize + 12 + 4 * i, remap[ref])
+            if inode.n_blocks:
+                inode.blkaddr = first_block + blocks_before[k]
+            at = _pack_inode_header(image, inode.nid << 5, inode)
+            if inode.xattr_size:
+                body = _xattr_body(inode, [refs_by_index[index[pair]] for pair in shared_pairs])
+                image[at : at + len(body)] = body
+                at += len(body)
+            if inode.tail:
+                tail = _inline_tail(inode)
+                image[at : at + len(tail)] = tail
+            if inode.n_blocks:
+                blob = _data_blocks(inode)
+                image[inode.blkaddr * _BLOCK : inode.blkaddr * _BLOCK + len(blob)] = blob
+        nid_at = _NID_AT.pack_into
+        for k, old, new, isize, xsize, tail, blocks, u, ftype, refs in special:
+            for i, ref in enumerate(refs):
+                pack_u32(image, new + isize + 12 + 4 * i, new_ref[ref])
+            blkaddr = first_block + blocks_before[k] if blocks else 0
             if blocks:
-                pack_u32(image, start + _U_OFFSET, blkaddr[k])
-            if ftype == _S_IFDIR:
-                over = dotdot.get(k)
-                chunks = zip(self._chunks(old + isize + xsize, tail, u, blocks),
-                             self._chunks(start + isize + xsize, tail, blkaddr[k], blocks))
-                for (src, length), (dst, _l) in chunks:
-                    if length == _BLOCK:
-                        image[dst : dst + _BLOCK] = data[src : src + _BLOCK]
-                    count = _U16(data, src + 8)[0] // F.DIRENT_SIZE
-                    ents = _DIRENT.iter_unpack(data[src : src + count * F.DIRENT_SIZE])
-                    if over is None:
-                        fresh = [newnid[n] for n, _o, _t in ents]
-                    else:
-                        parent_old, parent = over
-                        fresh = [parent.nid if n == parent_old else newnid[n] for n, _o, _t in ents]
-                    for i, n in enumerate(fresh):
-                        _NID_AT.pack_into(image, dst + i * F.DIRENT_SIZE, n)
-            elif blocks:
-                src = u * _BLOCK
-                dst = blkaddr[k] * _BLOCK
-                image[dst : dst + _BLOCK] = data[src : src + _BLOCK]
+                pack_u32(image, new + _U_OFFSET, blkaddr)
+            if ftype != _S_IFDIR:
+                if blocks:
+                    image[blkaddr * _BLOCK : (blkaddr + 1) * _BLOCK] = source[u * _BLOCK : (u + 1) * _BLOCK]
+                continue
+            over = dotdot.get(k)
+            chunks = zip(self._chunks(old + isize + xsize, tail, u, blocks),
+                         self._chunks(new + isize + xsize, tail, blkaddr, blocks))
+            for (src, length), (dst, _l) in chunks:
+                if length == _BLOCK:
+                    image[dst : dst + _BLOCK] = source[src : src + _BLOCK]
+                count = _U16(data, src + 8)[0] // F.DIRENT_SIZE
+                ents = _DIRENT.iter_unpack(data[src : src + count * F.DIRENT_SIZE])
+                if over is None:
+                    fresh = [newnid[n] for n, _o, _t in ents]
+                else:
+                    parent_old, parent = over
+                    fresh = [parent.nid if n == parent_old else newnid[n] for n, _o, _t in ents]
+                for i, n in enumerate(fresh):
+                    nid_at(image, dst + i * F.DIRENT_SIZE, n)
         objects.image = image
         return objects
 
@@ -655,6 +654,11 @@ class _Relocator:
         F.SUPERBLOCK.pack_into(image, F.EROFS_SUPER_OFFSET, *(
             F.SUPERBLOCK.unpack_from(sb, 0)[:5] + (root.nid, inos) + F.SUPERBLOCK.unpack_from(sb, 0)[7:9]
             + (blocks, 0, inodes_end // _BLOCK) + F.SUPERBLOCK.unpack_from(sb, 0)[12:]))
+
+
+def _table_key(pair: tuple[bytes, bytes]) -> tuple[bytes, int, bytes]:
+    """The shared table's order (descending by this key), as the writer sorts it."""
+    return pair[0], len(pair[1]), pair[1]
 
 
 def _digest_of(pair: tuple[bytes, bytes]) -> RawDigest | None:
