@@ -32,6 +32,7 @@ manifest), since a pair held by one inode only is that inode's own.
 
 from __future__ import annotations
 
+import functools
 import stat
 import struct
 from collections import Counter
@@ -490,7 +491,8 @@ class _Relocator:
             inode.extended = not is_compact(inode, min_mtime)
         data = self.data
         source = memoryview(data)
-        image = bytearray()
+        # The inode table is copied into a buffer large enough for it (grown if ever not), then cut.
+        image = bytearray(2 * len(data) + sum(64 + i.xattr_size + len(i.tail) + 64 for i in made))
         newnid = [0] * (len(data) // 32 + 1)
         #: kept inodes with more to patch than their i_ino: (position, old offset, new offset, isize,
         #: xattr size, tail, blocks, old i_u, type, shared refs)
@@ -499,6 +501,11 @@ class _Relocator:
         nblocks = 0
         at_min = 0
         pack_u32 = _U32_AT.pack_into
+        # hot loop: locals rather than globals
+        chunk_based, chunk_entry, half_block, one_chunk = F.LAYOUT_CHUNK_BASED, F.CHUNK_ENTRY_SIZE, _HALF_BLOCK, _ONE_CHUNK
+        s_ifmt, s_ifreg, s_ifdir, s_iflnk = _S_IFMT, _S_IFREG, _S_IFDIR, _S_IFLNK
+        extended, compact, refs_of, ino_offset = _EXTENDED, _COMPACT, _refs, _INO_OFFSET
+        min_sec, min_nsec = min_mtime
         pos = F.INODES_START
         for k, item in enumerate(order):
             pos = (pos + 31) & ~31
@@ -517,38 +524,38 @@ class _Relocator:
             i_format = data[off]
             if i_format & 1:
                 isize = 64
-                (_f, icount, mode, size, u, _ino, _uid, _gid, sec, nsec, nlink) = _EXTENDED(data, off)
-                if sec == min_mtime[0] and nsec == min_mtime[1]:
+                (_f, icount, mode, size, u, _ino, _uid, _gid, sec, nsec, nlink) = extended(data, off)
+                if sec == min_sec and nsec == min_nsec:
                     at_min += 1
             else:
                 isize = 32
-                (_f, icount, mode, nlink, size, u, _ino, _uid, _gid) = _COMPACT(data, off)
+                (_f, icount, mode, nlink, size, u, _ino, _uid, _gid) = compact(data, off)
                 at_min += 1
-            ftype = mode & _S_IFMT
+            ftype = mode & s_ifmt
             xsize = 0 if not icount else 12 + 4 * (icount - 1)
-            refs = struct.unpack_from(f"<{data[off + isize + 4]}I", data, off + isize + 12) if xsize else ()
-            if ftype == _S_IFREG:
+            refs = refs_of(data[off + isize + 4]).unpack_from(data, off + isize + 12) if xsize else ()
+            if ftype == s_ifreg:
                 if nlink != 1:
                     raise _Declined("a base file with hard links")
-                if (i_format >> 1) & 7 == F.LAYOUT_CHUNK_BASED:
-                    if size > _ONE_CHUNK:
+                if (i_format >> 1) & 7 == chunk_based:
+                    if size > one_chunk:
                         raise _Declined("a chunk table of more than one entry")
-                    blocks, tail = 0, F.CHUNK_ENTRY_SIZE
+                    blocks, tail = 0, chunk_entry
                 else:
                     blocks, tail = divmod(size, _BLOCK)
-                    if tail > _HALF_BLOCK:
+                    if tail > half_block:
                         blocks, tail = blocks + 1, 0
-            elif ftype == _S_IFDIR:
+            elif ftype == s_ifdir:
                 blocks, tail = divmod(size, _BLOCK)
             elif nlink != 1:
                 raise _Declined("a base file with hard links")
-            elif ftype == _S_IFLNK:
+            elif ftype == s_iflnk:
                 blocks, tail = 0, size
             elif ftype == _S_IFCHR and u == 0:
                 raise _Declined("a whiteout stub below the root")
             else:
                 blocks, tail = 0, 0
-            if ftype == _S_IFLNK:
+            if ftype == s_iflnk:
                 total = isize + xsize + tail
                 if total >= _BLOCK:
                     blocks, tail = 1, 0
@@ -563,14 +570,14 @@ class _Relocator:
                     pos += pad
             newnid[item] = pos >> 5
             span = isize + xsize + tail
-            if len(image) < pos:
-                image.extend(bytes(pos - len(image)))
-            image += source[off : off + span]
-            pack_u32(image, pos + _INO_OFFSET, k)
+            if pos + span > len(image):
+                image.extend(bytes(pos + span))
+            image[pos : pos + span] = source[off : off + span]
+            pack_u32(image, pos + ino_offset, k)
             if blocks:
                 blocks_before[k] = nblocks
                 nblocks += blocks
-            if blocks or refs or ftype == _S_IFDIR:
+            if blocks or refs or ftype == s_ifdir:
                 special.append((k, off, pos, isize, xsize, tail, blocks, u, ftype, refs))
             pos += span
         if at_min + self.added_at_min == 0:
@@ -588,7 +595,9 @@ class _Relocator:
             entries.append(entry)
             at += len(entry)
         data_start = _round_up(at, _BLOCK)
-        image.extend(bytes(inodes_end - len(image)))
+        if len(image) < inodes_end:
+            image.extend(bytes(inodes_end - len(image)))
+        del image[inodes_end:]
         image += b"".join(entries)
         first_block = data_start // _BLOCK
         total_blocks = first_block + nblocks
@@ -654,6 +663,12 @@ class _Relocator:
         F.SUPERBLOCK.pack_into(image, F.EROFS_SUPER_OFFSET, *(
             F.SUPERBLOCK.unpack_from(sb, 0)[:5] + (root.nid, inos) + F.SUPERBLOCK.unpack_from(sb, 0)[7:9]
             + (blocks, 0, inodes_end // _BLOCK) + F.SUPERBLOCK.unpack_from(sb, 0)[12:]))
+
+
+@functools.lru_cache(maxsize=F.XATTR_MAX_SHARED_REFS)
+def _refs(count: int) -> struct.Struct:
+    """The layout of ``count`` shared xattr references."""
+    return struct.Struct(f"<{count}I")
 
 
 def _table_key(pair: tuple[bytes, bytes]) -> tuple[bytes, int, bytes]:
