@@ -33,6 +33,7 @@ manifest), since a pair held by one inode only is that inode's own.
 from __future__ import annotations
 
 import functools
+import gc
 import stat
 import struct
 from collections import Counter
@@ -110,10 +111,15 @@ def layered_image(base: bytes, delta, in_base: Callable[[RawDigest], bool], *, m
     """
     if min_version != 0 or not 0 <= max_version <= F.COMPOSEFS_MAX_VERSION:
         return None
+    enabled = gc.isenabled()
+    gc.disable()  # the records of a large base live to the end: the collector would walk them for nothing
     try:
         return _Relocator(base, in_base).run(delta)
     except (_Declined, ImageFormatError, ImageError, struct.error, IndexError):
         return None
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _LazyNode(Node):
