@@ -20,8 +20,10 @@ either, and its image is read back for the manifest.
 A layered source (a base image and an overlay's upper directory) is built
 by the pure-Python backend alone: the upper directory is read as a delta,
 only its new files hashed and imported, and laid over the base image's tree
-(:mod:`aptlayer.composefs.upper`); the merged tree is rendered, and its
-manifest given as a delta of the base's when the journal holds that.
+(:mod:`aptlayer.composefs.upper`); the base image's inodes are moved into
+the new image with only the changed entries rendered
+(:mod:`aptlayer.composefs.relocate`), else the merged tree is rendered; its
+manifest is given as a delta of the base's when the journal holds that.
 """
 
 from __future__ import annotations

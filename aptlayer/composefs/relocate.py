@@ -11,8 +11,8 @@ directory, the nids of its entries. So:
 1. the delta is laid over a *lazy* base (:class:`_LazyBase`): only the
    directories a change touches are read into nodes, the rest stay nids;
 2. the merged tree's changed and new entries (the root and its stubs
-   included) are prepared by the writer's own steps (``writer._rewrite``,
-   ``_plan_xattrs``, ``_size_inode``);
+   included) are prepared by the writer's own steps (``writer.rewrite``,
+   ``plan_xattrs``, ``size_inode``);
 3. one pass in the new breadth-first order places every inode by the
    upstream rules (composefs-format.md §10), and a second writes the new
    ones and copies the base's, patching those fields.
@@ -43,28 +43,28 @@ from dataclasses import dataclass, field
 from . import format as F
 from .fsverity import RawDigest, object_path
 from .imageview import ImageFormatError, ImageView
-from .reader import _make_node
+from .reader import make_node
 from .tree import Node
 from .writer import (
     ImageError,
-    _add_stubs,
-    _check_names,
-    _check_node,
-    _copy,
-    _data_blocks,
-    _Inode,
-    _inline_tail,
-    _layout,
-    _pack_inode_header,
-    _padding,
-    _plan_xattrs,
-    _rewrite,
-    _round_up,
-    _set_xattr,
-    _size_inode,
-    _xattr_body,
-    _xattr_entry,
+    Inode,
+    add_stubs,
+    check_names,
+    check_node,
+    copy_node,
+    data_blocks,
+    inline_tail,
     is_compact,
+    layout_of,
+    pack_inode_header,
+    padding_before,
+    plan_xattrs,
+    rewrite,
+    round_up,
+    set_xattr,
+    size_inode,
+    xattr_body,
+    xattr_entry,
 )
 
 _S_IFMT = 0o170000
@@ -154,7 +154,7 @@ class _LazyBase:
     def node(self, nid: int) -> _LazyNode:
         ino = self.view.inode(nid)
         self.met.add(nid)
-        full = _make_node(self.view, ino)
+        full = make_node(self.view, ino)
         node = _LazyNode(self, nid, ino)
         node.payload, node.content, node.digest, node.xattrs = full.payload, full.content, full.digest, full.xattrs
         return node
@@ -215,13 +215,13 @@ class _Relocator:
         shared_pairs, objects, has_acl = self._count_pairs(made, removed, kept)
         return self._write(root, made, order, dotdot, shared_pairs, objects, has_acl)
 
-    def _materialize(self, merged: Node) -> tuple[_Inode, list[_Inode]]:
+    def _materialize(self, merged: Node) -> tuple[Inode, list[Inode]]:
         """The merged tree's own nodes as the writer's records; base entries stay base inodes (``_Moved``)."""
-        made: list[_Inode] = []
+        made: list[Inode] = []
         seen: set[int] = set()
         moved: set[int] = set()
-        parents: dict[int, _Inode] = {}
-        stack: list[tuple[bytes, Node, _Inode | None, int, bytes]] = [(b"/", merged, None, 0, b"")]
+        parents: dict[int, Inode] = {}
+        stack: list[tuple[bytes, Node, Inode | None, int, bytes]] = [(b"/", merged, None, 0, b"")]
         root = None
         while stack:
             path, node, up, index, name = stack.pop()
@@ -229,13 +229,13 @@ class _Relocator:
                 raise _Declined("a hard link, or an entry reached twice")
             seen.add(id(node))
             ftype = stat.S_IFMT(node.mode)
-            _check_node(node, ftype, path)
+            check_node(node, ftype, path)
             if ftype == _S_IFCHR and node.rdev == 0:
                 raise _Declined("a whiteout")
-            inode = _copy(node, ftype, path)
+            inode = copy_node(node, ftype, path)
             if ftype != _S_IFDIR:
                 inode.nlink = 1  # the merged view scanned: every file its own inode
-            _rewrite(inode, parents, 0)
+            rewrite(inode, parents, 0)
             made.append(inode)
             if up is None:
                 root = inode
@@ -245,7 +245,7 @@ class _Relocator:
             if ftype != _S_IFDIR:
                 continue
             base = path if path.endswith(b"/") else path + b"/"
-            _check_names(node.children, base)
+            check_names(node.children, base)
             entries: list = []
             inode.entries = entries
             later = []
@@ -260,9 +260,9 @@ class _Relocator:
                     entries.append((child_name, None, True))
             stack.extend(reversed(later))
         assert root is not None
-        _set_xattr(root, F.XATTR_OPAQUE, b"y")
+        set_xattr(root, F.XATTR_OPAQUE, b"y")
         named = len(root.entries)
-        _add_stubs(root)
+        add_stubs(root)
         made.extend(stub for _name, stub, _orig in root.entries[named:])
         for inode in made:
             if inode.entries is not None:
@@ -274,7 +274,7 @@ class _Relocator:
 
     # --- the new breadth-first order --------------------------------------------------
 
-    def _order(self, root: _Inode) -> tuple[list, dict[int, tuple[int, _Inode]]]:
+    def _order(self, root: Inode) -> tuple[list, dict[int, tuple[int, Inode]]]:
         """Inodes in the new BFS order: the writer's records, and base nids.
 
         Base directories are expanded from their dirents alone (their type
@@ -284,7 +284,7 @@ class _Relocator:
         """
         data = self.data
         order: list = [root]
-        dotdot: dict[int, tuple[int, _Inode]] = {}
+        dotdot: dict[int, tuple[int, Inode]] = {}
         #: base directories met, by nid: the old nid their ``..`` names
         dirs: dict[int, int] = {}
         self.moved: list[tuple[int, _Moved]] = []
@@ -362,7 +362,7 @@ class _Relocator:
 
     # --- xattr pairs and objects -------------------------------------------------------
 
-    def _count_pairs(self, made: list[_Inode], removed: list[int], kept: list[int]):
+    def _count_pairs(self, made: list[Inode], removed: list[int], kept: list[int]):
         """The pairs the new inodes share, the objects gone and new, the ACL flag.
 
         A pair counts as the writer counts it (composefs-format.md §6.3):
@@ -487,13 +487,13 @@ class _Relocator:
 
     # --- placing and writing -----------------------------------------------------------
 
-    def _write(self, root: _Inode, made: list[_Inode], order: list, dotdot: dict, shared_pairs: list,
+    def _write(self, root: Inode, made: list[Inode], order: list, dotdot: dict, shared_pairs: list,
                objects: Relocated, has_acl: bool) -> Relocated:
         """Place every inode (composefs-format.md §10), copying the kept ones; then patch what moved."""
         min_mtime = self.min_mtime
-        _plan_xattrs(made, {pair: i for i, pair in enumerate(shared_pairs)})
+        plan_xattrs(made, {pair: i for i, pair in enumerate(shared_pairs)})
         for inode in made:
-            _size_inode(inode)
+            size_inode(inode)
             inode.extended = not is_compact(inode, min_mtime)
         data = self.data
         source = memoryview(data)
@@ -517,9 +517,9 @@ class _Relocator:
             pos = (pos + 31) & ~31
             if type(item) is not int:
                 isize = F.INODE_EXTENDED_SIZE if item.extended else F.INODE_COMPACT_SIZE
-                pos += _padding(item, pos, isize)
+                pos += padding_before(item, pos, isize)
                 item.nid = pos >> 5
-                item.layout = _layout(item)
+                item.layout = layout_of(item)
                 item.ino = k
                 pos += isize + item.xattr_size + len(item.tail)
                 if item.n_blocks:
@@ -566,7 +566,7 @@ class _Relocator:
                 if total >= _BLOCK:
                     blocks, tail = 1, 0
                 if pos >> 12 != (pos + total - 1) >> 12:
-                    pos = _round_up(pos, _BLOCK)
+                    pos = round_up(pos, _BLOCK)
             elif tail:
                 rem = _BLOCK - (pos + isize + xsize) % _BLOCK
                 if rem < tail:
@@ -591,16 +591,16 @@ class _Relocator:
         # the shared table: the kept inodes' pairs, and those the new inodes share
         old_pairs = {ref: self._shared_entry(ref) for entry in special for ref in entry[9]}
         table = sorted(set(old_pairs.values()) | set(shared_pairs), key=_table_key, reverse=True)
-        inodes_end = _round_up(pos, 32)
+        inodes_end = round_up(pos, 32)
         offsets = []
         at = inodes_end
         entries = []
         for name, value in table:
-            entry = _xattr_entry(name, value)
+            entry = xattr_entry(name, value)
             offsets.append(at - inodes_end)
             entries.append(entry)
             at += len(entry)
-        data_start = _round_up(at, _BLOCK)
+        data_start = round_up(at, _BLOCK)
         if len(image) < inodes_end:
             image.extend(bytes(inodes_end - len(image)))
         del image[inodes_end:]
@@ -620,16 +620,16 @@ class _Relocator:
                 continue
             if inode.n_blocks:
                 inode.blkaddr = first_block + blocks_before[k]
-            at = _pack_inode_header(image, inode.nid << 5, inode)
+            at = pack_inode_header(image, inode.nid << 5, inode)
             if inode.xattr_size:
-                body = _xattr_body(inode, [refs_by_index[index[pair]] for pair in shared_pairs])
+                body = xattr_body(inode, [refs_by_index[index[pair]] for pair in shared_pairs])
                 image[at : at + len(body)] = body
                 at += len(body)
             if inode.tail:
-                tail = _inline_tail(inode)
+                tail = inline_tail(inode)
                 image[at : at + len(tail)] = tail
             if inode.n_blocks:
-                blob = _data_blocks(inode)
+                blob = data_blocks(inode)
                 image[inode.blkaddr * _BLOCK : inode.blkaddr * _BLOCK + len(blob)] = blob
         nid_at = _NID_AT.pack_into
         for k, old, new, isize, xsize, tail, blocks, u, ftype, refs in special:
@@ -660,7 +660,7 @@ class _Relocator:
         objects.image = image
         return objects
 
-    def _superblocks(self, image: bytearray, root: _Inode, inos: int, inodes_end: int, blocks: int,
+    def _superblocks(self, image: bytearray, root: Inode, inos: int, inodes_end: int, blocks: int,
                      has_acl: bool) -> None:
         F.COMPOSEFS_HEADER.pack_into(image, 0, F.COMPOSEFS_MAGIC, F.COMPOSEFS_HEADER_VERSION,
                                      F.COMPOSEFS_FLAGS_HAS_ACL if has_acl else 0, 0)
