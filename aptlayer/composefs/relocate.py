@@ -78,7 +78,6 @@ _COMPACT = F.INODE_COMPACT.unpack_from
 _EXTENDED = F.INODE_EXTENDED.unpack_from
 _U16 = struct.Struct("<H").unpack_from
 _U32_AT = struct.Struct("<I")
-_NID_AT = struct.Struct("<Q")
 _DIRENT = F.DIRENT
 _INO_OFFSET = 20  # i_ino, in both inode forms
 _U_OFFSET = 16  # i_u, in both inode forms
@@ -277,35 +276,31 @@ class _Relocator:
     def _order(self, root: Inode) -> tuple[list, dict[int, tuple[int, Inode]]]:
         """Inodes in the new BFS order: the writer's records, and base nids.
 
-        Base directories are expanded from their dirents alone (their type
-        says which entries are directories). Also returns the base
+        Only directories are visited, in BFS order (the order's directories
+        are in the same order as the directories it comes from): each appends
+        its entries. Base directories are read from their dirents alone
+        (their type says which entries are directories). Also returns the base
         directories whose ``..`` is a new directory: position -> (the old
         nid their ``..`` names, the new parent).
         """
         data = self.data
         order: list = [root]
         dotdot: dict[int, tuple[int, Inode]] = {}
-        #: base directories met, by nid: the old nid their ``..`` names
-        dirs: dict[int, int] = {}
+        #: directories in BFS order: the writer's records, and (nid, the old nid its ``..`` names)
+        queue: list = [root]
         self.moved: list[tuple[int, _Moved]] = []
         view = self.view
         unpack = _DIRENT.iter_unpack
-        for k, item in enumerate(order):
-            if type(item) is int:
-                up = dirs.get(item)
-                if up is None:
-                    continue
-                ino = view.inode(item)
+        for item in queue:
+            if type(item) is tuple:
+                nid, up = item
+                ino = view.inode(nid)
                 for start, _length in self._chunks(ino.tail_offset, ino.size % _BLOCK, ino.u, ino.size // _BLOCK):
                     count = _U16(data, start + 8)[0] // F.DIRENT_SIZE
                     ents = [e for e in unpack(data[start : start + count * F.DIRENT_SIZE])
-                            if e[0] != item and e[0] != up]
+                            if e[0] != nid and e[0] != up]
                     order.extend([e[0] for e in ents])
-                    for nid, _o, ftype in ents:
-                        if ftype == _FT_DIR:
-                            dirs[nid] = item
-                continue
-            if item.entries is None:
+                    queue.extend([(e[0], nid) for e in ents if e[2] == _FT_DIR])
                 continue
             for _name, child, orig in item.entries:
                 if not orig:
@@ -315,9 +310,11 @@ class _Relocator:
                     if child.ftype == _S_IFDIR:
                         old_up = self._old_dotdot(child.old)
                         dotdot[len(order)] = (old_up, item)
-                        dirs[child.old] = old_up
+                        queue.append((child.old, old_up))
                     order.append(child.old)
                 else:
+                    if child.entries is not None:
+                        queue.append(child)
                     order.append(child)
         return order, dotdot
 
@@ -631,7 +628,6 @@ class _Relocator:
             if inode.n_blocks:
                 blob = data_blocks(inode)
                 image[inode.blkaddr * _BLOCK : inode.blkaddr * _BLOCK + len(blob)] = blob
-        nid_at = _NID_AT.pack_into
         for k, old, new, isize, xsize, tail, blocks, u, ftype, refs in special:
             for i, ref in enumerate(refs):
                 pack_u32(image, new + isize + 12 + 4 * i, new_ref[ref])
@@ -651,12 +647,12 @@ class _Relocator:
                 count = _U16(data, src + 8)[0] // F.DIRENT_SIZE
                 ents = _DIRENT.iter_unpack(data[src : src + count * F.DIRENT_SIZE])
                 if over is None:
-                    fresh = [newnid[n] for n, _o, _t in ents]
+                    fresh = [field for n, o, t in ents for field in (newnid[n], o, t)]
                 else:
                     parent_old, parent = over
-                    fresh = [parent.nid if n == parent_old else newnid[n] for n, _o, _t in ents]
-                for i, n in enumerate(fresh):
-                    nid_at(image, dst + i * F.DIRENT_SIZE, n)
+                    fresh = [field for n, o, t in ents
+                             for field in (parent.nid if n == parent_old else newnid[n], o, t)]
+                _dirents(count).pack_into(image, dst, *fresh)
         objects.image = image
         return objects
 
@@ -675,6 +671,12 @@ class _Relocator:
 def _refs(count: int) -> struct.Struct:
     """The layout of ``count`` shared xattr references."""
     return struct.Struct(f"<{count}I")
+
+
+@functools.lru_cache(maxsize=1024)
+def _dirents(count: int) -> struct.Struct:
+    """The layout of ``count`` dirents."""
+    return struct.Struct("<" + "QHBx" * count)
 
 
 def _table_key(pair: tuple[bytes, bytes]) -> tuple[bytes, int, bytes]:
