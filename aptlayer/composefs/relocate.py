@@ -14,8 +14,9 @@ directory, the nids of its entries. So:
    included) are prepared by the writer's own steps (``writer.rewrite``,
    ``plan_xattrs``, ``size_inode``);
 3. one pass in the new breadth-first order places every inode by the
-   upstream rules (composefs-format.md §10), and a second writes the new
-   ones and copies the base's, patching those fields.
+   upstream rules (composefs-format.md §10) and copies each kept one from
+   the base; then the new ones are written, and the fields that moved
+   patched in the kept ones (directories, data blocks, shared references).
 
 The result is byte for byte the image a full render gives (the tests check
 this against the writer and upstream mkcomposefs). Whatever would change an
@@ -24,10 +25,14 @@ and the caller renders the whole tree): another smallest mtime, an xattr
 pair that moves into or out of the shared table for an unchanged inode, a
 whiteout, hard links in the base, format version 1, an ACL flag that would
 change, a chunk table of more than one entry. Xattr pairs are counted as
-the writer counts them, without reading every inode's xattrs: a pair in the
-shared table by its references; an object's metacopy and redirect pair by
-whether the base references the object (``in_base``, the journal's
-manifest), since a pair held by one inode only is that inode's own.
+the writer counts them, usually without reading the kept inodes' xattrs: a
+pair stored in a removed inode itself was that inode's alone, and an
+object's metacopy and redirect pair is in no kept inode if the base does
+not reference the object (``in_base``, the journal's manifest); else the
+kept inodes' references into the shared table are counted.
+
+The Python work left is one short loop over the inodes and one list per
+directory; no node or record is made for an entry the delta leaves alone.
 """
 
 from __future__ import annotations
