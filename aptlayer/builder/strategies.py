@@ -20,8 +20,10 @@ either, and its image is read back for the manifest.
 A layered source (a base image and an overlay's upper directory) is built
 by the pure-Python backend alone: the upper directory is read as a delta,
 only its new files hashed and imported, and laid over the base image's tree
-(:mod:`aptlayer.composefs.upper`); the merged tree is rendered, and its
-manifest given as a delta of the base's when the journal holds that.
+(:mod:`aptlayer.composefs.upper`); the base image's inodes are moved into
+the new image with only the changed entries rendered
+(:mod:`aptlayer.composefs.relocate`), else the merged tree is rendered; its
+manifest is given as a delta of the base's when the journal holds that.
 """
 
 from __future__ import annotations
@@ -251,14 +253,17 @@ class Builder:
             raise errors.InvalidInput("a layered image is built as its base was: it takes no scan options")
         base_bytes = Path(source.base_image).read_bytes()
         base_hex = fsverity.digest_bytes(base_bytes).hex()
-        try:
-            base = read_image(base_bytes)
-        except ImageFormatError as e:
-            raise build.BuildError(f"base image {source.base_image}: {e}") from None
         store = self._object_store()
         delta = upper.read_upper(source.upper, store)
         store.sync()
         fault("create.after-objects")
+        moved = self._relocated(base_bytes, base_hex, delta, staged, options)
+        if moved is not None:
+            return moved
+        try:
+            base = read_image(base_bytes)
+        except ImageFormatError as e:
+            raise build.BuildError(f"base image {source.base_image}: {e}") from None
         dropped: list = []
         merged = upper.apply(base, delta, dropped)
         image, digest = build.render(merged, min_version=options.min_version, max_version=options.max_version)
@@ -267,6 +272,33 @@ class Builder:
         manifest = self._layered_manifest(base_hex, rows, delta, dropped)
         return Outcome(staged, digest.hex(), len(image), manifest, len(rows), delta.stats,
                        layered_on=base_hex, changed=len(delta.changes))
+
+    def _relocated(self, base_bytes: bytes, base_hex: str, delta, staged: Path, options: CreateOptions) -> Outcome | None:
+        """The layered image made by moving the base's inodes (:mod:`aptlayer.composefs.relocate`), if it can be.
+
+        Its manifest is a delta of the base's, so the journal must hold the
+        base's; else (or if the change is one it declines) None: render.
+        """
+        from ..composefs import fsverity, relocate
+
+        recorded = self.known.manifest_objects(base_hex)
+        if not recorded:
+            return None
+
+        def in_base(digest: bytes) -> bool:
+            return self.known.manifest_has(base_hex, fsverity.object_path(digest))
+
+        done = relocate.layered_image(base_bytes, delta, in_base, min_version=options.min_version,
+                                      max_version=options.max_version)
+        if done is None:
+            return None
+        image = bytes(done.image)
+        fsops.write_file_atomic(staged, image)
+        manifest = Delta(base_hex, frozenset(fsverity.object_path(d) for d in done.removed),
+                         tuple(sorted((fsverity.object_path(d), size) for d, size in done.added.items())))
+        return Outcome(staged, fsverity.digest_bytes(image).hex(), len(image), manifest,
+                       recorded - len(manifest.removed) + len(manifest.added), delta.stats, layered_on=base_hex,
+                       changed=len(delta.changes))
 
     def _layered_manifest(self, base_hex: str, rows: list[tuple[str, int]], delta, dropped: list):
         """The merged tree's manifest as a delta of its base's, read from the change alone; else whole.

@@ -102,7 +102,7 @@ def _apply_overlay_xattr(node: Node, name: bytes, value: bytes) -> None:
         node.xattrs[name] = value
 
 
-def _make_node(image: ImageView, ino: InodeView) -> Node:
+def make_node(image: ImageView, ino: InodeView) -> Node:
     ftype = ino.ftype
     rdev = ino.u if ftype == _S_IFCHR or ftype == _S_IFBLK else 0
     # Positional, in Node's field order (mode, uid, gid, nlink, rdev, size,
@@ -187,7 +187,7 @@ def _build_tree(image: ImageView, filters: frozenset[bytes] | None, top: int | N
         if ino is None:
             open_dirs[depth - 1][name] = Node.hardlink(by_nid[nid])
             continue
-        node = by_nid[nid] = _make_node(image, ino)
+        node = by_nid[nid] = make_node(image, ino)
         if depth:
             open_dirs[depth - 1][name] = node
         if ino.ftype == _S_IFDIR:
@@ -203,7 +203,7 @@ def read_root(data: bytes | bytearray | memoryview | str | os.PathLike[str]) -> 
 @guarded
 def _read_root(data: bytes) -> Node:
     image = ImageView(data)
-    return _make_node(image, image.inode(image.root_nid))
+    return make_node(image, image.inode(image.root_nid))
 
 
 def read_path(

@@ -330,7 +330,7 @@ def _clean(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
 # --- laying a delta over a base tree -------------------------------------------------
 
 
-def apply(base: Node, delta: Delta, dropped: list[Node] | None = None) -> Node:
+def apply(base: Node, delta: Delta, dropped: list[Node] | None = None, *, split_links: bool = True) -> Node:
     """The merged tree: ``base`` (a tree from the reader, which this consumes) with ``delta`` over it.
 
     Entries the delta does not touch keep the base's nodes (their digests,
@@ -338,7 +338,9 @@ def apply(base: Node, delta: Delta, dropped: list[Node] | None = None) -> Node:
     The base nodes that the merged tree no longer shows at their own names
     (whited out, replaced, hidden below an opaque directory: the roots of
     those subtrees) are appended to ``dropped``: only what they hold can
-    be gone from the base's objects.
+    be gone from the base's objects. Without ``split_links``, base nodes
+    are left in place, shared or hard-linked as they are (for
+    :mod:`.relocate`, which checks that none is).
     """
     dropped = [] if dropped is None else dropped
     root = _with_meta(delta.root, Node())
@@ -369,7 +371,8 @@ def apply(base: Node, delta: Delta, dropped: list[Node] | None = None) -> Node:
             into.children[name] = change.node
         if was is not None:
             dropped.append(was)
-    _split_links(root)
+    if split_links:
+        _split_links(root)
     return root
 
 

@@ -2,7 +2,7 @@
 
 The steps, in order (composefs-format.md in the shared notes explains each rule):
 
-1. validate the input tree and copy it into private ``_Inode`` records, so
+1. validate the input tree and copy it into private ``Inode`` records, so
    the caller's tree is never changed;
 2. pick the format version and apply the overlay rewrite (escape
    ``trusted.overlay.*``, metacopy/redirect for external files, whiteouts
@@ -75,7 +75,7 @@ class VersionError(ImageError):
 
 
 @dataclass(eq=False, slots=True)
-class _Inode:
+class Inode:
     """A private, rewritable copy of one inode, plus its layout."""
 
     mode: int
@@ -93,7 +93,7 @@ class _Inode:
     xattrs: dict[bytes, bytes]
     path: bytes
     #: directories: (name, inode, is the original entry), sorted by name
-    entries: list[tuple[bytes, _Inode, bool]] | None = None
+    entries: list[tuple[bytes, Inode, bool]] | None = None
     #: mkcomposefs' per-node xattr budget counter during the rewrite (u64)
     budget: int = 0
     ino: int = 0
@@ -113,7 +113,7 @@ class _Inode:
     i_size: int = 0
     blkaddr: int = 0
     #: directories: groups of entries, one per block, the last maybe the tail
-    dir_groups: Sequence[list[tuple[bytes, _Inode]]] = ()
+    dir_groups: Sequence[list[tuple[bytes, Inode]]] = ()
 
 
 # --- 1. validation and copy -----------------------------------------------------
@@ -126,7 +126,7 @@ def _check_name(name: bytes, path: bytes) -> None:
         raise InvalidTreeError(f"invalid name '{printable(name)}'", path)
 
 
-def _check_names(children: dict[bytes, Node], base: bytes) -> None:
+def check_names(children: dict[bytes, Node], base: bytes) -> None:
     """The entry names of one directory, as :func:`_check_name` checks them.
 
     All names are tested at once first, on their concatenation: the
@@ -177,7 +177,7 @@ def chunk_count(size: int) -> int:
     return -(-size // (1 << _chunk_bits(size)))
 
 
-def _check_node(node: Node, ftype: int, path: bytes) -> None:
+def check_node(node: Node, ftype: int, path: bytes) -> None:
     """Everything about one (non-link) node that the format limits."""
     if ftype not in _VALID_TYPES:
         raise InvalidTreeError(f"invalid file type in mode {node.mode:o}", path)
@@ -222,11 +222,11 @@ def _check_node(node: Node, ftype: int, path: bytes) -> None:
         _check_xattrs(node, path)
 
 
-def _copy(node: Node, ftype: int, path: bytes) -> _Inode:
+def copy_node(node: Node, ftype: int, path: bytes) -> Inode:
     """The node's private copy; arguments by position (twice as fast as by keyword)."""
     is_reg = ftype == stat.S_IFREG
     is_lnk = ftype == stat.S_IFLNK
-    return _Inode(
+    return Inode(
         node.mode,
         ftype,
         node.uid,
@@ -245,10 +245,10 @@ def _copy(node: Node, ftype: int, path: bytes) -> _Inode:
 
 @dataclass
 class _Copy:
-    root: _Inode
+    root: Inode
     #: non-link inodes, depth-first, parents first, children sorted
-    dfs: list[_Inode]
-    parent: dict[int, _Inode]
+    dfs: list[Inode]
+    parent: dict[int, Inode]
     has_whiteout: bool
 
 
@@ -256,20 +256,20 @@ def _copy_tree(root: Node) -> _Copy:
     """Validate the tree and copy it; hard links are resolved to their inode."""
     if root.link is not None or not root.is_dir:
         raise InvalidTreeError("root must be a directory", b"/")
-    by_node: dict[int, _Inode] = {}
-    links: list[tuple[_Inode, int, bytes, Node, bytes]] = []
-    dfs: list[_Inode] = []
-    parent: dict[int, _Inode] = {}
+    by_node: dict[int, Inode] = {}
+    links: list[tuple[Inode, int, bytes, Node, bytes]] = []
+    dfs: list[Inode] = []
+    parent: dict[int, Inode] = {}
     has_whiteout = False
     #: (path, name, node, parent copy, index of the entry in the parent)
-    stack: list[tuple[bytes, bytes, Node, _Inode | None, int]] = [(b"/", b"", root, None, 0)]
+    stack: list[tuple[bytes, bytes, Node, Inode | None, int]] = [(b"/", b"", root, None, 0)]
     while stack:
         path, name, node, up, index = stack.pop()
         if id(node) in by_node:
             raise InvalidTreeError("the same Node object appears twice; use Node.hardlink", path)
         ftype = stat.S_IFMT(node.mode)
-        _check_node(node, ftype, path)
-        inode = _copy(node, ftype, path)
+        check_node(node, ftype, path)
+        inode = copy_node(node, ftype, path)
         by_node[id(node)] = inode
         dfs.append(inode)
         if up is not None:
@@ -286,17 +286,17 @@ def _copy_tree(root: Node) -> _Copy:
 
 def _copy_entries(
     node: Node,
-    inode: _Inode,
+    inode: Inode,
     path: bytes,
-    stack: list[tuple[bytes, bytes, Node, _Inode | None, int]],
-    links: list[tuple[_Inode, int, bytes, Node, bytes]],
+    stack: list[tuple[bytes, bytes, Node, Inode | None, int]],
+    links: list[tuple[Inode, int, bytes, Node, bytes]],
 ) -> None:
     """Entries of a directory (placeholders until the children are copied)."""
     base = path if path.endswith(b"/") else path + b"/"
-    entries: list[tuple[bytes, _Inode, bool]] = []
+    entries: list[tuple[bytes, Inode, bool]] = []
     inode.entries = entries
     children = []
-    _check_names(node.children, base)
+    check_names(node.children, base)
     for name, child in sorted(node.children.items()):  # names are unique: nodes never compared
         child_path = base + name
         if child.link is not None:
@@ -308,7 +308,7 @@ def _copy_entries(
 
 
 def _resolve_links(
-    links: list[tuple[_Inode, int, bytes, Node, bytes]], by_node: dict[int, _Inode]
+    links: list[tuple[Inode, int, bytes, Node, bytes]], by_node: dict[int, Inode]
 ) -> None:
     for dir_inode, index, name, link, path in links:
         target = link
@@ -344,7 +344,7 @@ def _select_version(min_version: int, max_version: int, has_whiteout: bool) -> i
     return version
 
 
-def _set_xattr(inode: _Inode, name: bytes, value: bytes) -> None:
+def set_xattr(inode: Inode, name: bytes, value: bytes) -> None:
     """Set an overlay xattr, tracking the budget counter like mkcomposefs."""
     xattrs = inode.xattrs
     counter = inode.budget
@@ -368,7 +368,7 @@ def _set_xattr(inode: _Inode, name: bytes, value: bytes) -> None:
     xattrs[name] = value
 
 
-def _escape_overlay_xattrs(inode: _Inode) -> None:
+def _escape_overlay_xattrs(inode: Inode) -> None:
     prefix = F.OVERLAY_PREFIX
     if not any(name.startswith(prefix) for name in inode.xattrs):
         return
@@ -378,30 +378,30 @@ def _escape_overlay_xattrs(inode: _Inode) -> None:
     }
 
 
-def _rewrite(inode: _Inode, parents: dict[int, _Inode], version: int) -> None:
+def rewrite(inode: Inode, parents: dict[int, Inode], version: int) -> None:
     if inode.xattrs:
         _escape_overlay_xattrs(inode)
     ftype = inode.ftype
     if ftype == stat.S_IFREG and inode.size > 0 and inode.content is None:
         metacopy = b"" if inode.digest is None else F.METACOPY_HEADER + inode.digest
-        _set_xattr(inode, F.XATTR_METACOPY, metacopy)
+        set_xattr(inode, F.XATTR_METACOPY, metacopy)
         if inode.payload:
-            _set_xattr(inode, F.XATTR_REDIRECT, b"/" + inode.payload)
+            set_xattr(inode, F.XATTR_REDIRECT, b"/" + inode.payload)
     elif ftype == stat.S_IFCHR and inode.rdev == 0:
         inode.size = 0
         inode.mode = (inode.mode & ~ftype) | stat.S_IFREG
         inode.ftype = stat.S_IFREG
-        _set_xattr(inode, F.XATTR_ESCAPED_WHITEOUT, b"")
-        _set_xattr(inode, F.XATTR_USER_WHITEOUT, b"")
+        set_xattr(inode, F.XATTR_ESCAPED_WHITEOUT, b"")
+        set_xattr(inode, F.XATTR_USER_WHITEOUT, b"")
         parent = parents[id(inode)]
-        _set_xattr(parent, F.XATTR_ESCAPED_WHITEOUTS, b"")
-        _set_xattr(parent, F.XATTR_USER_WHITEOUTS, b"")
+        set_xattr(parent, F.XATTR_ESCAPED_WHITEOUTS, b"")
+        set_xattr(parent, F.XATTR_USER_WHITEOUTS, b"")
         if version >= 1:
-            _set_xattr(parent, F.XATTR_ESCAPED_OPAQUE, b"x")
-            _set_xattr(parent, F.XATTR_USER_OPAQUE, b"x")
+            set_xattr(parent, F.XATTR_ESCAPED_OPAQUE, b"x")
+            set_xattr(parent, F.XATTR_USER_OPAQUE, b"x")
 
 
-def rewritten(node: Node, path: bytes, version: int) -> _Inode:
+def rewritten(node: Node, path: bytes, version: int) -> Inode:
     """One node as the writer stores it (overlay rewrite done), apart from its place in the tree.
 
     For :mod:`.patch`, which compares it with the inode an image holds.  A
@@ -409,11 +409,11 @@ def rewritten(node: Node, path: bytes, version: int) -> _Inode:
     :func:`build_image` would refuse (:class:`ImageError`).
     """
     ftype = stat.S_IFMT(node.mode)
-    _check_node(node, ftype, path)
+    check_node(node, ftype, path)
     if ftype == stat.S_IFCHR and node.rdev == 0:
         raise ImageError("a whiteout changes its parent directory", path)
-    inode = _copy(node, ftype, path)
-    _rewrite(inode, {}, version)
+    inode = copy_node(node, ftype, path)
+    rewrite(inode, {}, version)
     return inode
 
 
@@ -422,7 +422,7 @@ def chunk_format(size: int) -> int:
     return _chunk_bits(size) - F.BLOCK_BITS
 
 
-def _add_stubs(root: _Inode) -> None:
+def add_stubs(root: Inode) -> None:
     """The 256 ``00``..``ff`` whiteout chardevs every image root carries."""
     assert root.entries is not None
     present = {name for name, _inode, _orig in root.entries}
@@ -431,7 +431,7 @@ def _add_stubs(root: _Inode) -> None:
         name = b"%02x" % i
         if name in present:
             continue
-        stub = _Inode(
+        stub = Inode(
             mode=_STUB_MODE,
             ftype=stat.S_IFCHR,
             uid=root.uid,
@@ -451,9 +451,9 @@ def _add_stubs(root: _Inode) -> None:
 
 def _prepare(tree: _Copy, version: int) -> None:
     for inode in tree.dfs:
-        _rewrite(inode, tree.parent, version)
-    _set_xattr(tree.root, F.XATTR_OPAQUE, b"y")
-    _add_stubs(tree.root)
+        rewrite(inode, tree.parent, version)
+    set_xattr(tree.root, F.XATTR_OPAQUE, b"y")
+    add_stubs(tree.root)
     by_name = itemgetter(0)
     for inode in tree.dfs:
         if inode.entries is not None:
@@ -466,7 +466,7 @@ def _prepare(tree: _Copy, version: int) -> None:
 # --- 3. ordering and xattr sharing ----------------------------------------------
 
 
-def _bfs(root: _Inode) -> list[_Inode]:
+def _bfs(root: Inode) -> list[Inode]:
     """Inodes in breadth-first order; a hard-linked inode sits at its original entry."""
     order = [root]
     for inode in order:
@@ -495,7 +495,7 @@ def _entry_size(name: bytes, value: bytes) -> int:
     return (F.XATTR_ENTRY_SIZE + len(_xattr_key(name)[1]) + len(value) + 3) & ~3
 
 
-def _shared_table(order: list[_Inode]) -> list[tuple[bytes, bytes]]:
+def _shared_table(order: list[Inode]) -> list[tuple[bytes, bytes]]:
     """The xattr pairs used by more than one inode, in the C table order."""
     counts = Counter(pair for inode in order for pair in inode.xattrs.items())
     shared = [pair for pair, n in counts.items() if n > 1]
@@ -503,7 +503,7 @@ def _shared_table(order: list[_Inode]) -> list[tuple[bytes, bytes]]:
     return shared
 
 
-def _plan_xattrs(order: list[_Inode], shared_index: dict[tuple[bytes, bytes], int]) -> None:
+def plan_xattrs(order: list[Inode], shared_index: dict[tuple[bytes, bytes], int]) -> None:
     """Per inode: its references into the shared table, its other xattrs encoded, the body size."""
     name_filter = _NameFilter()
     for inode in order:
@@ -516,7 +516,7 @@ def _plan_xattrs(order: list[_Inode], shared_index: dict[tuple[bytes, bytes], in
             if index is not None and len(refs) < F.XATTR_MAX_SHARED_REFS:
                 refs.append(index)
             else:
-                inline.append(_xattr_entry(*pair))
+                inline.append(xattr_entry(*pair))
         inode.shared_refs = refs
         inode.inline_xattrs = b"".join(inline)
         inode.xattr_filter = name_filter(tuple(inode.xattrs))
@@ -527,10 +527,10 @@ def _plan_xattrs(order: list[_Inode], shared_index: dict[tuple[bytes, bytes], in
 # --- 4. sizes, placement, bytes -------------------------------------------------
 
 
-def _split_dir(inode: _Inode) -> None:
+def _split_dir(inode: Inode) -> None:
     """Group dirents into blocks; the last group is the tail unless > half a block."""
     assert inode.entries is not None
-    groups: list[list[tuple[bytes, _Inode]]] = [[]]
+    groups: list[list[tuple[bytes, Inode]]] = [[]]
     used = 0
     for name, child, _original in inode.entries:
         cost = F.DIRENT_SIZE + len(name)
@@ -549,7 +549,7 @@ def _split_dir(inode: _Inode) -> None:
     inode.tail = bytes(tail_len)
 
 
-def _size_inode(inode: _Inode) -> None:
+def size_inode(inode: Inode) -> None:
     """n_blocks, tail and i_size before placement (composefs-format.md §8)."""
     ftype = inode.ftype
     if inode.entries is not None:
@@ -571,7 +571,7 @@ def _size_inode(inode: _Inode) -> None:
         inode.i_size = len(inode.payload)
 
 
-def is_compact(inode: _Inode, min_mtime: tuple[int, int]) -> bool:
+def is_compact(inode: Inode, min_mtime: tuple[int, int]) -> bool:
     """Whether the inode is stored in the 32-byte form (its mtime is the build time, small fields)."""
     size = inode.i_size if inode.entries is not None else inode.size
     return (
@@ -583,11 +583,11 @@ def is_compact(inode: _Inode, min_mtime: tuple[int, int]) -> bool:
     )
 
 
-def _round_up(x: int, align: int) -> int:
+def round_up(x: int, align: int) -> int:
     return (x + align - 1) & ~(align - 1)
 
 
-def _padding(inode: _Inode, pos: int, isize: int) -> int:
+def padding_before(inode: Inode, pos: int, isize: int) -> int:
     """Zero bytes to put before the inode so that its inline tail stays in one block.
 
     May move the tail to a data block instead, when it cannot fit. Symlinks
@@ -600,7 +600,7 @@ def _padding(inode: _Inode, pos: int, isize: int) -> int:
         if total >= block:
             inode.n_blocks, inode.tail = 1, b""
         if pos // block != (pos + total - 1) // block:
-            return _round_up(pos, block) - pos
+            return round_up(pos, block) - pos
         return 0
     tail_len = len(inode.tail)
     if not tail_len:
@@ -608,34 +608,34 @@ def _padding(inode: _Inode, pos: int, isize: int) -> int:
     rem = block - (pos + isize + inode.xattr_size) % block
     if rem >= tail_len:
         return 0
-    pad = _round_up(rem, F.INODE_SLOT_SIZE)
+    pad = round_up(rem, F.INODE_SLOT_SIZE)
     if block - (pos + pad + isize + inode.xattr_size) % block >= tail_len:
         return pad
     inode.n_blocks += 1
     inode.tail = b""
-    return _round_up(pos, block) - pos
+    return round_up(pos, block) - pos
 
 
-def _layout(inode: _Inode) -> int:
+def layout_of(inode: Inode) -> int:
     if inode.ftype == stat.S_IFREG and inode.content is None and inode.size > 0:
         return F.LAYOUT_CHUNK_BASED
     return F.LAYOUT_FLAT_INLINE if inode.tail else F.LAYOUT_FLAT_PLAIN
 
 
-def _place(order: list[_Inode]) -> int:
+def _place(order: list[Inode]) -> int:
     """Assign nids in BFS order with the C padding rules; returns the table end."""
     pos = F.INODES_START
     for inode in order:
         isize = F.INODE_EXTENDED_SIZE if inode.extended else F.INODE_COMPACT_SIZE
-        pos = _round_up(pos, F.INODE_SLOT_SIZE)
-        pos += _padding(inode, pos, isize)
+        pos = round_up(pos, F.INODE_SLOT_SIZE)
+        pos += padding_before(inode, pos, isize)
         inode.nid = pos >> F.INODE_SLOT_BITS
-        inode.layout = _layout(inode)
+        inode.layout = layout_of(inode)
         pos += isize + inode.xattr_size + len(inode.tail)
-    return _round_up(pos, F.INODE_SLOT_SIZE)
+    return round_up(pos, F.INODE_SLOT_SIZE)
 
 
-def _dirent_chunk(group: list[tuple[bytes, _Inode]]) -> bytes:
+def _dirent_chunk(group: list[tuple[bytes, Inode]]) -> bytes:
     """Dirents first, then the names back to back."""
     pack, file_type = F.DIRENT.pack, F.FT_FROM_MODE
     nameoff = F.DIRENT_SIZE * len(group)
@@ -648,7 +648,7 @@ def _dirent_chunk(group: list[tuple[bytes, _Inode]]) -> bytes:
     return b"".join(parts) + b"".join(names)
 
 
-def _i_u(inode: _Inode) -> int:
+def _i_u(inode: Inode) -> int:
     """The inode's union field: block address, rdev or chunk format.
 
     A chunk-based file whose chunk table moved to a block keeps the chunk
@@ -664,7 +664,7 @@ def _i_u(inode: _Inode) -> int:
     return inode.blkaddr if inode.n_blocks else 0
 
 
-def _data_blocks(inode: _Inode) -> bytes:
+def data_blocks(inode: Inode) -> bytes:
     """The inode's out-of-line data; the image is zero-filled, so a short last block is padded."""
     if inode.entries is not None:
         return b"".join(
@@ -695,7 +695,7 @@ class _NameFilter:
         return value
 
 
-def _xattr_entry(name: bytes, value: bytes) -> bytes:
+def xattr_entry(name: bytes, value: bytes) -> bytes:
     head, padding = _xattr_entry_frame(name, len(value))
     return head + value + padding
 
@@ -712,7 +712,7 @@ def _xattr_entry_frame(name: bytes, value_len: int) -> tuple[bytes, bytes]:
     return head, bytes(-(len(head) + value_len) % F.XATTR_ALIGN)
 
 
-def _xattr_body(inode: _Inode, refs: list[int]) -> bytes:
+def xattr_body(inode: Inode, refs: list[int]) -> bytes:
     header = F.XATTR_BODY_HEADER.pack(inode.xattr_filter, len(inode.shared_refs))
     if not inode.shared_refs:
         return header + inode.inline_xattrs
@@ -722,7 +722,7 @@ def _xattr_body(inode: _Inode, refs: list[int]) -> bytes:
     return b"".join(parts)
 
 
-def _pack_inode_header(image: bytearray, start: int, inode: _Inode) -> int:
+def pack_inode_header(image: bytearray, start: int, inode: Inode) -> int:
     """Write the inode's header at ``start``; returns where its xattr body goes."""
     icount = 0 if not inode.xattr_size else (inode.xattr_size - F.XATTR_BODY_HEADER_SIZE) // 4 + 1
     i_format = inode.layout << 1
@@ -760,7 +760,7 @@ def _pack_inode_header(image: bytearray, start: int, inode: _Inode) -> int:
     return start + F.INODE_EXTENDED_SIZE
 
 
-def _inline_tail(inode: _Inode) -> bytes:
+def inline_tail(inode: Inode) -> bytes:
     if inode.entries is not None and inode.tail:
         return _dirent_chunk(inode.dir_groups[-1])
     return inode.tail
@@ -768,7 +768,7 @@ def _inline_tail(inode: _Inode) -> bytes:
 
 @dataclass
 class _Layout:
-    order: list[_Inode]
+    order: list[Inode]
     shared: list[tuple[bytes, bytes]]
     inodes_end: int
     blocks: int
@@ -783,13 +783,13 @@ def _lay_out(root: Node, min_version: int, max_version: int) -> _Layout:
     order = _bfs(tree.root)
     min_mtime = min(inode.mtime for inode in order)
     shared = _shared_table(order)
-    _plan_xattrs(order, {pair: i for i, pair in enumerate(shared)})
+    plan_xattrs(order, {pair: i for i, pair in enumerate(shared)})
     for inode in order:
-        _size_inode(inode)
+        size_inode(inode)
         inode.extended = not is_compact(inode, min_mtime)
     inodes_end = _place(order)
     shared_size = sum(_entry_size(name, value) for name, value in shared)
-    data_start = _round_up(inodes_end + shared_size, F.BLOCK_SIZE)
+    data_start = round_up(inodes_end + shared_size, F.BLOCK_SIZE)
     cursor = data_start // F.BLOCK_SIZE
     for inode in order:
         if inode.n_blocks:
@@ -871,7 +871,7 @@ def _build_unpaused(root: Node, min_version: int, max_version: int) -> bytearray
         _break_cycles(lay.order)
 
 
-def _break_cycles(order: list[_Inode]) -> None:
+def _break_cycles(order: list[Inode]) -> None:
     """Drop the ``.``/``..`` back references so that reference counting frees the copy."""
     for inode in order:
         inode.entries = None
@@ -884,23 +884,23 @@ def _emit(lay: _Layout) -> bytearray:
     offsets = []
     pos = lay.inodes_end
     for name, value in lay.shared:
-        entry = _xattr_entry(name, value)
+        entry = xattr_entry(name, value)
         offsets.append(pos - lay.inodes_end)
         image[pos : pos + len(entry)] = entry
         pos += len(entry)
     base = lay.inodes_end % F.BLOCK_SIZE
     refs = [(base + off) // F.XATTR_ALIGN for off in offsets]
     for inode in lay.order:
-        pos = _pack_inode_header(image, inode.nid << F.INODE_SLOT_BITS, inode)
+        pos = pack_inode_header(image, inode.nid << F.INODE_SLOT_BITS, inode)
         if inode.xattr_size:
-            body = _xattr_body(inode, refs)
+            body = xattr_body(inode, refs)
             image[pos : pos + len(body)] = body
             pos += len(body)
         if inode.tail:
-            tail = _inline_tail(inode)
+            tail = inline_tail(inode)
             image[pos : pos + len(tail)] = tail
         if inode.n_blocks:
-            data = _data_blocks(inode)
+            data = data_blocks(inode)
             start = inode.blkaddr * F.BLOCK_SIZE
             image[start : start + len(data)] = data
     return image
