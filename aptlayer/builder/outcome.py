@@ -42,6 +42,8 @@ class Outcome:
     layered_on: str | None = None
     #: entries changed: since the last build (patch), or in the upper directory (layered)
     changed: int = 0
+    #: a layered image made by moving the base's inodes (composefs.relocate), not by rendering the merged tree
+    relocated: bool = False
 
     def report(self, name: str, tx: str, staged: bool, missing: int) -> dict:
         """What ``image create`` reports of this build of image ``name`` (``missing``: objects the store lacks)."""
@@ -60,7 +62,7 @@ class Outcome:
         if self.patched_from is not None:
             return {"patched": {"from": self.patched_from, "changed": self.changed}}
         if self.layered_on is not None:
-            return {"layered": {"base": self.layered_on, "changed": self.changed}}
+            return {"layered": {"base": self.layered_on, "changed": self.changed, "relocated": self.relocated}}
         return {}
 
 

@@ -298,7 +298,7 @@ class Builder:
                          tuple(sorted((fsverity.object_path(d), size) for d, size in done.added.items())))
         return Outcome(staged, fsverity.digest_bytes(image).hex(), len(image), manifest,
                        recorded - len(manifest.removed) + len(manifest.added), delta.stats, layered_on=base_hex,
-                       changed=len(delta.changes))
+                       changed=len(delta.changes), relocated=True)
 
     def _layered_manifest(self, base_hex: str, rows: list[tuple[str, int]], delta, dropped: list):
         """The merged tree's manifest as a delta of its base's, read from the change alone; else whole.

@@ -314,7 +314,8 @@ class _ImageBuilt(EventData):
     #: the live image an unchanged tree reused
     reused: str | None = _field(STR, optional=True)
     patched: Patched | None = _field(PATCHED, optional=True)
-    #: a layered build: {"base": the base image's digest, "changed": entries of the upper directory}
+    #: a layered build: {"base": the base image's digest, "changed": entries of the upper directory,
+    #: "relocated": whether the base's inodes were moved rather than the merged tree rendered}
     layered: dict | None = _field(OBJECT, optional=True)
     #: a base image's making: {"bootstrap": {suite, variant, ...}} or {"import": {file, format}}
     origin: dict | None = _field(OBJECT, optional=True)
