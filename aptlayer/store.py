@@ -26,6 +26,7 @@ from .journal import (RECORDED, Derived, Journal, JournalCorruptError, JournalSt
                       ProjectionError, kinds)
 from .layout import Layout, new_id
 from .linux import fsops
+from .linux.fanout import missing_files
 from .lock import LockTimeout, locked
 
 __all__ = ["CreateOptions", "Store"]
@@ -201,7 +202,7 @@ class Store:
 
     def absent(self, rows) -> list[str]:
         """The objects of the (object, size) rows that the digest store lacks."""
-        return [obj for obj, _ in rows if not (self.layout.objects / obj).is_file()]
+        return missing_files(str(self.layout.objects), (obj for obj, _ in rows))
 
     def _whole(self, name: str, digest: str) -> None:
         """Refuse to deploy an image the digest store cannot back: its next boot would fail."""

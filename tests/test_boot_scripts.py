@@ -12,14 +12,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "aptlayer" / "data"
-SCRIPTS = sorted(p for d in ("initramfs-tools", "grub.d") for p in (DATA / d).rglob("*") if p.is_file())
+SCRIPTS = sorted(p for d in ("initramfs-tools", "grub.d", "booted-apt") for p in (DATA / d).rglob("*") if p.is_file())
 INITRAMFS = [p for p in SCRIPTS if "initramfs-tools" in p.parts]
 
 
 def test_the_scripts_are_there_and_executable() -> None:
     names = {str(p.relative_to(DATA)) for p in SCRIPTS}
     assert names == {"initramfs-tools/hooks/apt-layer", "initramfs-tools/scripts/local-bottom/apt-layer",
-                     "grub.d/15_apt-layer"}
+                     "grub.d/15_apt-layer", "booted-apt/apt"}
     for script in SCRIPTS:
         assert script.stat().st_mode & 0o111, script
         assert script.read_text().startswith("#!/bin/sh\n"), script

@@ -253,6 +253,18 @@ def test_installs_the_commands_units_docs_and_config(installed):
     assert list((root / "usr/lib/apt-layer/aptlayer/cli/__pycache__").glob(f"__init__.{tag}.pyc"))
 
 
+def test_apt_stays_apts_and_booted_apt_waits_for_the_initramfs(installed):
+    """The package covers neither apt nor apt-get (no file, no diversion): on a machine not
+    booted from a deployment they are apt's own; booted-apt is only in the private directory,
+    for the boot script to bind over them (tests/test_booted_apt.py, tests/test_vm.py)."""
+    _, root, _, _ = installed
+    owners = ok(root, "dpkg -S /usr/bin/apt-get /usr/bin/apt").split()
+    assert owners == ["apt:", "/usr/bin/apt-get", "apt:", "/usr/bin/apt"]
+    assert "apt-layer" not in ok(root, "dpkg-divert --list")
+    assert ok(root, "stat -c '%a' /usr/lib/apt-layer/booted-apt") == "755\n"
+    assert "apt is already the newest version" in ok(root, "apt-get -s install apt 2>&1")  # apt, as always
+
+
 def test_apt_layer_image_create(installed):
     _, root, _, _ = installed
     ok(root, "apt-layer image create /srv/rootfs base >/dev/null")
