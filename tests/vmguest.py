@@ -226,7 +226,7 @@ def _build(tarball: Path, work: Path, wheelhouse: Path) -> None:
     init.symlink_to(target)
     _apt_layer(store, "deploy", "one")
     _apt_layer(store, "deploy", "two")
-    # Debian's hello, from the host's apt sources (a local .deb into a trixie base fails in apt 3.0).
+    # Debian's hello, from the host's apt sources: a real package of the archive, as a user would layer it.
     _apt_layer(store, "install", "--no-deploy", "--from", "two", "--name", "hello", "hello")
     # What the store's first recover does once on a machine (check the whole journal's hash
     # chain), done here rather than again in every test's first boot.
