@@ -117,3 +117,57 @@ def test_the_grub_script_makes_menu_entries_grub_script_check_accepts(machine, t
     # No entries, no menu entries (and still a valid script).
     shutil.rmtree(boot / "loader")
     assert subprocess.run(["sh", str(GRUB_D)], capture_output=True, text=True, env=env).stdout == ""
+
+
+# --- systemd-boot: the entries on a mounted EFI system partition ---------------------------------
+
+@pytest.fixture
+def mounted(as_root, tmp_path: Path):
+    """A tmpfs mounted at tmp_path/efi (a mount point, as an ESP is), unmounted after."""
+    mnt = tmp_path / "efi"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "esp", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_the_entries_go_to_the_first_mounted_esp_with_systemd_boots_loader_folder(mounted, tmp_path) -> None:
+    boot, plain = tmp_path / "boot", tmp_path / "not-mounted"
+    (plain / "loader").mkdir(parents=True)
+    assert entries.boot_dir(boot, (tmp_path / "absent", plain, mounted)) == boot  # no loader/ on the mount
+    (mounted / "loader").mkdir()
+    assert entries.boot_dir(boot, (tmp_path / "absent", plain, mounted)) == mounted
+    assert entries.boot_dir(boot, (tmp_path / "absent", plain)) == boot  # not a mount point: not an ESP
+
+
+@pytest.fixture
+def fat_esp(as_root, tmp_path: Path):
+    """A FAT file system mounted as Debian mounts an ESP (umask=0077), with systemd-boot's loader/."""
+    if shutil.which("mkfs.vfat") is None:
+        pytest.skip("mkfs.vfat is not installed (tools/setup.sh installs dosfstools)")
+    image, mnt = tmp_path / "esp.img", tmp_path / "efi"
+    subprocess.run(["mkfs.vfat", "-C", str(image), str(64 * 1024)], check=True, capture_output=True)
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-o", "loop,umask=0077", str(image), str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a FAT image: {r.stderr.strip().splitlines()[0]}")
+    try:
+        (mnt / "loader").mkdir()
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_the_entries_and_kernels_are_written_on_a_fat_esp(machine, fat_esp) -> None:
+    store, _ = machine
+    # FAT refuses the chmod to 0644 under umask=0077: the files are written without one.
+    assert entries.sync(store, fat_esp, options="root=/dev/vda ro") == {
+        "written": ["current", "previous"], "removed": [], "without_kernel": []}
+    two = folder(store, "two")
+    text = (fat_esp / "loader/entries/apt-layer-current.conf").read_text()
+    assert f"linux /apt-layer/{two}/vmlinuz\n" in text  # paths from the ESP's root, as systemd-boot reads them
+    assert (fat_esp / "apt-layer" / two / "vmlinuz").read_bytes() == kernel_bytes("6.12.9-amd64", "kernel")
+    store.deploy("one")
+    assert entries.sync(store, fat_esp, options="root=/dev/vda ro")["written"] == ["current", "previous"]

@@ -9,10 +9,16 @@ entry ``BOOT/loader/entries/apt-layer-SLOT.conf`` that boots them with
 slot needs are removed. GRUB reads the same entries through
 ``/etc/grub.d/15_apt-layer``; systemd-boot reads them as they are.
 
-Every file is written to a temporary name, fsynced and renamed, so a boot
+Every file is written to a temporary name, fsynced and renamed (no chmod:
+FAT refuses most), so a boot
 loader never reads half an entry or half a kernel; an entry is written only
 after its kernel is in place. ``apt-layer-boot-entries.path`` runs
 ``apt-layer boot entries --update-grub`` when ``deploy/`` changes.
+
+systemd-boot reads only the FAT EFI system partition it started from, so
+when one is mounted at ``/efi`` or ``/boot/efi`` (where bootctl and
+kernel-install look) and holds systemd-boot's ``loader/`` folder,
+:func:`boot_dir` puts the entries and kernels there instead of in ``/boot``.
 """
 
 from __future__ import annotations
@@ -28,9 +34,12 @@ from ..layout import SLOTS
 from ..linux import fsops
 from ..store import Store
 from ..bootable import version
+from .booted import BOOTED_FILE, SYSROOT
 
 KERNELS = "apt-layer"
 ENTRIES = "loader/entries"
+#: mount points of an EFI system partition, in the order bootctl and kernel-install try them
+ESP_MOUNTS = (Path("/efi"), Path("/boot/efi"))
 _KERNEL_DIR = re.compile(r"[0-9a-f]{32}")
 _ENTRY = re.compile(r"apt-layer-(" + "|".join(SLOTS) + r")\.conf")
 
@@ -61,6 +70,14 @@ def _content(store: Store, node: Node) -> bytes:
     if node.content is not None or node.payload is None:
         return node.content or b""
     return (store.layout.objects / os.fsdecode(node.payload)).read_bytes()
+
+
+def boot_dir(boot: Path = Path("/boot"), esp_mounts: tuple[Path, ...] = ESP_MOUNTS) -> Path:
+    """Where the entries go: the first mounted ESP with a ``loader/`` folder (systemd-boot's), else ``boot``."""
+    for esp in esp_mounts:
+        if os.path.ismount(esp) and (esp / "loader").is_dir():
+            return esp
+    return boot
 
 
 def root_options(cmdline: str | None = None) -> str:
@@ -107,14 +124,14 @@ def sync(store: Store, boot: Path = Path("/boot"), options: str | None = None, p
             fsops.fsync_dir(kernels)
         for name, node in (("vmlinuz", kernel), ("initrd.img", initrd)):
             if not (target / name).exists():
-                fsops.write_file_atomic(target / name, _content(store, node))
+                fsops.write_file_atomic(target / name, _content(store, node), mode=None)
         text = (f"title Debian, apt-layer {slot}: {dep.image}\n"
                 f"version {release}\n"
                 f"linux {prefix}/{KERNELS}/{folder}/vmlinuz\n"
                 f"initrd {prefix}/{KERNELS}/{folder}/initrd.img\n"
                 f"options {options} apt-layer.deploy={slot}\n")
         if not entry.exists() or entry.read_text() != text:
-            fsops.write_file_atomic(entry, text.encode())
+            fsops.write_file_atomic(entry, text.encode(), mode=None)
             written.append(slot)
     removed = []
     with os.scandir(kernels) as it:
@@ -128,13 +145,26 @@ def sync(store: Store, boot: Path = Path("/boot"), options: str | None = None, p
     return {"written": written, "removed": removed, "without_kernel": missing}
 
 
-def update_grub() -> str | None:
-    """Run ``update-grub`` when installed (it runs /etc/grub.d/15_apt-layer); its error, or None."""
+def update_grub(sysroot: Path = SYSROOT, booted: Path = BOOTED_FILE) -> str | None:
+    """Run ``update-grub`` when installed (it runs /etc/grub.d/15_apt-layer); its error, or None.
+
+    On a booted deployment ``/`` is an overlay, which grub-probe cannot map
+    to a disk (grub-mkconfig stops there), and the boot menu is the
+    machine's: so there update-grub runs in the physical root at ``sysroot``
+    (its GRUB, its /etc/default/grub), chrooted in a private mount namespace
+    with /dev, /proc, /sys, /run and the running system's /boot bound in.
+    """
     import shutil
     import subprocess
 
-    tool = shutil.which("update-grub")
+    in_deployment = booted.exists() and os.path.ismount(sysroot)
+    root = str(sysroot) if in_deployment else ""
+    tool = shutil.which("update-grub", path=os.pathsep.join(f"{root}{d}" for d in ("/usr/sbin", "/usr/bin", "/sbin")))
     if tool is None:
         return None
-    r = subprocess.run([tool], capture_output=True, text=True)
+    argv = [tool]
+    if in_deployment:
+        bind = 'for d in dev proc sys run boot; do mount --rbind "/$d" "$1/$d"; done; exec chroot "$1" update-grub'
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-ec", bind, "sh", root]
+    r = subprocess.run(argv, capture_output=True, text=True)
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["update-grub failed"])[-1]
