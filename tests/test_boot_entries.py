@@ -171,3 +171,48 @@ def test_the_entries_and_kernels_are_written_on_a_fat_esp(machine, fat_esp) -> N
     assert (fat_esp / "apt-layer" / two / "vmlinuz").read_bytes() == kernel_bytes("6.12.9-amd64", "kernel")
     store.deploy("one")
     assert entries.sync(store, fat_esp, options="root=/dev/vda ro")["written"] == ["current", "previous"]
+
+
+# --- update-grub on a booted deployment: in the physical root ------------------------------------
+
+def test_update_grub_on_a_booted_deployment_runs_chrooted_in_the_physical_root(debian_root, tmp_path) -> None:
+    sysroot = debian_root
+    if not os.path.ismount(sysroot):
+        pytest.skip("the test's root is a copy here, not a mount point as /sysroot is")
+    booted = tmp_path / "booted"
+    booted.write_text("deploy=current\nimage=two\nstore=/var/lib/apt-layer\n")
+    tool = sysroot / "usr/sbin/update-grub"
+    tool.write_text("#!/bin/sh\n"
+                    "{ cat /etc/debian_version; test -e /dev/null && echo dev; test -e /proc/self/mountinfo && echo proc;"
+                    "  test -d /sys/kernel && echo sys; findmnt -no TARGET /boot; } > /var/update-grub-ran\n"
+                    'test -e /var/fail && { echo "grub-mkconfig: first" >&2; echo "grub-probe: error: last" >&2; exit 1; }\n'
+                    "exit 0\n")
+    tool.chmod(0o755)
+    assert entries.update_grub(sysroot, booted) is None
+    ran = (sysroot / "var/update-grub-ran").read_text().split()
+    assert ran[0] == (sysroot / "etc/debian_version").read_text().strip()  # the physical root's files
+    assert ran[1:] == ["dev", "proc", "sys", "/boot"]  # with the running system's /dev, /proc, /sys, /boot
+    (sysroot / "var/fail").touch()
+    assert entries.update_grub(sysroot, booted) == "grub-probe: error: last"
+
+
+def test_the_entries_paths_are_those_on_the_partition_the_loader_reads() -> None:
+    from aptlayer.linux.mountinfo import MountInfo
+
+    def mounts(*lines: str) -> list[MountInfo]:
+        return [MountInfo.parse(line.encode()) for line in lines]
+
+    physical = "1 0 254:16 / / rw,relatime - ext4 /dev/vdb rw"
+    assert entries.path_on_its_file_system(Path("/boot"), mounts(physical)) == "/boot"
+    # A booted deployment: / is the overlay, /boot a bind mount of the physical root's /boot.
+    deployment = mounts("20 1 0:40 / / ro - overlay composefs ro",
+                        "21 20 254:16 /boot /boot rw,relatime - ext4 /dev/vdb rw",
+                        "22 21 254:0 / /boot/efi rw - vfat /dev/vda rw,fmask=0077",
+                        "23 20 254:16 / /sysroot rw - ext4 /dev/vdb rw")
+    assert entries.path_on_its_file_system(Path("/boot"), deployment) == "/boot"  # was "": a mount point
+    assert entries.path_on_its_file_system(Path("/boot/efi"), deployment) == ""
+    assert entries.path_on_its_file_system(Path("/sysroot/boot"), deployment) == "/boot"
+    separate = mounts(physical, "2 1 254:17 / /boot rw - ext4 /dev/vdc rw")
+    assert entries.path_on_its_file_system(Path("/boot"), separate) == ""
+    spaced = mounts(physical, "3 1 254:18 /a\\040b /mnt/x\\040y rw - ext4 /dev/vdd rw")
+    assert entries.path_on_its_file_system(Path("/mnt/x y/boot"), spaced) == "/a b/boot"

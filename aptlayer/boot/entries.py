@@ -32,6 +32,7 @@ from ..composefs.reader import read_path
 from ..composefs.tree import Node
 from ..layout import SLOTS
 from ..linux import fsops
+from ..linux.mountinfo import MountInfo, mount_info
 from ..store import Store
 from ..bootable import version
 from .booted import BOOTED_FILE, SYSROOT
@@ -80,6 +81,27 @@ def boot_dir(boot: Path = Path("/boot"), esp_mounts: tuple[Path, ...] = ESP_MOUN
     return boot
 
 
+def path_on_its_file_system(path: Path, mounts: list[MountInfo] | None = None) -> str:
+    """``path`` as a boot loader sees it on its partition: ``""`` at the root of a file system.
+
+    From the mount that holds it and that mount's root: ``/boot`` on the
+    root file system, or bind-mounted from there (a booted deployment's
+    /boot), is ``/boot``; a /boot partition or an ESP is ``""``.
+    """
+    target = os.path.realpath(path)
+    holder = None
+    for m in mount_info() if mounts is None else mounts:
+        point = m.mount_point
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and \
+                (holder is None or len(point) >= len(holder.mount_point)):
+            holder = m  # the deepest mount point; the later of two at one point is on top
+    if holder is None:
+        return target
+    rest = target[len(holder.mount_point):]
+    full = "/" + "/".join(part for part in (holder.root.strip("/"), rest.strip("/")) if part)
+    return "" if full == "/" else full
+
+
 def root_options(cmdline: str | None = None) -> str:
     """The running kernel's ``root=``, ``rootflags=`` and ``rootfstype=``, then ``ro``."""
     if cmdline is None:
@@ -93,11 +115,12 @@ def sync(store: Store, boot: Path = Path("/boot"), options: str | None = None, p
     """Make ``boot``'s apt-layer entries and kernels match the deployments; returns what changed.
 
     ``prefix`` is the path of ``boot`` on the partition the boot loader
-    reads (``""`` when it is a partition of its own, else ``/boot``);
+    reads (``""`` when it is a partition of its own, else ``/boot``; by
+    default found from the mounts, see :func:`path_on_its_file_system`);
     ``options`` the kernel command line before ``apt-layer.deploy=``.
     """
     if prefix is None:
-        prefix = "" if os.path.ismount(boot) else "/boot"
+        prefix = path_on_its_file_system(boot)
     options = root_options() if options is None else options
     kernels, entries = boot / KERNELS, boot / ENTRIES
     for d in (kernels, entries):
