@@ -162,7 +162,7 @@ def fat_esp(as_root, tmp_path: Path):
 
 def test_the_entries_and_kernels_are_written_on_a_fat_esp(machine, fat_esp) -> None:
     store, _ = machine
-    # FAT refuses the chmod to 0644 under umask=0077: the files are written without one.
+    # Written as on any file system (FAT ignores the modes it cannot hold under umask=0077).
     assert entries.sync(store, fat_esp, options="root=/dev/vda ro") == {
         "written": ["current", "previous"], "removed": [], "without_kernel": []}
     two = folder(store, "two")
@@ -183,10 +183,11 @@ def test_update_grub_on_a_booted_deployment_runs_chrooted_in_the_physical_root(d
     booted.write_text("deploy=current\nimage=two\nstore=/var/lib/apt-layer\n")
     tool = sysroot / "usr/sbin/update-grub"
     tool.write_text("#!/bin/sh\n"
-                    "{ cat /etc/debian_version; test -e /dev/null && echo dev; test -e /proc/self/mountinfo && echo proc;"
-                    "  test -d /sys/kernel && echo sys; findmnt -no TARGET /boot; } > /var/update-grub-ran\n"
-                    'test -e /var/fail && { echo "grub-mkconfig: first" >&2; echo "grub-probe: error: last" >&2; exit 1; }\n'
-                    "exit 0\n")
+                    "{ cat /etc/debian_version; test -e /dev/null && echo dev\n"
+                    "  test -e /proc/self/mountinfo && echo proc; test -d /sys/kernel && echo sys\n"
+                    "  findmnt -no TARGET /boot; } > /var/update-grub-ran\n"
+                    "test -e /var/fail || exit 0\n"
+                    'echo "grub-mkconfig: first" >&2; echo "grub-probe: error: last" >&2; exit 1\n')
     tool.chmod(0o755)
     assert entries.update_grub(sysroot, booted) is None
     ran = (sysroot / "var/update-grub-ran").read_text().split()

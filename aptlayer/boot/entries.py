@@ -9,8 +9,7 @@ entry ``BOOT/loader/entries/apt-layer-SLOT.conf`` that boots them with
 slot needs are removed. GRUB reads the same entries through
 ``/etc/grub.d/15_apt-layer``; systemd-boot reads them as they are.
 
-Every file is written to a temporary name, fsynced and renamed (no chmod:
-FAT refuses most), so a boot
+Every file is written to a temporary name, fsynced and renamed, so a boot
 loader never reads half an entry or half a kernel; an entry is written only
 after its kernel is in place. ``apt-layer-boot-entries.path`` runs
 ``apt-layer boot entries --update-grub`` when ``deploy/`` changes.
@@ -147,14 +146,14 @@ def sync(store: Store, boot: Path = Path("/boot"), options: str | None = None, p
             fsops.fsync_dir(kernels)
         for name, node in (("vmlinuz", kernel), ("initrd.img", initrd)):
             if not (target / name).exists():
-                fsops.write_file_atomic(target / name, _content(store, node), mode=None)
+                fsops.write_file_atomic(target / name, _content(store, node))
         text = (f"title Debian, apt-layer {slot}: {dep.image}\n"
                 f"version {release}\n"
                 f"linux {prefix}/{KERNELS}/{folder}/vmlinuz\n"
                 f"initrd {prefix}/{KERNELS}/{folder}/initrd.img\n"
                 f"options {options} apt-layer.deploy={slot}\n")
         if not entry.exists() or entry.read_text() != text:
-            fsops.write_file_atomic(entry, text.encode(), mode=None)
+            fsops.write_file_atomic(entry, text.encode())
             written.append(slot)
     removed = []
     with os.scandir(kernels) as it:

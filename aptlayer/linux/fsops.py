@@ -249,26 +249,22 @@ def touch(path: Path) -> None:
         recorder("utime", (path,))
 
 
-def write_file_atomic(path: str | os.PathLike, data: bytes, mode: int | None = 0o644) -> None:
+def write_file_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
     """Write ``path`` so that it is either absent/old or complete: never half-written.
 
     A temp file next to it is filled, fsynced and renamed over it; the
     directory is then fsynced so the new name survives a power loss.
-    ``mode=None`` leaves the mode the file was created with (0o644 less the
-    umask) unset: FAT (an EFI system partition) refuses a chmod that its
-    mount options (``umask=0077``) cannot represent.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    fd = create(tmp, 0o644 if mode is None else mode)
+    fd = create(tmp, mode)
     try:
         view = memoryview(data)
         offset = 0
         while offset < len(view):
             offset += write(fd, view[offset:], offset)
-        if mode is not None:
-            fchmod(fd, mode)
+        fchmod(fd, mode)
         fsync(fd)
     except BaseException:
         os.close(fd)
