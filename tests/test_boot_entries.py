@@ -117,3 +117,103 @@ def test_the_grub_script_makes_menu_entries_grub_script_check_accepts(machine, t
     # No entries, no menu entries (and still a valid script).
     shutil.rmtree(boot / "loader")
     assert subprocess.run(["sh", str(GRUB_D)], capture_output=True, text=True, env=env).stdout == ""
+
+
+# --- systemd-boot: the entries on a mounted EFI system partition ---------------------------------
+
+@pytest.fixture
+def mounted(as_root, tmp_path: Path):
+    """A tmpfs mounted at tmp_path/efi (a mount point, as an ESP is), unmounted after."""
+    mnt = tmp_path / "efi"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "esp", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_the_entries_go_to_the_first_mounted_esp_with_systemd_boots_loader_folder(mounted, tmp_path) -> None:
+    boot, plain = tmp_path / "boot", tmp_path / "not-mounted"
+    (plain / "loader").mkdir(parents=True)
+    assert entries.boot_dir(boot, (tmp_path / "absent", plain, mounted)) == boot  # no loader/ on the mount
+    (mounted / "loader").mkdir()
+    assert entries.boot_dir(boot, (tmp_path / "absent", plain, mounted)) == mounted
+    assert entries.boot_dir(boot, (tmp_path / "absent", plain)) == boot  # not a mount point: not an ESP
+
+
+@pytest.fixture
+def fat_esp(as_root, tmp_path: Path):
+    """A FAT file system mounted as Debian mounts an ESP (umask=0077), with systemd-boot's loader/."""
+    if shutil.which("mkfs.vfat") is None:
+        pytest.skip("mkfs.vfat is not installed (tools/setup.sh installs dosfstools)")
+    image, mnt = tmp_path / "esp.img", tmp_path / "efi"
+    subprocess.run(["mkfs.vfat", "-C", str(image), str(64 * 1024)], check=True, capture_output=True)
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-o", "loop,umask=0077", str(image), str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a FAT image: {r.stderr.strip().splitlines()[0]}")
+    try:
+        (mnt / "loader").mkdir()
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_the_entries_and_kernels_are_written_on_a_fat_esp(machine, fat_esp) -> None:
+    store, _ = machine
+    # Written as on any file system (FAT ignores the modes it cannot hold under umask=0077).
+    assert entries.sync(store, fat_esp, options="root=/dev/vda ro") == {
+        "written": ["current", "previous"], "removed": [], "without_kernel": []}
+    two = folder(store, "two")
+    text = (fat_esp / "loader/entries/apt-layer-current.conf").read_text()
+    assert f"linux /apt-layer/{two}/vmlinuz\n" in text  # paths from the ESP's root, as systemd-boot reads them
+    assert (fat_esp / "apt-layer" / two / "vmlinuz").read_bytes() == kernel_bytes("6.12.9-amd64", "kernel")
+    store.deploy("one")
+    assert entries.sync(store, fat_esp, options="root=/dev/vda ro")["written"] == ["current", "previous"]
+
+
+# --- update-grub on a booted deployment: in the physical root ------------------------------------
+
+def test_update_grub_on_a_booted_deployment_runs_chrooted_in_the_physical_root(debian_root, tmp_path) -> None:
+    sysroot = debian_root
+    if not os.path.ismount(sysroot):
+        pytest.skip("the test's root is a copy here, not a mount point as /sysroot is")
+    booted = tmp_path / "booted"
+    booted.write_text("deploy=current\nimage=two\nstore=/var/lib/apt-layer\n")
+    tool = sysroot / "usr/sbin/update-grub"
+    tool.write_text("#!/bin/sh\n"
+                    "{ cat /etc/debian_version; test -e /dev/null && echo dev\n"
+                    "  test -e /proc/self/mountinfo && echo proc; test -d /sys/kernel && echo sys\n"
+                    "  findmnt -no TARGET /boot; } > /var/update-grub-ran\n"
+                    "test -e /var/fail || exit 0\n"
+                    'echo "grub-mkconfig: first" >&2; echo "grub-probe: error: last" >&2; exit 1\n')
+    tool.chmod(0o755)
+    assert entries.update_grub(sysroot, booted) is None
+    ran = (sysroot / "var/update-grub-ran").read_text().split()
+    assert ran[0] == (sysroot / "etc/debian_version").read_text().strip()  # the physical root's files
+    assert ran[1:] == ["dev", "proc", "sys", "/boot"]  # with the running system's /dev, /proc, /sys, /boot
+    (sysroot / "var/fail").touch()
+    assert entries.update_grub(sysroot, booted) == "grub-probe: error: last"
+
+
+def test_the_entries_paths_are_those_on_the_partition_the_loader_reads() -> None:
+    from aptlayer.linux.mountinfo import MountInfo
+
+    def mounts(*lines: str) -> list[MountInfo]:
+        return [MountInfo.parse(line.encode()) for line in lines]
+
+    physical = "1 0 254:16 / / rw,relatime - ext4 /dev/vdb rw"
+    assert entries.path_on_its_file_system(Path("/boot"), mounts(physical)) == "/boot"
+    # A booted deployment: / is the overlay, /boot a bind mount of the physical root's /boot.
+    deployment = mounts("20 1 0:40 / / ro - overlay composefs ro",
+                        "21 20 254:16 /boot /boot rw,relatime - ext4 /dev/vdb rw",
+                        "22 21 254:0 / /boot/efi rw - vfat /dev/vda rw,fmask=0077",
+                        "23 20 254:16 / /sysroot rw - ext4 /dev/vdb rw")
+    assert entries.path_on_its_file_system(Path("/boot"), deployment) == "/boot"  # was "": a mount point
+    assert entries.path_on_its_file_system(Path("/boot/efi"), deployment) == ""
+    assert entries.path_on_its_file_system(Path("/sysroot/boot"), deployment) == "/boot"
+    separate = mounts(physical, "2 1 254:17 / /boot rw - ext4 /dev/vdc rw")
+    assert entries.path_on_its_file_system(Path("/boot"), separate) == ""
+    spaced = mounts(physical, "3 1 254:18 /a\\040b /mnt/x\\040y rw - ext4 /dev/vdd rw")
+    assert entries.path_on_its_file_system(Path("/mnt/x y/boot"), spaced) == "/a b/boot"

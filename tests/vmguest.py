@@ -4,7 +4,9 @@ Built once per version of apt-layer and cached outside the repository in
 ``/var/cache/apt-layer-tests/`` (or ``$APT_LAYER_TEST_CACHE``):
 
 1. a trixie minbase with systemd, udev, linux-image-amd64 and
-   initramfs-tools, bootstrapped by mmdebstrap into a tarball (kept 30 days);
+   initramfs-tools (and grub2-common, systemd-boot-tools for the boot
+   loaders of tests/vmloaders.py), bootstrapped by mmdebstrap into a
+   tarball (kept 30 days);
 2. apt-layer's Debian package (tools/build-deb.sh) installed into it with
    dpkg, which brings the initramfs hook and boot script in and rebuilds the
    initramfs (``MODULES=list``: the disk's modules and what the hook adds);
@@ -47,7 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("APT_LAYER_TEST_CACHE", "/var/cache/apt-layer-tests"))
 SUITE = "trixie"
 INCLUDE = ("systemd", "systemd-sysv", "udev", "linux-image-amd64", "initramfs-tools", "python3", "mount",
-           "kmod", "e2fsprogs", "util-linux")
+           "kmod", "e2fsprogs", "util-linux", "grub2-common", "systemd-boot-tools")
 MAX_AGE = 30 * 86400
 #: what goes into the guest, hashed for its cache key
 SOURCES = ("aptlayer", "debian", "tools/build-deb.sh", "pyproject.toml", "tests/vmguest.py")
@@ -265,19 +267,22 @@ class Boot:
 
 
 def boot(disk: Path, guest_: Guest, script: str, log: Path, append: str = "apt-layer.deploy=current",
-         kill_when: Callable[[str], bool] | None = None, limit: float = 600) -> Boot:
+         kill_when: Callable[[str], bool] | None = None, limit: float = 600,
+         firmware: list[str] | None = None) -> Boot:
     """Boot ``disk`` once (TCG, direct kernel boot) running ``script`` as root after multi-user.target.
 
     The script should end the boot (``poweroff``); ``kill_when(line)``
     kills qemu at the first console line it accepts (a power cut). ``limit``
-    only guards against a hung guest.
+    only guards against a hung guest. ``firmware``: qemu arguments that
+    boot through firmware and a boot loader instead (``append`` unused).
     """
     script_file = log.with_suffix(".sh")
     script_file.write_text("exec >/dev/ttyS0 2>&1\n" + script)
     argv = ["qemu-system-x86_64", "-machine", "q35", "-cpu", "max", "-m", "1024", "-smp", "1", "-nodefaults",
             "-display", "none", "-serial", "stdio", "-no-reboot",
-            "-kernel", str(guest_.kernel), "-initrd", str(guest_.initrd),
-            "-append", f"console=ttyS0 root=/dev/vda ro panic=-1 {append}",
+            *(firmware if firmware is not None else
+              ["-kernel", str(guest_.kernel), "-initrd", str(guest_.initrd),
+               "-append", f"console=ttyS0 root=/dev/vda ro panic=-1 {append}"]),
             "-drive", f"file={disk},format=raw,if=virtio,cache=unsafe",
             "-fw_cfg", f"name=opt/apt-layer/script,file={script_file}"]
     killed = False

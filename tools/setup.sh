@@ -35,6 +35,13 @@ command -v shellcheck >/dev/null || need+=(shellcheck)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v debugfs >/dev/null || need+=(e2fsprogs)
 command -v grub-script-check >/dev/null || need+=(grub-common)
+# Real boot loaders in the VM tests (tests/test_vm_loaders.py): UEFI firmware, GRUB's and
+# systemd-boot's EFI binaries, and an EFI system partition made without a mount.
+[[ -e /usr/share/OVMF/OVMF_CODE_4M.fd ]] || need+=(ovmf)
+[[ -d /usr/lib/grub/x86_64-efi ]] || need+=(grub-efi-amd64-bin)
+[[ -e /usr/lib/systemd/boot/efi/systemd-bootx64.efi ]] || need+=(systemd-boot-efi)
+command -v mcopy >/dev/null || need+=(mtools)
+command -v mkfs.vfat >/dev/null || need+=(dosfstools)
 if ((${#need[@]})); then
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null

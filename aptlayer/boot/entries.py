@@ -13,6 +13,11 @@ Every file is written to a temporary name, fsynced and renamed, so a boot
 loader never reads half an entry or half a kernel; an entry is written only
 after its kernel is in place. ``apt-layer-boot-entries.path`` runs
 ``apt-layer boot entries --update-grub`` when ``deploy/`` changes.
+
+systemd-boot reads only the FAT EFI system partition it started from, so
+when one is mounted at ``/efi`` or ``/boot/efi`` (where bootctl and
+kernel-install look) and holds systemd-boot's ``loader/`` folder,
+:func:`boot_dir` puts the entries and kernels there instead of in ``/boot``.
 """
 
 from __future__ import annotations
@@ -26,11 +31,15 @@ from ..composefs.reader import read_path
 from ..composefs.tree import Node
 from ..layout import SLOTS
 from ..linux import fsops
+from ..linux.mountinfo import MountInfo, mount_info
 from ..store import Store
 from ..bootable import version
+from .booted import BOOTED_FILE, SYSROOT
 
 KERNELS = "apt-layer"
 ENTRIES = "loader/entries"
+#: mount points of an EFI system partition, in the order bootctl and kernel-install try them
+ESP_MOUNTS = (Path("/efi"), Path("/boot/efi"))
 _KERNEL_DIR = re.compile(r"[0-9a-f]{32}")
 _ENTRY = re.compile(r"apt-layer-(" + "|".join(SLOTS) + r")\.conf")
 
@@ -63,6 +72,35 @@ def _content(store: Store, node: Node) -> bytes:
     return (store.layout.objects / os.fsdecode(node.payload)).read_bytes()
 
 
+def boot_dir(boot: Path = Path("/boot"), esp_mounts: tuple[Path, ...] = ESP_MOUNTS) -> Path:
+    """Where the entries go: the first mounted ESP with a ``loader/`` folder (systemd-boot's), else ``boot``."""
+    for esp in esp_mounts:
+        if os.path.ismount(esp) and (esp / "loader").is_dir():
+            return esp
+    return boot
+
+
+def path_on_its_file_system(path: Path, mounts: list[MountInfo] | None = None) -> str:
+    """``path`` as a boot loader sees it on its partition: ``""`` at the root of a file system.
+
+    From the mount that holds it and that mount's root: ``/boot`` on the
+    root file system, or bind-mounted from there (a booted deployment's
+    /boot), is ``/boot``; a /boot partition or an ESP is ``""``.
+    """
+    target = os.path.realpath(path)
+    holder = None
+    for m in mount_info() if mounts is None else mounts:
+        point = m.mount_point
+        if (target == point or target.startswith(point.rstrip("/") + "/")) and \
+                (holder is None or len(point) >= len(holder.mount_point)):
+            holder = m  # the deepest mount point; the later of two at one point is on top
+    if holder is None:
+        return target
+    rest = target[len(holder.mount_point):]
+    full = "/" + "/".join(part for part in (holder.root.strip("/"), rest.strip("/")) if part)
+    return "" if full == "/" else full
+
+
 def root_options(cmdline: str | None = None) -> str:
     """The running kernel's ``root=``, ``rootflags=`` and ``rootfstype=``, then ``ro``."""
     if cmdline is None:
@@ -76,11 +114,12 @@ def sync(store: Store, boot: Path = Path("/boot"), options: str | None = None, p
     """Make ``boot``'s apt-layer entries and kernels match the deployments; returns what changed.
 
     ``prefix`` is the path of ``boot`` on the partition the boot loader
-    reads (``""`` when it is a partition of its own, else ``/boot``);
+    reads (``""`` when it is a partition of its own, else ``/boot``; by
+    default found from the mounts, see :func:`path_on_its_file_system`);
     ``options`` the kernel command line before ``apt-layer.deploy=``.
     """
     if prefix is None:
-        prefix = "" if os.path.ismount(boot) else "/boot"
+        prefix = path_on_its_file_system(boot)
     options = root_options() if options is None else options
     kernels, entries = boot / KERNELS, boot / ENTRIES
     for d in (kernels, entries):
@@ -128,13 +167,26 @@ def sync(store: Store, boot: Path = Path("/boot"), options: str | None = None, p
     return {"written": written, "removed": removed, "without_kernel": missing}
 
 
-def update_grub() -> str | None:
-    """Run ``update-grub`` when installed (it runs /etc/grub.d/15_apt-layer); its error, or None."""
+def update_grub(sysroot: Path = SYSROOT, booted: Path = BOOTED_FILE) -> str | None:
+    """Run ``update-grub`` when installed (it runs /etc/grub.d/15_apt-layer); its error, or None.
+
+    On a booted deployment ``/`` is an overlay, which grub-probe cannot map
+    to a disk (grub-mkconfig stops there), and the boot menu is the
+    machine's: so there update-grub runs in the physical root at ``sysroot``
+    (its GRUB, its /etc/default/grub), chrooted in a private mount namespace
+    with /dev, /proc, /sys, /run and the running system's /boot bound in.
+    """
     import shutil
     import subprocess
 
-    tool = shutil.which("update-grub")
+    in_deployment = booted.exists() and os.path.ismount(sysroot)
+    root = str(sysroot) if in_deployment else ""
+    tool = shutil.which("update-grub", path=os.pathsep.join(f"{root}{d}" for d in ("/usr/sbin", "/usr/bin", "/sbin")))
     if tool is None:
         return None
-    r = subprocess.run([tool], capture_output=True, text=True)
+    argv = [tool]
+    if in_deployment:
+        bind = 'for d in dev proc sys run boot; do mount --rbind "/$d" "$1/$d"; done; exec chroot "$1" update-grub'
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-ec", bind, "sh", root]
+    r = subprocess.run(argv, capture_output=True, text=True)
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["update-grub failed"])[-1]

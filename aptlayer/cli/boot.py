@@ -21,8 +21,9 @@ def boot() -> None:
 
 
 @boot.command("entries")
-@click.option("--boot-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/boot"),
-              show_default=True, help="The machine's /boot.")
+@click.option("--boot-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the entries go [default: a mounted ESP at /efi or /boot/efi with systemd-boot's "
+                   "loader/ folder, else /boot].")
 @click.option("--update-grub", "grub", is_flag=True, help="Then run update-grub (/etc/grub.d/15_apt-layer).")
 @json_option
 @click.pass_context
@@ -32,7 +33,10 @@ def entries(ctx, boot_dir, grub, as_json) -> None:
     Copies each deployed image's newest kernel and initramfs to
     BOOT/apt-layer/DIGEST/, writes BOOT/loader/entries/apt-layer-SLOT.conf
     (Boot Loader Specification, read by systemd-boot and by GRUB through
-    /etc/grub.d/15_apt-layer) and removes what no deployment needs.
+    /etc/grub.d/15_apt-layer) and removes what no deployment needs. BOOT is
+    systemd-boot's EFI system partition when one is mounted at /efi or
+    /boot/efi with a loader/ folder, else /boot. On a booted deployment
+    update-grub runs in the physical root (/sysroot).
     apt-layer-boot-entries.path runs it when a deployment changes.
 
     \b
@@ -41,7 +45,7 @@ def entries(ctx, boot_dir, grub, as_json) -> None:
     """
     from ..boot import entries as run
 
-    result = run.sync(ctx.obj.store(), boot_dir)
+    result = run.sync(ctx.obj.store(), boot_dir or run.boot_dir())
     if grub:
         result["update_grub_error"] = run.update_grub()
     if as_json:
