@@ -57,18 +57,15 @@ from .writer import (
     check_names,
     check_node,
     copy_node,
-    data_blocks,
-    inline_tail,
     is_compact,
     layout_of,
-    pack_inode_header,
     padding_before,
     plan_xattrs,
     rewrite,
     round_up,
     set_xattr,
     size_inode,
-    xattr_body,
+    write_inode,
     xattr_entry,
 )
 
@@ -617,22 +614,13 @@ class _Relocator:
         for k, moved in self.moved:
             moved.nid = newnid[moved.old]
         self._superblocks(image, root, len(order), inodes_end, total_blocks, has_acl)
+        made_refs = [refs_by_index[index[pair]] for pair in shared_pairs]  # as plan_xattrs numbered them
         for k, inode in enumerate(order):
             if type(inode) is int:
                 continue
             if inode.n_blocks:
                 inode.blkaddr = first_block + blocks_before[k]
-            at = pack_inode_header(image, inode.nid << 5, inode)
-            if inode.xattr_size:
-                body = xattr_body(inode, [refs_by_index[index[pair]] for pair in shared_pairs])
-                image[at : at + len(body)] = body
-                at += len(body)
-            if inode.tail:
-                tail = inline_tail(inode)
-                image[at : at + len(tail)] = tail
-            if inode.n_blocks:
-                blob = data_blocks(inode)
-                image[inode.blkaddr * _BLOCK : inode.blkaddr * _BLOCK + len(blob)] = blob
+            write_inode(image, inode, made_refs)
         for k, old, new, isize, xsize, tail, blocks, u, ftype, refs in special:
             for i, ref in enumerate(refs):
                 pack_u32(image, new + isize + 12 + 4 * i, new_ref[ref])

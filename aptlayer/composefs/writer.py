@@ -664,7 +664,7 @@ def _i_u(inode: Inode) -> int:
     return inode.blkaddr if inode.n_blocks else 0
 
 
-def data_blocks(inode: Inode) -> bytes:
+def _data_blocks(inode: Inode) -> bytes:
     """The inode's out-of-line data; the image is zero-filled, so a short last block is padded."""
     if inode.entries is not None:
         return b"".join(
@@ -712,7 +712,7 @@ def _xattr_entry_frame(name: bytes, value_len: int) -> tuple[bytes, bytes]:
     return head, bytes(-(len(head) + value_len) % F.XATTR_ALIGN)
 
 
-def xattr_body(inode: Inode, refs: list[int]) -> bytes:
+def _xattr_body(inode: Inode, refs: list[int]) -> bytes:
     header = F.XATTR_BODY_HEADER.pack(inode.xattr_filter, len(inode.shared_refs))
     if not inode.shared_refs:
         return header + inode.inline_xattrs
@@ -722,7 +722,7 @@ def xattr_body(inode: Inode, refs: list[int]) -> bytes:
     return b"".join(parts)
 
 
-def pack_inode_header(image: bytearray, start: int, inode: Inode) -> int:
+def _pack_inode_header(image: bytearray, start: int, inode: Inode) -> int:
     """Write the inode's header at ``start``; returns where its xattr body goes."""
     icount = 0 if not inode.xattr_size else (inode.xattr_size - F.XATTR_BODY_HEADER_SIZE) // 4 + 1
     i_format = inode.layout << 1
@@ -760,7 +760,7 @@ def pack_inode_header(image: bytearray, start: int, inode: Inode) -> int:
     return start + F.INODE_EXTENDED_SIZE
 
 
-def inline_tail(inode: Inode) -> bytes:
+def _inline_tail(inode: Inode) -> bytes:
     if inode.entries is not None and inode.tail:
         return _dirent_chunk(inode.dir_groups[-1])
     return inode.tail
@@ -891,19 +891,24 @@ def _emit(lay: _Layout) -> bytearray:
     base = lay.inodes_end % F.BLOCK_SIZE
     refs = [(base + off) // F.XATTR_ALIGN for off in offsets]
     for inode in lay.order:
-        pos = pack_inode_header(image, inode.nid << F.INODE_SLOT_BITS, inode)
-        if inode.xattr_size:
-            body = xattr_body(inode, refs)
-            image[pos : pos + len(body)] = body
-            pos += len(body)
-        if inode.tail:
-            tail = inline_tail(inode)
-            image[pos : pos + len(tail)] = tail
-        if inode.n_blocks:
-            data = data_blocks(inode)
-            start = inode.blkaddr * F.BLOCK_SIZE
-            image[start : start + len(data)] = data
+        write_inode(image, inode, refs)
     return image
+
+
+def write_inode(image: bytearray, inode: Inode, refs: list[int]) -> None:
+    """Put a placed inode into ``image``: header, xattrs (``refs``: the shared table's references), tail, blocks."""
+    pos = _pack_inode_header(image, inode.nid << F.INODE_SLOT_BITS, inode)
+    if inode.xattr_size:
+        body = _xattr_body(inode, refs)
+        image[pos : pos + len(body)] = body
+        pos += len(body)
+    if inode.tail:
+        tail = _inline_tail(inode)
+        image[pos : pos + len(tail)] = tail
+    if inode.n_blocks:
+        data = _data_blocks(inode)
+        start = inode.blkaddr * F.BLOCK_SIZE
+        image[start : start + len(data)] = data
 
 
 def write_image(root: Node, out: BinaryIO, *, min_version: int = 0, max_version: int = 1) -> None:
