@@ -172,10 +172,6 @@ class Builder:
         if base is None:
             return None, 0
         base_hex = base_digest.hex()
-
-        def in_base(digest: bytes) -> bool:
-            return self.known.manifest_has(base_hex, fsverity.object_path(digest))
-
         store = self._object_store()
         scan = options.scan
         try:
@@ -184,16 +180,14 @@ class Builder:
                                              threads=options.threads, cache=cache)
         except build.BuildError:
             return None, 0  # the full scan reports what is wrong, or finds it right by then
-        patched = patch_image(base[2], nodes, in_base)
+        patched = patch_image(base[2], nodes, self._in_manifest(base_hex))
         store.sync()  # kept either way: the render finds these objects in place
         if patched is None:
             return None, read.objects_created
         fault("create.after-objects")
         image = bytes(patched.image)
         fsops.write_file_atomic(staged, image)
-        manifest = Delta(base_hex, frozenset(fsverity.object_path(d) for d in patched.removed),
-                         tuple((fsverity.object_path(d), size) for d, size in patched.added.items()))
-        objects = self.known.manifest_objects(base_hex) - len(manifest.removed) + len(manifest.added)
+        manifest, objects = self._delta(base_hex, patched.removed, patched.added)
         stats = dataclasses.replace(walked.stats, objects_created=read.objects_created,
                                     objects_deduped=walked.stats.external - read.objects_created)
         return Outcome(staged, fsverity.digest_bytes(image).hex(), len(image), manifest, objects, stats,
@@ -281,24 +275,31 @@ class Builder:
         """
         from ..composefs import fsverity, relocate
 
-        recorded = self.known.manifest_objects(base_hex)
-        if not recorded:
+        if not self.known.manifest_objects(base_hex):
             return None
-
-        def in_base(digest: bytes) -> bool:
-            return self.known.manifest_has(base_hex, fsverity.object_path(digest))
-
-        done = relocate.layered_image(base_bytes, delta, in_base, min_version=options.min_version,
-                                      max_version=options.max_version)
+        done = relocate.layered_image(base_bytes, delta, self._in_manifest(base_hex),
+                                      min_version=options.min_version, max_version=options.max_version)
         if done is None:
             return None
         image = bytes(done.image)
         fsops.write_file_atomic(staged, image)
-        manifest = Delta(base_hex, frozenset(fsverity.object_path(d) for d in done.removed),
-                         tuple(sorted((fsverity.object_path(d), size) for d, size in done.added.items())))
-        return Outcome(staged, fsverity.digest_bytes(image).hex(), len(image), manifest,
-                       recorded - len(manifest.removed) + len(manifest.added), delta.stats, layered_on=base_hex,
-                       changed=len(delta.changes), relocated=True)
+        manifest, objects = self._delta(base_hex, done.removed, done.added)
+        return Outcome(staged, fsverity.digest_bytes(image).hex(), len(image), manifest, objects, delta.stats,
+                       layered_on=base_hex, changed=len(delta.changes), relocated=True)
+
+    def _in_manifest(self, base_hex: str):
+        """Whether the manifest recorded for image ``base_hex`` holds an object (by raw digest)."""
+        from ..composefs import fsverity
+
+        return lambda digest: self.known.manifest_has(base_hex, fsverity.object_path(digest))
+
+    def _delta(self, base_hex: str, removed, added: dict) -> tuple[Delta, int]:
+        """A build's manifest as its base's less ``removed`` plus ``added`` (raw digests), and its object count."""
+        from ..composefs import fsverity
+
+        manifest = Delta(base_hex, frozenset(fsverity.object_path(d) for d in removed),
+                         tuple(sorted((fsverity.object_path(d), size) for d, size in added.items())))
+        return manifest, self.known.manifest_objects(base_hex) - len(manifest.removed) + len(manifest.added)
 
     def _layered_manifest(self, base_hex: str, rows: list[tuple[str, int]], delta, dropped: list):
         """The merged tree's manifest as a delta of its base's, read from the change alone; else whole.
